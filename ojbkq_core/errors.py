@@ -1,0 +1,14 @@
+"""Errors raised where a bad value enters.
+
+`InputError` means the caller gave something unusable (wrong shape, bad key, missing file); the command
+line maps it to exit status 2 and prints its one-line message. Anything else is a bug or an
+environment failure (exit status 1).
+"""
+
+
+class InputError(ValueError):
+    """A bad input: the message names the value at fault and how to fix it."""
+
+
+class FactorizationError(InputError):
+    """A Cholesky factorisation failed even after raising the damping."""

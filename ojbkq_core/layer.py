@@ -1,0 +1,178 @@
+"""The layer quantizer: objective + grid + decoder → codes (MATH.md §1–§4).
+
+    H, M   = objective.quadratic(stats)            # H_obj, Σ w A Bᵀ (undamped)
+    dead   = diag(H) == 0  →  H_jj = 1, W[:, j] = 0
+    perm   = act-order (descending diag H) or natural
+    U      = chol((H + δ mean(diag H) I)⁻¹)ᵀ         # upper, decoding order
+    T      = W + W (M − H) H_damped⁻¹              # = W for the symmetric (GPTQ) objective
+    codes  = decoder(U, T, grid)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from .decoders.base import Decoder
+from .errors import InputError
+from .grid import Grid, GridSpec
+from .linalg import inverse_cholesky
+from .objectives import Objective, ObjectiveSpec, RowScore
+from .problem import WorkingProblem
+from .stats import Statistics
+
+log = logging.getLogger("ojbkq")
+
+
+@dataclass
+class LayerResult:
+    """A quantized layer, in the layer's natural column order.
+
+    `qweight` `(m, n)` dequantized float32; `codes` `(m, n)` int64 in `[0, maxq]`; `scales`, `zeros`
+    `(m, n_groups)`; `g_idx` `(n,)` int64 (each column's group); `perm` `(n,)` the decoding order;
+    `row_loss` `(m,)` and `loss` the objective `Σ w ‖W A − Q B‖²_F / N` (float64, undamped).
+    """
+
+    qweight: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    perm: torch.Tensor
+    row_loss: torch.Tensor
+    loss: float
+    report: dict = field(default_factory=dict)
+
+
+def _static_grid(W: torch.Tensor, spec: GridSpec, perm: torch.Tensor):
+    """Scale and zero `(m, n)` in natural order from the weights, and `g_idx`."""
+    m, n = W.shape
+    if spec.group_size == -1:
+        s, z = spec.fit(W)
+        return s[:, None].expand(m, n).contiguous(), z[:, None].expand(m, n).contiguous(), torch.zeros(n, dtype=torch.long)
+    g = spec.group_size
+    scale, zero = torch.empty_like(W), torch.empty_like(W)
+    for i in range(0, n, g):
+        s, z = spec.fit(W[:, i:i + g])
+        scale[:, i:i + g], zero[:, i:i + g] = s[:, None], z[:, None]
+    return scale, zero, torch.arange(n) // g
+
+
+def quantize_layer(
+    W: torch.Tensor,
+    stats: Statistics,
+    objective: Union[Objective, ObjectiveSpec],
+    grid: GridSpec,
+    decoder: Decoder,
+    damp: float = 0.01,
+    seed: int = 0,
+    score_objective: Optional[Objective] = None,
+    max_rows: Optional[int] = None,
+    rng: Optional[np.random.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+) -> LayerResult:
+    """Quantize `W` `(m, n)` (any float dtype, any device) given its calibration statistics.
+
+    `objective` may be an `ObjectiveSpec` with sampled parameters: they are drawn from `rng` (or a
+    generator seeded with `seed`) and recorded in `report["draws"]`. `max_rows` decodes the rows in
+    chunks of at most that many (rows are independent problems sharing `H`).
+    """
+    t0 = time.perf_counter()
+    if W.ndim != 2:
+        raise InputError(f"weight must be 2-D (m, n), got shape {tuple(W.shape)}")
+    m, n = W.shape
+    if stats.n != n:
+        raise InputError(f"weight has n={n} input columns but the statistics are {stats.n}×{stats.n}")
+    draws = {}
+    if isinstance(objective, ObjectiveSpec):
+        objective, draws = objective.build(rng if rng is not None else np.random.default_rng(seed))
+    missing = objective.needs - stats.needs
+    if missing:
+        raise InputError(f"objective '{objective.name}' needs statistics {sorted(missing)} that were not accumulated")
+    dev = W.device
+    W = W.to(dtype).clone()
+    Hraw, M = (x.to(device=dev, dtype=dtype) for x in objective.quadratic(stats))
+
+    static = grid.group_size == -1 or grid.static_groups
+    if grid.group_size == -1:               # GPTQ: one grid per row, fitted before dead columns are zeroed
+        scale_nat, zero_nat, g_idx = _static_grid(W, grid, None)
+    H = Hraw.clone()
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1
+    W[:, dead] = 0
+    if grid.group_size != -1 and grid.static_groups:
+        scale_nat, zero_nat, g_idx = _static_grid(W, grid, None)
+
+    if grid.act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    else:
+        perm = torch.arange(n, device=dev)
+    Hp = H[perm][:, perm]
+    U, Hd, delta = inverse_cholesky(Hp, damp)
+    Wp = W[:, perm]
+    D = (W @ (M - Hraw))[:, perm]                     # T = W + D H_d⁻¹ = W + (D Uᵀ) U, decoding order
+    G = D @ U.T
+    T = Wp + G @ U
+
+    lower = torch.zeros(n, dtype=dtype, device=dev)
+    upper = torch.full((n,), float(grid.maxq), dtype=dtype, device=dev)
+    if static:
+        g = Grid(lower, upper, scale_nat[:, perm].to(dev), zero_nat[:, perm].to(dev))
+    else:
+        g = Grid(lower, upper, group_size=grid.group_size, fit=grid.fit)
+        g_idx = torch.empty(n, dtype=torch.long)
+        g_idx[perm.cpu()] = torch.arange(n) // grid.group_size
+    problem = WorkingProblem(U, T, g)
+    if decoder.progressive:
+        problem.base, problem.inject = Wp, G
+    if score_objective is not None:
+        problem.score = RowScore.of(score_objective, W, stats, perm)
+
+    t1 = time.perf_counter()
+    chunk = max_rows or m
+    parts = [decoder.decode(problem.rows(slice(i, i + chunk)), seed=seed, row0=i) for i in range(0, m, chunk)]
+    t2 = time.perf_counter()
+    codes_p = torch.cat([p.codes for p in parts])
+    scale_p = torch.cat([p.scale for p in parts])
+    zero_p = torch.cat([p.zero for p in parts])
+    inv = torch.argsort(perm)
+    codes = codes_p[:, inv]
+    scale = scale_p[:, inv]
+    zero = zero_p[:, inv]
+    Q = scale * (codes - zero)
+
+    n_groups = int(g_idx.max()) + 1
+    first = torch.zeros(n_groups, dtype=torch.long)
+    for gi in range(n_groups - 1, -1, -1):
+        first[gi] = int((g_idx == gi).nonzero()[0])
+    first = first.to(dev)
+    row_loss = objective.value(W.double(), Q.double(), _Double(stats, dev)).cpu()
+    report = {
+        "objective": objective.describe(),
+        "decoder": repr(decoder),
+        "draws": draws,
+        "damp": delta,
+        "dead_columns": int(dead.sum()),
+        "path_objective": float(torch.cat([p.objective for p in parts]).double().sum()),
+        "seconds": {"prepare": t1 - t0, "decode": t2 - t1, "total": time.perf_counter() - t0},
+    }
+    infos = [p.info for p in parts if p.info]
+    if infos and "candidate" in infos[0]:
+        report["candidate_histogram"] = torch.bincount(torch.cat([i["candidate"].cpu() for i in infos])).tolist()
+    return LayerResult(
+        qweight=Q.float(), codes=codes.round().long(), scales=scale[:, first].float(), zeros=zero[:, first].float(),
+        g_idx=g_idx.cpu(), perm=perm.cpu(), row_loss=row_loss, loss=float(row_loss.sum()), report=report,
+    )
+
+
+class _Double:
+    """The statistics in float64 on `device`, for the reported objective value."""
+
+    def __init__(self, stats, device):
+        for k in ("H", "C", "G"):
+            v = getattr(stats, k)
+            setattr(self, k, None if v is None else v.to(device=device, dtype=torch.float64))

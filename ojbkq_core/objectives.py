@@ -1,0 +1,245 @@
+"""Objectives as data: weighted alignment terms (MATH.md §3).
+
+A term `(w, a, b)` is `w · ‖W (a X̃ + (1−a) X) − Q (b X̃ + (1−b) X)‖²_F / N`. An objective is a sum of
+terms, a quadratic form in `Q` built from `H = X Xᵀ/N`, `C = X̃ Xᵀ/N`, `G = X̃ X̃ᵀ/N`:
+
+    H_obj = Σ w B Bᵀ,  M = Σ w A Bᵀ,  T = W M H_obj⁻¹ = W + W (M − H_obj) H_obj⁻¹
+
+The named presets live in `PRESETS` below and nowhere else.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Term:
+    w: float
+    a: float
+    b: float
+
+    def __post_init__(self):
+        for k in ("w", "a", "b"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"objective term {k}={v!r} must be a number")
+        if self.w < 0:
+            raise InputError(f"objective term w={self.w} must be ≥ 0")
+        for k in ("a", "b"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise InputError(f"objective term {k}={getattr(self, k)} must lie in [0, 1]")
+
+
+def _AAt(stats, a):
+    """`A Aᵀ` for `A = a X̃ + (1−a) X` (also `B Bᵀ`)."""
+    out = (1 - a) ** 2 * stats.H
+    if a:
+        out = out + a * a * stats.G + a * (1 - a) * (stats.C + stats.C.T)
+    return out
+
+
+def _ABt(stats, a, b):
+    """`A Bᵀ` for `A = a X̃ + (1−a) X`, `B = b X̃ + (1−b) X`."""
+    out = (1 - a) * (1 - b) * stats.H
+    if a * b:
+        out = out + a * b * stats.G
+    if a * (1 - b):
+        out = out + a * (1 - b) * stats.C
+    if (1 - a) * b:
+        out = out + (1 - a) * b * stats.C.T
+    return out
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A fixed list of terms. `name` and `params` say where it came from (for reports)."""
+
+    terms: tuple[Term, ...]
+    name: str = "custom"
+    params: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if not self.terms:
+            raise InputError(f"objective '{self.name}' has no terms")
+        if sum(t.w for t in self.terms) <= 0:
+            raise InputError(f"objective '{self.name}': the term weights sum to 0")
+
+    @property
+    def needs(self) -> frozenset:
+        """The statistics this objective reads: a subset of {'H', 'C', 'G'}."""
+        need = set()
+        for t in self.terms:
+            if t.a < 1 or t.b < 1:
+                need.add("H")
+            if t.a > 0 or t.b > 0:
+                need.add("G")
+            if t.a * (1 - t.b) or (1 - t.a) * t.b or t.a * (1 - t.a) or t.b * (1 - t.b):
+                need.add("C")
+        return frozenset(need)
+
+    def quadratic(self, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        """`H_obj = Σ w B Bᵀ` and `M = Σ w A Bᵀ`, both `(n, n)`, undamped."""
+        H_obj = sum(t.w * _AAt(stats, t.b) for t in self.terms)
+        M = sum(t.w * _ABt(stats, t.a, t.b) for t in self.terms)
+        return H_obj, M
+
+    def const(self, W: torch.Tensor, stats) -> torch.Tensor:
+        """`Σ w ‖W A‖²_F / N` per row `(m,)`."""
+        K = sum(t.w * _AAt(stats, t.a) for t in self.terms)
+        return ((W @ K) * W).sum(1)
+
+    def value(self, W: torch.Tensor, Q: torch.Tensor, stats) -> torch.Tensor:
+        """The objective `Σ w ‖W A − Q B‖²_F / N` per row `(m,)` from the statistics (exact, undamped)."""
+        H_obj, M = self.quadratic(stats)
+        return self.const(W, stats) - 2 * ((W @ M) * Q).sum(1) + ((Q @ H_obj) * Q).sum(1)
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.name}({args})" if args else self.name
+
+
+# --- α and other sampled parameters -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Distribution:
+    """A seeded distribution for a parameter sampled per layer: `uniform:a:b` or `beta:p:q`."""
+
+    kind: str
+    args: tuple[float, ...]
+
+    @classmethod
+    def parse(cls, text: str, key: str = "alpha") -> "Distribution":
+        parts = str(text).split(":")
+        kind = parts[0]
+        try:
+            args = tuple(float(x) for x in parts[1:])
+        except ValueError:
+            raise InputError(f"objective {key}={text!r}: arguments must be numbers (e.g. uniform:0.4:0.8)") from None
+        if kind == "uniform" and len(args) == 2 and 0 <= args[0] <= args[1] <= 1:
+            return cls(kind, args)
+        if kind == "beta" and len(args) == 2 and min(args) > 0:
+            return cls(kind, args)
+        raise InputError(f"objective {key}={text!r}: expected a number in [0, 1], 'uniform:a:b' with "
+                         f"0 ≤ a ≤ b ≤ 1, or 'beta:p:q' with p, q > 0")
+
+    def sample(self, rng: np.random.Generator) -> float:
+        if self.kind == "uniform":
+            return float(rng.uniform(*self.args))
+        return float(rng.beta(*self.args))
+
+    def __str__(self):
+        return ":".join([self.kind, *(f"{a:g}" for a in self.args)])
+
+
+def _unit(key, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise InputError(f"objective parameter {key}={v!r} must be a number in [0, 1]")
+    return float(v)
+
+
+def _alpha(v) -> Union[float, Distribution]:
+    if isinstance(v, str):
+        return Distribution.parse(v)
+    return _unit("alpha", v)
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """An objective before its per-layer draw: `build(rng)` returns the concrete `Objective` and the
+    values drawn (empty when nothing is sampled)."""
+
+    name: str
+    params: dict
+    make: Callable[..., Objective]
+    sampled: tuple[str, ...] = ()
+
+    def build(self, rng: Optional[np.random.Generator] = None) -> tuple[Objective, dict]:
+        values, draws = dict(self.params), {}
+        for k in self.sampled:
+            if rng is None:
+                raise InputError(f"objective '{self.name}': {k}={self.params[k]} is sampled and needs a seed")
+            draws[k] = values[k] = self.params[k].sample(rng)
+        obj = self.make(**values)
+        return Objective(obj.terms, self.name, {k: (str(v) if isinstance(v, Distribution) else v)
+                                                for k, v in self.params.items()}), draws
+
+
+def _symmetric():
+    return Objective((Term(1, 0, 0),))
+
+
+def _asymmetric():
+    return Objective((Term(1, 1, 0),))
+
+
+def _regularized(alpha=0.5):
+    return Objective((Term(1, alpha, 0),))
+
+
+def _jta(mu=0.6, lam=0.6):
+    terms = [Term(mu, lam, 0), Term(1 - mu, 1, 1)]
+    return Objective(tuple(t for t in terms if t.w > 0))
+
+
+# name -> (factory, {param: (default, validator)})
+PRESETS: dict[str, tuple[Callable[..., Objective], dict]] = {
+    "symmetric": (_symmetric, {}),
+    "asymmetric": (_asymmetric, {}),
+    "regularized": (_regularized, {"alpha": (0.5, _alpha)}),
+    "jta": (_jta, {"mu": (0.6, lambda v: _unit("mu", v)), "lam": (0.6, lambda v: _unit("lam", v))}),
+}
+
+
+def preset(name: str, factory, schema: dict, **params) -> ObjectiveSpec:
+    unknown = sorted(set(params) - set(schema))
+    if unknown:
+        allowed = ", ".join(sorted(schema)) or "none"
+        raise InputError(f"objective '{name}': unknown parameter(s) {', '.join(unknown)} (allowed: {allowed})")
+    values = {k: check(params.get(k, default)) for k, (default, check) in schema.items()}
+    sampled = tuple(k for k, v in values.items() if isinstance(v, Distribution))
+    return ObjectiveSpec(name, values, factory, sampled)
+
+
+def from_terms(terms) -> ObjectiveSpec:
+    """A config's own `terms: [{w, a, b}, ...]`."""
+    if not isinstance(terms, (list, tuple)) or not terms:
+        raise InputError("objective.terms must be a non-empty list of {w, a, b}")
+    parsed = []
+    for i, t in enumerate(terms):
+        if not isinstance(t, dict) or set(t) - {"w", "a", "b"} or not {"w", "a", "b"} <= set(t):
+            raise InputError(f"objective.terms[{i}]={t!r}: each term needs exactly the keys w, a, b")
+        parsed.append(Term(t["w"], t["a"], t["b"]))
+    obj = Objective(tuple(parsed), "terms")
+    return ObjectiveSpec("terms", {"terms": [dict(w=t.w, a=t.a, b=t.b) for t in parsed]}, lambda terms: obj)
+
+
+# --- choosing among candidates ------------------------------------------------------------------
+
+class RowScore:
+    """Per-row objective value of candidates, `const − 2 (W M)·q + q H qᵀ`, in decoding order.
+
+    `WM` `(m, n)`, `H` `(n, n)` and `const` `(m,)` of the scoring objective (undamped), so the score is
+    exactly `Σ w ‖w_i A − q_i B‖² / N` for each row: the quantity klein and beam choose by.
+    """
+
+    def __init__(self, WM: torch.Tensor, H: torch.Tensor, const: torch.Tensor):
+        self.WM, self.H, self.const = WM, H, const
+
+    @classmethod
+    def of(cls, objective: "Objective", W: torch.Tensor, stats, perm: torch.Tensor) -> "RowScore":
+        H, M = objective.quadratic(stats)
+        H, M = H.to(W.dtype), M.to(W.dtype)
+        return cls((W @ M)[:, perm], H[perm][:, perm], objective.const(W, stats))
+
+    def rows(self, sl: slice) -> "RowScore":
+        return RowScore(self.WM[sl], self.H, self.const[sl])
+
+    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+        return self.const - 2 * (self.WM * Q).sum(-1) + ((Q @ self.H) * Q).sum(-1)

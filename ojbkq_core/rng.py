@@ -1,0 +1,34 @@
+"""Counter-based uniforms: `uniform(seed, path, row, column, slot)` is a pure function.
+
+Every random decoder draws through here, so a seed gives the same numbers on CPU and CUDA, however the
+rows are chunked, and candidate `p` draws the same numbers whatever the number of candidates (more
+candidates never change the earlier ones). The hash is a 32-bit integer mix computed in int64 without
+overflow (every product stays below 2⁶³).
+"""
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_C1, _C2, _C3 = 0x7FEB352D, 0x2C1B3C6D, 0x297A2D39
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * _C1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _C2) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _C3) & _M32
+    return x ^ (x >> 15)
+
+
+def uniform(seed: int, path: torch.Tensor, row: torch.Tensor, column: int, slot: torch.Tensor,
+            dtype=torch.float32) -> torch.Tensor:
+    """Uniforms in (0, 1), broadcast over the int64 tensors `path`, `row`, `slot`."""
+    x = _mix(path * 0x3504F333 + _mix(torch.as_tensor(seed & _M32, device=path.device)))
+    x = _mix(x + row * 0x19E3779B)
+    x = _mix(x + (column * 0x2545F491 & _M32))
+    x = _mix(x + slot * 0x0B5AD4EC)
+    return ((x >> 8).to(dtype) + 0.5) / float(1 << 24)

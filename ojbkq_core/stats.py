@@ -1,0 +1,80 @@
+"""Streaming calibration statistics (MATH.md §1).
+
+`H = X Xᵀ / N`, `C = X̃ Xᵀ / N`, `G = X̃ X̃ᵀ / N` with inputs given as token rows: `X`, `X̃` `(N, n)`
+(or `(..., n)`, flattened). Sums are accumulated by matrix products in float32 (float64 when asked) on
+the inputs' device; only the statistics named in `needs` are computed.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from .errors import InputError
+
+
+class Statistics:
+    def __init__(self, n: int, needs: Iterable[str] = ("H",), device=None, dtype=torch.float32):
+        needs = frozenset(needs)
+        bad = needs - {"H", "C", "G"}
+        if bad:
+            raise InputError(f"unknown statistic(s) {sorted(bad)}; known: H, C, G")
+        self.n, self.needs, self.dtype, self.device = n, needs, dtype, device
+        self.count = 0
+        self._sum: dict[str, torch.Tensor] = {}
+
+    def add(self, X: torch.Tensor, X_fp: Optional[torch.Tensor] = None) -> None:
+        """Add a batch: runtime inputs `X` and full-precision inputs `X_fp`, both `(..., n)`."""
+        if X.shape[-1] != self.n:
+            raise InputError(f"inputs have {X.shape[-1]} features; the layer has n={self.n} input columns")
+        X = X.reshape(-1, self.n)
+        if ("C" in self.needs or "G" in self.needs):
+            if X_fp is None:
+                raise InputError("this objective needs the full-precision inputs X̃ (C or G); none were given")
+            if X_fp.shape[-1] != self.n or X_fp.numel() != X.numel():
+                raise InputError(f"full-precision inputs {tuple(X_fp.shape)} do not match runtime inputs {tuple(X.shape)}")
+            X_fp = X_fp.reshape(-1, self.n)
+        dev = self.device if self.device is not None else X.device
+        X = X.to(device=dev, dtype=self.dtype)
+        if X_fp is not None:
+            X_fp = X_fp.to(device=dev, dtype=self.dtype)
+        parts = {}
+        if "H" in self.needs:
+            parts["H"] = X.T @ X
+        if "C" in self.needs:
+            parts["C"] = X_fp.T @ X
+        if "G" in self.needs:
+            parts["G"] = X_fp.T @ X_fp
+        for k, v in parts.items():
+            if k in self._sum:
+                self._sum[k] += v
+            else:
+                self._sum[k] = v
+        self.count += X.shape[0]
+
+    def _mean(self, key):
+        if key not in self.needs:
+            return None
+        if self.count == 0:
+            raise InputError("no calibration inputs were added")
+        return self._sum[key] / self.count
+
+    @property
+    def H(self):
+        return self._mean("H")
+
+    @property
+    def C(self):
+        return self._mean("C")
+
+    @property
+    def G(self):
+        return self._mean("G")
+
+    @classmethod
+    def from_inputs(cls, X, X_fp=None, needs=("H",), dtype=torch.float32, batch: int = 4096) -> "Statistics":
+        """Statistics of whole input matrices `(N, n)`, added in batches of tokens."""
+        st = cls(X.shape[-1], needs, dtype=dtype)
+        for i in range(0, X.shape[0], batch):
+            st.add(X[i:i + batch], None if X_fp is None else X_fp[i:i + batch])
+        return st
