@@ -36,7 +36,8 @@ def _result(problem, codes: np.ndarray, obj: np.ndarray, info=None):
     return DecodeResult(tt(codes), problem.grid.scale, problem.grid.zero, tt(obj), info or {})
 
 
-def sphere_decode(L: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, start: np.ndarray):
+def sphere_decode(L: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, start: np.ndarray,
+                  max_nodes: int = 50_000_000):
     """Minimise `‖y − L c‖²` over integer `lo ≤ c ≤ hi`; `L` `(n, n)` lower triangular.
 
     Depth-first Schnorr–Euchner enumeration (candidates at each level in order of distance from the
@@ -66,6 +67,9 @@ def sphere_decode(L: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, 
             ck = cand[k][pos[k]]
             pos[k] += 1
             visited += 1
+            if visited > max_nodes:
+                raise InputError(f"decoder 'exact': search passed max_nodes={max_nodes} (n={n}); the problem "
+                                 f"is too large or too ill-conditioned to solve exactly; raise max_nodes or use beam")
             d = dist[k] + (diag[k] * (ck - center[k])) ** 2
             if d < best_r:
                 c[k] = ck
@@ -89,11 +93,14 @@ class Exact(Decoder):
     params = {"max_nodes": 50_000_000}
     description = "box-constrained Schnorr-Euchner sphere decoding (the true optimum)"
 
+    def check(self, options):
+        self._positive_int("max_nodes")
+
     def decode(self, problem: WorkingProblem, seed: int = 0, row0: int = 0) -> DecodeResult:
         start = Babai().decode(problem).codes.double().cpu().numpy().astype(np.int64)
         codes, obj, nodes = [], [], 0
         for i, (L, y, lo, hi) in enumerate(_lattice_rows(problem, self.name)):
-            c, r, v = sphere_decode(L, y, lo, hi, start[i])
+            c, r, v = sphere_decode(L, y, lo, hi, start[i], self.options["max_nodes"])
             codes.append(c)
             obj.append(r)
             nodes += v
@@ -102,7 +109,7 @@ class Exact(Decoder):
 
 class Exhaustive(Decoder):
     name = "exhaustive"
-    params = {"max_points": 1 << 22, "chunk": 1 << 16}
+    params = {"max_points": 1 << 20, "chunk": 1 << 16}
     description = "brute force over the box (tests only)"
 
     def check(self, options):

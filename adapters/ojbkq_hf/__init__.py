@@ -1,0 +1,1 @@
+"""Model adapters for Hugging Face transformers models."""

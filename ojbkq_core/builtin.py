@@ -1,0 +1,17 @@
+"""The built-in plugin: registers the reference decoders and the objective presets through the same
+hooks a third-party plugin uses (entry point `builtin` in the group `ojbkq`)."""
+from .decoders import BUILTIN
+from .hookspecs import hookimpl
+from .objectives import PRESETS
+
+
+@hookimpl
+def register_decoders(register):
+    for cls in BUILTIN:
+        register(cls)
+
+
+@hookimpl
+def register_objectives(register):
+    for name, (factory, schema) in PRESETS.items():
+        register(name, factory, schema)

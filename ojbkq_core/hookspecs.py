@@ -1,0 +1,33 @@
+"""Hook specifications: the whole plugin contract.
+
+A plugin is a module (or object) with functions marked `@hookimpl`, advertised by an entry point in
+the group `ojbkq`. Each hook receives a `register` callable; call it once per thing provided. The
+built-in decoders, objectives and adapters are registered through these same hooks.
+"""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("ojbkq")
+hookimpl = pluggy.HookimplMarker("ojbkq")
+
+
+@hookspec
+def register_decoders(register):
+    """`register(cls)` for each `Decoder` subclass; `cls.name` is the name users give."""
+
+
+@hookspec
+def register_objectives(register):
+    """`register(name, factory, schema)`: `factory(**params) -> Objective`; `schema` maps each
+    parameter name to `(default, validate)` (validate returns the checked value or raises InputError)."""
+
+
+@hookspec
+def register_adapters(register):
+    """`register(cls)` for each `Model` adapter class; `cls.name` names it."""
+
+
+@hookspec
+def register_backends(register):
+    """`register(decoder, device, cls, priority)`: an implementation of the named decoder for a
+    device type (`"cuda"`, `"cpu"`); the highest priority available for the problem's device wins
+    under `backend: auto`. Reference implementations have priority 0."""
