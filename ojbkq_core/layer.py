@@ -129,8 +129,9 @@ def quantize_layer(
     problem = WorkingProblem(U, T, g)
     if decoder.progressive:
         problem.base, problem.inject = Wp, G
-    if score_objective is not None:
-        problem.score = RowScore.of(score_objective, W, stats, perm)
+    # candidates are chosen by the exact (undamped) objective value per row: the decoded objective's
+    # unless a separate scoring objective is given
+    problem.score = RowScore.of(score_objective or objective, W, stats, perm)
 
     t1 = time.perf_counter()
     chunk = max_rows or m

@@ -92,12 +92,12 @@ class Objective:
 
     def const(self, W: torch.Tensor, stats) -> torch.Tensor:
         """`Σ w ‖W A‖²_F / N` per row `(m,)`."""
-        K = sum(t.w * _AAt(stats, t.a) for t in self.terms)
+        K = sum(t.w * _AAt(stats, t.a) for t in self.terms).to(device=W.device, dtype=W.dtype)
         return ((W @ K) * W).sum(1)
 
     def value(self, W: torch.Tensor, Q: torch.Tensor, stats) -> torch.Tensor:
         """The objective `Σ w ‖W A − Q B‖²_F / N` per row `(m,)` from the statistics (exact, undamped)."""
-        H_obj, M = self.quadratic(stats)
+        H_obj, M = (x.to(device=W.device, dtype=W.dtype) for x in self.quadratic(stats))
         return self.const(W, stats) - 2 * ((W @ M) * Q).sum(1) + ((Q @ H_obj) * Q).sum(1)
 
     def describe(self) -> str:
@@ -234,8 +234,7 @@ class RowScore:
 
     @classmethod
     def of(cls, objective: "Objective", W: torch.Tensor, stats, perm: torch.Tensor) -> "RowScore":
-        H, M = objective.quadratic(stats)
-        H, M = H.to(W.dtype), M.to(W.dtype)
+        H, M = (x.to(device=W.device, dtype=W.dtype) for x in objective.quadratic(stats))
         return cls((W @ M)[:, perm], H[perm][:, perm], objective.const(W, stats))
 
     def rows(self, sl: slice) -> "RowScore":

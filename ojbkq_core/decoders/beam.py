@@ -1,7 +1,8 @@
 """Bounded search: a beam of `width` partial paths per row (regularized-calibration paper).
 
 At each column every beam expands to its `expand` nearest grid codes; the `width` best partial paths by
-accumulated `Σ e²` survive. `width = 1` is babai; a beam that never prunes is exhaustive search.
+accumulated `Σ e²` survive. `width = 1` is babai; a beam that never prunes is exhaustive search. The Babai path is always one of the
+final candidates, so per row the result is never worse than babai under the selecting score.
 Lazy block updates as in the walk: within a block the beams' block columns are reordered with them,
 the columns after the block get one matrix product per block. Codes are recovered by back-pointers.
 """
@@ -15,7 +16,7 @@ from ..grid import block_size_for
 from ..problem import WorkingProblem
 from .base import DecodeResult, Decoder
 from .klein import select
-from .walk import nearest
+from .walk import nearest, walk
 
 
 class Beam(Decoder):
@@ -97,4 +98,7 @@ class Beam(Decoder):
             scale[:, :, j] = hist_scale[j].gather(0, cur)
             zero[:, :, j] = hist_zero[j].gather(0, cur)
             cur = hist_parent[j].gather(0, cur)
-        return select(problem, codes, scale, zero, score)
+        # the Babai path joins the survivors as a candidate, so the result is never worse than babai
+        b_codes, b_scale, b_zero, b_score = walk(problem, 1, lambda t, s, z, lo, hi, d, j: nearest(t, s, z, lo, hi))
+        return select(problem, torch.cat([codes, b_codes]), torch.cat([scale, b_scale]),
+                      torch.cat([zero, b_zero]), torch.cat([score, b_score]))
