@@ -227,6 +227,6 @@ def test_cholesky_failure_raises_damping_then_reports():
     from ojbkq_core.linalg import inverse_cholesky
     H = torch.tensor([[1.0, 1.5], [1.5, 1.0]], dtype=torch.float64)  # indefinite
     U, Hd, delta = inverse_cholesky(H, damp=0.01)
-    assert delta > 0.01 and torch.allclose(U.T @ U @ Hd, torch.eye(2), atol=1e-4)
+    assert delta > 0.01 and torch.allclose(U.T @ U @ Hd, torch.eye(2, dtype=torch.float64), atol=1e-8)
     with pytest.raises(FactorizationError, match="damp"):
         inverse_cholesky(torch.tensor([[1.0, 0.0], [0.0, -5.0]]), damp=0.0, retries=1)
