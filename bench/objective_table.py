@@ -80,9 +80,13 @@ def minilm_layers(bits, block=3, seqs=48, seqlen=128):
     def capture(model):
         got, hooks = {}, []
         layer = model.encoder.layer[block]
+        def keep(name):
+            def hook(module, inputs, output):
+                got[name] = inputs[0].reshape(-1, inputs[0].shape[-1])
+            return hook
+
         for name in names:
-            mod = layer.get_submodule(name)
-            hooks.append(mod.register_forward_hook(lambda m_, inp, out, k=name: got.setdefault(k, inp[0].reshape(-1, inp[0].shape[-1]))))
+            hooks.append(layer.get_submodule(name).register_forward_hook(keep(name)))
         with torch.no_grad():
             model(input_ids=batch, attention_mask=torch.ones_like(batch))
         for h in hooks:
