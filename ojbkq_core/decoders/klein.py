@@ -8,9 +8,12 @@ Babai path; path p > 0 samples each code from
 over the grid codes within `window` steps of the nearest one (Gumbel-max with counter-based uniforms).
 Per row the candidate with the best score wins: the path objective, or the problem's scoring objective.
 
-Default β (Klein's choice as analysed by Liu, Ling and Stehlé): with `r_j² = s_j² / U_jj²` the squared
-length of one grid step in objective units, `β = ln ρ / min_j r_j²` per row, where `ρ > 1` solves
-`K = (e ρ)^(2n/ρ)`.
+Default β: with `r_j² = s_j² / U_jj²` the squared length of one grid step in objective units,
+`β = ln ρ / median_j r_j²` per row, where `ρ > 1` solves `K = (e ρ)^(2n/ρ)` (Liu, Ling and Stehlé's
+parameter for K samples). Their analysis divides by `min_j r_j²`; the median keeps the choice invariant to
+the scale of `H` without letting the weakest column freeze all others, and measured better on both
+lattice problems (`ojbkq verify`: optimum hit on 55% instead of 36% of well-conditioned instances, n = 8,
+k = 16) and layers (objective 1.8% instead of 1.0% below babai on a 3-bit synthetic layer).
 """
 from __future__ import annotations
 
@@ -75,7 +78,7 @@ class Klein(Decoder):
         scale, _ = problem.grid.initial(T)
         r2 = (scale / problem.U.diagonal()) ** 2              # (m, n)
         rho = klein_rho(self.options["k"], problem.n)
-        return math.log(rho) / r2.amin(1)
+        return math.log(rho) / r2.median(1).values
 
     def decode(self, problem: WorkingProblem, seed: int = 0, row0: int = 0) -> DecodeResult:
         K, w = self.options["k"], self.options["window"]
