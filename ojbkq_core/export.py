@@ -195,6 +195,21 @@ def _state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_packable(model, names, bits: int) -> None:
+    """Raise `InputError` before any work when a module in `names` cannot be stored in the gptq format
+    with `bits` (both its input and output sizes times `bits` must fill whole 32-bit words)."""
+    _check_bits(bits)
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            raise InputError(f"layer '{name}' is not a module of {type(model).__name__}")
+        m, n = _layer_shape(name, modules[name])
+        for what, k in (("inputs", n), ("outputs", m)):
+            if (k * bits) % 32:
+                raise InputError(f"layer '{name}': {k} {what} × {bits} bits do not fill whole 32-bit words, so "
+                                 f"the gptq format cannot store it; add it to quant.skip or use output.format=fake")
+
+
 def _v1_zeros(codes: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, maxq: int):
     """Shift groups whose zero point is 0 to zero 1 (codes + 1) when that stays in range; returns
     `(codes, zeros, unshiftable)` — the count of (row, group) pairs still at zero 0."""
@@ -236,7 +251,11 @@ def _gptq_tensors(name: str, module, res, bits: int, group_size: int) -> dict[st
     if not torch.isfinite(scales16).all() or bool(((scales16 == 0) & (scales != 0)).any()):
         raise InputError(f"layer '{name}': scales in [{float(scales.min()):.3g}, {float(scales.max()):.3g}] "
                          f"do not fit float16; use the fake format")
-    qweight, qzeros = pack(codes, zeros, bits)
+    try:
+        qweight, qzeros = pack(codes, zeros, bits)
+    except InputError as exc:
+        raise InputError(f"layer '{name}': {exc}; leave it in full precision (quant.skip) or use the fake "
+                         f"format") from None
     return {f"{name}.qweight": qweight, f"{name}.qzeros": qzeros,
             f"{name}.scales": scales16.T.contiguous(), f"{name}.g_idx": g_idx.to(torch.int32)}
 

@@ -77,7 +77,7 @@ def test_formats_give_the_same_config(tmp_path, name):
     assert cfg["quant"]["damp"] == DEFAULTS["quant"]["damp"]          # default kept beside the given keys
     assert cfg["calibration"] == DEFAULTS["calibration"]
     assert cfg["objective"] == {"name": "regularized", "alpha": 0.25}
-    assert cfg["decoder"] == {"name": "klein", "seed": 3, "k": 8, "beta": None, "window": 4}
+    assert cfg["decoder"] == {"name": "klein", "seed": 3, **Klein.params, "k": 8}     # defaults spelled out
     assert cfg["eval"]["perplexity"] == ["wikitext2", "c4"]
 
 
@@ -109,7 +109,7 @@ def test_override_of_name_drops_previous_parameters(tmp_path):
     path = write(tmp_path, "c.yaml", BODY)
     cfg = load_config(path, ["objective.name=jta", "objective.mu=0.3", "decoder.name=beam", "decoder.width=2"])
     assert cfg["objective"] == {"name": "jta", "mu": 0.3, "lam": 0.6}
-    assert cfg["decoder"] == {"name": "beam", "seed": 3, "width": 2, "expand": 2}
+    assert cfg["decoder"] == {"name": "beam", "seed": 3, **Beam.params, "width": 2}
 
 
 def test_nested_override_sets_scoring_objective(tmp_path):
@@ -138,7 +138,7 @@ def test_builders(tmp_path):
     cfg = load_config(write(tmp_path, "b.yaml", {**BODY, "decoder": {"name": "beam", "width": 3}}),
                       ["backend=reference"])
     dec = build_decoder(cfg, "cpu")
-    assert isinstance(dec, Beam) and dec.options == {"width": 3, "expand": 2}
+    assert isinstance(dec, Beam) and dec.options == {**Beam.params, "width": 3}
     assert resolve_device(cfg) in ("cpu", "cuda")
 
 

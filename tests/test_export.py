@@ -428,3 +428,14 @@ def test_transformers_gptq_loader_reads_checkpoint(tmp_path):
     ids = torch.tensor([[1, 5, 9, 17, 33]])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits.float(), ours(ids).logits.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_check_packable_names_the_layer():
+    model = tiny_gpt2()
+    export.check_packable(model, ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj"], 3)
+    model.transformer.h[0].mlp.c_proj = transformers.pytorch_utils.Conv1D(64, 40)     # 40 inputs
+    with pytest.raises(InputError, match=r"transformer\.h\.0\.mlp\.c_proj.*40 inputs × 3 bits"):
+        export.check_packable(model, ["transformer.h.0.mlp.c_proj"], 3)
+    export.check_packable(model, ["transformer.h.0.mlp.c_proj"], 4)
+    with pytest.raises(InputError, match="bits=6"):
+        export.check_packable(model, [], 6)
