@@ -377,7 +377,8 @@ def _extra_path(folder: str, rel: str) -> str:
 def _publish(tmp: str, out_dir: str) -> None:
     """Move the finished `tmp` folder to `out_dir`, replacing an existing one."""
     if os.path.isdir(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+        target = os.path.abspath(out_dir)
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
         os.rmdir(old)
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
