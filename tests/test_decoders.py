@@ -48,7 +48,7 @@ def _inverse_cholesky(H):
 
 @pytest.mark.parametrize("cls,params,words", [
     (Babai, {"k": 4}, ["'babai'", "unknown parameter(s) k", "allowed: none"]),
-    (Klein, {"K": 4}, ["'klein'", "unknown parameter(s) K", "beta, k, window"]),
+    (Klein, {"K": 4}, ["'klein'", "unknown parameter(s) K", "allowed: beta, k, "]),
     (Klein, {"k": 0}, ["'klein'", "k=0", "positive integer"]),
     (Klein, {"k": 2.5}, ["k=2.5", "positive integer"]),
     (Klein, {"k": True}, ["k=True", "positive integer"]),
@@ -56,6 +56,7 @@ def _inverse_cholesky(H):
     (Klein, {"beta": 0}, ["beta=0", "positive number"]),
     (Klein, {"beta": "hot"}, ["beta='hot'", "positive number"]),
     (Klein, {"beta": float("nan")}, ["beta=nan", "positive number"]),
+    (Klein, {"rel_beta": -2}, ["rel_beta=-2", "positive number"]),
     (Klein, {"window": 0}, ["window=0", "positive integer"]),
     (Beam, {"width": 0}, ["'beam'", "width=0"]),
     (Beam, {"expand": "2"}, ["'beam'", "expand='2'"]),
@@ -76,7 +77,7 @@ def test_defaults_and_registry_lookup():
     for cls in BUILTIN:
         dec = reg.decoder(cls.name)
         assert type(dec) is cls and dec.options == cls.params
-    assert reg.decoder("klein", {"k": 3}).options == {"k": 3, "beta": None, "window": 4}
+    assert reg.decoder("klein", {"k": 3}).options == {**Klein.params, "k": 3}
     with pytest.raises(InputError, match="unknown decoder 'babbai'.*babai"):
         reg.decoder("babbai")
     with pytest.raises(InputError, match="k=0"):
@@ -145,21 +146,27 @@ def test_klein_limits_of_beta_and_k():
     assert torch.all(hot.codes >= 0) and torch.all(hot.codes <= 7)
 
 
-def test_klein_default_beta_from_k_and_n():
-    """`β = ln ρ / median_j r_j²` per row with `r_j = s_j / U_jj` and `K = (e ρ)^(2n/ρ)` (the median is
-    the lower middle value for even `n`)."""
+def test_klein_rho_solves_kleins_equation():
+    for k, n in ((2, 1), (16, 8), (64, 8), (1000, 30)):
+        rho = klein_rho(k, n)
+        assert rho > 1 and math.isclose((math.e * rho) ** (2 * n / rho), k, rel_tol=1e-9)
+    assert klein_rho(1, 5) == math.inf
+
+
+def test_klein_default_beta_is_relative_to_the_median_grid_step():
+    """`β_i = rel_beta / median_j r_ij²` with `r_ij = s_ij / U_jj` (the lower middle value for even `n`),
+    the same for every `k`; `beta=` fixes it for all rows."""
     wp = layer_problem(seed=4)
-    for k in (2, 16, 64):
-        rho = klein_rho(k, wp.n)
-        assert rho > 1 and math.isclose((math.e * rho) ** (2 * wp.n / rho), k, rel_tol=1e-9)
-        beta = Klein(k=k).beta(wp)
+    for rel in (4.0, 0.5):
+        beta = Klein(rel_beta=rel).beta(wp)
         for i in range(wp.m):
             r2 = sorted(((wp.grid.scale[i, j] / wp.U[j, j]) ** 2).item() for j in range(wp.n))
-            assert math.isclose(beta[i].item(), math.log(rho) / r2[(wp.n - 1) // 2], rel_tol=1e-12)
-    # more candidates: a smaller ρ, a hotter sampler
-    assert torch.all(Klein(k=64).beta(wp) < Klein(k=4).beta(wp))
-    assert klein_rho(1, 5) == math.inf
+            assert math.isclose(beta[i].item(), rel / r2[(wp.n - 1) // 2], rel_tol=1e-12)
+    assert torch.equal(Klein(k=2).beta(wp), Klein(k=64).beta(wp))
     assert torch.equal(Klein(beta=2.5).beta(wp), torch.full((wp.m,), 2.5, dtype=wp.T.dtype))
+    # invariant to the scale of H: H → c² H scales U by 1/c and every r² by c²
+    scaled = WorkingProblem(wp.U / 3, wp.T, wp.grid)
+    torch.testing.assert_close(Klein().beta(scaled), Klein().beta(wp) / 9, rtol=1e-12, atol=0)
 
 
 def test_the_first_row_index_feeds_the_draws():

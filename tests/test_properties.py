@@ -143,6 +143,9 @@ def test_klein_is_never_worse_than_babai_and_more_candidates_never_hurt(P, seed,
     default = Klein().decode(wp, seed=seed)
     assert not_worse(default.objective, babai)
     assert torch.equal(default.info["candidate_scores"][0], babai)        # candidate 0 is the Babai path
+    few = Klein(k=4).decode(wp, seed=seed)                                   # default β does not depend on k
+    assert torch.equal(default.info["candidate_scores"][:4], few.info["candidate_scores"])
+    assert not_worse(default.objective, few.objective)
     k4 = Klein(k=4, beta=beta).decode(wp, seed=seed)
     k16 = Klein(k=16, beta=beta).decode(wp, seed=seed)
     assert not_worse(k4.objective, babai)
