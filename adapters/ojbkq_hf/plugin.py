@@ -4,4 +4,6 @@ from ojbkq_core.hookspecs import hookimpl
 
 @hookimpl
 def register_adapters(register):
-    pass
+    from .architectures import ADAPTERS
+    for cls in ADAPTERS:
+        register(cls)

@@ -1,0 +1,52 @@
+"""Tiny transformers models built locally (no downloads) and the test texts, for tests."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ojbkq_core.data import byte_tokenizer
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+CALIB_TXT = os.path.join(DATA, "calib.txt")
+EVAL_TXT = os.path.join(DATA, "eval.txt")
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, layers: int = 2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=256, n_embd=64, n_layer=layers, n_head=4, n_positions=256,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed: int = 0, layers: int = 2):
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                     num_attention_heads=4, max_position_embeddings=256)
+    return BertModel(cfg).eval()
+
+
+def token_ids(samples: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    """`(samples, seqlen)` windows of the calibration text's bytes."""
+    data = torch.tensor(list(open(CALIB_TXT, "rb").read()), dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, data.numel() - seqlen, (samples,), generator=g)
+    return torch.stack([data[s:s + seqlen] for s in starts.tolist()])
+
+
+def save(model, folder: str) -> str:
+    """`save_pretrained` the model and the byte tokenizer into `folder`."""
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
