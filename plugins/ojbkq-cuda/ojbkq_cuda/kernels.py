@@ -1,0 +1,261 @@
+"""Triton kernels: one lazy-update block of the column walk, and one block of the beam.
+
+A program owns `BLOCK_M` rows (candidate paths × weight rows, flattened) and keeps their block of targets
+`T[r, i1:i1+bs]` in registers while it walks the block's columns one after the other:
+
+    t = T[:, j] (+ G[:, j] · U_jj)      c = choose(t)      e = (t − s (c − z)) / U_jj
+    score += e²      T[:, j+1:] −= (e − G[:, j]) · U[j, j+1:]      Err[:, j] = e − G[:, j]
+
+The columns after the block are updated by the caller with one matrix product `Err @ U[block, rest]`.
+Products that eager torch rounds on their own are rounded on their own here (`_mul`, no fused
+multiply-add) and divisions are IEEE (`div_rn`), so that a path takes the same decisions as the
+reference walk up to the summation order of the block products.
+"""
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import libdevice
+
+# the counter-based hash of ojbkq_core.rng, in uint32 arithmetic (products wrap modulo 2^32)
+_C1 = 0x7FEB352D
+_C2 = 0x2C1B3C6D
+_C3 = 0x297A2D39
+_COLUMN = 0x2545F491
+_SLOT = 0x0B5AD4EC
+_RINT = 12582912.0          # 1.5 · 2^23: (x + _RINT) − _RINT rounds |x| < 2^22 half to even
+
+
+def _helper(fn):
+    """A device function called by the kernels: a Triton function when compiled, plain Python under the
+    interpreter (where each call of a Triton function costs milliseconds)."""
+    return fn if triton.knobs.runtime.interpret else triton.jit(fn)
+
+
+@_helper
+def _mix(x):
+    x = x ^ (x >> 16)
+    x = x * _C1
+    x = x ^ (x >> 15)
+    x = x * _C2
+    x = x ^ (x >> 16)
+    x = x * _C3
+    return x ^ (x >> 15)
+
+
+@_helper
+def _mul(a, b, EXACT: tl.constexpr):
+    """`a · b` rounded to float32 on its own (no contraction with a following add)."""
+    if EXACT:
+        return libdevice.mul_rn(a, b)
+    else:
+        return a * b
+
+
+@_helper
+def _log(x, EXACT: tl.constexpr):
+    if EXACT:
+        return libdevice.log(x)
+    else:
+        return tl.log(x)
+
+
+@_helper
+def _rint(x):
+    """Round half to even, as torch.round."""
+    x = tl.minimum(tl.maximum(x, -4194304.0), 4194304.0)
+    return (x + _RINT) - _RINT
+
+
+@_helper
+def _nearest(t, s, z, lo, hi):
+    return tl.minimum(tl.maximum(_rint(tl.math.div_rn(t, s)) + z, lo), hi)
+
+
+@triton.jit
+def walk_block_kernel(
+    T_ptr, stride_t,                 # (R, n) float32 targets; the block's columns are read
+    U_ptr, stride_u,                 # (n, n) float32 upper factor of H⁻¹
+    lo_ptr, hi_ptr,                  # (n,) code bounds
+    S_ptr, Z_ptr, stride_sr, stride_sc, srow_mod,   # grid: S[(r % srow_mod) * stride_sr + j * stride_sc]
+    G_ptr, stride_g,                 # (m, n) injection of successive rounding (HAS_INJECT)
+    beta_ptr, hash_ptr,              # klein: (m,) inverse temperature, (R,) per-path-row hash state
+    codes_ptr, stride_c,             # (R, n) codes out
+    err_ptr, stride_e,               # (R, BS) feedback errors of the block out
+    score_ptr,                       # (R,) path objective, accumulated in place
+    R, m, i1, bs: tl.constexpr,
+    BLOCK_M: tl.constexpr, BS: tl.constexpr,
+    HAS_INJECT: tl.constexpr, SAMPLE: tl.constexpr, WINDOW: tl.constexpr, EXACT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BS)
+    rmask = rows < R
+    cmask = cols < bs
+    mask2 = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)
+    tile = tl.load(T_ptr + rows64[:, None] * stride_t + (i1 + cols)[None, :], mask=mask2, other=0.0)
+    code_tile = tl.zeros([BLOCK_M, BS], dtype=tl.float32)
+    err_tile = tl.zeros([BLOCK_M, BS], dtype=tl.float32)
+    score = tl.load(score_ptr + rows, mask=rmask, other=0.0)
+    srow = (rows % srow_mod).to(tl.int64)
+    wrow = rows % m
+    if SAMPLE:
+        beta = tl.load(beta_ptr + wrow, mask=rmask, other=1.0)
+        h = tl.load(hash_ptr + rows, mask=rmask, other=0).to(tl.uint32)
+        sampled = rows >= m                       # path 0 (the first m rows) is the Babai path
+    for jj in range(0, bs):
+        j = i1 + jj
+        u_row = tl.load(U_ptr + j * stride_u + i1 + cols, mask=cmask & (cols > jj), other=0.0)
+        d = tl.load(U_ptr + j * stride_u + j)
+        lo = tl.load(lo_ptr + j)
+        hi = tl.load(hi_ptr + j)
+        s = tl.load(S_ptr + srow * stride_sr + j * stride_sc, mask=rmask, other=1.0)
+        z = tl.load(Z_ptr + srow * stride_sr + j * stride_sc, mask=rmask, other=0.0)
+        t = tl.sum(tl.where(cols[None, :] == jj, tile, 0.0), axis=1)
+        if HAS_INJECT:
+            g = tl.load(G_ptr + wrow.to(tl.int64) * stride_g + j, mask=rmask, other=0.0)
+            t = t + _mul(g, d, EXACT)
+        c = _nearest(t, s, z, lo, hi)
+        if SAMPLE:
+            # Gumbel-max over the codes within WINDOW steps of the nearest one
+            hc = _mix(h + (j.to(tl.uint32) * _COLUMN))
+            best_v = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            best_c = c
+            for o in tl.static_range(2 * WINDOW + 1):
+                cc = c + (o - WINDOW)
+                dist = tl.math.div_rn(t - _mul(s, cc - z, EXACT), d)
+                logit = _mul(_mul(-beta, dist, EXACT), dist, EXACT)
+                logit = tl.where((cc < lo) | (cc > hi), float("-inf"), logit)
+                x = _mix(hc + o * _SLOT)
+                un = ((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+                v = logit + (-_log(-_log(un, EXACT), EXACT))
+                take = v > best_v
+                best_c = tl.where(take, cc, best_c)
+                best_v = tl.where(take, v, best_v)
+            c = tl.where(sampled, best_c, c)
+        e = tl.math.div_rn(t - _mul(s, c - z, EXACT), d)
+        score = score + _mul(e, e, EXACT)
+        fb = e
+        if HAS_INJECT:
+            fb = e - g
+        tile = tile - _mul(fb[:, None], u_row[None, :], EXACT)
+        at = cols[None, :] == jj
+        code_tile = tl.where(at, c[:, None], code_tile)
+        err_tile = tl.where(at, fb[:, None], err_tile)
+    tl.store(codes_ptr + rows64[:, None] * stride_c + (i1 + cols)[None, :],
+             code_tile.to(codes_ptr.dtype.element_ty), mask=mask2)
+    tl.store(err_ptr + rows64[:, None] * stride_e + cols[None, :], err_tile, mask=mask2)
+    tl.store(score_ptr + rows, score, mask=rmask)
+
+
+@_helper
+def _key(value, low):
+    """Sortable int64 key of a non-negative float32 `value` (its bits) and a small integer `low`."""
+    return (value.to(tl.int32, bitcast=True).to(tl.int64) << 32) | low.to(tl.int64)
+
+
+@_helper
+def _key_value(key):
+    return (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@_helper
+def _key_low(key):
+    return (key & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def beam_block_kernel(
+    T_ptr, stride_t,                 # (B·R, n) float32 targets, beam-major: row b·R + r
+    U_ptr, stride_u, lo_ptr, hi_ptr,
+    S_ptr, Z_ptr, stride_sb, stride_sr,   # dynamic: (B·R,) at S[b·stride_sb + r]; static: (R, n) at S[r·stride_sr + j]
+    score_ptr,                       # (B·R,) accumulated Σ e², in place
+    codes_ptr, stride_c,             # (B·R, n) codes of the block, for the beams alive at its end
+    err_ptr, stride_e,               # (B·R, BS) their feedback errors
+    anc_ptr,                         # (B·R,) int32: each final beam's beam at the block start
+    R, i1, bs: tl.constexpr,
+    B: tl.constexpr, BP: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, EP2: tl.constexpr,
+    ROWS: tl.constexpr, BS: tl.constexpr, DYNAMIC: tl.constexpr, EXACT: tl.constexpr,
+):
+    """Beam search over one block for `ROWS` rows: every beam expands to its `E` cheapest codes among the
+    `2E+1` around its nearest one, the `B` best partial paths by `Σ e²` survive (ascending), and the
+    block's codes and errors are recovered by back-pointers at the end of the block."""
+    pid = tl.program_id(0)
+    r = pid * ROWS + tl.arange(0, ROWS)
+    b = tl.arange(0, BP)
+    cols = tl.arange(0, BS)
+    rmask = r < R
+    bmask = b < B
+    cmask = cols < bs
+    rb = b[None, :].to(tl.int64) * R + r[:, None]                      # (ROWS, BP) flat beam-row
+    m2 = rmask[:, None] & bmask[None, :]
+    m3 = m2[:, :, None] & cmask[None, None, :]
+    col3 = cols[None, None, :]
+    tile = tl.load(T_ptr + rb[:, :, None] * stride_t + i1 + col3, mask=m3, other=0.0)
+    score = tl.load(score_ptr + rb, mask=m2, other=float("inf"))
+    if DYNAMIC:
+        s = tl.load(S_ptr + b[None, :] * stride_sb + r[:, None], mask=m2, other=1.0)
+        z = tl.load(Z_ptr + b[None, :] * stride_sb + r[:, None], mask=m2, other=0.0)
+    hc = tl.zeros([ROWS, BP, BS], dtype=tl.float32)
+    he = tl.zeros([ROWS, BP, BS], dtype=tl.float32)
+    hp = tl.zeros([ROWS, BP, BS], dtype=tl.int32)
+    o = tl.arange(0, EP)
+    o3 = o[None, None, :]
+    pos3 = tl.arange(0, EP2)[None, None, :]
+    valid = (pos3 < E) & bmask[None, :, None]
+    flat = b[None, :, None] * EP2 + pos3
+    for jj in range(0, bs):
+        j = i1 + jj
+        u_row = tl.load(U_ptr + j * stride_u + i1 + cols, mask=cmask & (cols > jj), other=0.0)
+        d = tl.load(U_ptr + j * stride_u + j)
+        lo = tl.load(lo_ptr + j)
+        hi = tl.load(hi_ptr + j)
+        if not DYNAMIC:
+            s1 = tl.load(S_ptr + r * stride_sr + j, mask=rmask, other=1.0)
+            z1 = tl.load(Z_ptr + r * stride_sr + j, mask=rmask, other=0.0)
+            s = tl.broadcast_to(s1[:, None], (ROWS, BP))
+            z = tl.broadcast_to(z1[:, None], (ROWS, BP))
+        t = tl.sum(tl.where(col3 == jj, tile, 0.0), axis=2)              # (ROWS, BP)
+        c0 = _nearest(t, s, z, lo, hi)
+        cc = c0[:, :, None] + (o3 - E).to(tl.float32)                     # (ROWS, BP, EP)
+        err = tl.math.div_rn(t[:, :, None] - _mul(s[:, :, None], cc - z[:, :, None], EXACT), d)
+        cost = _mul(err, err, EXACT)
+        cost = tl.where((cc < lo) | (cc > hi) | (o3 > 2 * E), float("inf"), cost)
+        # each beam's E cheapest codes, ascending
+        k1 = ~tl.topk(~_key(cost, o3 + tl.zeros([ROWS, BP, EP], tl.int32)), EP2, dim=2)   # (ROWS, BP, EP2)
+        total = score[:, :, None] + _key_value(k1)
+        k2 = _key(tl.where(valid, total, 0.0), flat + tl.zeros([ROWS, BP, EP2], tl.int32))
+        k2 = tl.where(valid, k2, flat.to(tl.int64) + 0x7FFFFFFF00000000)
+        # the B best partial paths, ascending
+        sel = ~tl.topk(~tl.reshape(k2, (ROWS, BP * EP2)), BP, dim=1)       # (ROWS, BP)
+        f = _key_low(sel)
+        parent = f // EP2
+        off = tl.gather(tl.reshape(_key_low(k1), (ROWS, BP * EP2)), f, axis=1)
+        c = tl.gather(c0, parent, axis=1) + (off - E).to(tl.float32)
+        s = tl.gather(s, parent, axis=1)
+        z = tl.gather(z, parent, axis=1)
+        tp = tl.gather(t, parent, axis=1)
+        e = tl.math.div_rn(tp - _mul(s, c - z, EXACT), d)
+        score = _key_value(sel)
+        tile = tl.gather(tile, tl.broadcast_to(parent[:, :, None], (ROWS, BP, BS)), axis=1)
+        tile = tile - _mul(e[:, :, None], u_row[None, None, :], EXACT)
+        at = col3 == jj
+        hc = tl.where(at, c[:, :, None], hc)
+        he = tl.where(at, e[:, :, None], he)
+        hp = tl.where(at, parent[:, :, None], hp)
+    # back-pointers: codes and errors of the beams alive at the end of the block
+    cur = tl.broadcast_to(b[None, :], (ROWS, BP))
+    out_c = tl.zeros([ROWS, BP, BS], dtype=tl.float32)
+    out_e = tl.zeros([ROWS, BP, BS], dtype=tl.float32)
+    for k in range(0, bs):
+        jj = bs - 1 - k
+        at = col3 == jj
+        c_col = tl.gather(tl.sum(tl.where(at, hc, 0.0), axis=2), cur, axis=1)
+        e_col = tl.gather(tl.sum(tl.where(at, he, 0.0), axis=2), cur, axis=1)
+        p_col = tl.gather(tl.sum(tl.where(at, hp, 0), axis=2), cur, axis=1)
+        out_c = tl.where(at, c_col[:, :, None], out_c)
+        out_e = tl.where(at, e_col[:, :, None], out_e)
+        cur = p_col
+    tl.store(codes_ptr + rb[:, :, None] * stride_c + i1 + col3, out_c.to(codes_ptr.dtype.element_ty), mask=m3)
+    tl.store(err_ptr + rb[:, :, None] * stride_e + col3, out_e, mask=m3)
+    tl.store(anc_ptr + rb, cur, mask=m2)
+    tl.store(score_ptr + rb, score, mask=m2)

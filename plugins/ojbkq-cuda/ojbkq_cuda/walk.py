@@ -1,0 +1,141 @@
+"""The column walk on the device: the reference walk (ojbkq_core.decoders.walk) with its lazy blocks run by
+one Triton program per `BLOCK_M` rows, all candidate paths of all rows in one launch per block.
+
+Per block of `bs` columns: (dynamic grid) fit the block's group on the current targets with the grid's own
+`fit`, one kernel launch for the in-block walk, one in-place matrix product `T[:, rest] −= Err @ U[block,
+rest]` for the trailing columns. Nothing is read back to the host inside the loop.
+
+Memory: the targets of every path `(P·m, n)` float32, the codes `(P·m, n)` in the narrowest integer type
+that holds the box, the fitted grids `(P·m, n/g)` and one block of errors `(P·m, bs)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ojbkq_core.grid import block_size_for
+from ojbkq_core.problem import WorkingProblem
+from ojbkq_core.rng import _mix
+
+from . import runtime
+
+
+@dataclass
+class Paths:
+    """What a walk leaves behind, path-major: row `p·m + i` is path `p` of row `i`.
+
+    `codes` `(P·m, n)` integer; `scale`, `zero`: `(P·m, n_groups)` per fitted group (dynamic grid) or
+    `None` (static grid: the problem's grid); `score` `(P·m,)` the path objective `Σ e²`.
+    """
+
+    codes: torch.Tensor
+    scale: Optional[torch.Tensor]
+    zero: Optional[torch.Tensor]
+    score: torch.Tensor
+    group_size: int
+
+    def grid_of(self, problem: WorkingProblem, rows: torch.Tensor):
+        """Scale and zero `(len(rows), n)` per column for the given path-rows."""
+        n = self.codes.shape[1]
+        if self.scale is None:
+            m = problem.m
+            return problem.grid.scale[rows % m], problem.grid.zero[rows % m]
+        g = self.group_size
+        col_group = torch.arange(n, device=rows.device) // g
+        return self.scale[rows][:, col_group], self.zero[rows][:, col_group]
+
+
+def code_dtype(lower: torch.Tensor, upper: torch.Tensor) -> torch.dtype:
+    lo, hi = float(lower.min()), float(upper.max())
+    if lo >= 0 and hi <= 255:
+        return torch.uint8
+    if lo >= -(2**15) and hi < 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def hash_state(seed: int, paths: int, m: int, row0: int, device) -> torch.Tensor:
+    """`(P·m,)` int64: the hash of (seed, path, row) that `ojbkq_core.rng.uniform` builds before mixing in the
+    column and the slot; path `p` of row `i` is element `p·m + i`."""
+    path = torch.arange(paths, device=device, dtype=torch.int64).view(-1, 1)
+    row = (torch.arange(m, device=device, dtype=torch.int64) + row0).view(1, -1)
+    x = _mix(path * 0x3504F333 + _mix(torch.as_tensor(seed & 0xFFFFFFFF, device=device)))
+    x = _mix(x + row * 0x19E3779B)
+    return x.reshape(-1).contiguous()
+
+
+def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Optional[torch.Tensor] = None,
+         window: int = 4, seed: int = 0, row0: int = 0, block: int = 128) -> Paths:
+    """Run `paths` candidate paths per row. Path 0 rounds to nearest (babai); with `beta` `(m,)` the paths
+    `p ≥ 1` sample each code (klein). `inject` runs successive rounding from `problem.base` with
+    `problem.inject`. All tensors float32 on one device."""
+    U, grid = problem.U, problem.grid
+    start = problem.base if inject else problem.T
+    m, n = start.shape
+    P, R = paths, paths * m
+    dev = start.device
+    f32 = torch.float32
+    T = start.to(f32).repeat(P, 1).contiguous()                      # (R, n)
+    U = U.to(f32).contiguous()
+    lower = grid.lower.to(device=dev, dtype=f32).contiguous()
+    upper = grid.upper.to(device=dev, dtype=f32).contiguous()
+    codes = torch.empty(R, n, dtype=code_dtype(lower, upper), device=dev)
+    score = torch.zeros(R, dtype=f32, device=dev)
+    bs = block_size_for(grid.group_size if grid.dynamic else -1, block)
+    if grid.dynamic:
+        g = grid.group_size
+        bs = min(bs, g)                          # every group starts a block: fit on fully updated targets
+        n_groups = (n + g - 1) // g
+        gscale = torch.empty(R, n_groups, dtype=f32, device=dev)
+        gzero = torch.empty(R, n_groups, dtype=f32, device=dev)
+    else:
+        g = -1
+        S = grid.scale.to(f32).contiguous()
+        Z = grid.zero.to(f32).contiguous()
+    G = problem.inject.to(f32).contiguous() if inject else T       # placeholder pointer when unused
+    sample = beta is not None and P > 1
+    if sample:
+        beta_t = beta.to(f32).contiguous()
+        hstate = hash_state(seed, P, m, row0, dev)
+    else:
+        beta_t, hstate = score, score                                # unused pointers
+    BS = max(16, triton_next_pow2(bs))
+    Err = torch.empty(R, BS, dtype=f32, device=dev)
+    BLOCK_M = runtime.block_rows(R, BS)
+    kernel = runtime.kernels().walk_block_kernel
+    launch = (triton_cdiv(R, BLOCK_M),)
+    for i1 in range(0, n, bs):
+        i2 = min(i1 + bs, n)
+        if grid.dynamic:
+            if i1 % g == 0:
+                s, z = grid.fit(T.view(P, m, n)[:, :, i1:i1 + g])
+                gscale[:, i1 // g] = s.reshape(R)
+                gzero[:, i1 // g] = z.reshape(R)
+            S, Z = gscale[:, i1 // g], gzero[:, i1 // g]
+            srow_mod, stride_sr, stride_sc = R, gscale.stride(0), 0
+        else:
+            srow_mod, stride_sr, stride_sc = m, S.stride(0), 1
+        kernel[launch](
+            T, T.stride(0), U, U.stride(0), lower, upper,
+            S, Z, stride_sr, stride_sc, srow_mod,
+            G, G.stride(0), beta_t, hstate,
+            codes, codes.stride(0), Err, Err.stride(0), score,
+            R, m, i1,
+            bs=i2 - i1, BLOCK_M=BLOCK_M, BS=BS, HAS_INJECT=inject, SAMPLE=sample, WINDOW=window,
+            EXACT=runtime.exact(), num_warps=runtime.warps(BLOCK_M, BS),
+        )
+        if i2 < n:
+            T[:, i2:].addmm_(Err[:, :i2 - i1], U[i1:i2, i2:], alpha=-1.0)
+    if grid.dynamic:
+        return Paths(codes, gscale, gzero, score, g)
+    return Paths(codes, None, None, score, g)
+
+
+def triton_next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

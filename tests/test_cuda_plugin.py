@@ -1,0 +1,204 @@
+"""The GPU plugin `plugins/ojbkq-cuda`: its hook registers the device backends, and its kernels take the same
+decisions as the reference decoders.
+
+Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (`TRITON_INTERPRET=1`, set here
+before the kernels are first imported), so the comparisons with the reference run on any machine with
+Triton installed; with a GPU the compiled kernels are compared on CUDA tensors.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+PLUGIN = Path(__file__).resolve().parent.parent / "plugins" / "ojbkq-cuda"
+if str(PLUGIN) not in sys.path:
+    sys.path.insert(0, str(PLUGIN))
+
+from ojbkq_core.decoders import Babai, Beam, Klein, Successive  # noqa: E402
+from ojbkq_core.errors import InputError  # noqa: E402
+from ojbkq_core.grid import GridSpec  # noqa: E402
+from ojbkq_core.layer import quantize_layer  # noqa: E402
+from ojbkq_core.objectives import PRESETS, preset  # noqa: E402
+from ojbkq_core.problem import BILSProblem  # noqa: E402
+from ojbkq_core.registry import load  # noqa: E402
+from ojbkq_core.stats import Statistics  # noqa: E402
+from ojbkq_cuda import plugin, runtime  # noqa: E402
+from ojbkq_cuda.decoders import CudaBabai, CudaBeam, CudaKlein, CudaSuccessive  # noqa: E402
+
+PAIRS = {"babai": (Babai, CudaBabai), "klein": (Klein, CudaKlein), "successive": (Successive, CudaSuccessive),
+         "beam": (Beam, CudaBeam)}
+
+interpreted = pytest.mark.skipif(not runtime.interpreted(),
+                                 reason="needs Triton's interpreter (Triton installed, no GPU)")
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and runtime.triton_available()),
+                          reason="needs a CUDA device and Triton")
+
+
+def layer(m, n, N=200, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g) * torch.logspace(0, -2, n)
+    X = torch.randn(N, n, generator=g) @ A
+    Xfp = X + 0.1 * torch.randn(N, n, generator=g) @ A
+    W = torch.randn(m, n, generator=g)
+    st = Statistics.from_inputs(X.to(device), Xfp.to(device), needs=("H", "C", "G"))
+    return W.to(device), st
+
+
+def both(name, params, W, st, objective="symmetric", grid=None, seed=3, **kw):
+    ref_cls, dev_cls = PAIRS[name]
+    spec = preset(objective, *PRESETS[objective])
+    grid = grid or GridSpec(bits=4, group_size=16)
+    a = quantize_layer(W, st, spec, grid, ref_cls(**params), seed=seed, **kw)
+    b = quantize_layer(W, st, spec, grid, dev_cls(**params), seed=seed, **kw)
+    return a, b
+
+
+# --- registration (no Triton needed) -------------------------------------------------------------
+
+def test_the_hook_registers_a_cuda_backend_for_each_device_decoder():
+    reg = load(extra_plugins=(plugin,))
+    mine = {b.name: b for b in reg.backends if b.obj.__module__ == "ojbkq_cuda.decoders"}
+    assert set(mine) == set(PAIRS)
+    for name, (ref_cls, dev_cls) in PAIRS.items():
+        entry = mine[name]
+        assert entry.extra["device"] == "cuda" and entry.extra["priority"] > 0
+        assert entry.obj is dev_cls and issubclass(dev_cls, ref_cls)
+        assert type(reg.decoder(name, {}, device="cuda")) is dev_cls
+        assert type(reg.decoder(name, {}, device="cuda:1")) is dev_cls
+        assert type(reg.decoder(name, {}, device="cpu")) is ref_cls
+        assert type(reg.decoder(name, {}, device="cuda", backend="reference")) is ref_cls
+        assert type(reg.decoder(name, {}, device="cuda", backend="CudaBabai" if name == "babai" else dev_cls.__name__)) is dev_cls
+
+
+def test_parameters_are_checked_as_by_the_reference():
+    reg = load(extra_plugins=(plugin,))
+    with pytest.raises(InputError, match="k=0"):
+        reg.decoder("klein", {"k": 0}, device="cuda")
+    with pytest.raises(InputError, match="unknown parameter"):
+        reg.decoder("beam", {"widht": 2}, device="cuda")
+    assert reg.decoder("beam", {"width": 3}, device="cuda").options == {"width": 3, "expand": 2}
+
+
+def test_float64_problems_go_to_the_reference_unchanged():
+    """The kernels take float32; a float64 lattice problem is decoded by the reference implementation."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(6, 6, generator=g, dtype=torch.float64).numpy()
+    y = torch.randn(6, 3, generator=g, dtype=torch.float64).numpy() * 3
+    wp, _, _ = BILSProblem.create(y, -2, 2, A=A).working()
+    for name, params in [("babai", {}), ("klein", {"k": 4}), ("beam", {"width": 3})]:
+        ref_cls, dev_cls = PAIRS[name]
+        a, b = ref_cls(**params).decode(wp, seed=5), dev_cls(**params).decode(wp, seed=5)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.objective, b.objective)
+
+
+# --- the kernels against the reference (interpreter on CPU) ---------------------------------------
+
+GRIDS = {
+    "groups": GridSpec(bits=4, group_size=16),
+    "row-grid+act-order": GridSpec(bits=3, group_size=-1, act_order=True),
+    "groups-not-dividing-n": GridSpec(bits=4, group_size=20),
+    "static-groups+sym": GridSpec(bits=3, group_size=16, static_groups=True, sym=True),
+}
+
+
+@interpreted
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_babai_kernel_takes_the_reference_decisions(grid):
+    W, st = layer(12, 48, seed=hash(grid) % 1000)
+    a, b = both("babai", {}, W, st, grid=GRIDS[grid])
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.zeros, b.zeros)
+    # the block products are summed in another order (one in-place product per block): grids fitted on
+    # updated targets agree to rounding
+    torch.testing.assert_close(a.scales, b.scales, rtol=1e-5, atol=0)
+    assert b.loss == pytest.approx(a.loss, rel=1e-6)
+    assert b.report["path_objective"] == pytest.approx(a.report["path_objective"], rel=1e-5)
+
+
+@interpreted
+def test_babai_kernel_on_rows_chunked_by_the_memory_budget(monkeypatch):
+    W, st = layer(10, 32, seed=4)
+    a, _ = both("babai", {}, W, st)
+    monkeypatch.setenv("OJBKQ_CUDA_MAX_BYTES", str(3 * 32 * 13 + 3 * 24 * 32))   # three rows a chunk
+    _, b = both("babai", {}, W, st)
+    assert torch.equal(a.codes, b.codes)
+
+
+@interpreted
+def test_successive_kernel_carries_the_injection_like_the_reference():
+    W, st = layer(8, 32, seed=5)
+    a, b = both("successive", {}, W, st, objective="regularized")
+    assert a.report["decoder"].startswith("Successive") and b.report["decoder"].startswith("CudaSuccessive")
+    assert torch.equal(a.codes, b.codes)
+    assert b.loss == pytest.approx(a.loss, rel=1e-6)
+
+
+@interpreted
+@pytest.mark.parametrize("objective", ["symmetric", "jta"])
+def test_klein_kernel_draws_the_reference_numbers(objective):
+    """Same seed, same counter-based uniforms: the same candidates and the same choice per row."""
+    W, st = layer(4, 32, seed=6)
+    a, b = both("klein", {"k": 3, "window": 2}, W, st, objective=objective, grid=GridSpec(bits=3, group_size=16))
+    assert torch.equal(a.codes, b.codes)
+    assert a.report["candidate_histogram"] == b.report["candidate_histogram"]
+    assert b.loss == pytest.approx(a.loss, rel=1e-6)
+
+
+@interpreted
+def test_klein_kernel_is_independent_of_row_chunks_and_never_worse_than_babai():
+    W, st = layer(6, 32, seed=7)
+    spec = preset("symmetric", *PRESETS["symmetric"])
+    grid = GridSpec(bits=3, group_size=16)
+    whole = quantize_layer(W, st, spec, grid, CudaKlein(k=3, window=1), seed=11)
+    parts = quantize_layer(W, st, spec, grid, CudaKlein(k=3, window=1), seed=11, max_rows=4)
+    assert torch.equal(whole.codes, parts.codes)
+    babai = quantize_layer(W, st, spec, grid, CudaBabai(), seed=11)
+    assert (whole.row_loss <= babai.row_loss * (1 + 1e-9) + 1e-12).all()
+
+
+@interpreted
+def test_beam_kernel_keeps_the_reference_beams():
+    W, st = layer(6, 32, seed=8)
+    a, b = both("beam", {"width": 3, "expand": 2}, W, st, grid=GridSpec(bits=3, group_size=16))
+    assert torch.equal(a.codes, b.codes)
+    assert a.report["candidate_histogram"] == b.report["candidate_histogram"]
+    assert b.loss == pytest.approx(a.loss, rel=1e-6)
+
+
+@interpreted
+def test_beam_kernel_on_a_lattice_problem_chooses_by_the_path_objective():
+    """float32 lattice form (no scoring objective, box not starting at 0): beam with the Babai path is
+    never worse than babai, and equals the reference."""
+    g = torch.Generator().manual_seed(9)
+    A = torch.randn(10, 10, generator=g, dtype=torch.float64).numpy()
+    y = torch.randn(10, 4, generator=g, dtype=torch.float64).numpy() * 4
+    wp, _, _ = BILSProblem.create(y, -3, 2, A=A).working(dtype=torch.float32)
+    a, b = Beam(width=4).decode(wp), CudaBeam(width=4).decode(wp)
+    assert torch.equal(a.codes, b.codes)
+    bab = CudaBabai().decode(wp)
+    assert torch.equal(bab.codes, Babai().decode(wp).codes)
+    assert (b.objective <= bab.objective + 1e-5).all()
+    assert ((b.codes >= -3) & (b.codes <= 2)).all()
+
+
+# --- compiled kernels on a GPU -------------------------------------------------------------------
+
+@cuda
+def test_on_the_gpu_every_device_decoder_matches_the_reference():
+    W, st = layer(256, 512, N=2048, seed=10, device="cuda")
+    a, b = both("babai", {}, W, st, grid=GridSpec(bits=4, group_size=128))
+    assert (a.codes != b.codes).float().mean().item() < 1e-3
+    assert b.loss == pytest.approx(a.loss, rel=1e-4)
+    a, b = both("successive", {}, W, st, objective="regularized", grid=GridSpec(bits=4, group_size=128))
+    assert (a.codes != b.codes).float().mean().item() < 1e-3
+    for name, params in [("klein", {"k": 8}), ("beam", {"width": 4})]:
+        a, b = both(name, params, W, st, grid=GridSpec(bits=3, group_size=128))
+        assert (a.codes != b.codes).float().mean().item() < 0.05
+        assert b.loss == pytest.approx(a.loss, rel=5e-3)
+    spec = preset("symmetric", *PRESETS["symmetric"])
+    runs = [quantize_layer(W, st, spec, GridSpec(bits=3, group_size=128), CudaKlein(k=8), seed=2) for _ in range(2)]
+    assert torch.equal(runs[0].codes, runs[1].codes)
