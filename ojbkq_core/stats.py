@@ -2,7 +2,9 @@
 
 `H = X Xᵀ / N`, `C = X̃ Xᵀ / N`, `G = X̃ X̃ᵀ / N` with inputs given as token rows: `X`, `X̃` `(N, n)`
 (or `(..., n)`, flattened). Sums are accumulated by matrix products in float32 (float64 when asked) on
-the inputs' device; only the statistics named in `needs` are computed.
+the inputs' device; only the statistics named in `needs` are computed. bf16/fp16 inputs on a CUDA device
+are multiplied as they are, on the tensor cores, with float32 accumulation and a float32 result (the
+product of two bf16 or fp16 numbers is exact in float32), instead of being converted first.
 """
 from __future__ import annotations
 
@@ -11,6 +13,17 @@ from typing import Iterable, Optional
 import torch
 
 from .errors import InputError
+
+
+def gram(A: torch.Tensor, B: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """`Aᵀ B` `(n, n)` in `dtype` for token rows `A`, `B` `(N, n)`."""
+    half = (torch.bfloat16, torch.float16)
+    if A.is_cuda and dtype == torch.float32 and A.dtype in half and B.dtype == A.dtype:
+        try:
+            return torch.mm(A.T, B, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):      # a torch without float32 output for half inputs
+            pass
+    return A.to(dtype).T @ B.to(dtype)
 
 
 class Statistics:
@@ -35,16 +48,16 @@ class Statistics:
                 raise InputError(f"full-precision inputs {tuple(X_fp.shape)} do not match runtime inputs {tuple(X.shape)}")
             X_fp = X_fp.reshape(-1, self.n)
         dev = self.device if self.device is not None else X.device
-        X = X.to(device=dev, dtype=self.dtype)
+        X = X.to(device=dev)
         if X_fp is not None:
-            X_fp = X_fp.to(device=dev, dtype=self.dtype)
+            X_fp = X_fp.to(device=dev)
         parts = {}
         if "H" in self.needs:
-            parts["H"] = X.T @ X
+            parts["H"] = gram(X, X, self.dtype)
         if "C" in self.needs:
-            parts["C"] = X_fp.T @ X
+            parts["C"] = gram(X_fp, X, self.dtype)
         if "G" in self.needs:
-            parts["G"] = X_fp.T @ X_fp
+            parts["G"] = gram(X_fp, X_fp, self.dtype)
         for k, v in parts.items():
             if k in self._sum:
                 self._sum[k] += v
