@@ -121,7 +121,7 @@ def load(extra_plugins: tuple = ()) -> Registry:
     for p in extra_plugins:
         mod = importlib.import_module(p) if isinstance(p, str) else p
         name = mod if isinstance(p, str) else getattr(p, "__name__", repr(p))
-        if pm.get_plugin(str(name)) is None:
+        if pm.get_plugin(str(name)) is None and not pm.is_registered(mod):   # not already found by its entry point
             pm.register(mod, name=str(name))
     _collect(pm, reg)
     for name, err in reg.failures.items():
