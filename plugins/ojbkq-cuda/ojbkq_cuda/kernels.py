@@ -16,12 +16,12 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
 # the counter-based hash of ojbkq_core.rng, in uint32 arithmetic (products wrap modulo 2^32)
-_C1 = 0x7FEB352D
-_C2 = 0x2C1B3C6D
-_C3 = 0x297A2D39
-_COLUMN = 0x2545F491
-_SLOT = 0x0B5AD4EC
-_RINT = 12582912.0          # 1.5 · 2^23: (x + _RINT) − _RINT rounds |x| < 2^22 half to even
+_C1 = tl.constexpr(0x7FEB352D)
+_C2 = tl.constexpr(0x2C1B3C6D)
+_C3 = tl.constexpr(0x297A2D39)
+_COLUMN = tl.constexpr(0x2545F491)
+_SLOT = tl.constexpr(0x0B5AD4EC)
+_RINT = tl.constexpr(12582912.0)     # 1.5 · 2^23: (x + _RINT) − _RINT rounds |x| < 2^22 half to even
 
 
 def _helper(fn):

@@ -49,14 +49,16 @@ def usable(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpreted())
 
 
-def block_rows(R: int, BS: int) -> int:
-    """Rows per program: enough programs to fill the device, at most 16 rows of a 128-column block."""
+def block_rows(R: int, BS: int, sample: bool = False) -> int:
+    """Rows per program: enough programs to fill the device; at most 8 rows of a 128-column block (4 when
+    sampling), where the compiled kernel stays within the registers (ptxas: 122 and 168 registers a
+    thread, no spills)."""
     forced = os.environ.get("OJBKQ_CUDA_BLOCK_M")
     if forced:
         return int(forced)
     if interpreted():                       # one program per 64 rows: the interpreter pays per program
         return min(64, 1 << max(1, (R - 1).bit_length()))
-    bm = 16
+    bm = 4 if sample else 8
     while bm > 2 and -(-R // bm) < 512:
         bm //= 2
     return bm

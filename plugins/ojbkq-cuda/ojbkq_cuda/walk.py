@@ -103,7 +103,7 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
         beta_t, hstate = score, score                                # unused pointers
     BS = max(16, triton_next_pow2(bs))
     Err = torch.empty(R, BS, dtype=f32, device=dev)
-    BLOCK_M = runtime.block_rows(R, BS)
+    BLOCK_M = runtime.block_rows(R, BS, sample)
     kernel = runtime.kernels().walk_block_kernel
     launch = (triton_cdiv(R, BLOCK_M),)
     for i1 in range(0, n, bs):
