@@ -1,0 +1,139 @@
+"""Model benchmark: a Llama-3-8B-shaped model (random weights, a few blocks) quantized through the project's
+calibration engine (`ojbkq_core.calibrate`), seconds per block extrapolated to the 32 blocks of the model.
+
+The model is built from its configuration (hidden 4096, intermediate 14336, 32 heads, 8 key/value heads,
+vocabulary 128256) with `--blocks` decoder blocks, in bf16 on the device. Calibration: `--samples` random
+token sequences of `--seqlen` tokens. Recipes: GPTQ (symmetric objective, babai) and OJBKQ (jta objective,
+klein k = 16), both 4 bits, group 128, asymmetric min-max grid (configs/gptq.yaml, configs/ojbkq.yaml).
+
+    python bench/bench_model.py --out bench/results/model.json
+    python bench/bench_model.py --device cpu --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 \
+        --vocab 256 --samples 4 --seqlen 32 --out /tmp/model.json            # smoke
+
+Records (`model.json`): `shape` (hidden, intermediate), `bits`, `group_size`, `decoder`, `params`,
+`objective`, `seconds` (the engine's total), `seconds_per_block` (statistics + quantization + propagation,
+divided by the blocks), `projected_seconds` (capture + 32 × seconds_per_block), `peak_bytes`, `device`,
+and the engine's own split of the time (`engine_seconds`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "adapters", ROOT / "plugins" / "ojbkq-cuda"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from ojbkq_core.calibrate import calibrate  # noqa: E402
+from ojbkq_core.grid import GridSpec  # noqa: E402
+from ojbkq_core.model import find_adapter  # noqa: E402
+from ojbkq_core.registry import load  # noqa: E402
+
+RECIPES = {
+    "gptq": ("symmetric", {}, "babai", {}),
+    "ojbkq": ("jta", {"mu": 0.6, "lam": 0.6}, "klein", {"k": 16, "seed": 0}),
+}
+FULL_BLOCKS = 32
+
+
+def build(args, dev):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.blocks, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, max_position_embeddings=8192, rope_theta=500000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.eval()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "model.json"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=14336)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--recipes", default="gptq,ojbkq")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    reg = load(extra_plugins=("ojbkq_hf.plugin", "ojbkq_cuda.plugin"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.samples, args.seqlen), generator=g)
+    grid = GridSpec(bits=args.bits, group_size=args.group_size)
+    records = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for recipe in args.recipes.split(","):
+        obj_name, obj_params, dec_name, dec_params = RECIPES[recipe]
+        model = build(args, dev)
+        adapter = find_adapter(model, registry=reg)
+        objective = reg.objective(obj_name, obj_params)
+        params = {k: v for k, v in dec_params.items() if k != "seed"}
+        decoder = reg.decoder(dec_name, params, device=str(dev))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        res = calibrate(adapter, ids, objective, grid, decoder, damp=0.01, seed=dec_params.get("seed", 0),
+                        device=dev, batch_size=args.batch_size, progress=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        total = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+        sec = res.report["seconds"]
+        per_block = (sec["statistics"] + sec["quantize"] + sec["propagate"]) / args.blocks
+        rec = {
+            "recipe": recipe, "shape": [args.hidden, args.intermediate], "blocks": args.blocks,
+            "bits": args.bits, "group_size": args.group_size, "decoder": dec_name, "params": params,
+            "implementation": type(decoder).__name__, "objective": res.report["objective"],
+            "samples": args.samples, "seqlen": args.seqlen, "device": name,
+            "seconds": total, "seconds_per_block": per_block,
+            "projected_seconds": sec["capture"] + FULL_BLOCKS * per_block, "projected_blocks": FULL_BLOCKS,
+            "peak_bytes": peak, "engine_seconds": sec,
+            "objective_sum": res.report["objective_sum"],
+            "layer_seconds": {k: v["seconds"] for k, v in res.report["layers"].items()},
+        }
+        # steady state: the last block's quantization (the first block's also compiles the kernels)
+        last = f"{adapter.blocks_path()}.{args.blocks - 1}."
+        q_last = sum(v for k, v in rec["layer_seconds"].items() if k.startswith(last))
+        rec["seconds_per_block_steady"] = (sec["statistics"] + sec["propagate"]) / args.blocks + q_last
+        rec["projected_seconds_steady"] = sec["capture"] + FULL_BLOCKS * rec["seconds_per_block_steady"]
+        records.append(rec)
+        out.write_text(json.dumps(records, indent=1))
+        print(f"{recipe}: {args.blocks} blocks in {total:.1f}s; per block {per_block:.2f}s "
+              f"(statistics {sec['statistics'] / args.blocks:.2f}, quantize {sec['quantize'] / args.blocks:.2f}, "
+              f"propagate {sec['propagate'] / args.blocks:.2f}); capture {sec['capture']:.2f}s; "
+              f"{FULL_BLOCKS} blocks ≈ {rec['projected_seconds'] / 60:.1f} min (steady {rec['seconds_per_block_steady']:.2f} s/block, "
+              f"{rec['projected_seconds_steady'] / 60:.1f} min); peak {peak / 2**30:.1f} GiB", flush=True)
+        del model, adapter, res
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"{'recipe':<6} {'decoder':<10} {'s/block':>8} {'stats':>7} {'quant':>7} {'prop':>7} {'32 blocks':>10} {'peak GiB':>9}")
+    for r in records:
+        e = r["engine_seconds"]
+        b = r["blocks"]
+        print(f"{r['recipe']:<6} {r['implementation']:<10} {r['seconds_per_block']:8.2f} {e['statistics'] / b:7.2f} "
+              f"{e['quantize'] / b:7.2f} {e['propagate'] / b:7.2f} {r['projected_seconds'] / 60:8.1f}m "
+              f"{r['peak_bytes'] / 2**30:9.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
