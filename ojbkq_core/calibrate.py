@@ -220,6 +220,7 @@ def calibrate(
     layers: dict[str, LayerResult] = {}
     rows: dict[str, dict] = {}
     streams: dict = {}
+    skipped: list[str] = []
     index = 0
     total = len(adapter.layer_names())
     bar = tqdm(total=total, desc="quantize", unit="layer", disable=not progress, leave=False)
@@ -227,7 +228,8 @@ def calibrate(
         for i, block in enumerate(blocks):
             if keep_streams:
                 streams[i] = {"X": list(X_rt), "X_fp": None if X_fp is None else list(X_fp)}
-            on_cpu = model_device(block)
+            bar.set_description(f"block {i}/{len(blocks)}")
+            home = model_device(block)
             block.to(device)
             orig = copy.deepcopy(block) if need_fp else None
             groups = adapter.groups(block)
@@ -235,18 +237,20 @@ def calibrate(
                 groups = [[n for g in groups for n in g]]
             for group in groups:
                 names = [n for n in group if not _skipped(f"{path}.{i}.{n}", n, skip)]
-                index += len(group) - len(names)
+                skipped += [f"{path}.{i}.{n}" for n in group if n not in names]
+                built = {}                           # module → (objective, draws, layer index)
+                for pos, n in enumerate(group):
+                    if n not in names:
+                        continue
+                    k = index + pos
+                    if isinstance(objective, ObjectiveSpec):
+                        built[n] = (*objective.build(np.random.default_rng([seed, k])), k)
+                    else:
+                        built[n] = (objective, {}, k)
+                index += len(group)
                 bar.update(len(group) - len(names))
                 if not names:
                     continue
-                built = {}
-                for n in names:
-                    if isinstance(objective, ObjectiveSpec):
-                        built[n] = objective.build(np.random.default_rng([seed, index]))
-                    else:
-                        built[n] = (objective, {})
-                    built[n] = (*built[n], index)
-                    index += 1
                 t0 = time.perf_counter()
                 stats: dict[str, Statistics] = {}
                 shared: dict[str, str] = {}          # module → module whose statistics it shares
@@ -299,7 +303,7 @@ def calibrate(
             if need_fp:
                 X_fp = [_run(orig, X_fp[bi], b, device).cpu() for bi, b in enumerate(X)]
             seconds["propagate"] += time.perf_counter() - t0
-            block.to(on_cpu)
+            block.to(home)
             del orig
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -319,6 +323,7 @@ def calibrate(
         "objective_sum": float(sum(r["loss"] for r in rows.values())),
         "sym_loss_sum": float(sum(r["sym_loss"] or 0.0 for r in rows.values())),
         "layers": rows,
+        "skipped": skipped,
         "seconds": seconds,
     }
     return CalibrationResult(layers, report, streams)

@@ -6,7 +6,7 @@ from torch import nn
 from ojbkq_core.errors import InputError
 from ojbkq_core.model import find_adapter
 from ojbkq_core.registry import get_registry, load
-from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
+from tiny_models import one_thread, tiny_bert, tiny_gpt2, tiny_llama  # noqa: F401 (autouse fixture)
 
 
 def _tiny(config_cls, model_cls, **kw):

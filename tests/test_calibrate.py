@@ -12,7 +12,7 @@ from ojbkq_core.layer import quantize_layer
 from ojbkq_core.model import find_adapter
 from ojbkq_core.registry import get_registry
 from ojbkq_core.stats import Statistics
-from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from tiny_models import one_thread, tiny_bert, tiny_gpt2, tiny_llama, token_ids  # noqa: F401 (autouse fixture)
 
 GRID = GridSpec(bits=3, group_size=32)
 
@@ -133,6 +133,10 @@ def test_weights_lie_on_the_grid_and_skip_keeps_full_precision():
                     skip=["output.dense", "encoder.layer.1.attention.self.key"], progress=False)
     assert "encoder.layer.0.output.dense" not in res.layers and "encoder.layer.1.attention.self.key" not in res.layers
     assert len(res.layers) == 12 - 3
+    assert sorted(res.report["skipped"]) == ["encoder.layer.0.output.dense", "encoder.layer.1.attention.self.key",
+                                             "encoder.layer.1.output.dense"]
+    order = adapter.layer_names()
+    assert all(row["index"] == order.index(name) for name, row in res.report["layers"].items())
     for name in ("encoder.layer.0.output.dense", "encoder.layer.1.attention.self.key"):
         assert torch.equal(model.get_submodule(name).weight, before.get_submodule(name).weight)
     for name, r in res.layers.items():

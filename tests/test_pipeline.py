@@ -1,0 +1,172 @@
+"""Whole models from a config: every recipe on tiny Llama and GPT-2 models saved to disk, offline;
+byte-identical checkpoints; reload; perplexity; the command line; encoder fidelity."""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ojbkq_core import cli
+from ojbkq_core.errors import InputError
+from ojbkq_core.export import load_quantized
+from ojbkq_core.model import find_adapter
+from ojbkq_core.perplexity import perplexity, windows
+from ojbkq_core.pipeline import CONFIG_FILE, REPORT_FILE, evaluate_dir, load_model, quantize_from_config
+from tiny_models import CALIB_TXT, EVAL_TXT, one_thread, save, tiny_bert, tiny_gpt2, tiny_llama  # noqa: F401 (autouse)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"llama": save(tiny_llama(), str(root / "llama")), "gpt2": save(tiny_gpt2(), str(root / "gpt2"))}
+
+
+def _tiny(model_dir, out, *extra):
+    return [f"model.path={model_dir}", "model.dtype=float32", f"calibration.path={CALIB_TXT}",
+            "calibration.samples=4", "calibration.seqlen=32", "quant.group_size=32", f"output.dir={out}",
+            "eval.perplexity=[]", "device=cpu", *extra]
+
+
+def _recipe(name):
+    return os.path.join(ROOT, "configs", f"{name}.yaml")
+
+
+def _small_decoder(name):
+    """Recipe decoders at tiny sizes (same decoder, fewer candidates)."""
+    return ["decoder.k=4"] if name == "ojbkq" else (["decoder.width=2"] if name == "regularized-beam" else [])
+
+
+def test_the_five_recipes_are_there():
+    assert set(RECIPES) >= {"gptq", "gptaq", "regularized-successive", "regularized-beam", "ojbkq"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_every_recipe_end_to_end(folders, tmp_path, arch, recipe):
+    out = str(tmp_path / "out")
+    report = quantize_from_config(_recipe(recipe), _tiny(folders[arch], out, *_small_decoder(recipe)))
+    assert report["output"] == out and report["adapter"] == arch
+    model, info = load_quantized(out)
+    names = find_adapter(model).layer_names()
+    assert list(report["layers"]) == names
+    assert all(math.isfinite(r["loss"]) and r["loss"] >= 0 for r in report["layers"].values())
+    assert report["objective_sum"] > 0
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 32
+    assert sorted(info["packed"]) == sorted(names)
+    saved = json.load(open(os.path.join(out, REPORT_FILE)))
+    assert saved["objective_sum"] == report["objective_sum"] and saved["layers"].keys() == report["layers"].keys()
+    assert "quant:" in open(os.path.join(out, CONFIG_FILE)).read()
+    if recipe == "regularized-successive":
+        alphas = [r["draws"]["alpha"] for r in report["layers"].values()]
+        assert len(set(alphas)) == len(alphas) and all(0.4 <= a <= 0.8 for a in alphas)
+    # the reloaded weights are the engine's (up to the fp16 scales of the format)
+    orig, _ = load_model(folders[arch], "float32")
+    changed = 0
+    for n in names:
+        W = find_adapter(model).weight(model.get_submodule(n)).detach()
+        W0 = find_adapter(orig).weight(orig.get_submodule(n)).detach()
+        changed += int(not torch.equal(W, W0))
+        for w in W.reshape(-1, 32)[:8]:                        # a group: 32 consecutive columns of a row
+            assert len(torch.unique(w)) <= 16
+    assert changed == len(names)
+
+
+def test_same_seed_gives_the_same_checkpoint_bytes(folders, tmp_path):
+    def files(folder):
+        return {f: open(os.path.join(folder, f), "rb").read() for f in ("model.safetensors", "config.json")}
+
+    for recipe in ("ojbkq", "regularized-successive"):
+        runs = []
+        for i, seed in enumerate((3, 3, 4)):
+            out = str(tmp_path / f"{recipe}-{i}")
+            quantize_from_config(_recipe(recipe), _tiny(folders["llama"], out, *_small_decoder(recipe),
+                                                        f"decoder.seed={seed}"))
+            runs.append(files(out))
+        assert runs[0] == runs[1], recipe
+        assert runs[0]["model.safetensors"] != runs[2]["model.safetensors"], recipe
+
+
+def test_offline_folder_reload_and_perplexity(folders, tmp_path):
+    fake, gptq = str(tmp_path / "fake"), str(tmp_path / "gptq")
+    ev = [f"eval.path={EVAL_TXT}", "eval.seqlen=64", "eval.samples=20"]
+    r_fake = quantize_from_config(_recipe("gptaq"), _tiny(folders["gpt2"], fake, "output.format=fake", *ev))
+    r_gptq = quantize_from_config(_recipe("gptaq"), _tiny(folders["gpt2"], gptq, *ev))
+    p = r_fake["perplexity"]["text"]
+    assert p["windows"] == 20 and p["seqlen"] == 64
+    assert p["fp"] == r_gptq["perplexity"]["text"]["fp"] and p["quantized"] != p["fp"]
+    assert p["quantized"] == r_gptq["perplexity"]["text"]["quantized"]      # same run, other format
+    # dequantized checkpoint: the reloaded model is exactly the in-memory fake-quantized one
+    assert evaluate_dir(fake, None, 64, path=EVAL_TXT, samples=20)["perplexity"] == p["quantized"]
+    # packed checkpoint: equal up to the float16 scales of the format
+    assert evaluate_dir(gptq, None, 64, path=EVAL_TXT, samples=20)["perplexity"] == pytest.approx(p["quantized"], rel=1e-3)
+
+
+def test_perplexity_protocol():
+    model = tiny_llama()
+    torch.nn.init.zeros_(model.lm_head.weight)              # uniform next-token distribution over 256 bytes
+    tokens = torch.randint(0, 256, (1000,))
+    res = perplexity(model, tokens, seqlen=64)
+    assert res["windows"] == 15 and res["tokens"] == 15 * 63
+    assert res["perplexity"] == pytest.approx(256, rel=1e-5)   # float32 log-softmax
+    assert windows(tokens, 64, samples=4).shape == (4, 64)
+    with pytest.raises(InputError, match="fewer than seqlen=2000"):
+        windows(tokens, 2000)
+
+
+def test_command_line_quantize_and_eval(folders, tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    args = sum((["--set", s] for s in _tiny(folders["llama"], out)), [])
+    assert cli.main(["quantize", _recipe("gptq"), *args]) == 0
+    assert cli.main(["eval", out, "--data-path", EVAL_TXT, "--seqlen", "64", "--samples", "5"]) == 0
+    assert "text: perplexity" in capsys.readouterr().out
+    # a second run into the same folder is refused unless overwrite
+    assert cli.main(["quantize", _recipe("gptq"), *args]) == 2
+    assert "output.overwrite" in capsys.readouterr().err
+    assert cli.main(["quantize", _recipe("gptq"), *args, "--set", "model.path=./no-such-model",
+                     "--set", f"output.dir={tmp_path / 'other'}"]) == 2
+    assert "model.path='./no-such-model'" in capsys.readouterr().err
+
+
+def test_hub_names_fail_clearly_offline(folders, tmp_path):
+    with pytest.raises(InputError, match="HF_HUB_OFFLINE is set"):
+        load_model("some-org/some-model")
+    # a hub dataset with HF_HUB_OFFLINE=1: exit status 2 and a hint to use local files
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ojbkq_core.cli", "eval", folders["llama"], "--dataset", "wikitext2",
+                           "--seqlen", "64"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "eval.dataset='wikitext2'" in last and "path" in last
+
+
+def test_encoder_pipeline_and_fidelity(tmp_path):
+    from ojbkq_core.fidelity import compare, encode
+    folder = save(tiny_bert(), str(tmp_path / "bert"))
+    out = str(tmp_path / "out")
+    report = quantize_from_config(_recipe("gptq"), _tiny(folder, out, "quant.bits=3", f"eval.path={EVAL_TXT}"))
+    assert report["adapter"] == "bert" and "perplexity" not in report and len(report["layers"]) == 12
+    fp, _ = load_model(folder, "float32")
+    q, _ = load_quantized(out)
+    ids = torch.randint(0, 256, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    inputs = [{"input_ids": ids, "attention_mask": mask}]
+    ref = encode(fp, inputs)
+    same = compare(ref, encode(fp, inputs))
+    assert same["cosine"] == pytest.approx(1.0) and same["rel_err"] == 0.0
+    got = compare(ref, encode(q, inputs))
+    assert 0.9 < got["cosine"] < 1.0 and 0.0 < got["rel_err"] < 0.5
