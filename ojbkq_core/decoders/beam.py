@@ -41,7 +41,7 @@ class Beam(Decoder):
         hist_scale = torch.empty(n, B, m, dtype=dt, device=dev)
         hist_zero = torch.empty(n, B, m, dtype=dt, device=dev)
         offs = torch.arange(-E, E + 1, device=dev, dtype=dt)
-        d = U.diagonal().tolist()
+        d = U.diagonal().unbind()                              # 0-d tensors: true division on CUDA too
         lower, upper = grid.lower.tolist(), grid.upper.tolist()
         sc = zc = None
         g = grid.group_size

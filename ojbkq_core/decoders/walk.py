@@ -49,8 +49,9 @@ def walk(problem: WorkingProblem, paths: int, choose: Chooser, inject: bool = Fa
         scale = grid.scale.unsqueeze(0).expand(P, m, n)
         zero = grid.zero.unsqueeze(0).expand(P, m, n)
     lower, upper = grid.lower.tolist(), grid.upper.tolist()
-    diag = U.diagonal()
-    d = diag.tolist()
+    # 0-d tensors, not Python floats: on CUDA torch turns division by a Python float into a
+    # multiplication by its reciprocal, which can tip a rounding tie away from the CPU result
+    d = U.diagonal().unbind()
     bs = block_size_for(grid.group_size if grid.dynamic else -1, block)
     for i1 in range(0, n, bs):
         i2 = min(i1 + bs, n)
