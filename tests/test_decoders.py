@@ -153,15 +153,15 @@ def test_klein_rho_solves_kleins_equation():
     assert klein_rho(1, 5) == math.inf
 
 
-def test_klein_default_beta_is_relative_to_the_median_grid_step():
-    """`β_i = rel_beta / median_j r_ij²` with `r_ij = s_ij / U_jj` (the lower middle value for even `n`),
-    the same for every `k`; `beta=` fixes it for all rows."""
+def test_klein_default_beta_is_relative_to_the_smallest_grid_step():
+    """`β_i = rel_beta / min_j r_ij²` with `r_ij = s_ij / U_jj`, the same for every `k`; `beta=` fixes
+    it for all rows."""
     wp = layer_problem(seed=4)
     for rel in (4.0, 0.5):
         beta = Klein(rel_beta=rel).beta(wp)
         for i in range(wp.m):
             r2 = sorted(((wp.grid.scale[i, j] / wp.U[j, j]) ** 2).item() for j in range(wp.n))
-            assert math.isclose(beta[i].item(), rel / r2[(wp.n - 1) // 2], rel_tol=1e-12)
+            assert math.isclose(beta[i].item(), rel / r2[0], rel_tol=1e-12)
     assert torch.equal(Klein(k=2).beta(wp), Klein(k=64).beta(wp))
     assert torch.equal(Klein(beta=2.5).beta(wp), torch.full((wp.m,), 2.5, dtype=wp.T.dtype))
     # invariant to the scale of H: H → c² H scales U by 1/c and every r² by c²
