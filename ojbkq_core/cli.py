@@ -10,19 +10,8 @@ import time
 
 import numpy as np
 
+from .config import parse_value
 from .errors import InputError
-
-
-def parse_value(text: str):
-    """`KEY=VALUE` values: int, float, bool, or string, in that order."""
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return text
 
 
 def parse_pairs(pairs, flag: str) -> dict:

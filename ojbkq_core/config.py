@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from .errors import InputError
-from .grid import SCALE_METHODS, GridSpec
+from .grid import QUANT_DEFAULTS, SCALE_METHODS, GridSpec
 from .objectives import Objective, ObjectiveSpec, from_terms
 
 DTYPES = ("bfloat16", "float16", "float32", "auto")
@@ -34,8 +34,7 @@ DEFAULTS: dict = {
     "model": {"path": None, "dtype": "bfloat16", "adapter": "auto", "trust_remote_code": False},
     "calibration": {"dataset": "wikitext2", "path": None, "samples": 128, "seqlen": 2048, "seed": 0,
                     "text_field": "text"},
-    "quant": {"bits": 4, "group_size": 128, "sym": False, "act_order": False, "static_groups": False,
-              "damp": 0.01, "scale_method": "minmax", "true_sequential": True, "skip": []},
+    "quant": QUANT_DEFAULTS,
     "objective": {"name": "jta"},
     "decoder": {"name": "babai", "seed": 0},
     "backend": "auto",
@@ -115,6 +114,18 @@ def _merge(data: dict) -> dict:
     return cfg
 
 
+def parse_value(text: str):
+    """`KEY=VALUE` values: int, float, bool, or string, in that order."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
 def _parse_override(text: str):
     if "=" not in text:
         raise InputError(f"--set {text!r}: expected section.key=value (e.g. --set quant.bits=3)")
@@ -126,7 +137,6 @@ def _parse_override(text: str):
             raise InputError(f"--set {text!r}: cannot read {raw!r} as a list or mapping") from None
     if raw.lower() in ("null", "none", "~"):
         return key, None
-    from .cli import parse_value
     return key, parse_value(raw)
 
 

@@ -325,8 +325,8 @@ def _block_layout(model, quantized: set[str]) -> dict:
 def quantization_config(quant: dict, model=None, quantized: Optional[set] = None) -> dict:
     """The `quantization_config` of a GPTQ v1 checkpoint from a `quant` section (config.py keys; any
     other keys, e.g. `objective`, `decoder`, go to the `ojbkq` sub-dict)."""
-    from .config import DEFAULTS
-    q = {**DEFAULTS["quant"], **quant}
+    from .grid import QUANT_DEFAULTS
+    q = {**QUANT_DEFAULTS, **quant}
     known = ("bits", "group_size", "sym", "act_order", "static_groups", "damp", "true_sequential")
     qc = {
         "quant_method": "gptq",

@@ -19,6 +19,12 @@ from .errors import InputError
 SCALE_METHODS = ("minmax", "clip")
 
 
+# the `quant` section of a run configuration: the grid's fields, the Hessian damping, the calibration
+# order and the modules left in full precision
+QUANT_DEFAULTS: dict = {"bits": 4, "group_size": 128, "sym": False, "act_order": False, "static_groups": False,
+                        "damp": 0.01, "scale_method": "minmax", "true_sequential": True, "skip": []}
+
+
 @dataclass(frozen=True)
 class GridSpec:
     """What the user asks for: bits, group size, symmetry, order and scale rule."""
