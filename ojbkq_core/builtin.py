@@ -1,6 +1,8 @@
-"""The built-in plugin: registers the reference decoders and the objective presets through the same
-hooks a third-party plugin uses (entry point `builtin` in the group `ojbkq`)."""
+"""The built-in plugin: registers the reference decoders, the objective presets and the checkpoint
+formats through the same hooks a third-party plugin uses (entry point `builtin` in the group `ojbkq`)."""
 from .decoders import BUILTIN
+from .export.fake import Fake
+from .export.gptq import GPTQ
 from .hookspecs import hookimpl
 from .objectives import PRESETS
 
@@ -15,3 +17,9 @@ def register_decoders(register):
 def register_objectives(register):
     for name, (factory, schema) in PRESETS.items():
         register(name, factory, schema)
+
+
+@hookimpl
+def register_formats(register):
+    for cls in (GPTQ, Fake):
+        register(cls)

@@ -1,18 +1,28 @@
 """The sequential calibration engine: a whole model, block by block (MATH.md §1).
 
-Two activation streams flow through the blocks:
+Two activation streams flow through the blocks (`Streams`):
 
 - `X`  — the runtime stream: block inputs produced by the already quantized earlier blocks;
-- `X̃`  — the full-precision stream: block inputs produced by the original blocks.
+- `X̃`  — the full-precision stream: block inputs produced by the original blocks, kept only when the
+  objective reads `C` or `G` (or draws its parameters per layer).
 
-For block `i` and each of its true-sequential groups, the group's modules are hooked and
-`orig_i(X̃)` (a full-precision copy of the block) and `block_i(X)` are run batch by batch; each
-module's inputs `x̃`, `x` go into a streaming `Statistics` (only the statistics the objective needs),
-the module is quantized by `quantize_layer` and its dequantized weight written back, so later groups
-and blocks see it quantized. Then `X ← block_i(X)`, `X̃ ← orig_i(X̃)`.
+`calibrate` reads as its steps, for each block `i` and each true-sequential group of its modules:
+
+1. `capture`     — the first block's inputs for every calibration batch (once, both streams);
+2. `statistics`  — run `block_i(X)` and its full-precision copy `orig_i(X̃)` with the group's modules
+                   hooked, accumulate each module's `Statistics` (modules reading the same input
+                   share one);
+3. `quantize`    — one module → `LayerResult` (`quantize_group` does a group's modules);
+4. `replace`     — write the dequantized weights back, so later groups and blocks see them quantized;
+5. `propagate`   — `X ← block_i(X)`, `X̃ ← orig_i(X̃)`.
+
+Each step takes and returns plain values (`Streams`, `Statistics`, `LayerResult`), so an engine can
+swap one out: `statistics(reduce=...)` is applied to each finished `Statistics` (e.g. an all-reduce of
+`H`, `C`, `G` over ranks), `calibrate(quantize_group=...)` may decode a share of a group's modules per
+rank and gather the results, and statistics and propagation may be fused into one pass.
 
 Only the current block (and its full-precision copy) sits on `device`; the streams and every other
-block stay on the CPU. The full-precision stream is skipped when the objective reads only `H`.
+block stay on the CPU.
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import fnmatch
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -171,6 +181,186 @@ def _skipped(full: str, rel: str, skip: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(rel, p) for p in skip)
 
 
+def quantized_names(adapter: Model, skip: Sequence[str] = ()) -> list[str]:
+    """Full names of the modules `calibrate` quantizes: `adapter.layer_names()` less those `skip` names."""
+    path = adapter.blocks_path()
+    return [f"{path}.{i}.{n}" for i, block in enumerate(adapter.blocks()) for n in adapter.modules(block)
+            if not _skipped(f"{path}.{i}.{n}", n, skip)]
+
+
+# --- the two streams ------------------------------------------------------------------------------
+
+@dataclass
+class Streams:
+    """The inputs of the current block for every calibration batch: `X[b]` (runtime) and `X_fp[b]`
+    (full precision, None when not kept), each `(batch, L, d)` on the CPU, and `batches[b]` the other
+    arguments of the block call (shared by both streams)."""
+
+    batches: list[BlockInputs]
+    X: list[torch.Tensor]
+    X_fp: Optional[list[torch.Tensor]]
+
+    @staticmethod
+    def full_precision_needed(needs: set, sampled: bool) -> bool:
+        """The full-precision stream is kept when an objective reads `C` or `G`, or when objective
+        parameters are drawn per layer (any draw may need them)."""
+        return sampled or bool(set(needs) & {"C", "G"})
+
+    @property
+    def full_precision(self) -> bool:
+        return self.X_fp is not None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def original(self, block: nn.Module) -> Optional[nn.Module]:
+        """The full-precision copy of `block` that carries `X_fp` (None without that stream); take it
+        before any of the block's modules is quantized."""
+        return copy.deepcopy(block) if self.full_precision else None
+
+    def module_inputs(self, block: nn.Module, orig: Optional[nn.Module], names: Sequence[str], b: int, device):
+        """`(x, x_fp)`: the inputs of the named modules for batch `b` in each stream (`x_fp` None
+        without the full-precision stream)."""
+        x = module_inputs(block, names, self.X[b], self.batches[b], device)
+        x_fp = module_inputs(orig, names, self.X_fp[b], self.batches[b], device) if self.full_precision else None
+        return x, x_fp
+
+    def snapshot(self) -> dict:
+        return {"X": list(self.X), "X_fp": None if self.X_fp is None else list(self.X_fp)}
+
+
+# --- the steps ------------------------------------------------------------------------------------
+
+def capture(adapter: Model, input_ids: torch.Tensor, batch_size: int, full_precision: bool) -> Streams:
+    """Step 1: the first block's inputs for `input_ids` `(S, L)`; both streams start equal."""
+    batches = capture_block_inputs(adapter, input_ids, batch_size)
+    X = [b.hidden for b in batches]
+    return Streams(batches, X, list(X) if full_precision else None)
+
+
+@torch.no_grad()
+def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set], streams: Streams, device,
+               reduce: Optional[Callable[[Statistics], Statistics]] = None) -> dict[str, Statistics]:
+    """Step 2: the `Statistics` of each module named in `needs` (block-relative name → the statistics
+    it needs, of `H`, `C`, `G`) over every batch of `streams`, running `block` on `X` and `orig` on
+    `X_fp`. Modules called with the same input tensor in both streams (q, k, v) share one
+    `Statistics` object, accumulating the union of their needs. `reduce` is applied to each finished
+    `Statistics` once (identity by default)."""
+    names = list(needs)
+    owner: dict[str, str] = {}                    # module → the first module reading the same input
+    stats: dict[str, Statistics] = {}
+    for b in range(len(streams)):
+        x, x_fp = streams.module_inputs(block, orig, names, b, device)
+        if b == 0:
+            for n in names:
+                owner[n] = next(o for o in names if x[o] is x[n] and (x_fp is None or x_fp[o] is x_fp[n]))
+            for o in dict.fromkeys(owner.values()):
+                need = set().union(*(needs[n] for n in names if owner[n] == o))
+                stats[o] = Statistics(x[o].shape[-1], needs=need, device=device)
+        for o, st in stats.items():
+            st.add(x[o], None if x_fp is None else x_fp[o])
+    if reduce is not None:
+        stats = {o: reduce(st) for o, st in stats.items()}
+    return {n: stats[owner[n]] for n in names}
+
+
+@dataclass
+class LayerTask:
+    """One module to quantize: `name` in its block, `full` name in the model, `index` in quantization
+    order, its `objective` (sampled parameters already drawn) and the `draws`."""
+
+    name: str
+    full: str
+    index: int
+    objective: Objective
+    draws: dict
+
+
+@dataclass
+class Settings:
+    """What every layer is quantized with (besides its own objective and statistics)."""
+
+    grid: GridSpec
+    decoder: Decoder
+    damp: float = 0.01
+    seed: int = 0
+    score_objective: Optional[Objective] = None
+
+
+def layer_tasks(objective: Union[ObjectiveSpec, Objective], prefix: str, group: Sequence[str], first: int,
+                seed: int, skip: Sequence[str] = ()) -> list[LayerTask]:
+    """The group's modules not in `skip`; module `group[p]` is layer `first + p`, and draws its sampled
+    objective parameters from `np.random.default_rng([seed, first + p])`."""
+    tasks = []
+    for pos, n in enumerate(group):
+        full = f"{prefix}.{n}"
+        if _skipped(full, n, skip):
+            continue
+        k = first + pos
+        if isinstance(objective, ObjectiveSpec):
+            obj, draws = objective.build(np.random.default_rng([seed, k]))
+        else:
+            obj, draws = objective, {}
+        tasks.append(LayerTask(n, full, k, obj, draws))
+    return tasks
+
+
+@torch.no_grad()
+def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTask, settings: Settings,
+             device) -> LayerResult:
+    """Step 3: one module → `LayerResult` (tensors on `device`). Its `report` gains `draws`,
+    `seconds` and `sym_loss`."""
+    W = adapter.weight(module).detach().to(device=device, dtype=torch.float32, copy=True)
+    t0 = time.perf_counter()
+    res = quantize_layer(W, stats, task.objective, settings.grid, settings.decoder, damp=settings.damp,
+                         seed=layer_seed(settings.seed, task.index), score_objective=settings.score_objective)
+    res.report["seconds"] = time.perf_counter() - t0
+    res.report["draws"] = task.draws
+    res.report["sym_loss"] = _sym_loss(W, res.qweight, stats)
+    return res
+
+
+def quantize_group(adapter: Model, block: nn.Module, tasks: Sequence[LayerTask], stats: dict[str, Statistics],
+                   settings: Settings, device) -> dict[str, LayerResult]:
+    """Step 3 for a group: module name in the block → `LayerResult`, every module decoded here. The
+    one place an engine replaces to share a group's modules out (e.g. one share per rank, then
+    gather the results)."""
+    return {t.name: quantize(adapter, block.get_submodule(t.name), stats[t.name], t, settings, device)
+            for t in tasks}
+
+
+def replace(adapter: Model, block: nn.Module, results: dict[str, LayerResult]) -> None:
+    """Step 4: write each result's dequantized weight into its module of `block`, then move the
+    result's tensors to the CPU."""
+    for name, res in results.items():
+        adapter.set_weight(block.get_submodule(name), res.qweight)
+        res.qweight, res.row_loss = res.qweight.cpu(), res.row_loss.cpu()
+        res.codes, res.scales, res.zeros = res.codes.cpu(), res.scales.cpu(), res.zeros.cpu()
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, orig: Optional[nn.Module], streams: Streams, device) -> Streams:
+    """Step 5: the next block's inputs, `X ← block(X)` and `X̃ ← orig(X̃)`, on the CPU."""
+    X = [_run(block, x, b, device).cpu() for x, b in zip(streams.X, streams.batches)]
+    X_fp = None
+    if streams.full_precision:
+        X_fp = [_run(orig, x, b, device).cpu() for x, b in zip(streams.X_fp, streams.batches)]
+    return Streams(streams.batches, X, X_fp)
+
+
+def _row(task: LayerTask, W_shape, res: LayerResult) -> dict:
+    row = {
+        "index": task.index, "shape": list(W_shape), "loss": res.loss, "sym_loss": res.report["sym_loss"],
+        "draws": task.draws, "seconds": res.report["seconds"], "damp": res.report["damp"],
+        "dead_columns": res.report["dead_columns"],
+    }
+    if "candidate_histogram" in res.report:
+        row["candidate_histogram"] = res.report["candidate_histogram"]
+    return row
+
+
+# --- the engine -----------------------------------------------------------------------------------
+
 @torch.no_grad()
 def calibrate(
     adapter: Model,
@@ -187,6 +377,8 @@ def calibrate(
     batch_size: Optional[int] = None,
     keep_streams: bool = False,
     progress: bool = True,
+    reduce: Optional[Callable[[Statistics], Statistics]] = None,
+    quantize_group: Callable[..., dict] = quantize_group,
 ) -> CalibrationResult:
     """Quantize every listed linear module of `adapter.model` in place on calibration `input_ids`
     `(S, L)` int64.
@@ -194,114 +386,68 @@ def calibrate(
     Layer `k` (in quantization order) draws its sampled objective parameters from
     `np.random.default_rng([seed, k])` and decodes with seed `layer_seed(seed, k)`. `skip` holds
     fnmatch patterns of module names (full, or relative to the block) left in full precision.
-    `keep_streams` keeps every block's input streams (CPU) in the result, for inspection.
+    `keep_streams` keeps every block's input streams (CPU) in the result, for inspection. `reduce`
+    and `quantize_group` replace those parts of the statistics and quantize steps.
     """
     t_start = time.perf_counter()
     if input_ids.ndim != 2 or input_ids.numel() == 0:
         raise InputError(f"calibration input_ids must be a non-empty (samples, seqlen) tensor, got {tuple(input_ids.shape)}")
     device = torch.device(device)
-    model = adapter.model
-    model.eval()
+    adapter.model.eval()
     S, L = input_ids.shape
     batch_size = batch_size or max(1, 4096 // L)
-    spec_sampled = isinstance(objective, ObjectiveSpec) and bool(objective.sampled)
+    settings = Settings(grid, decoder, damp, seed, score_objective)
     probe = objective if isinstance(objective, Objective) else objective.build(np.random.default_rng([seed, 0]))[0]
     needs = set(probe.needs) | (set(score_objective.needs) if score_objective is not None else set())
-    need_fp = spec_sampled or bool(needs & {"C", "G"})
+    sampled = isinstance(objective, ObjectiveSpec) and bool(objective.sampled)
 
     t0 = time.perf_counter()
-    X = capture_block_inputs(adapter, input_ids, batch_size)
-    X_fp = [b.hidden for b in X] if need_fp else None
-    X_rt = [b.hidden for b in X]
+    streams = capture(adapter, input_ids, batch_size, Streams.full_precision_needed(needs, sampled))
     seconds = {"capture": time.perf_counter() - t0, "statistics": 0.0, "quantize": 0.0, "propagate": 0.0}
 
-    blocks = adapter.blocks()
-    path = adapter.blocks_path()
+    blocks, path = adapter.blocks(), adapter.blocks_path()
     layers: dict[str, LayerResult] = {}
     rows: dict[str, dict] = {}
-    streams: dict = {}
+    kept: dict = {}
     skipped: list[str] = []
     index = 0
-    total = len(adapter.layer_names())
-    bar = tqdm(total=total, desc="quantize", unit="layer", disable=not progress, leave=False)
+    bar = tqdm(total=len(adapter.layer_names()), desc="quantize", unit="layer", disable=not progress, leave=False)
     with logging_redirect_tqdm():
         for i, block in enumerate(blocks):
             if keep_streams:
-                streams[i] = {"X": list(X_rt), "X_fp": None if X_fp is None else list(X_fp)}
+                kept[i] = streams.snapshot()
             bar.set_description(f"block {i}/{len(blocks)}")
             home = model_device(block)
             block.to(device)
-            orig = copy.deepcopy(block) if need_fp else None
+            orig = streams.original(block)
             groups = adapter.groups(block)
             if not true_sequential:
                 groups = [[n for g in groups for n in g]]
             for group in groups:
-                names = [n for n in group if not _skipped(f"{path}.{i}.{n}", n, skip)]
-                skipped += [f"{path}.{i}.{n}" for n in group if n not in names]
-                built = {}                           # module → (objective, draws, layer index)
-                for pos, n in enumerate(group):
-                    if n not in names:
-                        continue
-                    k = index + pos
-                    if isinstance(objective, ObjectiveSpec):
-                        built[n] = (*objective.build(np.random.default_rng([seed, k])), k)
-                    else:
-                        built[n] = (objective, {}, k)
+                tasks = layer_tasks(objective, f"{path}.{i}", group, index, seed, skip)
                 index += len(group)
-                bar.update(len(group) - len(names))
-                if not names:
+                skipped += [f"{path}.{i}.{n}" for n in group if n not in {t.name for t in tasks}]
+                bar.update(len(group) - len(tasks))
+                if not tasks:
                     continue
                 t0 = time.perf_counter()
-                stats: dict[str, Statistics] = {}
-                shared: dict[str, str] = {}          # module → module whose statistics it shares
-                for bi, b in enumerate(X):
-                    rt = module_inputs(block, names, X_rt[bi], b, device)
-                    fp = module_inputs(orig, names, X_fp[bi], b, device) if need_fp else {}
-                    if bi == 0:
-                        for n in names:
-                            shared[n] = next(o for o in names if rt[o] is rt[n] and (not need_fp or fp[o] is fp[n]))
-                        for n in set(shared.values()):
-                            need = set(needs)
-                            for o in names:
-                                if shared[o] == n:
-                                    need |= built[o][0].needs
-                            stats[n] = Statistics(rt[n].shape[-1], needs=need, device=device)
-                    for n in stats:
-                        stats[n].add(rt[n], fp.get(n))
+                stats = statistics(block, orig, {t.name: needs | t.objective.needs for t in tasks}, streams,
+                                   device, reduce)
                 seconds["statistics"] += time.perf_counter() - t0
-                for n in names:
-                    full = f"{path}.{i}.{n}"
-                    module = block.get_submodule(n)
-                    obj, draws, k = built[n]
-                    st = stats[shared[n]]
-                    W = adapter.weight(module).detach().to(device=device, dtype=torch.float32, copy=True)
-                    t0 = time.perf_counter()
-                    res = quantize_layer(W, st, obj, grid, decoder, damp=damp, seed=layer_seed(seed, k),
-                                         score_objective=score_objective)
-                    dt = time.perf_counter() - t0
-                    seconds["quantize"] += dt
-                    res.report["draws"] = draws
-                    adapter.set_weight(module, res.qweight)
-                    row = {
-                        "index": k, "shape": list(W.shape), "loss": res.loss,
-                        "sym_loss": _sym_loss(W, res.qweight, st),
-                        "draws": draws, "seconds": dt, "damp": res.report["damp"],
-                        "dead_columns": res.report["dead_columns"],
-                    }
-                    if "candidate_histogram" in res.report:
-                        row["candidate_histogram"] = res.report["candidate_histogram"]
-                    rows[full] = row
-                    res.qweight, res.row_loss = res.qweight.cpu(), res.row_loss.cpu()
-                    res.codes, res.scales, res.zeros = res.codes.cpu(), res.scales.cpu(), res.zeros.cpu()
-                    layers[full] = res
-                    extra = "".join(f" {key}={v:.3f}" for key, v in draws.items())
-                    log.info("%s: %s loss=%.6g%s (%.2fs)", full, obj.describe(), res.loss, extra, dt)
+                results = quantize_group(adapter, block, tasks, stats, settings, device)
+                replace(adapter, block, results)
+                for t in tasks:
+                    res = results[t.name]
+                    rows[t.full] = _row(t, res.qweight.shape, res)
+                    layers[t.full] = res
+                    seconds["quantize"] += res.report["seconds"]
+                    extra = "".join(f" {key}={v:.3f}" for key, v in t.draws.items())
+                    log.info("%s: %s loss=%.6g%s (%.2fs)", t.full, t.objective.describe(), res.loss, extra,
+                             res.report["seconds"])
                     bar.update(1)
                 del stats
             t0 = time.perf_counter()
-            X_rt = [_run(block, X_rt[bi], b, device).cpu() for bi, b in enumerate(X)]
-            if need_fp:
-                X_fp = [_run(orig, X_fp[bi], b, device).cpu() for bi, b in enumerate(X)]
+            streams = propagate(block, orig, streams, device)
             seconds["propagate"] += time.perf_counter() - t0
             block.to(home)
             del orig
@@ -319,14 +465,14 @@ def calibrate(
         "decoder": repr(decoder),
         "grid": {"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym, "act_order": grid.act_order,
                  "static_groups": grid.static_groups, "scale_method": grid.scale_method},
-        "full_precision_stream": need_fp,
+        "full_precision_stream": streams.full_precision,
         "objective_sum": float(sum(r["loss"] for r in rows.values())),
         "sym_loss_sum": float(sum(r["sym_loss"] or 0.0 for r in rows.values())),
         "layers": rows,
         "skipped": skipped,
         "seconds": seconds,
     }
-    return CalibrationResult(layers, report, streams)
+    return CalibrationResult(layers, report, kept)
 
 
 def _describe_spec(spec: ObjectiveSpec) -> str:

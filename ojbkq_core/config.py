@@ -26,8 +26,6 @@ from .grid import QUANT_DEFAULTS, SCALE_METHODS, GridSpec
 from .objectives import Objective, ObjectiveSpec, from_terms
 
 DTYPES = ("bfloat16", "float16", "float32", "auto")
-FORMATS = ("gptq", "fake")
-GPTQ_BITS = (2, 3, 4, 8)
 EXTENSIONS = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 
 DEFAULTS: dict = {
@@ -391,12 +389,10 @@ def _validate_output(cfg) -> None:
     sec = cfg["output"]
     _check_keys(cfg, "output", DEFAULTS["output"])
     _str(cfg, "output", "dir")
-    _choice(cfg, "output", "format", FORMATS)
+    _str(cfg, "output", "format")
     _bool(cfg, "output", "overwrite")
-    bits = cfg["quant"]["bits"]
-    if sec["format"] == "gptq" and bits not in GPTQ_BITS:
-        raise InputError(f"quant.bits={bits}: the gptq format packs {', '.join(map(str, GPTQ_BITS))} bits; "
-                         f"use one of those or output.format=fake")
+    from .registry import get_registry
+    get_registry().format(sec["format"])().check_quant(cfg["quant"])
     d = sec["dir"]
     if os.path.isfile(d):
         raise InputError(f"output.dir={d!r} is a file; name a folder")

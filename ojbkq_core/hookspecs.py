@@ -2,7 +2,7 @@
 
 A plugin is a module (or object) with functions marked `@hookimpl`, advertised by an entry point in
 the group `ojbkq`. Each hook receives a `register` callable; call it once per thing provided. The
-built-in decoders, objectives and adapters are registered through these same hooks.
+built-in decoders, objectives, adapters and checkpoint formats are registered through these same hooks.
 """
 import pluggy
 
@@ -31,3 +31,9 @@ def register_backends(register):
     """`register(decoder, device, cls, priority)`: an implementation of the named decoder for a
     device type (`"cuda"`, `"cpu"`); the highest priority available for the problem's device wins
     under `backend: auto`. Reference implementations have priority 0."""
+
+
+@hookspec
+def register_formats(register):
+    """`register(cls)` for each checkpoint `Format` subclass (ojbkq_core.export.base); `cls.name` is
+    the `output.format` users give, and `load_quantized` asks each format's `detect`."""

@@ -165,15 +165,12 @@ def quantize_from_config(path: str, overrides: Sequence[str] = ()) -> dict:
 
 
 def load_dir(model_dir: str, device: str = "cpu"):
-    """A model folder for evaluation: GPTQ checkpoints (a `quantization_config` with `quant_method:
-    gptq` in config.json) through `load_quantized`, anything else through `from_pretrained`."""
-    cfg_path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(cfg_path):
+    """A model folder for evaluation: a checkpoint with a `quantization_config` in config.json through
+    `load_quantized` (the registered format that detects it), anything else through `from_pretrained`."""
+    from .export import load_quantized, read_config
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise InputError(f"{model_dir}: not a model folder (no config.json)")
-    with open(cfg_path, encoding="utf-8") as f:
-        qc = json.load(f).get("quantization_config") or {}
-    if qc.get("quant_method") == "gptq":
-        from .export import load_quantized
+    if read_config(model_dir).get("quantization_config"):
         model, _ = load_quantized(model_dir, device="cpu")
         import transformers
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

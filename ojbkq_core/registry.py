@@ -1,6 +1,7 @@
 """Plugin discovery with pluggy: entry points in the group `ojbkq`, failures isolated and reported."""
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import logging
@@ -30,6 +31,7 @@ class Registry:
     objectives: dict[str, Entry] = field(default_factory=dict)
     adapters: dict[str, Entry] = field(default_factory=dict)
     backends: list[Entry] = field(default_factory=list)
+    formats: dict[str, Entry] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)      # plugin -> error
     conflicts: list[str] = field(default_factory=list)
     pm: Optional[pluggy.PluginManager] = None
@@ -71,6 +73,15 @@ class Registry:
         e = self.objectives[name]
         return preset(name, e.obj, e.extra["schema"], **(params or {}))
 
+    def format(self, name: str):
+        """The checkpoint `Format` class registered as `name`."""
+        if name not in self.formats:
+            near = difflib.get_close_matches(str(name), list(self.formats), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise InputError(f"output.format={name!r}: unknown format{hint}; registered: "
+                             f"{', '.join(self.formats)}")
+        return self.formats[name].obj
+
     def adapter(self, name: str):
         if name not in self.adapters:
             raise InputError(f"unknown adapter '{name}'; registered: {', '.join(sorted(self.adapters)) or 'none'}")
@@ -95,6 +106,7 @@ def _collect(pm: pluggy.PluginManager, reg: Registry) -> None:
     run("register_objectives", lambda p: lambda name, factory, schema=None:
         add(reg.objectives, name, Entry(name, factory, p, {"schema": schema or {}})))
     run("register_adapters", lambda p: lambda cls: add(reg.adapters, cls.name, Entry(cls.name, cls, p)))
+    run("register_formats", lambda p: lambda cls: add(reg.formats, cls.name, Entry(cls.name, cls, p)))
     run("register_backends", lambda p: lambda decoder, device, cls, priority=1:
         reg.backends.append(Entry(decoder, cls, p, {"device": device, "priority": priority})))
 

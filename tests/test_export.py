@@ -8,7 +8,8 @@ import torch
 
 from ojbkq_core import export
 from ojbkq_core.errors import InputError
-from ojbkq_core.export import load_quantized, pack, pack_dim0, save_quantized, unpack, unpack_dim0
+from ojbkq_core.export import base, fake, gptq, load_quantized, pack, pack_dim0, save_quantized, unpack, unpack_dim0
+from ojbkq_core.hookspecs import hookimpl
 from ojbkq_core.layer import LayerResult
 
 transformers = pytest.importorskip("transformers")
@@ -335,13 +336,13 @@ class Boom(RuntimeError):
 def test_failure_leaves_no_output(tmp_path, monkeypatch, exc):
     model = tiny_llama()
     layers = random_results(model, 4, 32)
-    real = export._write_safetensors
+    real = gptq.write_safetensors
 
     def write_then_fail(tensors, folder, max_shard_size):
         real(tensors, folder, max_shard_size)      # files exist in the temporary folder
         raise exc()
 
-    monkeypatch.setattr(export, "_write_safetensors", write_then_fail)
+    monkeypatch.setattr(gptq, "write_safetensors", write_then_fail)
     with pytest.raises(exc):
         save_quantized(model, layers, str(tmp_path / "q"), "gptq", QUANT)
     assert os.listdir(tmp_path) == []
@@ -352,7 +353,7 @@ def test_failure_keeps_previous_output_on_overwrite(tmp_path, monkeypatch):
     layers = random_results(model, 4, 32)
     out = save_quantized(model, layers, str(tmp_path / "q"), "gptq", QUANT)
     before = file_hashes(out)
-    monkeypatch.setattr(export, "_save_config", lambda *a, **k: (_ for _ in ()).throw(Boom()))
+    monkeypatch.setattr(gptq, "save_config", lambda *a, **k: (_ for _ in ()).throw(Boom()))
     with pytest.raises(Boom):
         save_quantized(model, layers, out, "gptq", {**QUANT, "bits": 8}, overwrite=True)
     assert file_hashes(out) == before and os.listdir(tmp_path) == ["q"]
@@ -439,3 +440,59 @@ def test_check_packable_names_the_layer():
     export.check_packable(model, ["transformer.h.0.mlp.c_proj"], 4)
     with pytest.raises(InputError, match="bits=6"):
         export.check_packable(model, [], 6)
+
+
+# --- formats come from the plugin registry --------------------------------------------------------
+
+class Tagged(fake.Fake):
+    """A third-party format: the fake format plus a marker file and a `quantization_config` it detects."""
+
+    name = "tagged"
+
+    def save(self, model, layers, folder, quant, max_shard_size):
+        super().save(model, layers, folder, quant, max_shard_size)
+        cfg = json.load(open(os.path.join(folder, "config.json")))
+        cfg["quantization_config"] = {"quant_method": "tagged", "layers": sorted(layers)}
+        base.write_json(os.path.join(folder, "config.json"), cfg)
+        open(os.path.join(folder, "TAGGED"), "w").write("yes\n")
+
+    def detect(self, config):
+        return (config.get("quantization_config") or {}).get("quant_method") == "tagged"
+
+    def load(self, path, device="cpu", dtype=None):
+        model, _ = base.empty_model(path, dtype)
+        base.load_state(model, export.read_tensors(path), path)
+        return model.to(device).eval(), {"quantization_config": {"quant_method": "tagged"}, "packed": {}}
+
+
+class TaggedPlugin:
+    @hookimpl
+    def register_formats(self, register):
+        register(Tagged)
+
+
+def test_a_format_from_an_extra_plugin_is_found_by_name_and_used(tmp_path, monkeypatch):
+    from ojbkq_core import registry
+    monkeypatch.setattr(registry, "_REGISTRY", registry.load(extra_plugins=(TaggedPlugin(),)))
+    assert registry.get_registry().formats["tagged"].obj is Tagged
+    assert list(registry.get_registry().formats)[:2] == ["gptq", "fake"]
+    model = tiny_llama()
+    layers = random_results(model, 4, 32)
+    out = save_quantized(model, layers, str(tmp_path / "t"), "tagged", QUANT)
+    assert open(os.path.join(out, "TAGGED")).read() == "yes\n"
+    reloaded, info = load_quantized(out)                     # picked by `detect` from config.json
+    assert info["quantization_config"] == {"quant_method": "tagged"}
+    for name, res in layers.items():
+        torch.testing.assert_close(reloaded.get_submodule(name).weight, res.qweight.to(torch.float32))
+    with pytest.raises(InputError, match="did you mean 'tagged'"):
+        save_quantized(model, layers, str(tmp_path / "u"), "taged", QUANT)
+
+
+def test_unknown_quantization_method_is_refused_on_load(tmp_path):
+    model = tiny_llama()
+    out = save_quantized(model, random_results(model, 4, 32), str(tmp_path / "q"), "fake", QUANT)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    cfg["quantization_config"] = {"quant_method": "awq"}
+    base.write_json(os.path.join(out, "config.json"), cfg)
+    with pytest.raises(InputError, match="'awq'.*no registered format"):
+        load_quantized(out)

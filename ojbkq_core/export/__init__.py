@@ -1,0 +1,101 @@
+"""Quantized checkpoints: `save_quantized` writes one in a registered format, `load_quantized` reads
+one back in whichever registered format its `config.json` names.
+
+Each format is a `Format` (base.py) in a module of its own — `gptq` (packed GPTQ v1), `fake`
+(dequantized weights) — registered by name through the plugin hook `register_formats`, the way
+decoders are; a plugin adds a format by registering its class.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Optional, Union
+
+import torch
+
+from ..errors import InputError
+from .base import (Format, check_target, extra_path, layer_shape, publish, read_config, read_tensors,
+                   temporary_folder, write_safetensors)
+from .gptq import GPTQ_BITS, check_packable, dequantize, pack, pack_dim0, quantization_config, unpack, unpack_dim0
+
+log = logging.getLogger("ojbkq")
+
+__all__ = ["Format", "GPTQ_BITS", "check_packable", "dequantize", "find_format", "get_format", "layer_shape",
+           "load_quantized", "pack", "pack_dim0", "quantization_config", "read_tensors", "save_quantized", "unpack",
+           "unpack_dim0", "write_safetensors"]
+
+
+def get_format(name: str) -> Format:
+    """The registered format called `name` (InputError naming the choices otherwise)."""
+    from ..registry import get_registry
+    return get_registry().format(name)()
+
+
+def find_format(config: dict, path: str = "") -> Format:
+    """The registered format whose `detect` accepts a checkpoint's `config.json` (as a dict)."""
+    from ..registry import get_registry
+    for entry in get_registry().formats.values():
+        fmt = entry.obj()
+        if fmt.detect(config):
+            return fmt
+    qc = config.get("quantization_config") or {}
+    raise InputError(f"{path}: quantization_config is {qc.get('quant_method')!r}/{qc.get('checkpoint_format')!r}; "
+                     f"no registered format reads it (formats: {', '.join(get_registry().formats)})")
+
+
+def save_quantized(model, layers: dict, out_dir: str, fmt: str = "gptq", quant: Optional[dict] = None,
+                   tokenizer=None, extra_files: Optional[dict[str, Union[str, bytes]]] = None,
+                   overwrite: bool = False, max_shard_size: int = 4 * 2**30) -> str:
+    """Write a quantized checkpoint to `out_dir` and return its path.
+
+    `model`: the transformers model; `layers`: module name (from `model.named_modules()`) →
+    `LayerResult` (`codes`, `scales`, `zeros`, `g_idx`, `qweight`, all `(m=out, n=in)` based).
+    `fmt`: a registered format name (`gptq`: packed GPTQ v1 with `quantization_config`; `fake`:
+    the dequantized weights `LayerResult.qweight`). `quant`: the config's `quant` section (plus
+    anything to record under `quantization_config.ojbkq`). `tokenizer` and `extra_files` (relative
+    name → text or bytes) are written beside the weights.
+
+    The folder is written under a temporary sibling name and renamed into place at the end, so an
+    error or an interrupt leaves no partial `out_dir`. An existing non-empty `out_dir` is refused
+    unless `overwrite`. The same inputs give byte-identical files.
+    """
+    form = get_format(fmt)
+    out_dir = os.fspath(out_dir)
+    check_target(out_dir, overwrite)
+    quant = dict(quant or {})
+    modules = dict(model.named_modules())
+    for name in layers:
+        if name not in modules:
+            raise InputError(f"layer '{name}' is not a module of {type(model).__name__}")
+        layer_shape(name, modules[name])
+    form.check_quant(quant)
+
+    tmp = temporary_folder(out_dir)
+    try:
+        form.save(model, layers, tmp, quant, max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for rel, content in sorted((extra_files or {}).items()):
+            path = extra_path(tmp, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(content.encode("utf-8") if isinstance(content, str) else bytes(content))
+        publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s checkpoint with %d quantized layers to %s", fmt, len(layers), out_dir)
+    return out_dir
+
+
+def load_quantized(path: str, device: str = "cpu", dtype: Optional[torch.dtype] = None):
+    """Load a folder written by `save_quantized` (or any checkpoint of a transformers model in a
+    registered format, e.g. GPTQ v1) with dequantized weights.
+
+    Returns `(model, info)`: `info["quantization_config"]` (None for dequantized checkpoints) and
+    `info["packed"]`: module name → the packed tensors as stored (gptq: `qweight`, `qzeros`,
+    `scales`, `g_idx`). `dtype`: the model's dtype (default: the config's, else float32).
+    """
+    path = os.fspath(path)
+    return find_format(read_config(path), path).load(path, device, dtype)

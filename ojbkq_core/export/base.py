@@ -1,0 +1,272 @@
+"""What every checkpoint format shares: the `Format` interface, the linear modules' shapes, the
+model's tensors, safetensors shards, `config.json`, and publishing a finished folder in one rename."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import torch
+
+from ..errors import InputError
+
+SAFETENSORS_METADATA = {"format": "pt"}
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class Format:
+    """A checkpoint format, registered by name through the `register_formats` hook.
+
+    `check` refuses, before any calibration, what the format cannot store; `save` writes the tensors
+    and configuration files into a folder (publishing the folder is the caller's); `detect` says
+    whether a checkpoint's `config.json` (as a dict) is in this format; `load` reads one back as a
+    transformers model with dequantized weights.
+    """
+
+    name: str = ""
+
+    def check_quant(self, quant: dict) -> None:
+        """Raise `InputError` when the `quant` section asks for what the format cannot store."""
+
+    def check(self, model, layer_names, quant: dict) -> None:
+        """Raise `InputError` when a module in `layer_names` of `model` cannot be stored with `quant`."""
+        self.check_quant(quant)
+        modules = dict(model.named_modules())
+        for name in layer_names:
+            if name not in modules:
+                raise InputError(f"layer '{name}' is not a module of {type(model).__name__}")
+            layer_shape(name, modules[name])
+
+    def save(self, model, layers: dict, folder: str, quant: dict, max_shard_size: int) -> None:
+        """Write `model` with the quantized `layers` (module name → `LayerResult`) into `folder`."""
+        raise NotImplementedError
+
+    def detect(self, config: dict) -> bool:
+        """Whether `config` (a checkpoint's parsed config.json) is written in this format."""
+        raise NotImplementedError
+
+    def load(self, path: str, device: str = "cpu", dtype: Optional[torch.dtype] = None):
+        """`(model, info)`: the checkpoint in `path` with dequantized weights, and what the format knows
+        about it (`info["quantization_config"]`, format-specific entries)."""
+        raise NotImplementedError
+
+
+# --- modules --------------------------------------------------------------------------------------
+
+def is_conv1d(module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, Conv1D)
+
+
+def layer_shape(name: str, module) -> tuple[int, int]:
+    """`(m, n)` = (outputs, inputs) of a linear module (nn.Linear stores `(m, n)`, Conv1D `(n, m)`)."""
+    w = getattr(module, "weight", None)
+    if w is None or w.ndim != 2:
+        raise InputError(f"layer '{name}': {type(module).__name__} has no 2-D weight; only linear layers are packed")
+    if is_conv1d(module):
+        return w.shape[1], w.shape[0]
+    if isinstance(module, torch.nn.Linear):
+        return tuple(w.shape)
+    raise InputError(f"layer '{name}': {type(module).__name__} is not nn.Linear or Conv1D")
+
+
+def as_module_weight(module, W: torch.Tensor) -> torch.Tensor:
+    """A `(m, n)` weight in the module's own layout and dtype."""
+    return (W.T if is_conv1d(module) else W).contiguous().to(module.weight.dtype)
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+def state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's tensors on the CPU, one name per storage (tied weights are saved once)."""
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.device.type == "meta":
+            raise InputError(f"tensor '{k}' is on the meta device; load the model's weights before saving")
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype) if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.detach().cpu().contiguous()
+    return out
+
+
+def quantized_tied(model, layers) -> bool:
+    """Whether a quantized module's weight shares storage with a tensor that stays in full precision."""
+    sd = model.state_dict()
+    qptr = {sd[f"{n}.weight"].untyped_storage().data_ptr() for n in layers if f"{n}.weight" in sd}
+    return any(v.untyped_storage().data_ptr() in qptr for k, v in sd.items()
+               if k.endswith(".weight") and k[: -len(".weight")] not in layers)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], folder: str, max_shard_size: int) -> None:
+    """`model.safetensors`, or shards `model-0000i-of-0000N.safetensors` with an index, names sorted."""
+    from safetensors.torch import save_file
+    names = sorted(tensors)
+    size = lambda k: tensors[k].numel() * tensors[k].element_size()  # noqa: E731
+    shards, cur, cur_size = [], [], 0
+    for k in names:
+        if cur and cur_size + size(k) > max_shard_size:
+            shards.append(cur)
+            cur, cur_size = [], 0
+        cur.append(k)
+        cur_size += size(k)
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file({k: tensors[k] for k in names}, os.path.join(folder, WEIGHTS_NAME), metadata=SAFETENSORS_METADATA)
+        return
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: tensors[k] for k in keys}, os.path.join(folder, fname), metadata=SAFETENSORS_METADATA)
+        weight_map.update({k: fname for k in keys})
+    index = {"metadata": {"total_size": sum(size(k) for k in names)}, "weight_map": weight_map}
+    write_json(os.path.join(folder, INDEX_NAME), index)
+
+
+def write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_config(model, folder: str, quantization: Optional[dict], untie: bool) -> None:
+    """`config.json` (with `quantization_config` when given) and the generation config."""
+    cfg = copy.deepcopy(model.config)
+    if getattr(cfg, "architectures", None) is None:
+        cfg.architectures = [type(model).__name__]
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    if quantization is not None:
+        cfg.quantization_config = quantization
+    if untie:
+        cfg.tie_word_embeddings = False
+    cfg.save_pretrained(folder)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        gen.save_pretrained(folder)
+
+
+# --- publishing ---------------------------------------------------------------------------------------
+
+def check_target(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"output {out_dir}: exists and is not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise InputError(f"output {out_dir}: exists and is not empty; choose another folder or overwrite it "
+                         f"(output.overwrite: true)")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        raise InputError(f"output {out_dir}: parent folder {parent} does not exist")
+
+
+def extra_path(folder: str, rel: str) -> str:
+    norm = os.path.normpath(rel)
+    if os.path.isabs(rel) or norm.startswith("..") or norm in (".", ""):
+        raise InputError(f"extra file name {rel!r}: give a relative path inside the output folder")
+    return os.path.join(folder, norm)
+
+
+def temporary_folder(out_dir: str) -> str:
+    """An empty sibling folder of `out_dir` to write into before `publish`."""
+    target = os.path.abspath(out_dir)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
+
+
+def publish(tmp: str, out_dir: str) -> None:
+    """Move the finished `tmp` folder to `out_dir`, replacing an existing one."""
+    if os.path.isdir(out_dir):
+        target = os.path.abspath(out_dir)
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+        os.rmdir(old)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+def read_config(path: str) -> dict:
+    """A checkpoint folder's `config.json` as a dict."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise InputError(f"{path}: not a checkpoint folder (no config.json)")
+    with open(cfg_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder (`model.safetensors` or its shards)."""
+    from safetensors.torch import load_file
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        files = [WEIGHTS_NAME]
+    else:
+        raise InputError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+    out = {}
+    for fname in files:
+        try:
+            out.update(load_file(os.path.join(path, fname)))
+        except Exception as exc:
+            raise InputError(f"{os.path.join(path, fname)}: cannot read safetensors ({exc})") from None
+    return out
+
+
+def _model_class(config):
+    import transformers
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    arch = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in arch or "LMHead" in arch:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def empty_model(path: str, dtype: Optional[torch.dtype] = None):
+    """`(model, quantization_config)`: the transformers model of the checkpoint in `path`, built from its
+    config with freshly initialised weights; `dtype` defaults to the config's, else float32."""
+    import transformers
+    path = os.fspath(path)
+    read_config(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict()
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
+        dtype = dtype or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, torch.float32)
+    cls = _model_class(config)
+    model = (cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config")
+             else cls.from_config(config, dtype=dtype))
+    return model, qc
+
+
+def load_state(model, tensors: dict[str, torch.Tensor], path: str, replaced: set = frozenset()) -> None:
+    """Load `tensors` into `model`; every model tensor must come from them (or share storage with one
+    that does), except the names in `replaced`, which the format fills itself."""
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise InputError(f"{path}: tensors the model does not have: {', '.join(result.unexpected_keys[:5])}")
+    sd = model.state_dict()
+    loaded_ptrs = {sd[k].untyped_storage().data_ptr() for k in tensors}
+    missing = [k for k in result.missing_keys
+               if k not in replaced and sd[k].untyped_storage().data_ptr() not in loaded_ptrs]
+    if missing:
+        raise InputError(f"{path}: missing tensors: {', '.join(missing[:5])}")
