@@ -147,12 +147,14 @@ def module_inputs(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, 
     soon as all of them were seen. Modules called with the same tensor get the same object."""
     want = set(names)
     got: dict[str, torch.Tensor] = {}
+    same: dict[int, tuple] = {}                   # id of an input tensor → (it, its detached view)
     handles = []
 
     def make(name):
         def hook(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            got.setdefault(name, x.detach())
+            if name not in got:
+                got[name] = same.setdefault(id(x), (x, x.detach()))[1]
             if want <= got.keys():
                 raise _Stop
         return hook

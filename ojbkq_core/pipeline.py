@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .calibrate import CalibrationResult, calibrate
+from .calibrate import CalibrationResult, calibrate, quantized_names
 from .errors import InputError
 from .model import Model, find_adapter
 
@@ -125,12 +125,14 @@ def quantize_from_config(path: str, overrides: Sequence[str] = ()) -> dict:
     """`ojbkq quantize`: load, calibrate, evaluate (when `eval.perplexity`/`eval.path` is set) and
     export. Returns the run report (also saved as `ojbkq_report.json` beside the checkpoint)."""
     from .config import dump_yaml, load_config, resolve_device
-    from .export import save_quantized
+    from .export import get_format, save_quantized
     t0 = time.perf_counter()
     cfg = load_config(path, overrides)
     device = resolve_device(cfg)
     model, tokenizer = load_model(cfg["model"]["path"], cfg["model"]["dtype"], cfg["model"]["trust_remote_code"])
     adapter = find_adapter(model, cfg["model"]["adapter"])
+    fmt = get_format(cfg["output"]["format"])
+    fmt.check(model, quantized_names(adapter, cfg["quant"]["skip"]), cfg["quant"])    # before any calibration
     log.info("%s: %s with adapter %s, %d quantized layers, device %s", cfg["model"]["path"],
              type(model).__name__, adapter.name, len(adapter.layer_names()), device)
 

@@ -170,3 +170,17 @@ def test_encoder_pipeline_and_fidelity(tmp_path):
     assert same["cosine"] == pytest.approx(1.0) and same["rel_err"] == 0.0
     got = compare(ref, encode(q, inputs))
     assert 0.9 < got["cosine"] < 1.0 and 0.0 < got["rel_err"] < 0.5
+
+
+def test_a_layer_the_format_cannot_store_is_refused_before_calibration(tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ojbkq_core import pipeline
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=40, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    folder = save(LlamaForCausalLM(cfg).eval(), str(tmp_path / "m"))
+    monkeypatch.setattr(pipeline, "calibrate_model", lambda *a, **k: pytest.fail("calibration started"))
+    with pytest.raises(InputError, match=r"model.layers.0.self_attn.q_proj': 40 inputs × 3 bits"):
+        quantize_from_config(_recipe("gptq"), _tiny(folder, str(tmp_path / "out"), "quant.bits=3"))
+    assert not os.path.exists(tmp_path / "out")

@@ -1,0 +1,159 @@
+"""Each calibration step alone on a tiny Llama block: capture, statistics, quantize, replace, propagate."""
+import copy
+
+import pytest
+import torch
+
+from ojbkq_core.calibrate import (Settings, Streams, calibrate, capture, layer_seed, layer_tasks, propagate,
+                                  quantize, quantize_group, quantized_names, replace, statistics)
+from ojbkq_core.decoders import Babai
+from ojbkq_core.grid import GridSpec
+from ojbkq_core.layer import quantize_layer
+from ojbkq_core.model import find_adapter
+from ojbkq_core.registry import get_registry
+from ojbkq_core.stats import Statistics
+from tiny_models import one_thread, tiny_llama, token_ids  # noqa: F401 (autouse fixture)
+
+GRID = GridSpec(bits=3, group_size=32)
+QKV = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+
+
+def _inputs_of(module, run):
+    """The inputs `module` receives while `run()` executes, one tensor per call."""
+    got = []
+    h = module.register_forward_pre_hook(lambda m, a: got.append(a[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        h.remove()
+    return got
+
+
+@pytest.fixture
+def llama():
+    model = tiny_llama()
+    adapter = find_adapter(model)
+    return model, adapter, token_ids(6, 32)
+
+
+def test_capture_gives_the_first_block_inputs_in_both_streams(llama):
+    model, adapter, ids = llama
+    hooked = _inputs_of(adapter.blocks()[0], lambda: [model(input_ids=ids[i:i + 2], use_cache=False)
+                                                      for i in range(0, 6, 2)])
+    hooked = [x for x in hooked]
+    s = capture(adapter, ids, 2, full_precision=True)
+    assert len(s) == 3 and s.full_precision
+    for x, x_fp, h in zip(s.X, s.X_fp, hooked):
+        assert torch.equal(x, h) and torch.equal(x_fp, h)
+    assert capture(adapter, ids, 2, full_precision=False).X_fp is None
+
+
+def test_statistics_equals_from_inputs_on_hooked_inputs_and_qkv_share_one(llama):
+    model, adapter, ids = llama
+    block = adapter.blocks()[0]
+    s = capture(adapter, ids, 2, full_precision=True)
+    orig = s.original(block)
+    with torch.no_grad():                        # the runtime block differs from its full-precision copy
+        block.self_attn.q_proj.weight.mul_(0.5)
+        block.mlp.up_proj.weight.add_(0.01)
+    names = QKV + ["mlp.up_proj"]
+    st = statistics(block, orig, {n: {"H", "C"} if n == "self_attn.k_proj" else {"H"} for n in names}, s, "cpu")
+    assert st["self_attn.q_proj"] is st["self_attn.k_proj"] is st["self_attn.v_proj"]
+    assert st["mlp.up_proj"] is not st["self_attn.q_proj"]
+    assert st["self_attn.q_proj"].needs == {"H", "C"} and st["mlp.up_proj"].needs == {"H"}
+
+    def inputs(blk, X, name):
+        run = lambda: [blk(x, *b.args, **b.kwargs) for x, b in zip(X, s.batches)]  # noqa: E731
+        return torch.cat([x.reshape(-1, x.shape[-1]) for x in _inputs_of(blk.get_submodule(name), run)])
+
+    for name in ("self_attn.q_proj", "mlp.up_proj"):
+        x, x_fp = inputs(block, s.X, name), inputs(orig, s.X_fp, name)
+        ref = Statistics.from_inputs(x, x_fp, needs=st[name].needs)
+        torch.testing.assert_close(st[name].H, ref.H, rtol=1e-5, atol=1e-6)
+        if "C" in st[name].needs:
+            torch.testing.assert_close(st[name].C, ref.C, rtol=1e-5, atol=1e-6)
+    up = inputs(block, s.X, "mlp.up_proj")
+    assert not torch.allclose(up, inputs(orig, s.X_fp, "mlp.up_proj"))   # the two streams did differ
+
+
+def test_statistics_applies_reduce_once_per_shared_statistics(llama):
+    _, adapter, ids = llama
+    block = adapter.blocks()[0]
+    s = capture(adapter, ids, 3, full_precision=False)
+    seen = []
+
+    def reduce(st):
+        seen.append(st)
+        return st
+
+    st = statistics(block, None, {n: {"H"} for n in QKV + ["self_attn.o_proj"]}, s, "cpu", reduce=reduce)
+    assert len(seen) == 2 and st["self_attn.q_proj"] is seen[0] and st["self_attn.o_proj"] is seen[1]
+
+
+def test_quantize_and_replace_one_module(llama):
+    _, adapter, ids = llama
+    block = adapter.blocks()[0]
+    s = capture(adapter, ids, 3, full_precision=False)
+    spec = get_registry().objective("symmetric")
+    task = layer_tasks(spec, "model.layers.0", ["mlp.up_proj", "mlp.gate_proj"], 7, seed=3, skip=["*gate*"])
+    assert [(t.name, t.full, t.index) for t in task] == [("mlp.up_proj", "model.layers.0.mlp.up_proj", 7)]
+    st = statistics(block, None, {"mlp.up_proj": {"H"}}, s, "cpu")
+    module = block.get_submodule("mlp.up_proj")
+    W = module.weight.detach().float().clone()
+    settings = Settings(GRID, Babai(), damp=0.01, seed=3)
+    res = quantize(adapter, module, st["mlp.up_proj"], task[0], settings, "cpu")
+    expect = quantize_layer(W, st["mlp.up_proj"], task[0].objective, GRID, Babai(), damp=0.01, seed=layer_seed(3, 7))
+    assert torch.equal(res.qweight, expect.qweight) and torch.equal(module.weight, W)   # not written yet
+    assert res.report["sym_loss"] == pytest.approx(float((((W - res.qweight) @ st["mlp.up_proj"].H)
+                                                          * (W - res.qweight)).sum()), rel=1e-5)
+    assert quantize_group(adapter, block, task, st, settings, "cpu")["mlp.up_proj"].qweight.equal(res.qweight)
+    replace(adapter, block, {"mlp.up_proj": res})
+    assert torch.equal(module.weight, res.qweight)
+
+
+def test_propagate_equals_the_block_forward(llama):
+    _, adapter, ids = llama
+    block = adapter.blocks()[0]
+    s = capture(adapter, ids, 2, full_precision=True)
+    orig = s.original(block)
+    with torch.no_grad():
+        block.mlp.down_proj.weight.mul_(0.9)
+    nxt = propagate(block, orig, s, "cpu")
+    assert nxt.batches is s.batches
+    with torch.no_grad():
+        for x, x_fp, b, y, y_fp in zip(s.X, s.X_fp, s.batches, nxt.X, nxt.X_fp):
+            out, out_fp = block(x, *b.args, **b.kwargs), orig(x_fp, *b.args, **b.kwargs)
+            out, out_fp = (o[0] if isinstance(o, tuple) else o for o in (out, out_fp))
+            assert torch.equal(y, out) and torch.equal(y_fp, out_fp)
+    assert not torch.equal(nxt.X[0], nxt.X_fp[0])
+    assert propagate(block, None, capture(adapter, ids, 2, full_precision=False), "cpu").X_fp is None
+
+
+def test_full_precision_stream_only_when_needed():
+    assert not Streams.full_precision_needed({"H"}, sampled=False)
+    assert Streams.full_precision_needed({"H", "C"}, sampled=False)
+    assert Streams.full_precision_needed({"H"}, sampled=True)
+
+
+def test_calibrate_goes_through_reduce_and_quantize_group(llama):
+    model, adapter, ids = llama
+    reduced, groups = [], []
+
+    def reduce(st):
+        reduced.append(st.n)
+        return st
+
+    def my_group(adapter, block, tasks, stats, settings, device):
+        groups.append([t.full for t in tasks])
+        return quantize_group(adapter, block, tasks, stats, settings, device)
+
+    ref = calibrate(find_adapter(copy.deepcopy(model)), ids, get_registry().objective("symmetric"), GRID, Babai(),
+                    progress=False)
+    res = calibrate(adapter, ids, get_registry().objective("symmetric"), GRID, Babai(), progress=False,
+                    reduce=reduce, quantize_group=my_group, skip=["*.o_proj"])
+    names = quantized_names(adapter, ["*.o_proj"])
+    assert [n for g in groups for n in g] == names == list(res.layers)
+    assert len(reduced) == 2 * 3          # per block: q/k/v (shared), up/gate (shared), down; o_proj skipped
+    for n in names[:3]:                   # block 0's q, k, v see the same inputs as without skipping
+        assert torch.equal(res.layers[n].qweight, ref.layers[n].qweight)
