@@ -70,6 +70,31 @@ def _nearest(t, s, z, lo, hi):
     return tl.minimum(tl.maximum(_rint(tl.math.div_rn(t, s)) + z, lo), hi)
 
 
+@_helper
+def _column(U_ptr, stride_u, lo_ptr, hi_ptr, i1, j, jj, cols, cmask):
+    """What a walk at column `j` (the block's `jj`-th) reads: `U[j, block]` right of the diagonal
+    (zeros elsewhere), `U_jj` and the code box `[lo_j, hi_j]`."""
+    u_row = tl.load(U_ptr + j * stride_u + i1 + cols, mask=cmask & (cols > jj), other=0.0)
+    d = tl.load(U_ptr + j * stride_u + j)
+    lo = tl.load(lo_ptr + j)
+    hi = tl.load(hi_ptr + j)
+    return u_row, d, lo, hi
+
+
+@_helper
+def _grid(S_ptr, Z_ptr, offset, mask):
+    """The grid's scale `s` and zero `z` at `offset` (1 and 0 where masked off)."""
+    s = tl.load(S_ptr + offset, mask=mask, other=1.0)
+    z = tl.load(Z_ptr + offset, mask=mask, other=0.0)
+    return s, z
+
+
+@_helper
+def _residual(t, s, c, z, d, EXACT: tl.constexpr):
+    """`(t − s (c − z)) / U_jj`: the scaled error of code `c` for target `t`."""
+    return tl.math.div_rn(t - _mul(s, c - z, EXACT), d)
+
+
 @triton.jit
 def walk_block_kernel(
     T_ptr, stride_t,                 # (R, n) float32 targets; the block's columns are read
@@ -104,12 +129,8 @@ def walk_block_kernel(
         sampled = rows >= m                       # path 0 (the first m rows) is the Babai path
     for jj in range(0, bs):
         j = i1 + jj
-        u_row = tl.load(U_ptr + j * stride_u + i1 + cols, mask=cmask & (cols > jj), other=0.0)
-        d = tl.load(U_ptr + j * stride_u + j)
-        lo = tl.load(lo_ptr + j)
-        hi = tl.load(hi_ptr + j)
-        s = tl.load(S_ptr + srow * stride_sr + j * stride_sc, mask=rmask, other=1.0)
-        z = tl.load(Z_ptr + srow * stride_sr + j * stride_sc, mask=rmask, other=0.0)
+        u_row, d, lo, hi = _column(U_ptr, stride_u, lo_ptr, hi_ptr, i1, j, jj, cols, cmask)
+        s, z = _grid(S_ptr, Z_ptr, srow * stride_sr + j * stride_sc, rmask)
         t = tl.sum(tl.where(cols[None, :] == jj, tile, 0.0), axis=1)
         if HAS_INJECT:
             g = tl.load(G_ptr + wrow.to(tl.int64) * stride_g + j, mask=rmask, other=0.0)
@@ -122,7 +143,7 @@ def walk_block_kernel(
             best_c = c
             for o in tl.static_range(2 * WINDOW + 1):
                 cc = c + (o - WINDOW)
-                dist = tl.math.div_rn(t - _mul(s, cc - z, EXACT), d)
+                dist = _residual(t, s, cc, z, d, EXACT)
                 logit = _mul(_mul(-beta, dist, EXACT), dist, EXACT)
                 logit = tl.where((cc < lo) | (cc > hi), float("-inf"), logit)
                 x = _mix(hc + o * _SLOT)
@@ -132,7 +153,7 @@ def walk_block_kernel(
                 best_c = tl.where(take, cc, best_c)
                 best_v = tl.where(take, v, best_v)
             c = tl.where(sampled, best_c, c)
-        e = tl.math.div_rn(t - _mul(s, c - z, EXACT), d)
+        e = _residual(t, s, c, z, d, EXACT)
         score = score + _mul(e, e, EXACT)
         fb = e
         if HAS_INJECT:
@@ -193,8 +214,7 @@ def beam_block_kernel(
     tile = tl.load(T_ptr + rb[:, :, None] * stride_t + i1 + col3, mask=m3, other=0.0)
     score = tl.load(score_ptr + rb, mask=m2, other=float("inf"))
     if DYNAMIC:
-        s = tl.load(S_ptr + b[None, :] * stride_sb + r[:, None], mask=m2, other=1.0)
-        z = tl.load(Z_ptr + b[None, :] * stride_sb + r[:, None], mask=m2, other=0.0)
+        s, z = _grid(S_ptr, Z_ptr, b[None, :] * stride_sb + r[:, None], m2)
     hc = tl.zeros([ROWS, BP, BS], dtype=tl.float32)
     he = tl.zeros([ROWS, BP, BS], dtype=tl.float32)
     hp = tl.zeros([ROWS, BP, BS], dtype=tl.int32)
@@ -205,19 +225,15 @@ def beam_block_kernel(
     flat = b[None, :, None] * EP2 + pos3
     for jj in range(0, bs):
         j = i1 + jj
-        u_row = tl.load(U_ptr + j * stride_u + i1 + cols, mask=cmask & (cols > jj), other=0.0)
-        d = tl.load(U_ptr + j * stride_u + j)
-        lo = tl.load(lo_ptr + j)
-        hi = tl.load(hi_ptr + j)
+        u_row, d, lo, hi = _column(U_ptr, stride_u, lo_ptr, hi_ptr, i1, j, jj, cols, cmask)
         if not DYNAMIC:
-            s1 = tl.load(S_ptr + r * stride_sr + j, mask=rmask, other=1.0)
-            z1 = tl.load(Z_ptr + r * stride_sr + j, mask=rmask, other=0.0)
+            s1, z1 = _grid(S_ptr, Z_ptr, r * stride_sr + j, rmask)
             s = tl.broadcast_to(s1[:, None], (ROWS, BP))
             z = tl.broadcast_to(z1[:, None], (ROWS, BP))
         t = tl.sum(tl.where(col3 == jj, tile, 0.0), axis=2)              # (ROWS, BP)
         c0 = _nearest(t, s, z, lo, hi)
         cc = c0[:, :, None] + (o3 - E).to(tl.float32)                     # (ROWS, BP, EP)
-        err = tl.math.div_rn(t[:, :, None] - _mul(s[:, :, None], cc - z[:, :, None], EXACT), d)
+        err = _residual(t[:, :, None], s[:, :, None], cc, z[:, :, None], d, EXACT)
         cost = _mul(err, err, EXACT)
         cost = tl.where((cc < lo) | (cc > hi) | (o3 > 2 * E), float("inf"), cost)
         # each beam's E cheapest codes, ascending
@@ -234,7 +250,7 @@ def beam_block_kernel(
         s = tl.gather(s, parent, axis=1)
         z = tl.gather(z, parent, axis=1)
         tp = tl.gather(t, parent, axis=1)
-        e = tl.math.div_rn(tp - _mul(s, c - z, EXACT), d)
+        e = _residual(tp, s, c, z, d, EXACT)
         score = _key_value(sel)
         tile = tl.gather(tile, tl.broadcast_to(parent[:, :, None], (ROWS, BP, BS)), axis=1)
         tile = tile - _mul(e[:, :, None], u_row[None, None, :], EXACT)
