@@ -56,6 +56,7 @@ def cmd_plugins(args) -> int:
             "decoders": {k: e.plugin for k, e in reg.decoders.items()},
             "objectives": {k: e.plugin for k, e in reg.objectives.items()},
             "adapters": {k: e.plugin for k, e in reg.adapters.items()},
+            "formats": {k: e.plugin for k, e in reg.formats.items()},
             "backends": [{"decoder": b.name, "device": b.extra["device"], "priority": b.extra["priority"],
                           "implementation": b.obj.__name__, "plugin": b.plugin} for b in reg.backends],
             "failures": reg.failures, "conflicts": reg.conflicts,
@@ -71,6 +72,9 @@ def cmd_plugins(args) -> int:
         print(f"  {k:<14} {e.plugin:<22} params: {', '.join(e.extra['schema']) or '-'}")
     print("adapters:")
     for k, e in sorted(reg.adapters.items()):
+        print(f"  {k:<14} {e.plugin}")
+    print("formats:")
+    for k, e in reg.formats.items():
         print(f"  {k:<14} {e.plugin}")
     print("backends:")
     for b in sorted(reg.backends, key=lambda b: (b.name, -b.extra["priority"])):
@@ -202,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("plugins", help="list registered decoders, objectives, adapters and backends")
+    s = sub.add_parser("plugins", help="list registered decoders, objectives, adapters, formats and backends")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plugins)
 
