@@ -41,7 +41,6 @@ def test_capture_gives_the_first_block_inputs_in_both_streams(llama):
     model, adapter, ids = llama
     hooked = _inputs_of(adapter.blocks()[0], lambda: [model(input_ids=ids[i:i + 2], use_cache=False)
                                                       for i in range(0, 6, 2)])
-    hooked = [x for x in hooked]
     s = capture(adapter, ids, 2, full_precision=True)
     assert len(s) == 3 and s.full_precision
     for x, x_fp, h in zip(s.X, s.X_fp, hooked):

@@ -64,12 +64,7 @@ def save_quantized(model, layers: dict, out_dir: str, fmt: str = "gptq", quant: 
     out_dir = os.fspath(out_dir)
     check_target(out_dir, overwrite)
     quant = dict(quant or {})
-    modules = dict(model.named_modules())
-    for name in layers:
-        if name not in modules:
-            raise InputError(f"layer '{name}' is not a module of {type(model).__name__}")
-        layer_shape(name, modules[name])
-    form.check_quant(quant)
+    form.check(model, list(layers), quant)
 
     tmp = temporary_folder(out_dir)
     try:
