@@ -174,6 +174,11 @@ def module_inputs(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, 
     return got
 
 
+def default_batch_size(seqlen: int) -> int:
+    """Calibration sequences per forward batch: about 4096 tokens."""
+    return max(1, 4096 // seqlen)
+
+
 def layer_seed(seed: int, index: int) -> int:
     """The decoder seed of the `index`-th quantized layer: distinct per layer, fixed by `seed`."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
@@ -242,12 +247,13 @@ def capture(adapter: Model, input_ids: torch.Tensor, batch_size: int, full_preci
 
 @torch.no_grad()
 def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set], streams: Streams, device,
-               reduce: Optional[Callable[[Statistics], Statistics]] = None) -> dict[str, Statistics]:
+               reduce: Optional[Callable[[Statistics], Statistics]] = None,
+               dtype: torch.dtype = torch.float32) -> dict[str, Statistics]:
     """Step 2: the `Statistics` of each module named in `needs` (block-relative name → the statistics
     it needs, of `H`, `C`, `G`) over every batch of `streams`, running `block` on `X` and `orig` on
     `X_fp`. Modules called with the same input tensor in both streams (q, k, v) share one
-    `Statistics` object, accumulating the union of their needs. `reduce` is applied to each finished
-    `Statistics` once (identity by default)."""
+    `Statistics` object, accumulating the union of their needs, in `dtype`. `reduce` is applied to each
+    finished `Statistics` once (identity by default), in the order of `needs`."""
     names = list(needs)
     owner: dict[str, str] = {}                    # module → the first module reading the same input
     stats: dict[str, Statistics] = {}
@@ -258,7 +264,7 @@ def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set
                 owner[n] = next(o for o in names if x[o] is x[n] and (x_fp is None or x_fp[o] is x_fp[n]))
             for o in dict.fromkeys(owner.values()):
                 need = set().union(*(needs[n] for n in names if owner[n] == o))
-                stats[o] = Statistics(x[o].shape[-1], needs=need, device=device)
+                stats[o] = Statistics(x[o].shape[-1], needs=need, device=device, dtype=dtype)
         for o, st in stats.items():
             st.add(x[o], None if x_fp is None else x_fp[o])
     if reduce is not None:
@@ -309,13 +315,16 @@ def layer_tasks(objective: Union[ObjectiveSpec, Objective], prefix: str, group: 
 
 @torch.no_grad()
 def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTask, settings: Settings,
-             device) -> LayerResult:
+             device, rows: Optional[tuple[int, int]] = None) -> LayerResult:
     """Step 3: one module → `LayerResult` (tensors on `device`). Its `report` gains `draws`,
-    `seconds` and `sym_loss`."""
-    W = adapter.weight(module).detach().to(device=device, dtype=torch.float32, copy=True)
+    `seconds` and `sym_loss`. `rows` `(r0, r1)`: only those rows of the weight, decoded as they are in
+    the whole module (the result holds rows `r0…r1−1`)."""
+    r0, r1 = rows or (0, None)
+    W = adapter.weight(module).detach()[r0:r1].to(device=device, dtype=torch.float32, copy=True)
     t0 = time.perf_counter()
     res = quantize_layer(W, stats, task.objective, settings.grid, settings.decoder, damp=settings.damp,
-                         seed=layer_seed(settings.seed, task.index), score_objective=settings.score_objective)
+                         seed=layer_seed(settings.seed, task.index), score_objective=settings.score_objective,
+                         row0=r0)
     res.report["seconds"] = time.perf_counter() - t0
     res.report["draws"] = task.draws
     res.report["sym_loss"] = _sym_loss(W, res.qweight, stats)
@@ -381,6 +390,7 @@ def calibrate(
     progress: bool = True,
     reduce: Optional[Callable[[Statistics], Statistics]] = None,
     quantize_group: Callable[..., dict] = quantize_group,
+    stats_dtype: torch.dtype = torch.float32,
 ) -> CalibrationResult:
     """Quantize every listed linear module of `adapter.model` in place on calibration `input_ids`
     `(S, L)` int64.
@@ -389,7 +399,9 @@ def calibrate(
     `np.random.default_rng([seed, k])` and decodes with seed `layer_seed(seed, k)`. `skip` holds
     fnmatch patterns of module names (full, or relative to the block) left in full precision.
     `keep_streams` keeps every block's input streams (CPU) in the result, for inspection. `reduce`
-    and `quantize_group` replace those parts of the statistics and quantize steps.
+    and `quantize_group` replace those parts of the statistics and quantize steps; a `quantize_group`
+    may leave out modules whose results another process keeps (it writes their weights itself).
+    `stats_dtype`: the accumulation dtype of the statistics.
     """
     t_start = time.perf_counter()
     if input_ids.ndim != 2 or input_ids.numel() == 0:
@@ -397,7 +409,7 @@ def calibrate(
     device = torch.device(device)
     adapter.model.eval()
     S, L = input_ids.shape
-    batch_size = batch_size or max(1, 4096 // L)
+    batch_size = batch_size or default_batch_size(L)
     settings = Settings(grid, decoder, damp, seed, score_objective)
     probe = objective if isinstance(objective, Objective) else objective.build(np.random.default_rng([seed, 0]))[0]
     needs = set(probe.needs) | (set(score_objective.needs) if score_objective is not None else set())
@@ -434,12 +446,15 @@ def calibrate(
                     continue
                 t0 = time.perf_counter()
                 stats = statistics(block, orig, {t.name: needs | t.objective.needs for t in tasks}, streams,
-                                   device, reduce)
+                                   device, reduce, stats_dtype)
                 seconds["statistics"] += time.perf_counter() - t0
                 results = quantize_group(adapter, block, tasks, stats, settings, device)
                 replace(adapter, block, results)
                 for t in tasks:
-                    res = results[t.name]
+                    res = results.get(t.name)
+                    if res is None:                  # kept by another process
+                        bar.update(1)
+                        continue
                     rows[t.full] = _row(t, res.qweight.shape, res)
                     layers[t.full] = res
                     seconds["quantize"] += res.report["seconds"]
@@ -473,6 +488,7 @@ def calibrate(
         "layers": rows,
         "skipped": skipped,
         "seconds": seconds,
+        "statistics_dtype": str(stats_dtype).removeprefix("torch."),
     }
     return CalibrationResult(layers, report, kept)
 

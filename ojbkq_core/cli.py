@@ -189,7 +189,15 @@ def cmd_quantize_layer(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    from . import distributed
     from .pipeline import quantize_from_config
+    if args.nproc is not None:
+        if distributed.launched():
+            raise InputError("--nproc: this process was already started by torchrun; drop --nproc")
+        from .config import load_config
+        load_config(args.config, args.set or [])          # bad input ends here, before any process starts
+        argv = ["quantize", args.config, *(f"--set={s}" for s in args.set or [])]
+        return distributed.launch(args.nproc, (["-v"] if args.verbose else []) + argv)
     quantize_from_config(args.config, args.set or [])
     return 0
 
@@ -252,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("quantize", help="quantize a whole model from a config (YAML, TOML or JSON)")
     s.add_argument("config")
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    s.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run on N local processes (torch.distributed.run; one per GPU with device cuda)")
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("eval", help="perplexity of a model folder")
@@ -265,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank() -> str:
+    """` (rank R of N)` in a process started by torchrun, else nothing."""
+    from . import distributed
+    return f" (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']})" if distributed.launched() else ""
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -272,7 +288,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args) or 0
     except InputError as exc:
-        print(f"ojbkq {args.command}: {exc}", file=sys.stderr)
+        print(f"ojbkq {args.command}{_rank()}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ojbkq {args.command}: interrupted", file=sys.stderr)
@@ -280,4 +296,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torch.distributed.elastic.multiprocessing.errors import record
+    sys.exit(record(main)())          # under torchrun, an exception is recorded for its failure summary

@@ -26,12 +26,14 @@ from .grid import QUANT_DEFAULTS, SCALE_METHODS, GridSpec
 from .objectives import Objective, ObjectiveSpec, from_terms
 
 DTYPES = ("bfloat16", "float16", "float32", "auto")
+# accumulation dtype of the calibration statistics; auto: float64 in a distributed run, else float32
+STATS_DTYPES = ("auto", "float32", "float64")
 EXTENSIONS = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 
 DEFAULTS: dict = {
     "model": {"path": None, "dtype": "bfloat16", "adapter": "auto", "trust_remote_code": False},
     "calibration": {"dataset": "wikitext2", "path": None, "samples": 128, "seqlen": 2048, "seed": 0,
-                    "text_field": "text"},
+                    "text_field": "text", "stats_dtype": "auto"},
     "quant": QUANT_DEFAULTS,
     "objective": {"name": "jta"},
     "decoder": {"name": "babai", "seed": 0},
@@ -269,6 +271,7 @@ def _validate_calibration(cfg) -> None:
     _int(cfg, "calibration", "seqlen")
     _int(cfg, "calibration", "seed", lo=0)
     _str(cfg, "calibration", "text_field")
+    _choice(cfg, "calibration", "stats_dtype", STATS_DTYPES)
 
 
 def _validate_quant(cfg) -> None:

@@ -74,12 +74,15 @@ def quantize_layer(
     max_rows: Optional[int] = None,
     rng: Optional[np.random.Generator] = None,
     dtype: torch.dtype = torch.float32,
+    row0: int = 0,
 ) -> LayerResult:
     """Quantize `W` `(m, n)` (any float dtype, any device) given its calibration statistics.
 
     `objective` may be an `ObjectiveSpec` with sampled parameters: they are drawn from `rng` (or a
     generator seeded with `seed`) and recorded in `report["draws"]`. `max_rows` decodes the rows in
-    chunks of at most that many (rows are independent problems sharing `H`).
+    chunks of at most that many (rows are independent problems sharing `H`). `row0`: `W` holds the rows
+    `row0, row0 + 1, …` of a larger layer, decoded on their own; seeded decoders draw by the global row
+    index, so the rows get the codes they get when the whole layer is decoded.
     """
     t0 = time.perf_counter()
     if W.ndim != 2:
@@ -135,7 +138,8 @@ def quantize_layer(
 
     t1 = time.perf_counter()
     chunk = max_rows or m
-    parts = [decoder.decode(problem.rows(slice(i, i + chunk)), seed=seed, row0=i) for i in range(0, m, chunk)]
+    parts = [decoder.decode(problem.rows(slice(i, i + chunk)), seed=seed, row0=row0 + i)
+             for i in range(0, m, chunk)]
     t2 = time.perf_counter()
     codes_p = torch.cat([p.codes for p in parts])
     scale_p = torch.cat([p.scale for p in parts])

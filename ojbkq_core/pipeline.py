@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .calibrate import CalibrationResult, calibrate, quantized_names
+from . import distributed
+from .calibrate import CalibrationResult, calibrate, default_batch_size, quantized_names
 from .errors import InputError
 from .model import Model, find_adapter
 
@@ -82,20 +83,37 @@ def load_model(path: str, dtype: str = "bfloat16", trust_remote_code: bool = Fal
 # --- calibration from a config -------------------------------------------------------------------
 
 def calibrate_model(model, tokenizer, cfg: dict, input_ids: Optional[torch.Tensor] = None,
-                    progress: bool = True) -> tuple[Model, CalibrationResult]:
+                    progress: bool = True, world: Optional[distributed.World] = None) -> tuple[Model, CalibrationResult]:
     """Quantize `model` in place as the resolved config `cfg` says; returns its adapter and the result.
-    `input_ids` `(samples, seqlen)` replaces the calibration text when given."""
+    `input_ids` `(samples, seqlen)` replaces the calibration text when given. `world`: this process's
+    place in a distributed run: it calibrates its shard of the samples through `distributed.Engine`
+    (statistics in float64 unless `calibration.stats_dtype` says otherwise); rank 0's report gains
+    `world_size` and `ranks`."""
     from .config import build_decoder, build_grid, build_objective, resolve_device
     from .data import calibration_ids
-    device = resolve_device(cfg)
+    device = resolve_device(cfg) if world is None else world.device
     adapter = find_adapter(model, cfg["model"]["adapter"])
+    stats_dtype = cfg["calibration"]["stats_dtype"]
+    if stats_dtype == "auto":
+        stats_dtype = "float32" if world is None else "float64"
     if input_ids is None:
         input_ids = calibration_ids(tokenizer, cfg["calibration"])
+    samples, batch_size = input_ids.shape[0], default_batch_size(input_ids.shape[1])
+    engine, parts = None, {}
+    if world is not None:
+        engine = distributed.Engine(world)
+        input_ids = input_ids[distributed.shard(samples, batch_size, world)]
+        parts = {"reduce": engine.reduce, "quantize_group": engine.quantize_group}
     spec, score = build_objective(cfg)
     q = cfg["quant"]
     res = calibrate(adapter, input_ids, spec, build_grid(cfg), build_decoder(cfg, device), damp=q["damp"],
                     seed=cfg["decoder"]["seed"], device=device, score_objective=score,
-                    true_sequential=q["true_sequential"], skip=q["skip"], progress=progress)
+                    true_sequential=q["true_sequential"], skip=q["skip"], batch_size=batch_size,
+                    progress=progress and (world is None or world.main), stats_dtype=getattr(torch, stats_dtype),
+                    **parts)
+    res.report["world_size"] = 1
+    if engine is not None:
+        engine.annotate(res.report, samples)
     return adapter, res
 
 
@@ -123,12 +141,28 @@ def _perplexities(model, tokenizer, ev: dict, device: str, tokens_cache: dict) -
 
 def quantize_from_config(path: str, overrides: Sequence[str] = ()) -> dict:
     """`ojbkq quantize`: load, calibrate, evaluate (when `eval.perplexity`/`eval.path` is set) and
-    export. Returns the run report (also saved as `ojbkq_report.json` beside the checkpoint)."""
-    from .config import dump_yaml, load_config, resolve_device
+    export. Returns the run report (also saved as `ojbkq_report.json` beside the checkpoint).
+    Started by torchrun, every rank calibrates its part (`distributed.py`) and rank 0 alone evaluates
+    and writes; the other ranks return the report without `layers`."""
+    from .config import load_config, resolve_device
+    cfg = load_config(path, overrides)
+    if not distributed.launched():
+        return _quantize(cfg, None)
+    world = distributed.init(resolve_device(cfg))
+    if not world.main:
+        log.setLevel(logging.WARNING)
+    try:
+        return _quantize(cfg, world)
+    finally:
+        distributed.close()
+
+
+def _quantize(cfg: dict, world: Optional[distributed.World]) -> dict:
+    from .config import dump_yaml, resolve_device
     from .export import get_format, save_quantized
     t0 = time.perf_counter()
-    cfg = load_config(path, overrides)
-    device = resolve_device(cfg)
+    main = world is None or world.main
+    device = resolve_device(cfg) if world is None else str(world.device)
     model, tokenizer = load_model(cfg["model"]["path"], cfg["model"]["dtype"], cfg["model"]["trust_remote_code"])
     adapter = find_adapter(model, cfg["model"]["adapter"])
     fmt = get_format(cfg["output"]["format"])
@@ -137,14 +171,14 @@ def quantize_from_config(path: str, overrides: Sequence[str] = ()) -> dict:
              type(model).__name__, adapter.name, len(adapter.layer_names()), device)
 
     ppl_fp, tokens_cache = {}, {}
-    evaluate = bool(eval_sources(cfg["eval"]))
+    evaluate = main and bool(eval_sources(cfg["eval"]))
     if evaluate and not adapter.causal:
         log.warning("eval: %s is an encoder; perplexity applies to causal models only, skipped", type(model).__name__)
         evaluate = False
     if evaluate:
         ppl_fp = _perplexities(model, tokenizer, cfg["eval"], device, tokens_cache)
 
-    _, res = calibrate_model(model, tokenizer, cfg)
+    _, res = calibrate_model(model, tokenizer, cfg, world=world)
     report = {"model": cfg["model"]["path"], "architecture": type(model).__name__, **res.report}
     if evaluate:
         ppl_q = _perplexities(model, tokenizer, cfg["eval"], device, tokens_cache)
@@ -154,6 +188,8 @@ def quantize_from_config(path: str, overrides: Sequence[str] = ()) -> dict:
             log.info("perplexity %s: fp %.4f  quantized %.4f  (%d windows of %d)", k, v["fp"], v["quantized"],
                      v["windows"], v["seqlen"])
     report["seconds"]["run"] = time.perf_counter() - t0
+    if not main:
+        return report
     out_cfg = cfg["output"]
     quant = {**cfg["quant"], "objective": res.report["objective"], "decoder": res.report["decoder"]}
     out = save_quantized(model, res.layers, out_cfg["dir"], out_cfg["format"], quant=quant, tokenizer=tokenizer,

@@ -65,6 +65,12 @@ class Statistics:
                 self._sum[k] = v
         self.count += X.shape[0]
 
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The running sums `Σ xᵀ x` `(n, n)` by statistic, not yet divided by `count` (summed over
+        processes in place by a distributed run)."""
+        return self._sum
+
     def _mean(self, key):
         if key not in self.needs:
             return None
