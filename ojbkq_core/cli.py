@@ -195,7 +195,10 @@ def cmd_quantize(args) -> int:
         if distributed.launched():
             raise InputError("--nproc: this process was already started by torchrun; drop --nproc")
         from .config import load_config
-        load_config(args.config, args.set or [])          # bad input ends here, before any process starts
+        cfg = load_config(args.config, args.set or [])    # bad input ends here, before any process starts
+        if args.nproc > cfg["calibration"]["samples"]:
+            raise InputError(f"--nproc {args.nproc}: more processes than calibration.samples="
+                             f"{cfg['calibration']['samples']}; every process needs a sample")
         argv = ["quantize", args.config, *(f"--set={s}" for s in args.set or [])]
         return distributed.launch(args.nproc, (["-v"] if args.verbose else []) + argv)
     quantize_from_config(args.config, args.set or [])
