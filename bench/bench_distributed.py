@@ -41,7 +41,7 @@ for p in (ROOT, ROOT / "adapters", ROOT / "plugins" / "ojbkq-cuda", ROOT / "benc
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_model import RECIPES, build  # noqa: E402
+from bench_model import RECIPES, add_model_args, build  # noqa: E402
 from ojbkq_core import distributed  # noqa: E402
 from ojbkq_core.calibrate import calibrate  # noqa: E402
 from ojbkq_core.grid import GridSpec  # noqa: E402
@@ -52,21 +52,9 @@ from ojbkq_core.registry import load  # noqa: E402
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distributed.json"))
-    ap.add_argument("--device", default="cuda")
     ap.add_argument("--ranks", type=int, default=1, help="processes of the distributed run (one GPU each on cuda)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matrix products on CUDA")
-    ap.add_argument("--blocks", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--intermediate", type=int, default=14336)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--recipes", default="gptq,ojbkq")
+    add_model_args(ap)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # RECIPE:OUT.json, under torchrun
     return ap
 

@@ -54,9 +54,8 @@ def build(args, dev):
     return model.eval()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "model.json"))
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The model, calibration and recipe options (`build` reads the model's)."""
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=4096)
@@ -70,6 +69,12 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--recipes", default="gptq,ojbkq")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "model.json"))
+    add_model_args(ap)
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
