@@ -105,9 +105,12 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
         run(args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        why = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
-        why = " ".join(str(why).split())[:300]
-        print(f"ojbkq: rank {rank} of {nproc} failed (exit code {failure.exitcode}){': ' + why if why else ''}; "
+        if os.path.isfile(failure.error_file) or failure.exitcode < 0:    # a recorded exception, a signal
+            why = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+            why = " ".join(str(why).split())[:300]
+        else:
+            why = "bad input, see its message above" if failure.exitcode == 2 else "see its output above"
+        print(f"ojbkq: rank {rank} of {nproc} failed (exit code {failure.exitcode}): {why}; "
               f"all ranks were stopped and nothing was written", file=sys.stderr)
         return 1
     return 0
