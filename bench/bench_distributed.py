@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     for recipe in args.recipes.split(","):
         runs = {"single f32": run_engine(args, recipe, dev, torch.float32),
                 "single f64": run_engine(args, recipe, dev, torch.float64)}
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()                 # the ranks' processes get the device memory
         runs["ranks"] = distributed_run(args, argv, recipe)
         for mode, rec in runs.items():
             records.append({"recipe": recipe, "mode": mode, **info, **rec,
