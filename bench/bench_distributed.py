@@ -11,9 +11,10 @@ and OJBKQ (jta + klein k=16) recipes, 4 bits, group 128. Per recipe, three runs:
   its shard of the samples, the modules decoded across the ranks; with `--ranks 1` the difference to
   `single f64` is the cost of the distributed path itself.
 
-`seconds_per_block` = (statistics + quantize + communicate + propagate) / blocks of the engine (rank 0
-for `ranks`; the per-rank split is in `ranks`); `same_codes` compares the codes, scales and zeros of
-every layer with `single f64`.
+`seconds_per_block` = (engine total − capture) / blocks, on rank 0 for `ranks` (the per-rank split is in
+`ranks`; for `ranks`, `quantize` is rank 0's decoding wall time and `communicate` its collectives,
+the statistics all-reduce included, which `statistics` also counts); `same_codes` compares the codes,
+scales and zeros of every layer with `single f64`.
 
     python bench/bench_distributed.py --device cuda --blocks 2 --repeat 2 --out bench/results/distributed.json
     python bench/bench_distributed.py --device cpu --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 \
@@ -44,7 +45,7 @@ for p in (ROOT, ROOT / "adapters", ROOT / "plugins" / "ojbkq-cuda", ROOT / "benc
 
 from bench_model import RECIPES, add_model_args, build  # noqa: E402
 from ojbkq_core import distributed  # noqa: E402
-from ojbkq_core.calibrate import calibrate  # noqa: E402
+from ojbkq_core.calibrate import calibrate, default_batch_size  # noqa: E402
 from ojbkq_core.grid import GridSpec  # noqa: E402
 from ojbkq_core.model import find_adapter  # noqa: E402
 from ojbkq_core.registry import load  # noqa: E402
@@ -85,20 +86,31 @@ def calibrate_once(args, recipe: str, dev: torch.device, stats_dtype, world=None
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
+    batch_size = args.batch_size or default_batch_size(args.seqlen)
+    engine, parts = None, {}
+    if world is not None:                            # what pipeline.calibrate_model does for a rank
+        engine = distributed.Engine(world)
+        ids = ids[distributed.shard(args.samples, batch_size, world)]
+        parts = {"reduce": engine.reduce, "quantize_group": engine.quantize_group}
     t0 = time.perf_counter()
     res = calibrate(adapter, ids, reg.objective(obj_name, obj_params), GridSpec(bits=args.bits, group_size=args.group_size),
-                    decoder, damp=0.01, seed=dec_params.get("seed", 0), device=dev, batch_size=args.batch_size,
-                    progress=False, stats_dtype=stats_dtype, world=world)
+                    decoder, damp=0.01, seed=dec_params.get("seed", 0), device=dev, batch_size=batch_size,
+                    progress=False, stats_dtype=stats_dtype, **parts)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     total = time.perf_counter() - t0
+    res.report["world_size"] = 1
+    if engine is not None:
+        engine.annotate(res.report, args.samples)
     digest = hashlib.sha256()
     for name in sorted(res.layers):
         r = res.layers[name]
         for t in (r.codes, r.scales, r.zeros):
             digest.update(t.contiguous().numpy().tobytes())
-    sec = res.report["seconds"]
-    per_block = sum(sec.get(k, 0.0) for k in ("statistics", "quantize", "communicate", "propagate")) / args.blocks
+    sec = dict(res.report["seconds"])
+    if engine is not None:                           # this rank's wall time decoding, and its collectives
+        sec["quantize"], sec["communicate"] = engine.seconds["decode"], engine.seconds["communicate"]
+    per_block = (sec["total"] - sec["capture"]) / args.blocks
     return {"seconds": total, "seconds_per_block": per_block, "engine_seconds": sec,
             "ranks": res.report.get("ranks"), "world_size": res.report["world_size"],
             "statistics_dtype": res.report["statistics_dtype"], "objective_sum": res.report["objective_sum"],
