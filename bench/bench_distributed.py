@@ -87,15 +87,13 @@ def calibrate_once(args, recipe: str, dev: torch.device, stats_dtype, world=None
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     batch_size = args.batch_size or default_batch_size(args.seqlen)
-    engine, parts = None, {}
-    if world is not None:                            # what pipeline.calibrate_model does for a rank
-        engine = distributed.Engine(world)
-        ids = ids[distributed.shard(args.samples, batch_size, world)]
-        parts = {"reduce": engine.reduce, "quantize_group": engine.quantize_group}
+    engine = None if world is None else distributed.Engine(world)      # as pipeline.calibrate_model
+    if engine is not None:
+        ids = engine.shard(ids, batch_size)
     t0 = time.perf_counter()
     res = calibrate(adapter, ids, reg.objective(obj_name, obj_params), GridSpec(bits=args.bits, group_size=args.group_size),
                     decoder, damp=0.01, seed=dec_params.get("seed", 0), device=dev, batch_size=batch_size,
-                    progress=False, stats_dtype=stats_dtype, **parts)
+                    progress=False, stats_dtype=stats_dtype, **(engine.hooks() if engine is not None else {}))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     total = time.perf_counter() - t0

@@ -21,7 +21,7 @@ the samples differ only by rounding (relative ~1e-16); the decoders work in floa
 they see are the single-process float64 ones rounded to float32, which are equal unless an entry lies
 within that rounding of a float32 rounding boundary. Row slices decode the rows they would decode in the
 whole layer. A run with any number of ranks therefore gives the codes of one process with
-`quant.stats_dtype: float64` (tested with gloo, 2 ranks, babai and klein); block forwards must also give
+`calibration.stats_dtype: float64` (tested with gloo, 2 ranks, babai and klein); block forwards must also give
 each sample the same outputs whatever its batch neighbours, true of the CPU kernels.
 
 Failures. A rank that raises exits non-zero and torchrun stops the others (max_restarts 0); gloo peers
@@ -184,6 +184,14 @@ class Engine:
     def __init__(self, world: World):
         self.world = world
         self.seconds = {"decode": 0.0, "communicate": 0.0}
+
+    def shard(self, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """This rank's calibration samples: rows `shard(...)` of `input_ids` `(S, L)`."""
+        return input_ids[shard(input_ids.shape[0], batch_size, self.world)]
+
+    def hooks(self) -> dict:
+        """The keyword arguments of `calibrate` that run the statistics and quantize steps over the ranks."""
+        return {"reduce": self.reduce, "quantize_group": self.quantize_group}
 
     def annotate(self, report: dict, samples: int) -> None:
         """Complete this rank's `calibrate` report as the run's (on rank 0): `samples` of all ranks,

@@ -99,18 +99,16 @@ def calibrate_model(model, tokenizer, cfg: dict, input_ids: Optional[torch.Tenso
     if input_ids is None:
         input_ids = calibration_ids(tokenizer, cfg["calibration"])
     samples, batch_size = input_ids.shape[0], default_batch_size(input_ids.shape[1])
-    engine, parts = None, {}
-    if world is not None:
-        engine = distributed.Engine(world)
-        input_ids = input_ids[distributed.shard(samples, batch_size, world)]
-        parts = {"reduce": engine.reduce, "quantize_group": engine.quantize_group}
+    engine = None if world is None else distributed.Engine(world)
+    if engine is not None:
+        input_ids = engine.shard(input_ids, batch_size)
     spec, score = build_objective(cfg)
     q = cfg["quant"]
     res = calibrate(adapter, input_ids, spec, build_grid(cfg), build_decoder(cfg, device), damp=q["damp"],
                     seed=cfg["decoder"]["seed"], device=device, score_objective=score,
                     true_sequential=q["true_sequential"], skip=q["skip"], batch_size=batch_size,
                     progress=progress and (world is None or world.main), stats_dtype=getattr(torch, stats_dtype),
-                    **parts)
+                    **(engine.hooks() if engine is not None else {}))
     res.report["world_size"] = 1
     if engine is not None:
         engine.annotate(res.report, samples)
