@@ -42,12 +42,42 @@ def _is_causal(config) -> bool:
         not archs and getattr(config, "is_decoder", False))
 
 
+TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
+
+
+def check_folder(path: str) -> None:
+    """A local model folder before transformers reads it: `config.json` parses and the weights are
+    there with readable headers (`InputError` naming the file otherwise)."""
+    from .export.base import read_config, weight_files
+    read_config(path)
+    weight_files(path)
+
+
+def load_tokenizer(path: str, key: str = "model.path", **opts):
+    """The tokenizer saved in `path`; one that does not load is an `InputError` naming the file (its
+    JSON files are parsed first) or the folder."""
+    import transformers
+
+    from .export.base import read_json
+    files = [n for n in TOKENIZER_JSON if os.path.isfile(os.path.join(path, n))] if os.path.isdir(path) else []
+    for name in files:
+        read_json(os.path.join(path, name))
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, **opts)
+    except Exception as exc:                      # tokenizers and sentencepiece raise their own types
+        why = " ".join(str(exc).split())[:160]
+        raise InputError(f"{key}={path!r}: the tokenizer ({', '.join(files) or 'no tokenizer files'}) does not "
+                         f"load ({type(exc).__name__}: {why}); save one beside the model "
+                         f"(tokenizer.save_pretrained)") from None
+
+
 def load_model(path: str, dtype: str = "bfloat16", trust_remote_code: bool = False, key: str = "model.path"):
     """A transformers model and its tokenizer from a local folder or a hub name.
 
     Causal LMs (architectures `*ForCausalLM`, `*LMHeadModel`) load with `AutoModelForCausalLM`, other
     models with `AutoModel`. `dtype`: bfloat16, float16, float32 or auto (the checkpoint's).
-    A hub name with `HF_HUB_OFFLINE=1`, or without a network, is an `InputError`.
+    A hub name with `HF_HUB_OFFLINE=1`, or without a network, is an `InputError`; so is a local folder
+    whose config.json, weights or tokenizer do not read (`check_folder`, `load_tokenizer`).
     """
     import transformers
     local = os.path.isdir(path)
@@ -55,12 +85,20 @@ def load_model(path: str, dtype: str = "bfloat16", trust_remote_code: bool = Fal
         raise InputError(f"{key}={path!r}: the folder has no config.json; give a transformers model folder")
     if not local and (path.startswith((".", "/", "~")) or os.sep in path.strip("/").replace("/", "", 1)):
         raise InputError(f"{key}={path!r}: no such folder")
+    if local:
+        try:
+            check_folder(path)
+        except InputError as exc:
+            raise InputError(f"{key}={path!r}: {exc}") from None
     opts = {"trust_remote_code": trust_remote_code}
     if local or _hub_offline():
         opts["local_files_only"] = True
     try:
         config = transformers.AutoConfig.from_pretrained(path, **opts)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
+        if local:
+            raise InputError(f"{key}={path!r}: config.json is not a transformers model config "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
         why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub cannot be reached or has no such model"
         raise InputError(f"{key}={path!r}: not a local folder, and {why} ({type(exc).__name__}); "
                          f"download the model and set {key} to its folder") from None
@@ -68,14 +106,10 @@ def load_model(path: str, dtype: str = "bfloat16", trust_remote_code: bool = Fal
     cls = transformers.AutoModelForCausalLM if _is_causal(config) else transformers.AutoModel
     try:
         model = cls.from_pretrained(path, dtype=torch_dtype, **opts)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"{key}={path!r}: cannot load the model ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:200]})") from None
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, **opts)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{key}={path!r}: no usable tokenizer in the model folder ({type(exc).__name__}); "
-                         f"save one beside the model (tokenizer.save_pretrained)") from None
+    tokenizer = load_tokenizer(path, key, **opts)
     model.eval()
     return model, tokenizer
 
@@ -208,8 +242,7 @@ def load_dir(model_dir: str, device: str = "cpu"):
         raise InputError(f"{model_dir}: not a model folder (no config.json)")
     if read_config(model_dir).get("quantization_config"):
         model, _ = load_quantized(model_dir, device="cpu")
-        import transformers
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = load_tokenizer(model_dir, "MODEL_DIR", local_files_only=True)
     else:
         model, tokenizer = load_model(model_dir, "auto", key="MODEL_DIR")
     return model, tokenizer

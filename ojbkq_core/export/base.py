@@ -16,6 +16,8 @@ from ..errors import InputError
 SAFETENSORS_METADATA = {"format": "pt"}
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+BIN_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 
 
 class Format:
@@ -194,32 +196,85 @@ def publish(tmp: str, out_dir: str) -> None:
 
 # --- reading ----------------------------------------------------------------------------------------
 
+def read_json(path: str) -> dict:
+    """A JSON file holding an object (config.json, an index, a tokenizer file); a file that does not
+    parse is an `InputError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({' '.join(str(exc).split())[:120]}); "
+                         f"restore the file or save the model again") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
 def read_config(path: str) -> dict:
     """A checkpoint folder's `config.json` as a dict."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise InputError(f"{path}: not a checkpoint folder (no config.json)")
-    with open(cfg_path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(cfg_path)
+
+
+def check_safetensors(file: str) -> None:
+    """Read the header of a safetensors `file`: a truncated, corrupt or non-safetensors file is an
+    `InputError` naming it (the tensor data itself is read when the model loads)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(file, framework="pt") as f:
+            f.keys()
+    except Exception as exc:                      # safetensors raises its own error types
+        why = " ".join(str(exc).split())[:120]
+        raise InputError(f"{file}: not a readable safetensors file ({why}); the file is truncated, corrupt "
+                         f"or in another format: copy or save it again") from None
+
+
+def weight_files(path: str) -> list[str]:
+    """The weight files of a model folder, checked: `model.safetensors`, the shards of
+    `model.safetensors.index.json`, or `pytorch_model.bin` (or its shards). A folder without weights,
+    a missing shard, an unreadable safetensors header or a `.bin` that is not a torch archive is an
+    `InputError` naming the file."""
+    import zipfile
+    for index_name, single in ((INDEX_NAME, WEIGHTS_NAME), (BIN_INDEX_NAME, BIN_NAME)):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map \
+                    or not all(isinstance(v, str) for v in weight_map.values()):
+                raise InputError(f"{index}: no 'weight_map' of tensor names to files")
+            files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+            for f in files:
+                if not os.path.isfile(f):
+                    raise InputError(f"{index}: names {os.path.basename(f)}, which is not in the folder")
+            break
+        if os.path.isfile(os.path.join(path, single)):
+            files = [os.path.join(path, single)]
+            break
+    else:
+        raise InputError(f"{path}: no weights in the folder (no {WEIGHTS_NAME}, {INDEX_NAME} or {BIN_NAME}); "
+                         f"save the model with save_pretrained")
+    for f in files:
+        if f.endswith(".safetensors"):
+            check_safetensors(f)
+        elif not zipfile.is_zipfile(f):
+            raise InputError(f"{f}: not a torch checkpoint archive; the file is truncated or corrupt")
+    return files
 
 
 def read_tensors(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint folder (`model.safetensors` or its shards)."""
     from safetensors.torch import load_file
-    index = os.path.join(path, INDEX_NAME)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-        files = [WEIGHTS_NAME]
-    else:
-        raise InputError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+    files = weight_files(path)
     out = {}
-    for fname in files:
+    for file in files:
+        if not file.endswith(".safetensors"):
+            raise InputError(f"{file}: quantized checkpoints are read from safetensors files only")
         try:
-            out.update(load_file(os.path.join(path, fname)))
+            out.update(load_file(file))
         except Exception as exc:
-            raise InputError(f"{os.path.join(path, fname)}: cannot read safetensors ({exc})") from None
+            raise InputError(f"{file}: cannot read safetensors ({exc})") from None
     return out
 
 
@@ -241,7 +296,11 @@ def empty_model(path: str, dtype: Optional[torch.dtype] = None):
     import transformers
     path = os.fspath(path)
     read_config(path)
-    config = transformers.AutoConfig.from_pretrained(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{os.path.join(path, 'config.json')}: not a transformers model config "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
     qc = getattr(config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict):
         qc = qc.to_dict()
