@@ -191,17 +191,18 @@ def cmd_quantize_layer(args) -> int:
 def cmd_quantize(args) -> int:
     from . import distributed
     from .pipeline import quantize_from_config
+    sets = [*(args.set or []), *(["output.overwrite=true"] if args.overwrite else [])]
     if args.nproc is not None:
         if distributed.launched():
             raise InputError("--nproc: this process was already started by torchrun; drop --nproc")
         from .config import load_config
-        cfg = load_config(args.config, args.set or [])    # bad input ends here, before any process starts
+        cfg = load_config(args.config, sets)              # bad input ends here, before any process starts
         if args.nproc > cfg["calibration"]["samples"]:
             raise InputError(f"--nproc {args.nproc}: more processes than calibration.samples="
                              f"{cfg['calibration']['samples']}; every process needs a sample")
-        argv = ["quantize", args.config, *(f"--set={s}" for s in args.set or [])]
+        argv = ["quantize", args.config, *(f"--set={s}" for s in sets)]
         return distributed.launch(args.nproc, (["-v"] if args.verbose else []) + argv)
-    quantize_from_config(args.config, args.set or [])
+    quantize_from_config(args.config, sets)
     return 0
 
 
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     s.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="run on N local processes (torch.distributed.run; one per GPU with device cuda)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder (output.overwrite: true); the old one stays until "
+                        "the new one is complete")
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("eval", help="perplexity of a model folder")

@@ -401,7 +401,7 @@ def _validate_output(cfg) -> None:
         raise InputError(f"output.dir={d!r} is a file; name a folder")
     if os.path.isdir(d) and os.listdir(d) and not sec["overwrite"]:
         raise InputError(f"output.dir={d!r} exists and is not empty: choose another folder or "
-                         f"--set output.overwrite=true")
+                         f"replace it with --overwrite (output.overwrite: true)")
 
 
 def _validate_eval(cfg) -> None:

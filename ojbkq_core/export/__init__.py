@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError
 from .base import (Format, check_target, extra_path, layer_shape, publish, read_config, read_tensors,
-                   temporary_folder, write_safetensors)
+                   remove_leftovers, temporary_folder, write_safetensors)
 from .gptq import GPTQ_BITS, check_packable, dequantize, pack, pack_dim0, quantization_config, unpack, unpack_dim0
 
 log = logging.getLogger("ojbkq")
@@ -56,15 +56,18 @@ def save_quantized(model, layers: dict, out_dir: str, fmt: str = "gptq", quant: 
     anything to record under `quantization_config.ojbkq`). `tokenizer` and `extra_files` (relative
     name → text or bytes) are written beside the weights.
 
-    The folder is written under a temporary sibling name and renamed into place at the end, so an
-    error or an interrupt leaves no partial `out_dir`. An existing non-empty `out_dir` is refused
-    unless `overwrite`. The same inputs give byte-identical files.
+    The folder is written under a temporary sibling name and renamed into place at the end (`publish`),
+    so an error, an interrupt or a kill leaves the previous `out_dir` or none, never a partial one; the
+    temporary siblings of killed runs are removed first (`remove_leftovers`). An existing non-empty
+    `out_dir` is refused unless `overwrite`. The same inputs give byte-identical files.
     """
     form = get_format(fmt)
     out_dir = os.fspath(out_dir)
     check_target(out_dir, overwrite)
     quant = dict(quant or {})
     form.check(model, list(layers), quant)
+    for path in remove_leftovers(out_dir):
+        log.info("removed %s, left by a run that was killed", path)
 
     tmp = temporary_folder(out_dir)
     try:

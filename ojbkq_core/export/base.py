@@ -3,8 +3,10 @@ model's tensors, safetensors shards, `config.json`, and publishing a finished fo
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Optional
@@ -162,7 +164,7 @@ def check_target(out_dir: str, overwrite: bool) -> None:
         raise InputError(f"output {out_dir}: exists and is not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise InputError(f"output {out_dir}: exists and is not empty; choose another folder or overwrite it "
-                         f"(output.overwrite: true)")
+                         f"(--overwrite, output.overwrite: true)")
     parent = os.path.dirname(os.path.abspath(out_dir))
     if not os.path.isdir(parent):
         raise InputError(f"output {out_dir}: parent folder {parent} does not exist")
@@ -176,22 +178,72 @@ def extra_path(folder: str, rel: str) -> str:
 
 
 def temporary_folder(out_dir: str) -> str:
-    """An empty sibling folder of `out_dir` to write into before `publish`."""
+    """An empty sibling folder of `out_dir` to write into before `publish`, named after this process
+    (`.NAME.tmp-PID-…`) so that a later run can tell a killed run's leftover from a live one."""
     target = os.path.abspath(out_dir)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-{os.getpid()}-", dir=os.path.dirname(target))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(out_dir: str) -> list[str]:
+    """Remove the temporary siblings of `out_dir` left by runs that were killed (their process is gone);
+    returns their paths. Folders of a run still writing are kept."""
+    target = os.path.abspath(out_dir)
+    parent, base = os.path.dirname(target), os.path.basename(target)
+    removed = []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        m = re.fullmatch(rf"\.{re.escape(base)}\.(?:tmp|old)-(\d+)-.*", name)
+        if m and not _alive(int(m.group(1))) and os.path.isdir(os.path.join(parent, name)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(os.path.join(parent, name))
+    return removed
+
+
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap the folders `a` and `b` in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+    system or file system has no such call."""
+    import ctypes
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 def publish(tmp: str, out_dir: str) -> None:
-    """Move the finished `tmp` folder to `out_dir`, replacing an existing one."""
-    if os.path.isdir(out_dir):
+    """Move the finished `tmp` folder to `out_dir`. An existing `out_dir` is swapped with `tmp` in one
+    step and the old folder (now at `tmp`) removed, so `out_dir` always holds a complete checkpoint,
+    the old or the new; where the system cannot swap, the old folder is first moved aside."""
+    if not os.path.isdir(out_dir):
+        os.replace(tmp, out_dir)
+    elif exchange(tmp, out_dir):
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
         target = os.path.abspath(out_dir)
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-{os.getpid()}-", dir=os.path.dirname(target))
         os.rmdir(old)
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 # --- reading ----------------------------------------------------------------------------------------
