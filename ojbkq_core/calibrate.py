@@ -40,11 +40,12 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .decoders.base import Decoder
-from .errors import InputError
+from .decoders.rtn import RTN
+from .errors import InputError, NonFiniteError
 from .grid import GridSpec
 from .layer import LayerResult, quantize_layer
 from .model import Model
-from .objectives import Objective, ObjectiveSpec
+from .objectives import Objective, ObjectiveSpec, Term
 from .stats import Statistics
 
 log = logging.getLogger("ojbkq")
@@ -144,7 +145,8 @@ def _run(block: nn.Module, hidden: torch.Tensor, b: BlockInputs, device) -> torc
 
 def module_inputs(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, b: BlockInputs, device) -> dict:
     """The input of each named submodule of `block` when it runs on `hidden`; the forward stops as
-    soon as all of them were seen. Modules called with the same tensor get the same object."""
+    soon as all of them were seen. Modules called with the same tensor get the same object; a module
+    the forward never calls (an expert no token is routed to) is absent."""
     want = set(names)
     got: dict[str, torch.Tensor] = {}
     same: dict[int, tuple] = {}                   # id of an input tensor → (it, its detached view)
@@ -168,9 +170,6 @@ def module_inputs(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, 
     finally:
         for h in handles:
             h.remove()
-    missing = want - got.keys()
-    if missing:
-        raise RuntimeError(f"modules {sorted(missing)} were never called by {type(block).__name__}.forward")
     return got
 
 
@@ -252,21 +251,31 @@ def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set
     """Step 2: the `Statistics` of each module named in `needs` (block-relative name → the statistics
     it needs, of `H`, `C`, `G`) over every batch of `streams`, running `block` on `X` and `orig` on
     `X_fp`. Modules called with the same input tensor in both streams (q, k, v) share one
-    `Statistics` object, accumulating the union of their needs, in `dtype`. `reduce` is applied to each
-    finished `Statistics` once (identity by default), in the order of `needs`."""
+    `Statistics` object, accumulating the union of their needs, in `dtype`. A module that runs in no
+    batch (in both streams: an expert no token is routed to) gets a `Statistics` of zero sums and
+    `count == 0`. `reduce` is applied to each finished `Statistics` once (identity by default), in the
+    order of `needs`."""
     names = list(needs)
     owner: dict[str, str] = {}                    # module → the first module reading the same input
     stats: dict[str, Statistics] = {}
     for b in range(len(streams)):
         x, x_fp = streams.module_inputs(block, orig, names, b, device)
-        if b == 0:
-            for n in names:
-                owner[n] = next(o for o in names if x[o] is x[n] and (x_fp is None or x_fp[o] is x_fp[n]))
-            for o in dict.fromkeys(owner.values()):
-                need = set().union(*(needs[n] for n in names if owner[n] == o))
+        ran = [n for n in names if n in x and (x_fp is None or n in x_fp)]
+        for n in ran:
+            if n not in owner:
+                owner[n] = next(o for o in ran if x[o] is x[n] and (x_fp is None or x_fp[o] is x_fp[n]))
+        for o in dict.fromkeys(owner[n] for n in ran if owner[n] in ran):
+            if o not in stats:
+                need = set().union(*(needs[n] for n in names if owner.get(n) == o))
                 stats[o] = Statistics(x[o].shape[-1], needs=need, device=device, dtype=dtype)
-        for o, st in stats.items():
-            st.add(x[o], None if x_fp is None else x_fp[o])
+            stats[o].add(x[o], None if x_fp is None else x_fp[o])
+    for n in names:                               # no calibration token reached it: zero sums
+        if n not in owner:
+            module = block.get_submodule(n)
+            none = torch.zeros(0, getattr(module, "in_features", module.weight.shape[0]), device=device)
+            owner[n], stats[n] = n, Statistics(none.shape[1], needs=needs[n], device=device, dtype=dtype)
+            stats[n].add(none, none)
+    stats = {o: stats[o] for o in dict.fromkeys(owner[n] for n in names)}    # the order of `needs`
     if reduce is not None:
         stats = {o: reduce(st) for o, st in stats.items()}
     return {n: stats[owner[n]] for n in names}
@@ -322,12 +331,29 @@ def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTa
     r0, r1 = rows or (0, None)
     W = adapter.weight(module).detach()[r0:r1].to(device=device, dtype=torch.float32, copy=True)
     t0 = time.perf_counter()
-    res = quantize_layer(W, stats, task.objective, settings.grid, settings.decoder, damp=settings.damp,
-                         seed=layer_seed(settings.seed, task.index), score_objective=settings.score_objective,
-                         row0=r0)
+    if stats.count == 0 or ("H" in stats.needs and not stats.H.any()):
+        log.warning("%s: no calibration token reached it (%d tokens, all-zero H); rounded to nearest",
+                    task.full, stats.count)
+        res = rounded(W, settings.grid)
+        res.report["fallback"] = "rtn"
+    else:
+        res = quantize_layer(W, stats, task.objective, settings.grid, settings.decoder, damp=settings.damp,
+                             seed=layer_seed(settings.seed, task.index), score_objective=settings.score_objective,
+                             row0=r0)
     res.report["seconds"] = time.perf_counter() - t0
     res.report["draws"] = task.draws
-    res.report["sym_loss"] = _sym_loss(W, res.qweight, stats)
+    res.report["sym_loss"] = None if "fallback" in res.report else _sym_loss(W, res.qweight, stats)
+    return res
+
+
+def rounded(W: torch.Tensor, grid: GridSpec) -> LayerResult:
+    """`W` `(m, n)` rounded to nearest on `grid` (RTN with `H = I`), for a module no calibration token
+    reached: its objective over the calibration tokens is 0 whatever the codes, so `loss` is 0."""
+    n = W.shape[1]
+    eye = Statistics(n, needs=("H",), device=W.device)
+    eye.add(torch.eye(n, device=W.device))
+    res = quantize_layer(W, eye, Objective((Term(1.0, 0.0, 0.0),), "symmetric"), grid, RTN(), damp=0.0)
+    res.row_loss, res.loss = torch.zeros_like(res.row_loss), 0.0
     return res
 
 
@@ -359,14 +385,29 @@ def propagate(block: nn.Module, orig: Optional[nn.Module], streams: Streams, dev
     return Streams(streams.batches, X, X_fp)
 
 
+def check_finite(streams: Streams, where: str) -> None:
+    """Raise `NonFiniteError` when a block input of either stream holds NaN or inf; `where` names
+    the block (e.g. "outputs of model.layers.3 (block 3)")."""
+    for label, X in (("runtime", streams.X), ("full-precision", streams.X_fp)):
+        for b, x in enumerate(X or ()):
+            if not torch.isfinite(x).all():
+                what = "NaN" if torch.isnan(x).any() else "inf"
+                hint = (f"the block overflows {str(x.dtype).replace('torch.', '')}: load the model in float32 or "
+                        f"bfloat16 (model.dtype)" if x.dtype in (torch.float16, torch.bfloat16)
+                        else "check the model's weights")
+                raise NonFiniteError(f"{where}: {what} in the {label} stream (batch {b}); {hint}")
+
+
 def _row(task: LayerTask, W_shape, res: LayerResult) -> dict:
     row = {
         "index": task.index, "shape": list(W_shape), "loss": res.loss, "sym_loss": res.report["sym_loss"],
         "draws": task.draws, "seconds": res.report["seconds"], "damp": res.report["damp"],
-        "dead_columns": res.report["dead_columns"],
+        "damp_steps": res.report["damp_steps"], "dead_columns": res.report["dead_columns"],
     }
     if "candidate_histogram" in res.report:
         row["candidate_histogram"] = res.report["candidate_histogram"]
+    if "fallback" in res.report:
+        row["fallback"] = res.report["fallback"]
     return row
 
 
@@ -417,6 +458,7 @@ def calibrate(
 
     t0 = time.perf_counter()
     streams = capture(adapter, input_ids, batch_size, Streams.full_precision_needed(needs, sampled))
+    check_finite(streams, f"inputs of {adapter.blocks_path()}.0 (block 0)")
     seconds = {"capture": time.perf_counter() - t0, "statistics": 0.0, "quantize": 0.0, "propagate": 0.0}
 
     blocks, path = adapter.blocks(), adapter.blocks_path()
@@ -426,7 +468,7 @@ def calibrate(
     skipped: list[str] = []
     index = 0
     bar = tqdm(total=len(adapter.layer_names()), desc="quantize", unit="layer", disable=not progress, leave=False)
-    with logging_redirect_tqdm():
+    with logging_redirect_tqdm(), bar:                   # the bar is closed on errors too
         for i, block in enumerate(blocks):
             if keep_streams:
                 kept[i] = streams.snapshot()
@@ -465,12 +507,12 @@ def calibrate(
                 del stats
             t0 = time.perf_counter()
             streams = propagate(block, orig, streams, device)
+            check_finite(streams, f"outputs of {path}.{i} (block {i})")
             seconds["propagate"] += time.perf_counter() - t0
             block.to(home)
             del orig
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    bar.close()
     seconds["total"] = time.perf_counter() - t_start
     report = {
         "adapter": adapter.name,
@@ -487,6 +529,7 @@ def calibrate(
         "sym_loss_sum": float(sum(r["sym_loss"] or 0.0 for r in rows.values())),
         "layers": rows,
         "skipped": skipped,
+        "rounded_without_tokens": [k for k, r in rows.items() if r.get("fallback")],
         "seconds": seconds,
         "statistics_dtype": str(stats_dtype).removeprefix("torch."),
     }

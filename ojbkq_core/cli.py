@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from .config import parse_value
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 
 
 def parse_pairs(pairs, flag: str) -> dict:
@@ -297,6 +297,9 @@ def main(argv=None) -> int:
     except InputError as exc:
         print(f"ojbkq {args.command}{_rank()}: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"ojbkq {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"ojbkq {args.command}: interrupted", file=sys.stderr)
         return 1

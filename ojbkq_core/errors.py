@@ -2,7 +2,8 @@
 
 `InputError` means the caller gave something unusable (wrong shape, bad key, missing file); the command
 line maps it to exit status 2 and prints its one-line message. Anything else is a bug or an
-environment failure (exit status 1).
+environment failure (exit status 1); `NonFiniteError` is one of those the command line reports in one
+line.
 """
 
 
@@ -12,3 +13,8 @@ class InputError(ValueError):
 
 class FactorizationError(InputError):
     """A Cholesky factorisation failed even after raising the damping."""
+
+
+class NonFiniteError(RuntimeError):
+    """Activations became NaN or inf during calibration (e.g. a block overflowing float16); the message
+    names the block and the stream. Nothing is written."""

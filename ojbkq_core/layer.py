@@ -115,7 +115,8 @@ def quantize_layer(
     else:
         perm = torch.arange(n, device=dev)
     Hp = H[perm][:, perm]
-    U, Hd, delta = inverse_cholesky(Hp, damp)
+    damp_steps: list = []
+    U, Hd, delta = inverse_cholesky(Hp, damp, steps=damp_steps)
     Wp = W[:, perm]
     D = (W @ (M - Hraw))[:, perm]                     # T = W + D H_d⁻¹ = W + (D Uᵀ) U, decoding order
     G = D @ U.T
@@ -161,6 +162,7 @@ def quantize_layer(
         "decoder": repr(decoder),
         "draws": draws,
         "damp": delta,
+        "damp_steps": damp_steps,
         "dead_columns": int(dead.sum()),
         "path_objective": float(torch.cat([p.objective for p in parts]).double().sum()),
         "seconds": {"prepare": t1 - t0, "decode": t2 - t1, "total": time.perf_counter() - t0},
