@@ -386,6 +386,7 @@ def _validate_backend_device(cfg) -> None:
         import torch
         if not torch.cuda.is_available():
             raise InputError(f"device={device!r}: CUDA is not available on this machine; use cpu or auto")
+    build_decoder(cfg, resolve_device(cfg))               # the backend implements the decoder on that device
 
 
 def _validate_output(cfg) -> None:
