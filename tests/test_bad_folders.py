@@ -87,6 +87,13 @@ def _missing_shard(folder):
     return os.path.join(folder, "model.safetensors.index.json"), "model-00001-of-00002.safetensors"
 
 
+def _bin_not_an_archive(folder):
+    os.remove(os.path.join(folder, "model.safetensors"))
+    p = os.path.join(folder, "pytorch_model.bin")
+    open(p, "wb").write(b"\x80\x04 not a torch archive")
+    return p, "not a torch checkpoint archive"
+
+
 def _bad_tokenizer_json(folder):
     p = os.path.join(folder, "tokenizer.json")
     open(p, "w").write("{ not json")
@@ -100,7 +107,7 @@ def _bad_tokenizer_model(folder):
 
 
 BREAKS = [_truncate, _not_safetensors, _corrupt_header, _bad_config, _no_model_type, _no_weights, _missing_shard,
-          _bad_tokenizer_json, _bad_tokenizer_model]
+          _bin_not_an_archive, _bad_tokenizer_json, _bad_tokenizer_model]
 
 
 def _one_line_naming(capsys, rc, name, what):
