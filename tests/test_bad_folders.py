@@ -7,16 +7,10 @@ import shutil
 import pytest
 
 from ojbkq_core import cli
-from tiny_models import CALIB_TXT, EVAL_TXT, one_thread, save, tiny_llama  # noqa: F401 (autouse)
+from tiny_models import CALIB_TXT, EVAL_TXT, offline, one_thread, save, tiny_llama  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPTQ = os.path.join(ROOT, "configs", "gptq.yaml")
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
 def _tiny(model_dir, out):

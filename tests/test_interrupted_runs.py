@@ -15,7 +15,7 @@ import yaml
 
 from ojbkq_core import cli, pipeline
 from ojbkq_core.export import base, fake, gptq
-from tiny_models import CALIB_TXT, one_thread, save, tiny_llama  # noqa: F401 (autouse)
+from tiny_models import CALIB_TXT, offline, one_thread, save, tiny_llama  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -75,12 +75,6 @@ def arm(point: str, sig: int, patch=setattr) -> None:
         patch(base, "exchange", swapped)
     else:
         raise ValueError(point)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,10 @@ from ojbkq_core.export import load_quantized
 from ojbkq_core.model import find_adapter
 from ojbkq_core.perplexity import perplexity, windows
 from ojbkq_core.pipeline import CONFIG_FILE, REPORT_FILE, evaluate_dir, load_model, quantize_from_config
-from tiny_models import CALIB_TXT, EVAL_TXT, one_thread, save, tiny_bert, tiny_gpt2, tiny_llama  # noqa: F401 (autouse)
+from tiny_models import CALIB_TXT, EVAL_TXT, offline, one_thread, save, tiny_bert, tiny_gpt2, tiny_llama  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
