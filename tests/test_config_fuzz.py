@@ -23,7 +23,7 @@ REG = get_registry()
 SECTIONS = ["model", "calibration", "quant", "objective", "decoder", "backend", "device", "output", "eval"]
 KEYS = {
     "model": ["path", "dtype", "adapter", "trust_remote_code"],
-    "calibration": ["dataset", "path", "samples", "seqlen", "seed", "text_field"],
+    "calibration": ["dataset", "path", "samples", "seqlen", "seed", "text_field", "stats_dtype"],
     "quant": ["bits", "group_size", "sym", "act_order", "static_groups", "damp", "scale_method", "true_sequential",
               "skip"],
     "objective": ["name", "alpha", "mu", "lam", "terms", "score"],
