@@ -99,6 +99,23 @@ def test_float64_statistics_summed_over_two_ranks_are_the_one_process_ones(tmp_p
     assert Statistics(N).dtype == torch.float32                           # the single-process default
 
 
+def test_experts_without_tokens_on_a_rank_sum_to_the_one_process_statistics(tmp_path):
+    """A module that no token reaches on one rank (or on any) still takes part in every all-reduce."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from dist_workers import routed_inputs
+    out = str(tmp_path / "moe.pt")
+    r = _torchrun(WORKERS, "moe", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(out)
+    X = torch.cat([torch.cat([x.reshape(-1, x.shape[-1]) for x in routed_inputs(rank)]) for rank in (0, 1)])
+    for e, sel in enumerate((X[:, 0] > 0, X[:, 0] <= 0)):
+        H, count = got[f"experts.{e}"]
+        assert count == int(sel.sum()) > 0
+        torch.testing.assert_close(H, X[sel].double().T @ X[sel].double())
+    H, count = got["experts.2"]
+    assert count == 0 and not H.any()
+
+
 # --- whole runs ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
