@@ -21,7 +21,7 @@ from .decoders.base import Decoder
 from .errors import InputError
 from .grid import Grid, GridSpec
 from .linalg import inverse_cholesky
-from .objectives import Objective, ObjectiveSpec, RowScore
+from .objectives import Objective, ObjectiveSpec, PathScore, RowScore
 from .problem import WorkingProblem
 from .stats import Statistics
 
@@ -62,6 +62,50 @@ def _static_grid(W: torch.Tensor, spec: GridSpec, perm: torch.Tensor):
     return scale, zero, torch.arange(n) // g
 
 
+@dataclass
+class Factorization:
+    """What the modules reading the same inputs share, for one objective: `dead` `(n,)` bool (columns
+    with `diag H = 0`), the decoding order `perm` `(n,)`, `U` `(n, n)` upper with
+    `(H_p + δ mean(diag H) I)⁻¹ = Uᵀ U` (decoding order), the relative damping `delta` and the absolute
+    one `lam` (with `damp_steps`, every damping tried), and `MH = M − H_obj` `(n, n)` (natural order),
+    `None` when `M = H_obj` (then `T = W`)."""
+
+    dead: torch.Tensor
+    perm: torch.Tensor
+    U: torch.Tensor
+    delta: float
+    lam: float
+    MH: Optional[torch.Tensor]
+    damp_steps: list
+
+
+def factorize(stats: Statistics, objective: Objective, damp: float, act_order: bool, dtype, device,
+              shared: Optional[dict] = None) -> Factorization:
+    """The `Factorization` of `objective` on `stats`; with `shared`, computed once per (statistics,
+    objective terms, damping, order, dtype, device) and reused."""
+    key = (stats, objective.terms, damp, act_order, dtype, str(device))
+    if shared is not None and key in shared:
+        return shared[key]
+    Hraw, M = (x.to(device=device, dtype=dtype) for x in objective.quadratic(stats))
+    MH = None if torch.equal(M, Hraw) else M - Hraw
+    del M
+    H = Hraw
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    else:
+        perm = torch.arange(H.shape[0], device=device)
+    Hp = H[perm][:, perm]
+    del H, Hraw
+    damp_steps: list = []
+    U, _, delta = inverse_cholesky(Hp, damp, steps=damp_steps)
+    f = Factorization(dead, perm, U, delta, delta * float(Hp.diagonal().mean()), MH, damp_steps)
+    if shared is not None:
+        shared[key] = f
+    return f
+
+
 def quantize_layer(
     W: torch.Tensor,
     stats: Statistics,
@@ -75,6 +119,7 @@ def quantize_layer(
     rng: Optional[np.random.Generator] = None,
     dtype: torch.dtype = torch.float32,
     row0: int = 0,
+    shared: Optional[dict] = None,
 ) -> LayerResult:
     """Quantize `W` `(m, n)` (any float dtype, any device) given its calibration statistics.
 
@@ -82,7 +127,9 @@ def quantize_layer(
     generator seeded with `seed`) and recorded in `report["draws"]`. `max_rows` decodes the rows in
     chunks of at most that many (rows are independent problems sharing `H`). `row0`: `W` holds the rows
     `row0, row0 + 1, …` of a larger layer, decoded on their own; seeded decoders draw by the global row
-    index, so the rows get the codes they get when the whole layer is decoded.
+    index, so the rows get the codes they get when the whole layer is decoded. `shared`: a dict the
+    caller keeps while it quantizes modules that read the same inputs (q/k/v, gate/up): their
+    `Factorization` is computed once (see `factorize`).
     """
     t0 = time.perf_counter()
     if W.ndim != 2:
@@ -98,29 +145,22 @@ def quantize_layer(
         raise InputError(f"objective '{objective.name}' needs statistics {sorted(missing)} that were not accumulated")
     dev = W.device
     W = W.to(dtype).clone()
-    Hraw, M = (x.to(device=dev, dtype=dtype) for x in objective.quadratic(stats))
-
     static = grid.group_size == -1 or grid.static_groups
     if grid.group_size == -1:               # GPTQ: one grid per row, fitted before dead columns are zeroed
         scale_nat, zero_nat, g_idx = _static_grid(W, grid, None)
-    H = Hraw.clone()
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1
-    W[:, dead] = 0
+    f = factorize(stats, objective, damp, grid.act_order, dtype, dev, shared)
+    W[:, f.dead] = 0
     if grid.group_size != -1 and grid.static_groups:
         scale_nat, zero_nat, g_idx = _static_grid(W, grid, None)
 
-    if grid.act_order:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-    else:
-        perm = torch.arange(n, device=dev)
-    Hp = H[perm][:, perm]
-    damp_steps: list = []
-    U, Hd, delta = inverse_cholesky(Hp, damp, steps=damp_steps)
+    perm, U = f.perm, f.U
     Wp = W[:, perm]
-    D = (W @ (M - Hraw))[:, perm]                     # T = W + D H_d⁻¹ = W + (D Uᵀ) U, decoding order
-    G = D @ U.T
-    T = Wp + G @ U
+    if f.MH is None:                                  # M = H_obj: T = W
+        G, T = None, Wp
+    else:                                             # T = W + D H_d⁻¹ = W + (D Uᵀ) U, decoding order
+        D = (W @ f.MH)[:, perm]
+        G = D @ U.T
+        T = Wp + G @ U
 
     lower = torch.zeros(n, dtype=dtype, device=dev)
     upper = torch.full((n,), float(grid.maxq), dtype=dtype, device=dev)
@@ -132,10 +172,13 @@ def quantize_layer(
         g_idx[perm.cpu()] = torch.arange(n) // grid.group_size
     problem = WorkingProblem(U, T, g)
     if decoder.progressive:
-        problem.base, problem.inject = Wp, G
-    # candidates are chosen by the exact (undamped) objective value per row: the decoded objective's
-    # unless a separate scoring objective is given
-    problem.score = RowScore.of(score_objective or objective, W, stats, perm)
+        problem.base, problem.inject = Wp, (torch.zeros_like(Wp) if G is None else G)
+    # candidates are chosen by the exact (undamped) objective value per row: the decoded objective's,
+    # from the loss accumulated along each walk, unless a separate scoring objective is given
+    if score_objective is not None:
+        problem.score = RowScore.of(score_objective, W, stats, perm)
+    else:
+        problem.score = PathScore(Wp, f.lam, f.dead[perm].nonzero().flatten())
 
     t1 = time.perf_counter()
     chunk = max_rows or m
@@ -161,9 +204,9 @@ def quantize_layer(
         "objective": objective.describe(),
         "decoder": repr(decoder),
         "draws": draws,
-        "damp": delta,
-        "damp_steps": damp_steps,
-        "dead_columns": int(dead.sum()),
+        "damp": f.delta,
+        "damp_steps": f.damp_steps,
+        "dead_columns": int(f.dead.sum()),
         "path_objective": float(torch.cat([p.objective for p in parts]).double().sum()),
         "seconds": {"prepare": t1 - t0, "decode": t2 - t1, "total": time.perf_counter() - t0},
     }

@@ -96,7 +96,12 @@ class Objective:
         return ((W @ K) * W).sum(1)
 
     def value(self, W: torch.Tensor, Q: torch.Tensor, stats) -> torch.Tensor:
-        """The objective `Σ w ‖W A − Q B‖²_F / N` per row `(m,)` from the statistics (exact, undamped)."""
+        """The objective `Σ w ‖W A − Q B‖²_F / N` per row `(m,)` from the statistics (exact, undamped).
+        When every term has `a = b` it is `E H_obj Eᵀ` with `E = W − Q` (one product)."""
+        if all(t.a == t.b for t in self.terms):
+            H_obj = sum(t.w * _AAt(stats, t.b) for t in self.terms).to(device=W.device, dtype=W.dtype)
+            E = W - Q
+            return ((E @ H_obj) * E).sum(1)
         H_obj, M = (x.to(device=W.device, dtype=W.dtype) for x in self.quadratic(stats))
         return self.const(W, stats) - 2 * ((W @ M) * Q).sum(1) + ((Q @ H_obj) * Q).sum(1)
 
@@ -240,5 +245,40 @@ class RowScore:
     def rows(self, sl: slice) -> "RowScore":
         return RowScore(self.WM[sl], self.H, self.const[sl])
 
-    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+    def __call__(self, Q: torch.Tensor, path: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`Q` `(..., m, n)` → `(..., m)`; the path objective `path` is not needed."""
         return self.const - 2 * (self.WM * Q).sum(-1) + ((Q @ self.H) * Q).sum(-1)
+
+
+class PathScore:
+    """Per-row objective of candidates from the loss accumulated along their walk, in decoding order.
+
+    The walk decodes `T = W M H_d⁻¹` on the damped `H_d = H + λ I` (dead columns: `H_jj = 1`, `w_j = 0`),
+    so `T H_d = W M + λ W` and a candidate's path objective `Σ_j e_j² = (t − q)ᵀ H_d (t − q)` is
+
+        Σ e² = J(q) + λ ‖q − w‖² + Σ_dead q_j² + c,      c = t H_d tᵀ − λ ‖w‖² − const  (per row)
+
+    with `J` the exact (undamped) objective. So `Σ e² − λ ‖q − w‖² − Σ_dead q_j² = J(q) − c` ranks the
+    candidates of a row exactly as `J` does, at the cost of one pass over `q` instead of a product
+    with `H`. `W` `(m, n)` in decoding order with dead columns zeroed; `lam` the absolute damping;
+    `dead` `(k,)` the dead columns' indices in decoding order.
+    """
+
+    def __init__(self, W: torch.Tensor, lam: float, dead: torch.Tensor):
+        self.W, self.lam, self.dead = W, lam, dead
+
+    def rows(self, sl: slice) -> "PathScore":
+        return PathScore(self.W[sl], self.lam, self.dead)
+
+    def __call__(self, Q: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+        """`Q` `(..., m, n)` dequantized candidates and their path objectives `path` `(..., m)` →
+        `J(q) − c` `(..., m)`, one candidate at a time (the same operations whatever the batch)."""
+        if Q.dim() > 2:
+            return torch.stack([self(q, p) for q, p in zip(Q.reshape(-1, *Q.shape[-2:]), path.reshape(-1, path.shape[-1]))]
+                               ).view(path.shape)
+        E = Q - self.W
+        out = path.to(Q.dtype) - self.lam * (E * E).sum(-1)
+        if self.dead.numel():
+            Qd = Q[:, self.dead]
+            out = out - (Qd * Qd).sum(-1)
+        return out

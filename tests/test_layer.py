@@ -230,3 +230,60 @@ def test_cholesky_failure_raises_damping_then_reports():
     assert delta > 0.01 and torch.allclose(U.T @ U @ Hd, torch.eye(2, dtype=torch.float64), atol=1e-8)
     with pytest.raises(FactorizationError, match="damp"):
         inverse_cholesky(torch.tensor([[1.0, 0.0], [0.0, -5.0]]), damp=0.0, retries=1)
+
+
+def test_path_score_is_the_objective_up_to_a_row_constant():
+    """`Σ e² − λ‖q − w‖² − Σ_dead q²` minus the exact objective is the same for every candidate of a row
+    (dead columns, damping, an asymmetric objective), so it ranks candidates as the objective does."""
+    from ojbkq_core.layer import factorize
+    from ojbkq_core.objectives import PathScore
+    X, Xfp = correlated_inputs(400, 24, seed=11, mismatch=0.3, dead=(5,))
+    W = torch.randn(6, 24, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    stats = Statistics.from_inputs(X.double(), Xfp.double(), needs=("H", "C", "G"), dtype=torch.float64)
+    jta, _ = preset("jta", *PRESETS["jta"]).build()
+    f = factorize(stats, jta, 0.05, True, torch.float64, "cpu")
+    W[:, f.dead] = 0
+    Wp = W[:, f.perm]
+    U = f.U
+    T = Wp + ((W @ f.MH)[:, f.perm] @ U.T) @ U
+    Hd = torch.linalg.inv(U.T @ U)                      # the damped H the walk decodes, decoding order
+    score = PathScore(Wp, f.lam, f.dead[f.perm].nonzero().flatten())
+    inv = torch.argsort(f.perm)
+    g = torch.Generator().manual_seed(13)
+    offsets = []
+    for _ in range(5):
+        Qp = Wp + 0.3 * torch.randn(Wp.shape, generator=g, dtype=torch.float64)
+        path = (((T - Qp) @ Hd) * (T - Qp)).sum(1)
+        exact = jta.value(W, Qp[:, inv], stats)
+        offsets.append(score(Qp, path) - exact)
+    offsets = torch.stack(offsets)
+    torch.testing.assert_close(offsets, offsets[:1].expand_as(offsets), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("dec", [Klein(k=12), Beam(width=4)])
+def test_path_score_chooses_the_candidates_the_exact_objective_chooses(dec):
+    X, Xfp = correlated_inputs(500, 48, seed=14, mismatch=0.3, dead=(7,))
+    W = torch.randn(24, 48, generator=torch.Generator().manual_seed(15))
+    stats = Statistics.from_inputs(X, Xfp, needs=("H", "C", "G"))
+    jta = preset("jta", *PRESETS["jta"]).build()[0]
+    grid = GridSpec(bits=3, group_size=16)
+    by_path = quantize_layer(W, stats, jta, grid, dec, seed=3, dtype=torch.float64)
+    by_value = quantize_layer(W, stats, jta, grid, dec, seed=3, dtype=torch.float64, score_objective=jta)
+    assert torch.equal(by_path.codes, by_value.codes)
+    assert by_path.report["candidate_histogram"] == by_value.report["candidate_histogram"]
+
+
+def test_modules_reading_the_same_inputs_share_one_factorization():
+    X, Xfp = correlated_inputs(300, 32, seed=16, mismatch=0.2, dead=(3,))
+    stats = Statistics.from_inputs(X, Xfp, needs=("H", "C", "G"))
+    g = torch.Generator().manual_seed(17)
+    grid = GridSpec(bits=4, group_size=8, act_order=True)
+    for name in ("symmetric", "jta"):
+        spec = preset(name, *PRESETS[name])
+        shared = {}
+        for m in (8, 16, 4):                               # q, k, v
+            W = torch.randn(m, 32, generator=g)
+            a = quantize_layer(W, stats, spec, grid, Klein(k=4), seed=m, shared=shared)
+            b = quantize_layer(W, stats, spec, grid, Klein(k=4), seed=m)
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.row_loss, b.row_loss)
+        assert len(shared) == 1

@@ -47,7 +47,7 @@ def klein_rho(k: int, n: int) -> float:
 def select(problem: WorkingProblem, codes, scale, zero, score):
     """Per-row best candidate. `codes`, `scale`, `zero` `(P, m, n)`, `score` `(P, m)`."""
     if problem.score is not None:
-        rank = problem.score(scale * (codes - zero)).masked_fill(~torch.isfinite(score), float("inf"))
+        rank = problem.score(scale * (codes - zero), score).masked_fill(~torch.isfinite(score), float("inf"))
     else:
         rank = score
     best = rank.argmin(0)                                     # (m,)

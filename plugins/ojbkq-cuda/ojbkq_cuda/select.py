@@ -11,7 +11,8 @@ difference to candidate 0: with `δ = q_p − q_0` and `g_0 = q_0 H − W M`,
 
 which avoids subtracting two numbers of the size of `const` (the reference's form) for every candidate.
 `g_0` is computed with full float32 matrix products whatever torch's TF32 setting; the `δ H` products
-follow it.
+follow it. The layer's own objective comes as a `PathScore` (the loss accumulated along each walk, with
+its damping correction), computed one candidate at a time by the same call as the reference.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def rank(problem: WorkingProblem, paths: Paths, P: int) -> tuple[torch.Tensor, t
     ranks = []
     for p in range(P):
         c, s, z = values(problem, paths, p)
-        ranks.append(sc(s * (c - z)))
+        ranks.append(sc(s * (c - z), score[p]))
     r = torch.stack(ranks)
     return r, r
 
