@@ -448,7 +448,8 @@ def main(argv=None):
 
 
 def ratios(records) -> str:
-    """Decode-time ratios: babai against the baseline on every shape, klein k=16 and beam B=4 against babai."""
+    """Ratios to babai: whole `quantize_layer` of klein k=16 and beam B=4; decode times of the baseline,
+    klein k=16 and beam B=4."""
     def t(shape, bits, dec, params, mm="fp32", key="decode"):
         for r in records:
             if (r["shape"] == list(shape) and r["bits"] == bits and r["decoder"] == dec and r["params"] == params
@@ -459,6 +460,12 @@ def ratios(records) -> str:
     for shape in sorted({tuple(r["shape"]) for r in records}):
         for bits in sorted({r["bits"] for r in records}):
             b = t(shape, bits, "babai", {})
+            bl = t(shape, bits, "babai", {}, key="layer")
+            lines.append(f"{shape[0]}x{shape[1]} {bits}b whole quantize_layer: klein16/babai "
+                         f"{t(shape, bits, 'klein', {'k': 16}, key='layer') / bl:5.2f}x "
+                         f"(tf32 {t(shape, bits, 'klein', {'k': 16}, 'tf32', key='layer') / bl:5.2f}x); beam4/babai "
+                         f"{t(shape, bits, 'beam', {'width': 4}, key='layer') / bl:5.2f}x "
+                         f"(tf32 {t(shape, bits, 'beam', {'width': 4}, 'tf32', key='layer') / bl:5.2f}x)")
             line = (f"{shape[0]}x{shape[1]} {bits}b: baseline/babai decode {t(shape, bits, 'baseline', {}) / b:6.1f}x, "
                     f"layer {t(shape, bits, 'baseline', {}, key='layer') / t(shape, bits, 'babai', {}, key='layer'):5.1f}x; "
                     f"klein16/babai {t(shape, bits, 'klein', {'k': 16}) / b:5.1f}x "

@@ -42,26 +42,72 @@ RECIPES = {
 FULL_BLOCKS = 32
 
 
-def build(args, dev):
+PRESETS = {     # hidden, intermediate, heads, key/value heads
+    "8b": (4096, 14336, 32, 8),
+    "70b": (8192, 28672, 64, 8),
+}
+
+
+def build(args, dev, home):
+    """The model with random bf16 weights, initialised on `dev` and kept on `home`."""
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_hidden_layers=args.blocks, num_attention_heads=args.heads,
                       num_key_value_heads=args.kv_heads, max_position_embeddings=8192, rope_theta=500000.0,
                       rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16")
     torch.manual_seed(0)
-    with torch.device(dev):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    return model.eval()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.to(home).eval()
+
+
+@torch.no_grad()
+def forward_seconds(adapter, ids, batch_size, dev, need_fp, true_sequential=True) -> float:
+    """The bare block forwards the engine runs for one block (block 0, on its captured inputs): per
+    stream, one forward up to each group's modules and one whole forward; the full-precision stream's
+    last group and its propagation are one forward."""
+    from ojbkq_core.calibrate import capture_block_inputs, module_inputs, _run
+    block = adapter.blocks()[0]
+    home = next(block.parameters()).device
+    block.to(dev)
+    X = capture_block_inputs(adapter, ids, batch_size, home=dev, device=dev)
+    groups = adapter.groups(block)
+    if not true_sequential:
+        groups = [[n for g in groups for n in g]]
+    partial = groups if not need_fp else groups + groups[:-1]
+    for _ in range(2):                                     # the first round warms up
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for names in partial:
+            for b in X:
+                module_inputs(block, names, b.hidden, b, dev)
+        for _ in range(2 if need_fp else 1):
+            for b in X:
+                _run(block, b.hidden, b, dev)
+        torch.cuda.synchronize(dev)
+        dt = time.perf_counter() - t0
+    block.to(home)
+    return dt
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """The model, calibration and recipe options (`build` reads the model's)."""
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="shape of Llama-3-8B or -70B (sets hidden, intermediate, heads, kv-heads)")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=14336)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--model-device", default=None,
+                    help="where the model lives between blocks (default: the device; cpu: one block at a time on the device)")
+    ap.add_argument("--append", action="store_true", help="add the records to those already in --out")
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
@@ -76,18 +122,22 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "model.json"))
     add_model_args(ap)
     args = ap.parse_args(argv)
+    if args.preset:
+        args.hidden, args.intermediate, args.heads, args.kv_heads = PRESETS[args.preset]
     dev = torch.device(args.device)
+    model_home = torch.device(args.model_device or args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
     reg = load(extra_plugins=("ojbkq_hf.plugin", "ojbkq_cuda.plugin"))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.samples, args.seqlen), generator=g)
     grid = GridSpec(bits=args.bits, group_size=args.group_size)
-    records = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    records = json.loads(out.read_text()) if args.append and out.exists() else []
     for recipe in args.recipes.split(","):
         obj_name, obj_params, dec_name, dec_params = RECIPES[recipe]
-        model = build(args, dev)
+        model = build(args, dev, model_home)
         adapter = find_adapter(model, registry=reg)
         objective = reg.objective(obj_name, obj_params)
         params = {k: v for k, v in dec_params.items() if k != "seed"}
@@ -104,8 +154,13 @@ def main(argv=None):
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
         sec = res.report["seconds"]
         per_block = (sec["statistics"] + sec["quantize"] + sec["propagate"]) / args.blocks
+        need_fp = res.report["full_precision_stream"]
+        fwd = forward_seconds(adapter, ids, res.report["batch_size"], dev, need_fp) if dev.type == "cuda" else None
         rec = {
             "recipe": recipe, "shape": [args.hidden, args.intermediate], "blocks": args.blocks,
+            "heads": [args.heads, args.kv_heads], "dtype": "bfloat16", "tf32": tf32,
+            "model_device": str(model_home), "streams": res.report["streams"],
+            "batch_size": res.report["batch_size"],
             "bits": args.bits, "group_size": args.group_size, "decoder": dec_name, "params": params,
             "implementation": type(decoder).__name__, "objective": res.report["objective"],
             "samples": args.samples, "seqlen": args.seqlen, "device": name,
@@ -120,22 +175,32 @@ def main(argv=None):
         q_last = sum(v for k, v in rec["layer_seconds"].items() if k.startswith(last))
         rec["seconds_per_block_steady"] = (sec["statistics"] + sec["propagate"]) / args.blocks + q_last
         rec["projected_seconds_steady"] = sec["capture"] + FULL_BLOCKS * rec["seconds_per_block_steady"]
+        # statistics + propagation against the bare forwards they need
+        rec["forward_seconds_per_block"] = fwd
+        rec["statistics_propagate_over_forwards"] = (
+            None if not fwd else (sec["statistics"] + sec["propagate"]) / args.blocks / fwd)
         records.append(rec)
         out.write_text(json.dumps(records, indent=1))
         print(f"{recipe}: {args.blocks} blocks in {total:.1f}s; per block {per_block:.2f}s "
               f"(statistics {sec['statistics'] / args.blocks:.2f}, quantize {sec['quantize'] / args.blocks:.2f}, "
               f"propagate {sec['propagate'] / args.blocks:.2f}); capture {sec['capture']:.2f}s; "
               f"{FULL_BLOCKS} blocks ≈ {rec['projected_seconds'] / 60:.1f} min (steady {rec['seconds_per_block_steady']:.2f} s/block, "
-              f"{rec['projected_seconds_steady'] / 60:.1f} min); peak {peak / 2**30:.1f} GiB", flush=True)
+              f"{rec['projected_seconds_steady'] / 60:.1f} min); peak {peak / 2**30:.1f} GiB; "
+              f"(statistics + propagate) / forwards = {rec['statistics_propagate_over_forwards'] or 0:.2f}", flush=True)
         del model, adapter, res
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"{'recipe':<6} {'decoder':<10} {'s/block':>8} {'stats':>7} {'quant':>7} {'prop':>7} {'32 blocks':>10} {'peak GiB':>9}")
+    print(f"{'recipe':<6} {'shape':<11} {'decoder':<10} {'s/block':>8} {'steady':>7} {'stats':>7} {'quant':>7} "
+          f"{'prop':>7} {'fwd':>6} {'ratio':>6} {'32 blocks':>10} {'peak GiB':>9}")
     for r in records:
+        if "engine_seconds" not in r:
+            continue
         e = r["engine_seconds"]
         b = r["blocks"]
-        print(f"{r['recipe']:<6} {r['implementation']:<10} {r['seconds_per_block']:8.2f} {e['statistics'] / b:7.2f} "
-              f"{e['quantize'] / b:7.2f} {e['propagate'] / b:7.2f} {r['projected_seconds'] / 60:8.1f}m "
+        print(f"{r['recipe']:<6} {'x'.join(map(str, r['shape'])):<11} {r['implementation']:<10} {r['seconds_per_block']:8.2f} "
+              f"{r['seconds_per_block_steady']:7.2f} {e['statistics'] / b:7.2f} {e['quantize'] / b:7.2f} "
+              f"{e['propagate'] / b:7.2f} {r.get('forward_seconds_per_block') or 0:6.2f} "
+              f"{r.get('statistics_propagate_over_forwards') or 0:6.2f} {r['projected_seconds'] / 60:8.1f}m "
               f"{r['peak_bytes'] / 2**30:9.1f}")
     return 0
 

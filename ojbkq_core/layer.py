@@ -32,12 +32,14 @@ log = logging.getLogger("ojbkq")
 class LayerResult:
     """A quantized layer, in the layer's natural column order.
 
-    `qweight` `(m, n)` dequantized float32; `codes` `(m, n)` int64 in `[0, maxq]`; `scales`, `zeros`
-    `(m, n_groups)`; `g_idx` `(n,)` int64 (each column's group); `perm` `(n,)` the decoding order;
-    `row_loss` `(m,)` and `loss` the objective `Σ w ‖W A − Q B‖²_F / N` (float64, undamped).
+    `qweight` `(m, n)` dequantized float32 (kept in `stored_qweight`, or rebuilt from the codes when that
+    was dropped to save memory); `codes` `(m, n)` integers in `[0, maxq]` (int64; the engine keeps the
+    narrowest type); `scales`, `zeros` `(m, n_groups)`; `g_idx` `(n,)` int64 (each column's group);
+    `perm` `(n,)` the decoding order; `row_loss` `(m,)` and `loss` the objective
+    `Σ w ‖W A − Q B‖²_F / N` (float64, undamped).
     """
 
-    qweight: torch.Tensor
+    stored_qweight: Optional[torch.Tensor]
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
@@ -46,6 +48,17 @@ class LayerResult:
     row_loss: torch.Tensor
     loss: float
     report: dict = field(default_factory=dict)
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        if self.stored_qweight is not None:
+            return self.stored_qweight
+        g = self.g_idx.to(self.scales.device)
+        return self.scales[:, g] * (self.codes.float() - self.zeros[:, g])
+
+    @qweight.setter
+    def qweight(self, Q: Optional[torch.Tensor]) -> None:
+        self.stored_qweight = Q
 
 
 def _static_grid(W: torch.Tensor, spec: GridSpec, perm: torch.Tensor):
@@ -214,7 +227,7 @@ def quantize_layer(
     if infos and "candidate" in infos[0]:
         report["candidate_histogram"] = torch.bincount(torch.cat([i["candidate"].cpu() for i in infos])).tolist()
     return LayerResult(
-        qweight=Q.float(), codes=codes.round().long(), scales=scale[:, first].float(), zeros=zero[:, first].float(),
+        stored_qweight=Q.float(), codes=codes.round().long(), scales=scale[:, first].float(), zeros=zero[:, first].float(),
         g_idx=g_idx.cpu(), perm=perm.cpu(), row_loss=row_loss, loss=float(row_loss.sum()), report=report,
     )
 

