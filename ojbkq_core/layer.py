@@ -107,9 +107,10 @@ def factorize(stats: Statistics, objective: Objective, damp: float, act_order: b
     H.diagonal()[dead] = 1
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        Hp = H[perm][:, perm]
     else:
         perm = torch.arange(H.shape[0], device=device)
-    Hp = H[perm][:, perm]
+        Hp = H
     del H, Hraw
     damp_steps: list = []
     U, _, delta = inverse_cholesky(Hp, damp, steps=damp_steps)
@@ -233,9 +234,16 @@ def quantize_layer(
 
 
 class _Double:
-    """The statistics in float64 on `device`, for the reported objective value."""
+    """The statistics in float64 on `device`, for the reported objective value: each read converts
+    afresh, so that no more than the matrix in use is held in float64."""
 
     def __init__(self, stats, device):
-        for k in ("H", "C", "G"):
-            v = getattr(stats, k)
-            setattr(self, k, None if v is None else v.to(device=device, dtype=torch.float64))
+        self.stats, self.device = stats, device
+
+    def _get(self, key):
+        v = getattr(self.stats, key)
+        return None if v is None else v.to(device=self.device, dtype=torch.float64)
+
+    H = property(lambda self: self._get("H"))
+    C = property(lambda self: self._get("C"))
+    G = property(lambda self: self._get("G"))

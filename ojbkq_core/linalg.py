@@ -47,7 +47,9 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, retries: int = 6,
         why = _why_not(L, info)
         if why is None:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             why = _why_not(U.T, info)
             if why is None:
                 if attempt:

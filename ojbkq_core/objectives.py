@@ -57,6 +57,28 @@ def _ABt(stats, a, b):
     return out
 
 
+def _combo(stats, H=0.0, G=0.0, C=0.0, Ct=0.0):
+    """`H·H + G·G + C·C + Ct·Cᵀ` `(n, n)` accumulated in place, one statistic read at a time (each
+    read may be a fresh conversion: at most two `(n, n)` tensors are alive)."""
+    out = None
+    for key, c in (("H", H), ("G", G), ("C", C), ("Ct", Ct)):
+        if c == 0:
+            continue
+        S = getattr(stats, "C" if key == "Ct" else key)
+        S = S.T if key == "Ct" else S
+        if out is None:
+            out = S * c
+        else:
+            out.add_(S, alpha=c)
+        del S
+    return out
+
+
+def _row_form(A: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """`diag(A S Bᵀ)` `(m,)` for `A`, `B` `(m, n)`."""
+    return ((A @ S.to(device=A.device, dtype=A.dtype)) * B).sum(1)
+
+
 @dataclass(frozen=True)
 class Objective:
     """A fixed list of terms. `name` and `params` say where it came from (for reports)."""
@@ -97,13 +119,21 @@ class Objective:
 
     def value(self, W: torch.Tensor, Q: torch.Tensor, stats) -> torch.Tensor:
         """The objective `Σ w ‖W A − Q B‖²_F / N` per row `(m,)` from the statistics (exact, undamped).
-        When every term has `a = b` it is `E H_obj Eᵀ` with `E = W − Q` (one product)."""
-        if all(t.a == t.b for t in self.terms):
-            H_obj = sum(t.w * _AAt(stats, t.b) for t in self.terms).to(device=W.device, dtype=W.dtype)
-            E = W - Q
-            return ((E @ H_obj) * E).sum(1)
-        H_obj, M = (x.to(device=W.device, dtype=W.dtype) for x in self.quadratic(stats))
-        return self.const(W, stats) - 2 * ((W @ M) * Q).sum(1) + ((Q @ H_obj) * Q).sum(1)
+
+        With `E = W − Q` and `Δ = X̃ − X`, `W A − Q B = (a − b) W Δ + E B`, so each term is
+
+            w [(a − b)² W ΔΔᵀ Wᵀ + 2 (a − b) W Δ Bᵀ Eᵀ + E B Bᵀ Eᵀ]
+
+        (no difference of large numbers), built one `(n, n)` matrix at a time in `W`'s dtype."""
+        E = W - Q
+        out = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+        for t in self.terms:
+            b, d = t.b, t.a - t.b
+            out += t.w * _row_form(E, _combo(stats, H=(1 - b) ** 2, G=b * b, C=b * (1 - b), Ct=b * (1 - b)), E)
+            if d:
+                out += t.w * d * d * _row_form(W, _combo(stats, H=1.0, G=1.0, C=-1.0, Ct=-1.0), W)
+                out += 2 * t.w * d * _row_form(W, _combo(stats, H=-(1 - b), G=b, C=1 - b, Ct=-b), E)
+        return out
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.params.items())
