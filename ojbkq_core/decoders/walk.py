@@ -8,7 +8,7 @@ For every path `p` and row `i` at once, column by column in decoding order:
     T[p, i, j+1:] −= (e − G[i, j]) · U[j, j+1:]
 
 with GPTQ's lazy block updates: inside a block only the block's columns are updated, the columns after
-it get one matrix product `Err @ U[block, rest]` when the block ends.
+it get one matrix product `T[:, rest] −= Err @ U[block, rest]` (one in-place `addmm`) when the block ends.
 """
 from __future__ import annotations
 
@@ -75,6 +75,6 @@ def walk(problem: WorkingProblem, paths: int, choose: Chooser, inject: bool = Fa
             Err[:, :, jj] = fb
             if jj + 1 < i2 - i1:
                 Tb[:, :, jj + 1:] -= fb.unsqueeze(-1) * U[j, j + 1:i2]
-        if i2 < n:
-            T[:, :, i2:] -= Err @ U[i1:i2, i2:]
+        if i2 < n:                              # one in-place product over all paths' rows
+            T.view(P * m, n)[:, i2:].addmm_(Err.view(P * m, i2 - i1), U[i1:i2, i2:], alpha=-1.0)
     return codes, scale, zero, score
