@@ -21,14 +21,17 @@ swap one out: `statistics(reduce=...)` is applied to each finished `Statistics` 
 `H`, `C`, `G` over ranks), `calibrate(quantize_group=...)` may decode a share of a group's modules per
 rank and gather the results, and statistics and propagation may be fused into one pass.
 
-Only the current block (and its full-precision copy) sits on `device`; the streams and every other
-block stay on the CPU.
+Only the current block (and its full-precision copy) sits on `device`, every other block stays where
+the model is. The streams live on `device` when they fit (`stream_home`), else in pinned host memory
+with asynchronous copies; each stream runs one forward per group for the statistics and one to
+propagate, except the full-precision stream, whose last statistics pass also propagates it.
 """
 from __future__ import annotations
 
 import copy
 import fnmatch
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -50,6 +53,8 @@ from .stats import Statistics
 
 log = logging.getLogger("ojbkq")
 
+SYMMETRIC = (Term(1, 0, 0),)        # ‖W X − Q X‖²: the objective is the symmetric loss itself
+
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once every input it wanted was seen."""
@@ -57,9 +62,10 @@ class _Stop(Exception):
 
 @dataclass
 class BlockInputs:
-    """One calibration batch at the input of a block: `hidden` `(b, L, d)` on the CPU, plus the other
-    positional and keyword arguments the model passed to its first block (attention mask, position
-    ids, position embeddings, …), shared by every block and both streams."""
+    """One calibration batch at the input of a block: `hidden` `(b, L, d)` where the streams live
+    (`capture` moves it into its `Streams` and leaves `None`), plus the other positional and keyword
+    arguments the model passed to its first block (attention mask, position ids, position embeddings,
+    …), on the calibration device, shared by every block and both streams."""
 
     hidden: torch.Tensor
     args: tuple
@@ -88,6 +94,31 @@ def to_device(obj: Any, device) -> Any:
     return obj
 
 
+def to_home(x: torch.Tensor, home) -> torch.Tensor:
+    """`x` where a stream lives: a device, or `"pinned"` (page-locked host memory, copied asynchronously)."""
+    if home == "pinned":
+        return x.cpu().pin_memory()
+    return x.to(home)
+
+
+def stream_home(adapter: Model, samples: int, seqlen: int, streams: int, device: torch.device, share: float = 0.25):
+    """Where the activation streams live: on `device` when all of them (`streams × samples × seqlen ×
+    hidden` in the model's dtype) take at most `share` of its free memory, else pinned host memory
+    (CUDA) or the CPU. `OJBKQ_STREAMS=device` or `pinned` decides instead."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    forced = os.environ.get("OJBKQ_STREAMS")
+    if forced in ("device", "pinned"):
+        return device if forced == "device" else "pinned"
+    block = adapter.blocks()[0]
+    first = block.get_submodule(adapter.groups(block)[0][0])
+    hidden = adapter.weight(first).shape[1]
+    p = next(adapter.model.parameters())
+    need = streams * samples * seqlen * hidden * p.element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need <= share * free else "pinned"
+
+
 def _first_tensor(out) -> torch.Tensor:
     """A block's output hidden states (blocks return a tensor or a tuple starting with it)."""
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -100,9 +131,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def capture_block_inputs(adapter: Model, input_ids: torch.Tensor, batch_size: int) -> list[BlockInputs]:
+def capture_block_inputs(adapter: Model, input_ids: torch.Tensor, batch_size: int, home="cpu",
+                         device="cpu") -> list[BlockInputs]:
     """Run the model on `input_ids` `(S, L)` in batches up to its first block and keep that block's
-    inputs (on the CPU). The model's front (embeddings, rotary tables) runs where the model is."""
+    inputs: the hidden states on `home` (a device, or `"pinned"` host memory), the other arguments on
+    `device`. The model's front (embeddings, rotary tables) runs where the model is."""
     block0 = adapter.blocks()[0]
     seen: list = []
 
@@ -133,20 +166,23 @@ def capture_block_inputs(adapter: Model, input_ids: torch.Tensor, batch_size: in
             for k in ("past_key_values", "past_key_value", "layer_past"):
                 if k in kwargs:
                     kwargs[k] = None
-            out.append(BlockInputs(hidden.detach().cpu(), to_device(args, "cpu"), to_device(kwargs, "cpu")))
+            out.append(BlockInputs(to_home(hidden.detach(), home), to_device(args, device), to_device(kwargs, device)))
     finally:
         handle.remove()
     return out
 
 
 def _run(block: nn.Module, hidden: torch.Tensor, b: BlockInputs, device) -> torch.Tensor:
-    return _first_tensor(block(hidden.to(device), *to_device(b.args, device), **to_device(b.kwargs, device)))
+    return _first_tensor(block(hidden.to(device, non_blocking=True), *to_device(b.args, device),
+                               **to_device(b.kwargs, device)))
 
 
-def module_inputs(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, b: BlockInputs, device) -> dict:
+def module_inputs(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, b: BlockInputs, device,
+                  finish: bool = False):
     """The input of each named submodule of `block` when it runs on `hidden`; the forward stops as
-    soon as all of them were seen. Modules called with the same tensor get the same object; a module
-    the forward never calls (an expert no token is routed to) is absent."""
+    soon as all of them were seen, unless `finish`: then it runs to the end and `(inputs, output)` is
+    returned. Modules called with the same tensor get the same object; a module the forward never
+    calls (an expert no token is routed to) is absent."""
     want = set(names)
     got: dict[str, torch.Tensor] = {}
     same: dict[int, tuple] = {}                   # id of an input tensor → (it, its detached view)
@@ -157,25 +193,27 @@ def module_inputs(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, 
             x = args[0] if args else next(iter(kwargs.values()))
             if name not in got:
                 got[name] = same.setdefault(id(x), (x, x.detach()))[1]
-            if want <= got.keys():
+            if not finish and want <= got.keys():
                 raise _Stop
         return hook
 
     for name in names:
         handles.append(block.get_submodule(name).register_forward_pre_hook(make(name), with_kwargs=True))
+    out = None
     try:
-        _run(block, hidden, b, device)
+        out = _run(block, hidden, b, device)
     except _Stop:
         pass
     finally:
         for h in handles:
             h.remove()
-    return got
+    return (got, out) if finish else got
 
 
-def default_batch_size(seqlen: int) -> int:
-    """Calibration sequences per forward batch: about 4096 tokens."""
-    return max(1, 4096 // seqlen)
+def default_batch_size(seqlen: int, device="cpu") -> int:
+    """Calibration sequences per forward batch: about 16384 tokens on a CUDA device (fewer, larger
+    products), 4096 elsewhere."""
+    return max(1, (16384 if torch.device(device).type == "cuda" else 4096) // seqlen)
 
 
 def layer_seed(seed: int, index: int) -> int:
@@ -199,12 +237,25 @@ def quantized_names(adapter: Model, skip: Sequence[str] = ()) -> list[str]:
 @dataclass
 class Streams:
     """The inputs of the current block for every calibration batch: `X[b]` (runtime) and `X_fp[b]`
-    (full precision, None when not kept), each `(batch, L, d)` on the CPU, and `batches[b]` the other
-    arguments of the block call (shared by both streams)."""
+    (full precision, None when not kept), each `(batch, L, d)` on `home` (the device, the CPU, or
+    `"pinned"` host memory, overwritten in place by asynchronous copies), and `batches[b]` the other
+    arguments of the block call (shared by both streams). `fp_propagated`: `X_fp` already holds the
+    next block's inputs (its last statistics pass ran the whole block)."""
 
     batches: list[BlockInputs]
     X: list[torch.Tensor]
     X_fp: Optional[list[torch.Tensor]]
+    home: Any = "cpu"
+    fp_propagated: bool = False
+
+    def store(self, X: list, b: int, out: torch.Tensor) -> None:
+        """`X[b] ← out` for one of the two lists: replaced where the stream lives on a device or the CPU,
+        overwritten in place by an asynchronous copy in pinned memory (ordered after the forward that
+        read it)."""
+        if self.home == "pinned":
+            X[b].copy_(out, non_blocking=True)
+        else:
+            X[b] = out.to(self.home)
 
     @staticmethod
     def full_precision_needed(needs: set, sampled: bool) -> bool:
@@ -224,42 +275,59 @@ class Streams:
         before any of the block's modules is quantized."""
         return copy.deepcopy(block) if self.full_precision else None
 
-    def module_inputs(self, block: nn.Module, orig: Optional[nn.Module], names: Sequence[str], b: int, device):
+    def module_inputs(self, block: nn.Module, orig: Optional[nn.Module], names: Sequence[str], b: int, device,
+                      propagate_fp: bool = False):
         """`(x, x_fp)`: the inputs of the named modules for batch `b` in each stream (`x_fp` None
-        without the full-precision stream)."""
+        without the full-precision stream). With `propagate_fp` the full-precision block runs to its
+        end and its output replaces `X_fp[b]` (the caller then sets `fp_propagated`)."""
         x = module_inputs(block, names, self.X[b], self.batches[b], device)
-        x_fp = module_inputs(orig, names, self.X_fp[b], self.batches[b], device) if self.full_precision else None
+        x_fp = None
+        if self.full_precision and propagate_fp:
+            x_fp, out = module_inputs(orig, names, self.X_fp[b], self.batches[b], device, finish=True)
+            self.store(self.X_fp, b, out)
+        elif self.full_precision:
+            x_fp = module_inputs(orig, names, self.X_fp[b], self.batches[b], device)
         return x, x_fp
 
     def snapshot(self) -> dict:
-        return {"X": list(self.X), "X_fp": None if self.X_fp is None else list(self.X_fp)}
+        """Copies of both streams on the CPU."""
+        cpu = lambda xs: None if xs is None else [x.to("cpu", copy=True) for x in xs]  # noqa: E731
+        return {"X": cpu(self.X), "X_fp": cpu(self.X_fp)}
 
 
 # --- the steps ------------------------------------------------------------------------------------
 
-def capture(adapter: Model, input_ids: torch.Tensor, batch_size: int, full_precision: bool) -> Streams:
-    """Step 1: the first block's inputs for `input_ids` `(S, L)`; both streams start equal."""
-    batches = capture_block_inputs(adapter, input_ids, batch_size)
+def capture(adapter: Model, input_ids: torch.Tensor, batch_size: int, full_precision: bool, home="cpu",
+            device="cpu") -> Streams:
+    """Step 1: the first block's inputs for `input_ids` `(S, L)`; both streams start equal, on `home`
+    (see `stream_home`), the other block arguments on `device`."""
+    batches = capture_block_inputs(adapter, input_ids, batch_size, home=home, device=device)
     X = [b.hidden for b in batches]
-    return Streams(batches, X, list(X) if full_precision else None)
+    for b in batches:                                # the streams own the hidden states from here on
+        b.hidden = None
+    X_fp = None
+    if full_precision:                               # pinned streams are overwritten in place: two copies
+        X_fp = [to_home(x.clone(), home) for x in X] if home == "pinned" else list(X)
+    return Streams(batches, X, X_fp, home)
 
 
 @torch.no_grad()
 def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set], streams: Streams, device,
                reduce: Optional[Callable[[Statistics], Statistics]] = None,
-               dtype: torch.dtype = torch.float32) -> dict[str, Statistics]:
+               dtype: torch.dtype = torch.float32, propagate_fp: bool = False) -> dict[str, Statistics]:
     """Step 2: the `Statistics` of each module named in `needs` (block-relative name → the statistics
     it needs, of `H`, `C`, `G`) over every batch of `streams`, running `block` on `X` and `orig` on
     `X_fp`. Modules called with the same input tensor in both streams (q, k, v) share one
     `Statistics` object, accumulating the union of their needs, in `dtype`. A module that runs in no
     batch (in both streams: an expert no token is routed to) gets a `Statistics` of zero sums and
     `count == 0`. `reduce` is applied to each finished `Statistics` once (identity by default), in the
-    order of `needs`."""
+    order of `needs`. `propagate_fp` (the block's last group): `orig` runs to its end and `X_fp`
+    becomes the next block's inputs in the same pass."""
     names = list(needs)
     owner: dict[str, str] = {}                    # module → the first module reading the same input
     stats: dict[str, Statistics] = {}
     for b in range(len(streams)):
-        x, x_fp = streams.module_inputs(block, orig, names, b, device)
+        x, x_fp = streams.module_inputs(block, orig, names, b, device, propagate_fp)
         ran = [n for n in names if n in x and (x_fp is None or n in x_fp)]
         for n in ran:
             if n not in owner:
@@ -269,6 +337,7 @@ def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set
                 need = set().union(*(needs[n] for n in names if owner.get(n) == o))
                 stats[o] = Statistics(x[o].shape[-1], needs=need, device=device, dtype=dtype)
             stats[o].add(x[o], None if x_fp is None else x_fp[o])
+    streams.fp_propagated = streams.fp_propagated or (propagate_fp and streams.full_precision)
     for n in names:                               # no calibration token reached it: zero sums
         if n not in owner:
             module = block.get_submodule(n)
@@ -324,10 +393,11 @@ def layer_tasks(objective: Union[ObjectiveSpec, Objective], prefix: str, group: 
 
 @torch.no_grad()
 def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTask, settings: Settings,
-             device, rows: Optional[tuple[int, int]] = None) -> LayerResult:
+             device, rows: Optional[tuple[int, int]] = None, shared: Optional[dict] = None) -> LayerResult:
     """Step 3: one module → `LayerResult` (tensors on `device`). Its `report` gains `draws`,
     `seconds` and `sym_loss`. `rows` `(r0, r1)`: only those rows of the weight, decoded as they are in
-    the whole module (the result holds rows `r0…r1−1`)."""
+    the whole module (the result holds rows `r0…r1−1`). `shared`: factorizations of the group's
+    statistics, reused by the modules reading the same input (see `quantize_layer`)."""
     r0, r1 = rows or (0, None)
     W = adapter.weight(module).detach()[r0:r1].to(device=device, dtype=torch.float32, copy=True)
     t0 = time.perf_counter()
@@ -339,10 +409,13 @@ def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTa
     else:
         res = quantize_layer(W, stats, task.objective, settings.grid, settings.decoder, damp=settings.damp,
                              seed=layer_seed(settings.seed, task.index), score_objective=settings.score_objective,
-                             row0=r0)
+                             row0=r0, shared=shared)
     res.report["seconds"] = time.perf_counter() - t0
     res.report["draws"] = task.draws
-    res.report["sym_loss"] = None if "fallback" in res.report else _sym_loss(W, res.qweight, stats)
+    if "fallback" in res.report:
+        res.report["sym_loss"] = None
+    else:
+        res.report["sym_loss"] = res.loss if task.objective.terms == SYMMETRIC else _sym_loss(W, res.qweight, stats)
     return res
 
 
@@ -362,27 +435,35 @@ def quantize_group(adapter: Model, block: nn.Module, tasks: Sequence[LayerTask],
     """Step 3 for a group: module name in the block → `LayerResult`, every module decoded here. The
     one place an engine replaces to share a group's modules out (e.g. one share per rank, then
     gather the results)."""
-    return {t.name: quantize(adapter, block.get_submodule(t.name), stats[t.name], t, settings, device)
+    shared: dict = {}
+    return {t.name: quantize(adapter, block.get_submodule(t.name), stats[t.name], t, settings, device, shared=shared)
             for t in tasks}
 
 
 def replace(adapter: Model, block: nn.Module, results: dict[str, LayerResult]) -> None:
     """Step 4: write each result's dequantized weight into its module of `block`, then move the
-    result's tensors to the CPU."""
+    result's tensors to the CPU: the codes in the narrowest integer type that holds them, the
+    dequantized weight dropped (the module holds it; `LayerResult.qweight` rebuilds it)."""
     for name, res in results.items():
         adapter.set_weight(block.get_submodule(name), res.qweight)
-        res.qweight, res.row_loss = res.qweight.cpu(), res.row_loss.cpu()
-        res.codes, res.scales, res.zeros = res.codes.cpu(), res.scales.cpu(), res.zeros.cpu()
+        maxq = int(res.codes.max()) if res.codes.numel() else 0
+        res.qweight, res.row_loss = None, res.row_loss.cpu()
+        res.codes = res.codes.to(torch.uint8 if maxq <= 255 else torch.int32).cpu()
+        res.scales, res.zeros = res.scales.cpu(), res.zeros.cpu()
 
 
 @torch.no_grad()
 def propagate(block: nn.Module, orig: Optional[nn.Module], streams: Streams, device) -> Streams:
-    """Step 5: the next block's inputs, `X ← block(X)` and `X̃ ← orig(X̃)`, on the CPU."""
-    X = [_run(block, x, b, device).cpu() for x, b in zip(streams.X, streams.batches)]
-    X_fp = None
-    if streams.full_precision:
-        X_fp = [_run(orig, x, b, device).cpu() for x, b in zip(streams.X_fp, streams.batches)]
-    return Streams(streams.batches, X, X_fp)
+    """Step 5: the next block's inputs, `X ← block(X)` and `X̃ ← orig(X̃)` (unless the statistics
+    pass did it), batch by batch in place where the streams live."""
+    for b, batch in enumerate(streams.batches):
+        streams.store(streams.X, b, _run(block, streams.X[b], batch, device))
+        if streams.full_precision and not streams.fp_propagated:
+            streams.store(streams.X_fp, b, _run(orig, streams.X_fp[b], batch, device))
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    streams.fp_propagated = False
+    return streams
 
 
 def check_finite(streams: Streams, where: str) -> None:
@@ -450,14 +531,18 @@ def calibrate(
     device = torch.device(device)
     adapter.model.eval()
     S, L = input_ids.shape
-    batch_size = batch_size or default_batch_size(L)
+    batch_size = batch_size or default_batch_size(L, device)
     settings = Settings(grid, decoder, damp, seed, score_objective)
     probe = objective if isinstance(objective, Objective) else objective.build(np.random.default_rng([seed, 0]))[0]
     needs = set(probe.needs) | (set(score_objective.needs) if score_objective is not None else set())
     sampled = isinstance(objective, ObjectiveSpec) and bool(objective.sampled)
 
+    full_precision = Streams.full_precision_needed(needs, sampled)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    streams = capture(adapter, input_ids, batch_size, Streams.full_precision_needed(needs, sampled))
+    home = stream_home(adapter, S, L, 2 if full_precision else 1, device)
+    streams = capture(adapter, input_ids, batch_size, full_precision, home, device)
     check_finite(streams, f"inputs of {adapter.blocks_path()}.0 (block 0)")
     seconds = {"capture": time.perf_counter() - t0, "statistics": 0.0, "quantize": 0.0, "propagate": 0.0}
 
@@ -479,7 +564,7 @@ def calibrate(
             groups = adapter.groups(block)
             if not true_sequential:
                 groups = [[n for g in groups for n in g]]
-            for group in groups:
+            for gi, group in enumerate(groups):
                 tasks = layer_tasks(objective, f"{path}.{i}", group, index, seed, skip)
                 index += len(group)
                 skipped += [f"{path}.{i}.{n}" for n in group if n not in {t.name for t in tasks}]
@@ -488,7 +573,9 @@ def calibrate(
                     continue
                 t0 = time.perf_counter()
                 stats = statistics(block, orig, {t.name: needs | t.objective.needs for t in tasks}, streams,
-                                   device, reduce, stats_dtype)
+                                   device, reduce, stats_dtype, propagate_fp=gi == len(groups) - 1)
+                if device.type == "cuda":                 # the products queued above count here
+                    torch.cuda.synchronize(device)
                 seconds["statistics"] += time.perf_counter() - t0
                 results = quantize_group(adapter, block, tasks, stats, settings, device)
                 replace(adapter, block, results)
@@ -497,7 +584,7 @@ def calibrate(
                     if res is None:                  # kept by another process
                         bar.update(1)
                         continue
-                    rows[t.full] = _row(t, res.qweight.shape, res)
+                    rows[t.full] = _row(t, res.codes.shape, res)
                     layers[t.full] = res
                     seconds["quantize"] += res.report["seconds"]
                     extra = "".join(f" {key}={v:.3f}" for key, v in t.draws.items())
@@ -532,6 +619,9 @@ def calibrate(
         "rounded_without_tokens": [k for k, r in rows.items() if r.get("fallback")],
         "seconds": seconds,
         "statistics_dtype": str(stats_dtype).removeprefix("torch."),
+        "streams": "pinned" if streams.home == "pinned" else str(streams.home),
+        "batch_size": batch_size,
+        "device_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
     return CalibrationResult(layers, report, kept)
 

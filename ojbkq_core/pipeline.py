@@ -132,7 +132,7 @@ def calibrate_model(model, tokenizer, cfg: dict, input_ids: Optional[torch.Tenso
         stats_dtype = "float32" if world is None else "float64"
     if input_ids is None:
         input_ids = calibration_ids(tokenizer, cfg["calibration"])
-    samples, batch_size = input_ids.shape[0], default_batch_size(input_ids.shape[1])
+    samples, batch_size = input_ids.shape[0], default_batch_size(input_ids.shape[1], device)
     engine = None if world is None else distributed.Engine(world)
     if engine is not None:
         input_ids = engine.shard(input_ids, batch_size)

@@ -118,10 +118,11 @@ def test_propagate_equals_the_block_forward(llama):
     orig = s.original(block)
     with torch.no_grad():
         block.mlp.down_proj.weight.mul_(0.9)
+    before = s.snapshot()                       # propagate replaces the streams batch by batch in place
     nxt = propagate(block, orig, s, "cpu")
     assert nxt.batches is s.batches
     with torch.no_grad():
-        for x, x_fp, b, y, y_fp in zip(s.X, s.X_fp, s.batches, nxt.X, nxt.X_fp):
+        for x, x_fp, b, y, y_fp in zip(before["X"], before["X_fp"], s.batches, nxt.X, nxt.X_fp):
             out, out_fp = block(x, *b.args, **b.kwargs), orig(x_fp, *b.args, **b.kwargs)
             out, out_fp = (o[0] if isinstance(o, tuple) else o for o in (out, out_fp))
             assert torch.equal(y, out) and torch.equal(y_fp, out_fp)
@@ -156,3 +157,49 @@ def test_calibrate_goes_through_reduce_and_quantize_group(llama):
     assert len(reduced) == 2 * 3          # per block: q/k/v (shared), up/gate (shared), down; o_proj skipped
     for n in names[:3]:                   # block 0's q, k, v see the same inputs as without skipping
         assert torch.equal(res.layers[n].qweight, ref.layers[n].qweight)
+
+
+def test_last_statistics_pass_also_propagates_the_full_precision_stream(llama):
+    _, adapter, ids = llama
+    block = adapter.blocks()[0]
+    s = capture(adapter, ids, 2, full_precision=True)
+    orig = s.original(block)
+    before = s.snapshot()
+    needs = {"mlp.down_proj": {"H", "C", "G"}}
+    plain = statistics(block, orig, needs, capture(adapter, ids, 2, full_precision=True), "cpu")
+    fused = statistics(block, orig, needs, s, "cpu", propagate_fp=True)
+    assert torch.equal(fused["mlp.down_proj"].G, plain["mlp.down_proj"].G)
+    assert s.fp_propagated
+    with torch.no_grad():
+        for x_fp, b, y_fp in zip(before["X_fp"], s.batches, s.X_fp):
+            out = orig(x_fp, *b.args, **b.kwargs)
+            assert torch.equal(y_fp, out[0] if isinstance(out, tuple) else out)
+    with torch.no_grad():
+        block.mlp.down_proj.weight.mul_(0.9)
+    nxt = propagate(block, orig, s, "cpu")            # the runtime stream only
+    for y_fp, x_fp in zip(nxt.X_fp, s.X_fp):
+        assert y_fp is x_fp
+    assert not nxt.fp_propagated
+
+
+def test_pinned_streams_are_overwritten_in_place(llama):
+    _, adapter, ids = llama
+    s = capture(adapter, ids, 2, full_precision=False)
+    s.home = "pinned"                                 # in-place copies (pinned memory itself needs CUDA)
+    first = s.X[0]
+    out = torch.randn_like(first)
+    s.store(s.X, 0, out)
+    assert s.X[0] is first and torch.equal(first, out)
+
+
+def test_replace_keeps_narrow_codes_and_rebuilds_the_weight(llama):
+    _, adapter, ids = llama
+    block = adapter.blocks()[0]
+    s = capture(adapter, ids, 2, full_precision=False)
+    task = layer_tasks(get_registry().objective("symmetric"), "model.layers.0", ["mlp.up_proj"], 0, 0)
+    st = statistics(block, None, {"mlp.up_proj": {"H"}}, s, "cpu")
+    res = quantize(adapter, block.mlp.up_proj, st["mlp.up_proj"], task[0], Settings(GRID, Babai()), "cpu")
+    Q, codes = res.qweight.clone(), res.codes.clone()
+    replace(adapter, block, {"mlp.up_proj": res})
+    assert res.stored_qweight is None and res.codes.dtype == torch.uint8
+    assert torch.equal(res.codes.long(), codes) and torch.equal(res.qweight, Q)

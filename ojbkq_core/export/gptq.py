@@ -66,12 +66,19 @@ def pack_dim0(x: torch.Tensor, bits: int) -> torch.Tensor:
     if (k * bits) % 32:
         raise InputError(f"cannot pack {k} values of {bits} bits into whole 32-bit words "
                          f"(need a multiple of {32 // math.gcd(32, bits)})")
+    if 32 % bits == 0:                     # whole values per word: one shifted OR per slot, in int32
+        per = 32 // bits
+        xs = x.to(torch.int32).view(k // per, per, c)
+        words = xs[:, 0].clone()
+        for i in range(1, per):
+            words |= xs[:, i] << (bits * i)
+        return words
     x = x.to(torch.int64)
     runs = -(-k // 32)
-    xp = torch.zeros(runs * 32, c, dtype=torch.int64)
+    xp = torch.zeros(runs * 32, c, dtype=torch.int64, device=x.device)
     xp[:k] = x
     xp = xp.view(runs, 32, c)
-    words = torch.zeros(runs, bits, c, dtype=torch.int64)
+    words = torch.zeros(runs, bits, c, dtype=torch.int64, device=x.device)
     mask32 = 0xFFFFFFFF
     for i, (w, s, spill) in enumerate(_slots(bits)):
         words[:, w] |= (xp[:, i] << s) & mask32
@@ -114,8 +121,8 @@ def pack(codes: torch.Tensor, zeros: torch.Tensor, bits: int) -> tuple[torch.Ten
     if codes.ndim != 2 or zeros.ndim != 2 or zeros.shape[0] != codes.shape[0]:
         raise InputError(f"pack: codes (m, n) and zeros (m, n_groups) expected, got {tuple(codes.shape)} "
                          f"and {tuple(zeros.shape)}")
-    codes = codes.detach().cpu()
-    zeros = zeros.detach().cpu()
+    codes = codes.detach()
+    zeros = zeros.detach().to(codes.device)
     if codes.is_floating_point():
         if not torch.equal(codes, codes.round()):
             raise InputError("pack: codes must be integers")
@@ -181,11 +188,13 @@ def _v1_zeros(codes: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, max
 
 
 def _gptq_tensors(name: str, module, res, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """The layer's packed tensors (on the CPU), computed on a GPU when there is one."""
     m, n = layer_shape(name, module)
-    codes = res.codes.detach().cpu().round().long()
-    zeros = res.zeros.detach().cpu().round().long()
-    scales = res.scales.detach().cpu().float()
-    g_idx = res.g_idx.detach().cpu().long()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    codes = res.codes.detach().to(dev).round().long()
+    zeros = res.zeros.detach().to(dev).round().long()
+    scales = res.scales.detach().to(dev).float()
+    g_idx = res.g_idx.detach().to(dev).long()
     if tuple(codes.shape) != (m, n):
         raise InputError(f"layer '{name}': codes {tuple(codes.shape)} do not match the module's (out, in) = {(m, n)}")
     G = scales.shape[1]
@@ -211,8 +220,8 @@ def _gptq_tensors(name: str, module, res, bits: int, group_size: int) -> dict[st
     except InputError as exc:
         raise InputError(f"layer '{name}': {exc}; leave it in full precision (quant.skip) or use the fake "
                          f"format") from None
-    return {f"{name}.qweight": qweight, f"{name}.qzeros": qzeros,
-            f"{name}.scales": scales16.T.contiguous(), f"{name}.g_idx": g_idx.to(torch.int32)}
+    return {f"{name}.qweight": qweight.cpu(), f"{name}.qzeros": qzeros.cpu(),
+            f"{name}.scales": scales16.T.contiguous().cpu(), f"{name}.g_idx": g_idx.to(torch.int32).cpu()}
 
 
 def _block_layout(model, quantized: set[str]) -> dict:
