@@ -25,9 +25,9 @@ step() {      # step NAME LIMIT CMD...
 nvidia-smi -L 2>/dev/null
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "tf32", torch.backends.cuda.matmul.allow_tf32)'
 
-step layers 110 python3 bench/bench_layers.py --shapes 4096x14336 --bits 4 --tf32 \
+step layers 170 python3 bench/bench_layers.py --shapes 4096x14336 --bits 4 --tf32 \
   --decoders babai,klein:k=16,beam:width=4 --profile "babai,klein:k=16,beam:width=4" --out "$OUTDIR/layers.json"
-step model8b 130 python3 bench/bench_model.py --preset 8b --blocks 3 --out "$OUTDIR/model.json"
+step model8b 110 python3 bench/bench_model.py --preset 8b --blocks 3 --out "$OUTDIR/model.json"
 step run 240 python3 bench/bench_run.py --workdir /tmp/ojbkq_run --out "$OUTDIR/model.json" --append
 step model70b 150 env OJBKQ_STREAMS=pinned python3 bench/bench_model.py --preset 70b --blocks 2 \
   --model-device cpu --out "$OUTDIR/model.json" --append

@@ -35,7 +35,7 @@ def chunked(problem: WorkingProblem, row0: int, paths: int, run) -> DecodeResult
     """`run(problem_rows, row0)` over row chunks that keep `paths` candidate paths per row in budget."""
     m, n = problem.m, problem.n
     budget = runtime.memory_budget(problem.T.device)
-    per_row = paths * n * 13 + 24 * n          # targets ×2, codes, grids; selection buffers
+    per_row = paths * (n * 13 + 4608) + 24 * n   # targets ×2, codes, grids, klein's noise of a block; selection
     step = m if budget is None else max(1, min(m, budget // per_row))
     if step >= m:
         return run(problem, row0)

@@ -7,6 +7,9 @@ A program owns `BLOCK_M` rows (candidate paths × weight rows, flattened) and ke
     score += e²      T[:, j+1:] −= (e − G[:, j]) · U[j, j+1:]      Err[:, j] = e − G[:, j]
 
 The columns after the block are updated by the caller with one matrix product `Err @ U[block, rest]`.
+Klein's Gumbel noise depends only on (seed, path, row, column, slot), not on the targets: `gumbel_kernel`
+draws a block's noise beforehand, one element per thread, and the walk reads it (instead of every thread
+holding a piece of a row recomputing the same hashes and logarithms).
 Products that eager torch rounds on their own are rounded on their own here (`_mul`, no fused
 multiply-add) and divisions are IEEE (`div_rn`), so that a path takes the same decisions as the
 reference walk up to the summation order of the block products.
@@ -96,13 +99,34 @@ def _residual(t, s, c, z, d, EXACT: tl.constexpr):
 
 
 @triton.jit
+def gumbel_kernel(
+    hash_ptr,                        # (R,) per-path-row hash state (ojbkq_cuda.walk.hash_state)
+    out_ptr,                         # ((R − m)·bs·SLOTS,) float32: noise of row r ≥ m, column i1 + jj, slot o
+    R, m, i1, bs,
+    SLOTS: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr,
+):
+    """`−log(−log(u))` for the sampled rows (`r ≥ m`) of one block: `u` is `ojbkq_core.rng.uniform` of
+    (seed, path, row, column, slot), at `((r − m)·bs + jj)·SLOTS + o`."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < (R - m) * bs
+    r = m + idx // bs
+    jj = (idx % bs).to(tl.int32)
+    h = tl.load(hash_ptr + r, mask=mask, other=0).to(tl.uint32)
+    hc = _mix(h + ((i1 + jj).to(tl.uint32) * _COLUMN))
+    for o in tl.static_range(SLOTS):
+        x = _mix(hc + o * _SLOT)
+        un = ((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+        tl.store(out_ptr + idx * SLOTS + o, -_log(-_log(un, EXACT), EXACT), mask=mask)
+
+
+@triton.jit
 def walk_block_kernel(
     T_ptr, stride_t,                 # (R, n) float32 targets; the block's columns are read
     U_ptr, stride_u,                 # (n, n) float32 upper factor of H⁻¹
     lo_ptr, hi_ptr,                  # (n,) code bounds
     S_ptr, Z_ptr, stride_sr, stride_sc, srow_mod,   # grid: S[(r % srow_mod) * stride_sr + j * stride_sc]
     G_ptr, stride_g,                 # (m, n) injection of successive rounding (HAS_INJECT)
-    beta_ptr, hash_ptr,              # klein: (m,) inverse temperature, (R,) per-path-row hash state
+    beta_ptr, noise_ptr,             # klein: (m,) inverse temperature, the block's noise (gumbel_kernel)
     codes_ptr, stride_c,             # (R, n) codes out
     err_ptr, stride_e,               # (R, BS) feedback errors of the block out
     score_ptr,                       # (R,) path objective, accumulated in place
@@ -125,8 +149,8 @@ def walk_block_kernel(
     wrow = rows % m
     if SAMPLE:
         beta = tl.load(beta_ptr + wrow, mask=rmask, other=1.0)
-        h = tl.load(hash_ptr + rows, mask=rmask, other=0).to(tl.uint32)
         sampled = rows >= m                       # path 0 (the first m rows) is the Babai path
+        noise_row = (rows64 - m) * bs * (2 * WINDOW + 1)
     for jj in range(0, bs):
         j = i1 + jj
         u_row, d, lo, hi = _column(U_ptr, stride_u, lo_ptr, hi_ptr, i1, j, jj, cols, cmask)
@@ -138,7 +162,6 @@ def walk_block_kernel(
         c = _nearest(t, s, z, lo, hi)
         if SAMPLE:
             # Gumbel-max over the codes within WINDOW steps of the nearest one
-            hc = _mix(h + (j.to(tl.uint32) * _COLUMN))
             best_v = tl.full([BLOCK_M], float("-inf"), tl.float32)
             best_c = c
             for o in tl.static_range(2 * WINDOW + 1):
@@ -146,9 +169,8 @@ def walk_block_kernel(
                 dist = _residual(t, s, cc, z, d, EXACT)
                 logit = _mul(_mul(-beta, dist, EXACT), dist, EXACT)
                 logit = tl.where((cc < lo) | (cc > hi), float("-inf"), logit)
-                x = _mix(hc + o * _SLOT)
-                un = ((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-                v = logit + (-_log(-_log(un, EXACT), EXACT))
+                gum = tl.load(noise_ptr + noise_row + jj * (2 * WINDOW + 1) + o, mask=rmask & sampled, other=0.0)
+                v = logit + gum
                 take = v > best_v
                 best_c = tl.where(take, cc, best_c)
                 best_v = tl.where(take, v, best_v)

@@ -6,7 +6,8 @@ Per block of `bs` columns: (dynamic grid) fit the block's group on the current t
 rest]` for the trailing columns. Nothing is read back to the host inside the loop.
 
 Memory: the targets of every path `(P·m, n)` float32, the codes `(P·m, n)` in the narrowest integer type
-that holds the box, the fitted grids `(P·m, n/g)` and one block of errors `(P·m, bs)`.
+that holds the box, the fitted grids `(P·m, n/g)`, one block of errors `(P·m, bs)` and, for klein, one
+block of Gumbel noise `((P − 1)·m, bs, 2·window + 1)`.
 """
 from __future__ import annotations
 
@@ -96,16 +97,19 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
         Z = grid.zero.to(f32).contiguous()
     G = problem.inject.to(f32).contiguous() if inject else T       # placeholder pointer when unused
     sample = beta is not None and P > 1
+    slots = 2 * window + 1
     if sample:
         beta_t = beta.to(f32).contiguous()
         hstate = hash_state(seed, P, m, row0, dev)
+        noise = torch.empty((R - m) * bs * slots, dtype=f32, device=dev)
     else:
-        beta_t, hstate = score, score                                # unused pointers
+        beta_t, noise = score, score                                 # unused pointers
     BS = max(16, triton_next_pow2(bs))
     Err = torch.empty(R, BS, dtype=f32, device=dev)
     BLOCK_M = runtime.block_rows(R, BS, sample)
     kernel = runtime.kernels().walk_block_kernel
     launch = (triton_cdiv(R, BLOCK_M),)
+    NOISE_BLOCK = 1024 if not runtime.interpreted() else 4096
     for i1 in range(0, n, bs):
         i2 = min(i1 + bs, n)
         if grid.dynamic:
@@ -117,10 +121,14 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
             srow_mod, stride_sr, stride_sc = R, gscale.stride(0), 0
         else:
             srow_mod, stride_sr, stride_sc = m, S.stride(0), 1
+        if sample:
+            items = (R - m) * (i2 - i1)
+            runtime.kernels().gumbel_kernel[(triton_cdiv(items, NOISE_BLOCK),)](
+                hstate, noise, R, m, i1, i2 - i1, SLOTS=slots, BLOCK=NOISE_BLOCK, EXACT=runtime.exact())
         kernel[launch](
             T, T.stride(0), U, U.stride(0), lower, upper,
             S, Z, stride_sr, stride_sc, srow_mod,
-            G, G.stride(0), beta_t, hstate,
+            G, G.stride(0), beta_t, noise,
             codes, codes.stride(0), Err, Err.stride(0), score,
             R, m, i1,
             bs=i2 - i1, BLOCK_M=BLOCK_M, BS=BS, HAS_INJECT=inject, SAMPLE=sample, WINDOW=window,
