@@ -541,8 +541,8 @@ def calibrate(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    home = stream_home(adapter, S, L, 2 if full_precision else 1, device)
-    streams = capture(adapter, input_ids, batch_size, full_precision, home, device)
+    place = stream_home(adapter, S, L, 2 if full_precision else 1, device)
+    streams = capture(adapter, input_ids, batch_size, full_precision, place, device)
     check_finite(streams, f"inputs of {adapter.blocks_path()}.0 (block 0)")
     seconds = {"capture": time.perf_counter() - t0, "statistics": 0.0, "quantize": 0.0, "propagate": 0.0}
 

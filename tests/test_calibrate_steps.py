@@ -203,3 +203,9 @@ def test_replace_keeps_narrow_codes_and_rebuilds_the_weight(llama):
     replace(adapter, block, {"mlp.up_proj": res})
     assert res.stored_qweight is None and res.codes.dtype == torch.uint8
     assert torch.equal(res.codes.long(), codes) and torch.equal(res.qweight, Q)
+
+
+def test_report_names_where_the_streams_live(llama):
+    _, adapter, ids = llama
+    res = calibrate(adapter, ids, get_registry().objective("symmetric"), GRID, Babai(), progress=False)
+    assert res.report["streams"] == "cpu" and res.report["batch_size"] == 4096 // ids.shape[1]
