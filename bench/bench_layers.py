@@ -119,11 +119,11 @@ def work(stage: str, m: int, n: int, N: int, decoder: str = "", params: dict | N
         walk_flops = (P - 1) * m * n * n + m * n * n
     else:
         walk_flops = P * m * n * n              # Σ_blocks 2·P·m·128·(n − i2)
-    score_flops = 2.0 * P * m * n * n if P > 1 else 0.0      # candidates scored with q H qᵀ
     # the trailing columns are read and written once per block of 128 columns
     walk_bytes = 4.0 * 2 * P * m * n * n / 2 / 128 + 4.0 * n * n
-    score_bytes = 4.0 * 3 * P * m * n if P > 1 else 0.0
-    return walk_flops + score_flops, walk_bytes + score_bytes, "fp32"
+    # candidates ranked from their path objectives: one pass over each one's codes and the weights
+    score_bytes = 5.0 * P * m * n if P > 1 else 0.0
+    return walk_flops, walk_bytes + score_bytes, "fp32"
 
 
 def floor(flops, nbytes, unit, ceil) -> float:
