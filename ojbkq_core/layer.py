@@ -28,7 +28,7 @@ from .stats import Statistics
 log = logging.getLogger("ojbkq")
 
 
-@dataclass
+@dataclass(init=False)
 class LayerResult:
     """A quantized layer, in the layer's natural column order.
 
@@ -48,6 +48,13 @@ class LayerResult:
     row_loss: torch.Tensor
     loss: float
     report: dict = field(default_factory=dict)
+
+    def __init__(self, qweight: Optional[torch.Tensor], codes: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, g_idx: torch.Tensor, perm: torch.Tensor, row_loss: torch.Tensor,
+                 loss: float, report: Optional[dict] = None):
+        self.stored_qweight, self.codes, self.scales, self.zeros = qweight, codes, scales, zeros
+        self.g_idx, self.perm, self.row_loss, self.loss = g_idx, perm, row_loss, loss
+        self.report = {} if report is None else report
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -228,7 +235,7 @@ def quantize_layer(
     if infos and "candidate" in infos[0]:
         report["candidate_histogram"] = torch.bincount(torch.cat([i["candidate"].cpu() for i in infos])).tolist()
     return LayerResult(
-        stored_qweight=Q.float(), codes=codes.round().long(), scales=scale[:, first].float(), zeros=zero[:, first].float(),
+        qweight=Q.float(), codes=codes.round().long(), scales=scale[:, first].float(), zeros=zero[:, first].float(),
         g_idx=g_idx.cpu(), perm=perm.cpu(), row_loss=row_loss, loss=float(row_loss.sum()), report=report,
     )
 
