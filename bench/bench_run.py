@@ -36,24 +36,13 @@ for p in PATHS:
 
 def build(args, folder: Path) -> float:
     """Write the random checkpoint to `folder`; returns the seconds it took."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench_model import build as build_model
 
     from ojbkq_core.data import byte_tokenizer
     t0 = time.perf_counter()
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.blocks, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=8192, rope_theta=500000.0,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16")
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(args.device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
+    model = build_model(args, torch.device(args.device), torch.device("cpu"))
     model.config.architectures = ["LlamaForCausalLM"]
-    model.to("cpu").save_pretrained(folder, max_shard_size="2GB")
+    model.save_pretrained(folder, max_shard_size="2GB")
     byte_tokenizer().save_pretrained(folder)
     del model
     return time.perf_counter() - t0
