@@ -48,8 +48,8 @@ PRESETS = {     # hidden, intermediate, heads, key/value heads
 }
 
 
-def build(args, dev, home):
-    """The model with random bf16 weights, initialised on `dev` and kept on `home`."""
+def build(args, dev, home=None):
+    """The model with random bf16 weights, initialised on `dev` and kept on `home` (default `dev`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_hidden_layers=args.blocks, num_attention_heads=args.heads,
@@ -63,7 +63,7 @@ def build(args, dev, home):
             model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(old)
-    return model.to(home).eval()
+    return model.to(home or dev).eval()
 
 
 @torch.no_grad()
