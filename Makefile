@@ -4,23 +4,39 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # the first-party GPU plugin installs like any third-party plugin (it registers CUDA backends only)
 PLUGINS := $(foreach p,$(wildcard plugins/ojbkq-cuda),-e $(p))
+# The loaders the checkpoints are proven against (transformers + GPTQModel + optimum) need torch >= 2.14.1,
+# whose only Linux x86_64 wheel on PyPI is the CUDA build (~5.5 GB with its libraries): it lives in a
+# venv of its own so that the default install keeps the CPU build of torch 2.13.0.
+INTEROP ?= .venv-interop
+IBIN := $(INTEROP)/bin
 
-.PHONY: setup test test-slow test-thorough main clean
+.PHONY: setup setup-interop test test-slow test-thorough main clean
 
 setup: $(VENV)/.installed
+
+setup-interop: $(INTEROP)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,assets]" $(PLUGINS)
+	$(BIN)/python -m pip install -q -e ".[test,assets,compressed-tensors]" $(PLUGINS)
 	touch $@
 
-test: setup
-	$(BIN)/python -m pytest -q
+$(INTEROP)/.installed: pyproject.toml
+	$(PY) -m venv $(INTEROP)
+	$(IBIN)/python -m pip install -q --upgrade pip
+	$(IBIN)/python -m pip install -q torch==2.14.1
+	$(IBIN)/python -m pip install -q -e ".[test,assets,interop]"
+	touch $@
 
-test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+test: setup setup-interop
+	$(BIN)/python -m pytest -q
+	OJBKQ_INTEROP=1 $(IBIN)/python -m pytest -q -m "interop and not slow"
+
+test-slow: setup setup-interop
+	$(BIN)/python -m pytest -q -m "slow and not interop"
+	OJBKQ_INTEROP=1 $(IBIN)/python -m pytest -q -m "interop and slow"
 
 test-thorough: setup
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties.py
@@ -29,4 +45,4 @@ main: setup
 	$(BIN)/python bench/main_job.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(INTEROP) runs
