@@ -1,6 +1,7 @@
 """The built-in plugin: registers the reference decoders, the objective presets and the checkpoint
 formats through the same hooks a third-party plugin uses (entry point `builtin` in the group `ojbkq`)."""
 from .decoders import BUILTIN
+from .export.compressed_tensors import CompressedTensors
 from .export.fake import Fake
 from .export.gptq import GPTQ
 from .hookspecs import hookimpl
@@ -21,5 +22,5 @@ def register_objectives(register):
 
 @hookimpl
 def register_formats(register):
-    for cls in (GPTQ, Fake):
+    for cls in (GPTQ, Fake, CompressedTensors):
         register(cls)

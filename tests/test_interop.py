@@ -6,6 +6,7 @@ GPTQ (v1) checkpoints load through optimum and GPTQModel, which need torch ≥ 2
 marked `interop` and run in the interop environment (`make test` builds .venv-interop). They run on a
 tiny Llama whose layers have 256 and 512 inputs, so that `group_size: 128` gives several groups.
 """
+import json
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from ojbkq_core import cli
 from ojbkq_core.export import load_quantized
-from tiny_models import CALIB_TXT, one_thread, save, tiny_llama  # noqa: F401 (autouse)
+from tiny_models import CALIB_TXT, EVAL_TXT, one_thread, save, tiny_llama  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 2e-3          # float16 keeps 11 significant bits: a relative rounding of 4.9e-4 per operation
@@ -113,3 +114,81 @@ def test_gptq_4bit_per_channel_loads_with_the_torch_kernel(source, tmp_path, sym
     diff, scale = max_diff(out, model)
     print(f"\n4bit-g-1-{'sym' if sym else 'asym'} (backend torch): max |Δ logit| {diff:.3g} of {scale:.3g}")
     assert diff <= TOL * scale
+
+
+# --- compressed-tensors through transformers -----------------------------------------------------------
+
+CT_CASES = [(bits, gs, sym, False, False) for bits in (4, 8, 3, 2) for sym in (False, True) for gs in (128, -1)] + \
+           [(bits, 128, sym, True, True) for bits in (4, 8) for sym in (False, True)]
+
+
+# compressed-tensors 0.20 builds the module layout transformers loads the checkpoint into by compressing empty
+# (meta) weights, and that path leaves `weight_zero_point` unpacked, (m, G), while the compressor packs it,
+# (m·bits/32, G), as vLLM reads it: transformers' default (compressed) load of an asymmetric checkpoint fails
+# on the size; its dequantizing load (`CompressedTensorsConfig(dequantize=True)`) reads it.
+CT_ASYM_ZERO_POINTS = "compressed-tensors 0.20 expects unpacked zero points when transformers loads compressed"
+
+
+def _load_ct(out, dequantize):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    return AutoModelForCausalLM.from_pretrained(out, device_map="cpu", **extra)
+
+
+@pytest.mark.parametrize("case", CT_CASES, ids=[_case_id(c) for c in CT_CASES])
+def test_transformers_loads_compressed_tensors(source, tmp_path, case):
+    from compressed_tensors.quantization import QuantizationConfig
+    bits, gs, sym, act, static = case
+    out = quantize(source, str(tmp_path / "q"), *case, fmt="compressed-tensors")
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    weights = QuantizationConfig.model_validate(qc).config_groups["group_0"].weights
+    assert (qc["quant_method"], qc["format"], qc["quantization_status"]) == ("compressed-tensors", "pack-quantized", "compressed")
+    assert (weights.num_bits, weights.symmetric, weights.strategy) == (bits, sym, "group" if gs > 0 else "channel")
+    assert qc["ignore"] == ["lm_head"] and (weights.actorder is not None) == act
+    model = _load_ct(out, dequantize=not sym)
+    if sym:
+        assert type(model.get_submodule("model.layers.0.mlp.down_proj").weight_packed) is torch.nn.Parameter
+    diff, scale = max_diff(out, model)
+    print(f"\ncompressed-tensors {_case_id(case)}{'' if sym else ' (dequantize=True)'}: max |Δ logit| {diff:.3g} "
+          f"of {scale:.3g}")
+    assert diff <= TOL * scale
+    # the project's reader decompresses with the library: the weights are those of the gptq checkpoint,
+    # whose scales are float16 (here float32)
+    if (bits, gs, sym, act) == (4, 128, False, False):
+        ref = load_quantized(quantize(source, str(tmp_path / "g"), *case))[0]
+        got = load_quantized(out)[0]
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"):
+            W, W16 = got.get_submodule(name).weight, ref.get_submodule(name).weight
+            assert not torch.equal(W, W16)
+            torch.testing.assert_close(W, W16, rtol=2**-11, atol=0)
+
+
+@pytest.mark.xfail(raises=RuntimeError, strict=True, reason=CT_ASYM_ZERO_POINTS)
+def test_transformers_compressed_load_of_asymmetric_compressed_tensors(source, tmp_path):
+    _load_ct(quantize(source, str(tmp_path / "q"), 4, 128, False, False, False, fmt="compressed-tensors"), False)
+
+
+def test_compressed_tensors_refusals_come_before_calibration(source, tmp_path, capsys, monkeypatch):
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr("ojbkq_core.pipeline.calibrate_model", no_calibration)
+
+    def run(*sets):
+        args = [f"model.path={source}", f"output.dir={tmp_path / 'never'}", "output.format=compressed-tensors",
+                f"calibration.path={CALIB_TXT}", *sets]
+        return cli.main(["quantize", os.path.join(ROOT, "configs", "gptq.yaml"), *sum((["--set", s] for s in args), [])])
+
+    assert run("quant.act_order=true", "quant.static_groups=false") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "quant.static_groups=true" in err[0] and "g_idx" in err[0]
+    assert run("quant.group_size=96") == 2                    # 256 inputs are not whole groups of 96
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "not a multiple of quant.group_size=96" in err[-1] and "quant.skip" in err[-1]
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_eval_reads_compressed_tensors(source, tmp_path, capsys):
+    out = quantize(source, str(tmp_path / "q"), 4, 128, False, False, False, fmt="compressed-tensors")
+    assert cli.main(["eval", out, "--data-path", EVAL_TXT, "--seqlen", "64", "--samples", "4"]) == 0
+    assert "text: perplexity" in capsys.readouterr().out

@@ -136,7 +136,7 @@ def test_plugin_in_the_plugins_listing(entry_points, capsys):
     import json
     out = json.loads(capsys.readouterr().out)
     assert out["decoders"]["sorted-babai"] == "colreorder" and out["failures"] == {}
-    assert out["formats"] == {"gptq": "builtin", "fake": "builtin"}
+    assert out["formats"] == {"gptq": "builtin", "fake": "builtin", "compressed-tensors": "builtin"}
 
 
 # --- (c) a broken plugin --------------------------------------------------------------------------

@@ -1,0 +1,177 @@
+"""The compressed-tensors checkpoint format (`output.format: compressed-tensors`): the pack-quantized
+layout llm-compressor writes and vLLM serves, made with the compressed-tensors library's own
+`PackedQuantizationCompressor` and `QuantizationConfig`.
+
+Per quantized linear with `m` outputs, `n` inputs, `G` groups and `h = 2^(bits−1)`:
+
+    <module>.weight_packed      int32  (m, ⌈n·bits/32⌉)   codes − h, 32 values to `bits` words along the inputs
+    <module>.weight_scale       dtype  (m, G)             the module's dtype
+    <module>.weight_zero_point  int32  (⌈m·bits/32⌉, G)   zeros − h, packed along the outputs (asymmetric only)
+    <module>.weight_shape       int64  (2,)               (m, n)
+
+so that `W[:, j] = weight_scale[:, g(j)] · ((codes − h) − (zeros − h))[:, g(j)]` is the project's
+`scales · (codes − zeros)` with `g(j) = j // group_size`. `config.json` carries `quantization_config`
+with `quant_method: compressed-tensors`, `format: pack-quantized` and one config group whose `weights`
+are `{num_bits, type: int, symmetric, strategy: group | channel, group_size}` (docs/interfaces.md).
+
+What it can store: 2–8 bits; groups of `group_size` consecutive columns dividing every layer's input
+size, or one group per row (`group_size: -1`, strategy channel); symmetric grids (zero point `h`, not
+stored) and asymmetric ones; act-order with static groups (`actorder: static`: columns are decoded in
+activation order but the groups stay consecutive). Act-order without static groups needs a map from
+columns to groups (`g_idx`), which compressed-tensors no longer stores: refused before calibrating.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..errors import InputError
+from ..grid import QUANT_DEFAULTS
+from .base import (Format, as_module_weight, empty_model, is_conv1d, layer_shape, load_state, quantized_tied,
+                   read_tensors, save_config, state_dict, write_safetensors)
+
+PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def _library():
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise InputError("output.format=compressed-tensors: the compressed-tensors library is not installed; "
+                         "pip install 'ojbkq[compressed-tensors]' (or choose output.format=gptq)") from None
+    import compressed_tensors.compressors as compressors
+    import compressed_tensors.quantization as quantization
+    return compressors, quantization
+
+
+def _quant(quant: dict) -> dict:
+    return {**QUANT_DEFAULTS, **quant}
+
+
+def scheme(quant: dict, ignore: list[str]):
+    """The library's `QuantizationConfig` for a `quant` section: one group targeting `Linear` modules,
+    the linear modules kept in full precision listed in `ignore`."""
+    _, q = _library()
+    quant = _quant(quant)
+    group_size = int(quant["group_size"])
+    weights = q.QuantizationArgs(
+        num_bits=int(quant["bits"]), type="int", symmetric=bool(quant["sym"]),
+        strategy="group" if group_size > 0 else "channel", group_size=group_size if group_size > 0 else None,
+        actorder="static" if quant["act_order"] else None)
+    group = q.QuantizationScheme(targets=["Linear"], weights=weights)
+    return q.QuantizationConfig(config_groups={"group_0": group}, format="pack-quantized",
+                                quantization_status="compressed", ignore=ignore)
+
+
+def quantization_config(quant: dict, ignore: list[str]) -> dict:
+    """The `quantization_config` of config.json, as the library's `ModelCompressor.update_config`
+    writes it (its version, method and the config's fields)."""
+    import compressed_tensors
+    from compressed_tensors.base import (COMPRESSION_VERSION_NAME, QUANTIZATION_METHOD, QUANTIZATION_METHOD_NAME,
+                                         SPARSITY_CONFIG_NAME, TRANSFORM_CONFIG_NAME)
+    qcfg = scheme(quant, ignore)
+    return {COMPRESSION_VERSION_NAME: compressed_tensors.__version__, QUANTIZATION_METHOD_NAME: QUANTIZATION_METHOD,
+            SPARSITY_CONFIG_NAME: {}, TRANSFORM_CONFIG_NAME: {}, **qcfg.model_dump(exclude=["quant_method"])}
+
+
+def _ignored(model, quantized) -> list[str]:
+    """The linear modules that stay in full precision (the library's targets are all `Linear`)."""
+    return sorted(name for name, mod in model.named_modules()
+                  if isinstance(mod, torch.nn.Linear) and name not in quantized)
+
+
+def _compressed(name: str, module, res, scheme_, quant: dict) -> dict[str, torch.Tensor]:
+    """The library's compressed tensors of one layer, named `<module>.<tensor>`."""
+    compressors, _ = _library()
+    m, n = layer_shape(name, module)
+    bits, group_size = int(quant["bits"]), int(quant["group_size"])
+    h = 2 ** (bits - 1)
+    codes = res.codes.detach().cpu().round().long()
+    zeros = res.zeros.detach().cpu().round().long()
+    g_idx = res.g_idx.detach().cpu().long()
+    consecutive = torch.arange(n) // group_size if group_size > 0 else torch.zeros(n, dtype=torch.long)
+    if tuple(codes.shape) != (m, n) or zeros.shape[0] != m or not torch.equal(g_idx, consecutive):
+        raise InputError(f"layer '{name}': codes {tuple(codes.shape)}, zeros {tuple(zeros.shape)} and g_idx do not "
+                         f"fit (out, in) = {(m, n)} with consecutive groups of {group_size}")
+    if quant["sym"] and bool((zeros != h).any()):
+        raise InputError(f"layer '{name}': a symmetric grid needs every zero point at {h}; quantize with "
+                         f"quant.sym=false or store it in the gptq format")
+    scale = res.scales.detach().cpu().to(module.weight.dtype)
+    W = scale.float()[:, g_idx] * (codes - zeros[:, g_idx]).float()
+    local = {"weight": W, "weight_scale": scale, "weight_zero_point": (zeros - h).to(torch.int8)}
+    out = compressors.PackedQuantizationCompressor.compress(local, scheme_)
+    return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
+
+
+class CompressedTensors(Format):
+    """pack-quantized int weights with group (or channel) scales and zero points."""
+
+    name = "compressed-tensors"
+
+    def check_quant(self, quant: dict) -> None:
+        _library()
+        q = _quant(quant)
+        if q["act_order"] and not q["static_groups"] and int(q["group_size"]) != -1:
+            raise InputError("quant.act_order=true with quant.static_groups=false: groups follow the activation "
+                             "order (a g_idx), which the compressed-tensors format does not store; set "
+                             "quant.static_groups=true or use output.format=gptq")
+
+    def check(self, model, layer_names, quant: dict) -> None:
+        super().check(model, layer_names, quant)
+        group_size = int(_quant(quant)["group_size"])
+        modules = dict(model.named_modules())
+        for name in layer_names:
+            if is_conv1d(modules[name]):
+                raise InputError(f"layer '{name}': a Conv1D module, which compressed-tensors loaders do not "
+                                 f"target; use output.format=gptq or fake")
+            m, n = layer_shape(name, modules[name])
+            if group_size > 0 and n % group_size:
+                raise InputError(f"layer '{name}': {n} inputs are not a multiple of quant.group_size={group_size}, "
+                                 f"which the compressed-tensors format needs; choose a group size dividing {n}, "
+                                 f"or add the layer to quant.skip")
+
+    def save(self, model, layers: dict, folder: str, quant: dict, max_shard_size: int) -> None:
+        q = _quant(quant)
+        ignore = _ignored(model, set(layers))
+        scheme_ = scheme(q, ignore).config_groups["group_0"]
+        modules = dict(model.named_modules())
+        untie = quantized_tied(model, layers)
+        tensors = {k: v for k, v in state_dict(model).items()
+                   if not (k.endswith(".weight") and k[: -len(".weight")] in layers)}
+        for name in sorted(layers):
+            tensors.update(_compressed(name, modules[name], layers[name], scheme_, q))
+        write_safetensors(tensors, folder, max_shard_size)
+        save_config(model, folder, quantization_config(q, ignore), untie)
+
+    def detect(self, config: dict) -> bool:
+        return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
+
+    def load(self, path: str, device: str = "cpu", dtype: Optional[torch.dtype] = None):
+        """Decompress each module with the library's compressor (scales in float32).
+        `info["packed"]`: module name → its stored `weight_packed`, `weight_scale`, ..."""
+        compressors, q = _library()
+        from compressed_tensors.utils.match import is_match
+        model, qc = empty_model(path, dtype)
+        cfg = q.QuantizationConfig.model_validate(qc)
+        if cfg.format != "pack-quantized":
+            raise InputError(f"{path}: compressed-tensors format {cfg.format!r}; this loader reads pack-quantized "
+                             f"checkpoints (load others with transformers.AutoModelForCausalLM.from_pretrained)")
+        tensors = read_tensors(path)
+        qnames = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+        packed = {n: {s: tensors.pop(f"{n}.{s}") for s in PACKED if f"{n}.{s}" in tensors} for n in qnames}
+        load_state(model, tensors, path, replaced={f"{n}.weight" for n in qnames})
+        modules = dict(model.named_modules())
+        for name in qnames:
+            if name not in modules:
+                raise InputError(f"{path}: packed module {name} is not part of {type(model).__name__}")
+            mod = modules[name]
+            groups = [s for s in cfg.config_groups.values() if is_match(name, mod, s.targets, cfg.ignore)]
+            if not groups:
+                raise InputError(f"{path}: module {name} is packed but no config group targets it")
+            local = dict(packed[name])
+            local["weight_scale"] = local["weight_scale"].float()
+            W = compressors.PackedQuantizationCompressor.decompress(local, groups[0])["weight"]
+            mod.weight = torch.nn.Parameter(as_module_weight(mod, W), requires_grad=False)
+        model.to(device).eval()
+        return model, {"quantization_config": qc, "packed": packed}
