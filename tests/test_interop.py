@@ -14,16 +14,10 @@ import torch
 
 from ojbkq_core import cli
 from ojbkq_core.export import load_quantized
-from tiny_models import CALIB_TXT, EVAL_TXT, one_thread, save, tiny_llama  # noqa: F401 (autouse)
+from tiny_models import CALIB_TXT, EVAL_TXT, offline, one_thread, save, tiny_llama  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 2e-3          # float16 keeps 11 significant bits: a relative rounding of 4.9e-4 per operation
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

@@ -381,3 +381,20 @@ def load_state(model, tensors: dict[str, torch.Tensor], path: str, replaced: set
                if k not in replaced and sd[k].untyped_storage().data_ptr() not in loaded_ptrs]
     if missing:
         raise InputError(f"{path}: missing tensors: {', '.join(missing[:5])}")
+
+
+def load_packed(path: str, dtype: Optional[torch.dtype], names: tuple[str, ...]):
+    """`(model, quantization_config, packed)` for a packed checkpoint: the model with every full-precision
+    tensor loaded, and for each module storing `<module>.<names[0]>` the tensors `<module>.<name>` it
+    stores (the format turns them into the module's weight)."""
+    model, qc = empty_model(path, dtype)
+    tensors = read_tensors(path)
+    first = "." + names[0]
+    qnames = sorted(k[: -len(first)] for k in tensors if k.endswith(first))
+    packed = {n: {s: tensors.pop(f"{n}.{s}") for s in names if f"{n}.{s}" in tensors} for n in qnames}
+    load_state(model, tensors, path, replaced={f"{n}.weight" for n in qnames})
+    modules = dict(model.named_modules())
+    for name in qnames:
+        if name not in modules:
+            raise InputError(f"{path}: packed module {name} is not part of {type(model).__name__}")
+    return model, qc, packed

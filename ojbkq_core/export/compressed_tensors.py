@@ -28,8 +28,8 @@ import torch
 
 from ..errors import InputError
 from ..grid import QUANT_DEFAULTS
-from .base import (Format, as_module_weight, empty_model, is_conv1d, layer_shape, load_state, quantized_tied,
-                   read_tensors, save_config, state_dict, write_safetensors)
+from .base import (Format, as_module_weight, is_conv1d, layer_shape, load_packed, quantized_tied, save_config,
+                   state_dict, write_safetensors)
 
 PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
@@ -152,24 +152,17 @@ class CompressedTensors(Format):
         `info["packed"]`: module name → its stored `weight_packed`, `weight_scale`, ..."""
         compressors, q = _library()
         from compressed_tensors.utils.match import is_match
-        model, qc = empty_model(path, dtype)
+        model, qc, packed = load_packed(path, dtype, PACKED)
         cfg = q.QuantizationConfig.model_validate(qc)
         if cfg.format != "pack-quantized":
             raise InputError(f"{path}: compressed-tensors format {cfg.format!r}; this loader reads pack-quantized "
                              f"checkpoints (load others with transformers.AutoModelForCausalLM.from_pretrained)")
-        tensors = read_tensors(path)
-        qnames = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
-        packed = {n: {s: tensors.pop(f"{n}.{s}") for s in PACKED if f"{n}.{s}" in tensors} for n in qnames}
-        load_state(model, tensors, path, replaced={f"{n}.weight" for n in qnames})
-        modules = dict(model.named_modules())
-        for name in qnames:
-            if name not in modules:
-                raise InputError(f"{path}: packed module {name} is not part of {type(model).__name__}")
-            mod = modules[name]
+        for name, local in packed.items():
+            mod = model.get_submodule(name)
             groups = [s for s in cfg.config_groups.values() if is_match(name, mod, s.targets, cfg.ignore)]
             if not groups:
                 raise InputError(f"{path}: module {name} is packed but no config group targets it")
-            local = dict(packed[name])
+            local = dict(local)
             local["weight_scale"] = local["weight_scale"].float()
             W = compressors.PackedQuantizationCompressor.decompress(local, groups[0])["weight"]
             mod.weight = torch.nn.Parameter(as_module_weight(mod, W), requires_grad=False)

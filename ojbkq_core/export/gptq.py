@@ -31,8 +31,8 @@ import torch
 
 from ..errors import InputError
 from ..grid import QUANT_DEFAULTS
-from .base import (Format, as_module_weight, empty_model, is_conv1d, layer_shape, load_state, quantized_tied,
-                   read_tensors, save_config, state_dict, write_json, write_safetensors)
+from .base import (Format, as_module_weight, is_conv1d, layer_shape, load_packed, quantized_tied, save_config,
+                   state_dict, write_json, write_safetensors)
 
 log = logging.getLogger("ojbkq")
 
@@ -329,23 +329,12 @@ class GPTQ(Format):
 
     def load(self, path: str, device: str = "cpu", dtype: Optional[torch.dtype] = None):
         """`info["packed"]`: module name → its `qweight`, `qzeros`, `scales`, `g_idx` as stored."""
-        model, qc = empty_model(path, dtype)
-        tensors = read_tensors(path)
-        qnames = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
-        packed = {}
-        for name in qnames:
-            packed[name] = {s: tensors.pop(f"{name}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")
-                            if f"{name}.{s}" in tensors}
-            if len(packed[name]) != 4:
+        model, qc, packed = load_packed(path, dtype, ("qweight", "qzeros", "scales", "g_idx"))
+        for name, p in packed.items():
+            if len(p) != 4:
                 raise InputError(f"{path}: module {name} lacks some of qweight, qzeros, scales, g_idx")
-        load_state(model, tensors, path, replaced={f"{n}.weight" for n in qnames})
-        modules = dict(model.named_modules())
-        for name in qnames:
-            if name not in modules:
-                raise InputError(f"{path}: packed module {name} is not part of {type(model).__name__}")
-            mod = modules[name]
+            mod = model.get_submodule(name)
             m, n = layer_shape(name, mod)
-            p = packed[name]
             codes, zeros = unpack(p["qweight"], p["qzeros"], int(qc["bits"]), m, n)
             W = dequantize(codes, zeros, p["scales"].T, p["g_idx"])
             mod.weight = torch.nn.Parameter(as_module_weight(mod, W), requires_grad=False)
