@@ -210,9 +210,9 @@ def smollm2_source(root) -> str:
 def test_smollm2_checkpoints_load_in_transformers(tmp_path_factory, tmp_path, fmt):
     """30 blocks, hidden 576 (groups of 64: 576 is no multiple of 128), 4-bit asymmetric with act-order.
 
-    GPTQModel's CPU kernels take bfloat16 activations, whose rounding (2^-9) compounds over 30 blocks past
-    TOL: the loader may differ from the float32 reference by up to twice what the reference itself moves
-    when run in bfloat16, a bound that a misread zero point or group would exceed many times over."""
+    GPTQModel's CPU kernels take bfloat16 activations (2^-9 rounding), which compounds over 30 blocks past
+    TOL: its logits must agree within 2% of their range, and differ from the project's by less than a
+    quarter of what quantization itself changes (a misread zero point or group changes them by as much)."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
     if fmt == "gptq":
         _gptqmodel()
@@ -224,9 +224,15 @@ def test_smollm2_checkpoints_load_in_transformers(tmp_path_factory, tmp_path, fm
     ids = torch.randint(0, ref.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = ref(ids).logits.float(), model(ids).logits.float()
-        bf16 = float((ref.to(torch.bfloat16)(ids).logits.float() - a).abs().max())
     diff, scale = float((a - b).abs().max()), float(a.abs().max())
-    print(f"\nSmolLM2-135M {fmt} 4bit-g64-asym-act-static: max |Δ logit| {diff:.3g} of {scale:.3g} "
-          f"(reference in bfloat16: {bf16:.3g})")
-    assert diff <= max(TOL * scale, 2 * bf16)
-    assert diff < 0.05 * scale
+    if fmt == "gptq":
+        fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        with torch.no_grad():
+            moved = float((fp(ids).logits.float() - a).abs().max())     # what quantization itself changes
+        print(f"\nquantization moves the logits by up to {moved:.3g}")
+        assert diff <= 0.25 * moved
+        bound = 0.02 * scale
+    else:
+        bound = TOL * scale
+    print(f"\nSmolLM2-135M {fmt} 4bit-g64-asym-act-static: max |Δ logit| {diff:.3g} of {scale:.3g}")
+    assert diff <= bound
