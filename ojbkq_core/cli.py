@@ -206,6 +206,26 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: expected comma-separated integers, e.g. 0,5") from None
+
+
+def cmd_gaps(args) -> int:
+    from .gaps import run, table
+    out = args.output
+    png = args.plot if args.plot is not None else os.path.splitext(out)[0] + ".png"
+    records = run(args.config, args.set or [], bits=_ints(args.bits, "--bits") if args.bits else (),
+                  blocks=_ints(args.blocks, "--blocks") if args.blocks else None, c=args.columns, rows=args.rows,
+                  windows=args.windows, decoders=args.decoders, undamped=args.undamped, max_nodes=args.max_nodes, seed=args.seed,
+                  output=out, png=png or None)
+    print(table(records))
+    print(f"-> {out}" + (f", {png}" if png else ""), file=sys.stderr)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .pipeline import evaluate_dir
     evaluate_dir(args.model_dir, dataset=args.dataset, seqlen=args.seqlen, path=args.data_path,
@@ -270,6 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing output folder (output.overwrite: true); the old one stays until "
                         "the new one is complete")
     s.set_defaults(func=cmd_quantize)
+
+    from .gaps import DEFAULT_DECODERS
+    s = sub.add_parser("gaps", help="exact optimality gaps of the decoders on sub-problems cut from a model's layers")
+    s.add_argument("config")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    s.add_argument("--bits", default=None, help="comma-separated bit widths (default: the config's quant.bits)")
+    s.add_argument("--blocks", default=None, help="comma-separated block indices (default: first, middle, last)")
+    s.add_argument("--columns", type=int, default=16, help="columns per sub-problem (c)")
+    s.add_argument("--rows", type=int, default=8, help="rows sampled per window")
+    s.add_argument("--windows", type=int, default=4, help="windows per layer")
+    s.add_argument("--decoders", default=DEFAULT_DECODERS, help="comma-separated, parameters as name:key=value")
+    s.add_argument("--undamped", default="", help="decoders also run on the undamped windows (λ = 0), same syntax")
+    s.add_argument("--max-nodes", type=int, default=2_000_000, help="exact search limit per sub-problem")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", default="gaps.json", help="JSON records")
+    s.add_argument("--plot", default=None, help="PNG of the gap distributions (default: beside the JSON; '' for none)")
+    s.set_defaults(func=cmd_gaps)
 
     s = sub.add_parser("eval", help="perplexity of a model folder")
     s.add_argument("model_dir")

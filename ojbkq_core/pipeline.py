@@ -117,12 +117,14 @@ def load_model(path: str, dtype: str = "bfloat16", trust_remote_code: bool = Fal
 # --- calibration from a config -------------------------------------------------------------------
 
 def calibrate_model(model, tokenizer, cfg: dict, input_ids: Optional[torch.Tensor] = None,
-                    progress: bool = True, world: Optional[distributed.World] = None) -> tuple[Model, CalibrationResult]:
+                    progress: bool = True, world: Optional[distributed.World] = None,
+                    hooks: Optional[dict] = None) -> tuple[Model, CalibrationResult]:
     """Quantize `model` in place as the resolved config `cfg` says; returns its adapter and the result.
     `input_ids` `(samples, seqlen)` replaces the calibration text when given. `world`: this process's
     place in a distributed run: it calibrates its shard of the samples through `distributed.Engine`
     (statistics in float64 unless `calibration.stats_dtype` says otherwise); rank 0's report gains
-    `world_size` and `ranks`."""
+    `world_size` and `ranks`. `hooks`: steps of `calibrate` replaced in a single-process run (e.g. a
+    `quantize_group` that also keeps what it quantized)."""
     from .config import build_decoder, build_grid, build_objective, resolve_device
     from .data import calibration_ids
     device = resolve_device(cfg) if world is None else world.device
@@ -142,7 +144,7 @@ def calibrate_model(model, tokenizer, cfg: dict, input_ids: Optional[torch.Tenso
                     seed=cfg["decoder"]["seed"], device=device, score_objective=score,
                     true_sequential=q["true_sequential"], skip=q["skip"], batch_size=batch_size,
                     progress=progress and (world is None or world.main), stats_dtype=getattr(torch, stats_dtype),
-                    **(engine.hooks() if engine is not None else {}))
+                    **(engine.hooks() if engine is not None else hooks or {}))
     res.report["world_size"] = 1
     if engine is not None:
         engine.annotate(res.report, samples)
