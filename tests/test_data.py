@@ -100,3 +100,13 @@ def test_unreachable_hub_dataset_suggests_a_local_path(monkeypatch):
         data.load_texts("wikitext2")
     msg = str(err.value)
     assert "calibration.dataset='wikitext2'" in msg and "calibration.path" in msg and "\n" not in msg
+
+
+def test_pydoc_topics_split_into_disjoint_calibration_and_evaluation():
+    from pydoc_data.topics import topics
+    from ojbkq_core.data import load_texts
+    cal = load_texts("pydoc", split="calibration")
+    ev = load_texts("pydoc", split="evaluation", key="eval")
+    assert len(ev) == len(topics) // 4 and len(cal) + len(ev) == len([t for t in topics.values() if t.strip()])
+    assert not set(cal) & set(ev)
+    assert ev[0] == topics[sorted(topics)[3]]

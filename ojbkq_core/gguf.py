@@ -1,0 +1,77 @@
+"""A GGUF checkpoint as a plain transformers model folder.
+
+transformers reads a GGUF file (`from_pretrained(folder, gguf_file=NAME)`, with the `gguf` package)
+and dequantizes every tensor to float; the config it builds still carries the GGUF
+`quantization_config`. `convert_gguf` rebuilds the model from that config without it, loads the
+dequantized state dict and saves a normal folder (config.json, safetensors, tokenizer), written
+atomically, so the rest of the project loads it like any other checkpoint (`pipeline.load_model`).
+
+The weights are those the file stores: a Q4_1 file gives a float model whose every row is 4-bit within
+blocks of 32 inputs, not the weights the file was made from.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+
+from .errors import InputError
+
+log = logging.getLogger("ojbkq")
+
+MARKER = "gguf_source.txt"
+
+
+def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
+    """Save the model in the GGUF file `gguf_path` as a transformers folder `out_dir` (weights in
+    `dtype`). A folder already converted from the same file (same name and size) is reused.
+    Returns `out_dir`."""
+    if not os.path.isfile(gguf_path):
+        raise InputError(f"{gguf_path}: no such GGUF file")
+    source = f"{os.path.basename(gguf_path)} {os.path.getsize(gguf_path)}\n"
+    marker = os.path.join(out_dir, MARKER)
+    if os.path.isfile(marker) and open(marker, encoding="utf-8").read() == source:
+        return out_dir
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise InputError(f"{gguf_path}: reading GGUF needs the PyPI package gguf: pip install gguf") from None
+    import transformers
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    try:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(f"{gguf_path}: transformers cannot read it as a GGUF checkpoint "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise InputError(f"{gguf_path}: the GGUF tensors do not match {type(model).__name__} "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".gguf-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+            f.write(source)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("%s -> %s (%s, %d parameters)", gguf_path, out_dir, type(model).__name__,
+             sum(p.numel() for p in model.parameters()))
+    return out_dir

