@@ -13,8 +13,8 @@ Other models, as options: `--model minilm` (the all-MiniLM-L6-v2 sentence encode
 against full precision on held-out speeches) and `--model byte-llama` (a small byte-level Llama trained
 here on the calibration plays, perplexity on the held-out plays).
 
-    python bench/main_job.py [--bits 4 3] [--recipes rtn gptq ojbkq] [--samples 32] [--seqlen 512]
-                             [--eval-windows 16] [--device auto] [--set quant.damp=0.05] [--out FILE]
+    python bench/main_job.py [--bits 4 3] [--recipes rtn gptq ojbkq] [--samples 16] [--seqlen 512]
+                             [--eval-windows 8] [--device auto] [--set quant.damp=0.05] [--out FILE]
 """
 from __future__ import annotations
 
@@ -319,9 +319,9 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=("smollm2", "minilm", "byte-llama"), default="smollm2")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     p.add_argument("--recipes", nargs="+", default=None, help="rtn and recipe names of configs/ (default: all)")
-    p.add_argument("--samples", type=int, default=None, help="calibration windows (smollm2 32, others 128)")
+    p.add_argument("--samples", type=int, default=None, help="calibration windows (smollm2 16, others 128)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (smollm2 512, others 128)")
-    p.add_argument("--eval-windows", type=int, default=16, help="perplexity windows per domain")
+    p.add_argument("--eval-windows", type=int, default=8, help="perplexity windows per domain")
     p.add_argument("--eval-seqlen", type=int, default=None, help="tokens per perplexity window (default: --seqlen)")
     p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS),
                    help="evaluation domains (smollm2)")
@@ -338,10 +338,12 @@ def parse_args(argv=None):
                    help="work folder (the converted SmolLM2 checkpoint is cached here)")
     p.add_argument("--out", default=None, help="JSON records (default bench/results/main_job.json for smollm2, "
                    "main_job_minilm.json, main_job_causal.json); .txt/.png/.md go beside it")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="no run: merge the JSON results of runs of the "
+                   "same setup (e.g. --bits 4 and --bits 3 side by side) and write them to --out")
     p.add_argument("-v", "--verbose", action="store_true", help="log every layer")
     args = p.parse_args(argv)
     big = args.model == "smollm2"
-    args.samples = args.samples or (32 if big else 128)
+    args.samples = args.samples or (16 if big else 128)
     args.seqlen = args.seqlen or (512 if big else 128)
     args.eval_seqlen = args.eval_seqlen or args.seqlen
     if args.out is None:
@@ -376,7 +378,10 @@ def load(args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    t_job = time.perf_counter()
+    if args.merge:
+        write_results(merge(args.merge), args.out)
+        return 0
+    t_job, c_job = time.perf_counter(), time.process_time()
     torch.manual_seed(args.seed)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -426,11 +431,12 @@ def main(argv=None) -> int:
                      f"device={args.device}", *extra, *args.set]
         cfg = load_config(path, overrides)
         model = copy.deepcopy(fp_model)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _, res = calibrate_model(model, tok, cfg, input_ids=ids, progress=False)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         t1 = time.perf_counter()
         row = {**common, "recipe": name, "bits": bits, "group_size": group, "seconds": seconds,
+               "cpu_seconds": cpu_seconds,
                "sym": cfg["quant"]["sym"], "act_order": cfg["quant"]["act_order"],
                "static_groups": cfg["quant"]["static_groups"], "damp": cfg["quant"]["damp"],
                "objective": res.report["objective"], "decoder": res.report["decoder"],
@@ -443,28 +449,61 @@ def main(argv=None) -> int:
                  f"{time.perf_counter() - t1:5.1f}s, objective {row['objective_sum']:.5g}, {_metric(row)}")
         del model
 
-    text = table(rows, domains or None)
-    print()
-    print(text)
     result = {
         "model": label, "architecture": type(fp_model).__name__, "adapter": adapter.name,
         "device": args.device, "dtype": "float32", "torch_threads": torch.get_num_threads(),
         "tf32": torch.backends.cuda.matmul.allow_tf32 if args.device.startswith("cuda") else None,
-        "group_size": group, "overrides": args.set,
+        "group_size": group, "overrides": args.set, "command": " ".join(sys.argv),
         "calibration": {**cal, "plays": len(play_texts("calibration"))}, "evaluation": evaluation,
-        "seconds": time.perf_counter() - t_job, "rows": rows,
+        "domains": domains, "seconds": time.perf_counter() - t_job, "cpu_seconds": time.process_time() - c_job,
+        "rows": rows,
     }
-    if causal:
+    write_results(result, args.out)
+    return 0
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from the JSON results of several runs of the same model, data and device (e.g. one
+    per bit width, run side by side): rows concatenated, one full-precision row, times summed."""
+    parts = []
+    for p in paths:
+        try:
+            with open(p, encoding="utf-8") as f:
+                parts.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"--merge {p}: cannot read it as main_job JSON ({type(exc).__name__})") from None
+    keys = ("model", "device", "dtype", "group_size", "calibration", "evaluation", "overrides")
+    for p, part in zip(paths[1:], parts[1:]):
+        for k in keys:
+            if part.get(k) != parts[0].get(k):
+                raise InputError(f"--merge {p}: {k} differs from {paths[0]}'s; merge runs of the same setup only")
+    result = {k: v for k, v in parts[0].items() if k not in ("rows", "ordering", "layer_ratios")}
+    rows = [r for r in parts[0]["rows"] if r["recipe"] == "fp"][:1]
+    for part in parts:
+        rows += [r for r in part["rows"] if r["recipe"] != "fp"]
+    result.update(rows=rows, seconds=sum(p["seconds"] for p in parts),
+                  cpu_seconds=sum(p.get("cpu_seconds", 0.0) for p in parts),
+                  parts=[{"file": os.path.basename(p), "command": part.get("command"), "seconds": part["seconds"],
+                          "cpu_seconds": part.get("cpu_seconds")} for p, part in zip(paths, parts)])
+    return result
+
+
+def write_results(result: dict, out: str) -> None:
+    """Print the table; write `out` (JSON) and beside it .txt, and for perplexity runs .png and .md."""
+    rows, domains = result["rows"], result.get("domains") or []
+    text = table(rows, domains or None)
+    print()
+    print(text)
+    if domains:
         result["ordering"] = ordering(rows, domains)
         result["layer_ratios"] = layer_ratios(rows)
-    stem = os.path.splitext(args.out)[0]
-    if causal:
+    stem = os.path.splitext(out)[0]
+    write_text(out, json.dumps(result, indent=2) + "\n")
+    write_text(stem + ".txt", text + "\n")
+    if domains:
         write_plot(rows, domains, stem + ".png")
         write_text(stem + ".md", report_markdown(result, os.path.basename(stem) + ".png"))
-    write_text(stem + ".txt", text + "\n")
-    write_text(args.out, json.dumps(result, indent=2) + "\n")
-    print(f"\n{len(rows)} rows, {result['seconds']:.0f}s -> {stem}.{{json,txt{',png,md' if causal else ''}}}")
-    return 0
+    print(f"\n{len(rows)} rows, {result['seconds']:.0f}s -> {stem}.{{json,txt{',png,md' if domains else ''}}}")
 
 
 def _metric(row: dict) -> str:
