@@ -259,7 +259,11 @@ def report_markdown(result: dict, plot_name: str) -> str:
     fp = next(r for r in rows if r["recipe"] == "fp")
     lines = [f"# {result['model']}: perplexity by recipe and bit width", "",
              f"Device {result['device']}, {result['dtype']}, {result['torch_threads']} torch threads; "
-             f"whole job {result['seconds']:.0f} s.", "",
+             f"whole job {result['seconds']:.0f} s wall, {result.get('cpu_seconds', 0):.0f} s CPU"
+             + ("" if result.get("complete", True) else "; **incomplete: the run stopped before every row**")
+             + ".", "",
+             *[f"    {c}" for c in ([p["command"] for p in result["parts"]] if result.get("parts")
+                                    else [result["command"]] if result.get("command") else [])], "",
              f"- Calibration: {cal['samples']} × {cal['seqlen']} tokens from {cal['plays']} Shakespeare plays "
              f"(seed {cal['seed']}).",
              *[f"- Evaluation `{d}` ({ev[d]['dataset']}): {ev[d]['windows']} windows × {ev[d]['seqlen']} tokens "
@@ -418,6 +422,17 @@ def main(argv=None) -> int:
              f"quantized layers; calibration {args.samples}×{args.seqlen} tokens of "
              f"{len(play_texts('calibration'))} plays; evaluation "
              + ", ".join(f"{d} {json.dumps(v)}" for d, v in evaluation.items()) + f"; device {args.device}")
+    def snapshot(rows, complete):
+        return {
+            "model": label, "architecture": type(fp_model).__name__, "adapter": adapter.name,
+            "device": args.device, "dtype": "float32", "torch_threads": torch.get_num_threads(),
+            "tf32": torch.backends.cuda.matmul.allow_tf32 if args.device.startswith("cuda") else None,
+            "group_size": group, "overrides": args.set, "command": " ".join(sys.argv),
+            "calibration": {**cal, "plays": len(play_texts("calibration"))}, "evaluation": evaluation,
+            "domains": domains, "seconds": time.perf_counter() - t_job, "cpu_seconds": time.process_time() - c_job,
+            "complete": complete, "rows": rows,
+        }
+
     t0 = time.perf_counter()
     rows = [{**common, "recipe": "fp", "bits": 32, "group_size": None, "seconds": 0.0, "objective": None,
              "decoder": None, "objective_sum": None, "sym_loss_sum": None, **evaluate(fp_model)}]
@@ -445,19 +460,13 @@ def main(argv=None) -> int:
                "draws": {k: v["draws"] for k, v in res.report["layers"].items() if v["draws"]},
                **evaluate(model)}
         rows.append(row)
+        # the records so far, marked incomplete, so an interrupted run keeps what it measured
+        write_text(args.out, json.dumps(snapshot(rows, complete=False), indent=2) + "\n")
         progress(f"  [{i + 1}/{len(plan)}] {name:<24} {bits} bits: calibrated {seconds:6.1f}s, evaluated "
                  f"{time.perf_counter() - t1:5.1f}s, objective {row['objective_sum']:.5g}, {_metric(row)}")
         del model
 
-    result = {
-        "model": label, "architecture": type(fp_model).__name__, "adapter": adapter.name,
-        "device": args.device, "dtype": "float32", "torch_threads": torch.get_num_threads(),
-        "tf32": torch.backends.cuda.matmul.allow_tf32 if args.device.startswith("cuda") else None,
-        "group_size": group, "overrides": args.set, "command": " ".join(sys.argv),
-        "calibration": {**cal, "plays": len(play_texts("calibration"))}, "evaluation": evaluation,
-        "domains": domains, "seconds": time.perf_counter() - t_job, "cpu_seconds": time.process_time() - c_job,
-        "rows": rows,
-    }
+    result = snapshot(rows, complete=True)
     write_results(result, args.out)
     return 0
 
@@ -483,6 +492,7 @@ def merge(paths: list[str]) -> dict:
         rows += [r for r in part["rows"] if r["recipe"] != "fp"]
     result.update(rows=rows, seconds=sum(p["seconds"] for p in parts),
                   cpu_seconds=sum(p.get("cpu_seconds", 0.0) for p in parts),
+                  complete=all(p.get("complete", True) for p in parts),
                   parts=[{"file": os.path.basename(p), "command": part.get("command"), "seconds": part["seconds"],
                           "cpu_seconds": part.get("cpu_seconds")} for p, part in zip(paths, parts)])
     return result

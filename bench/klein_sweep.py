@@ -1,0 +1,59 @@
+"""Klein sampling's candidate count K: perplexity and seconds of the ojbkq recipe at K = 1, 4, 16, 64.
+
+Runs the main job (`main_job.py`, SmolLM2-135M, the same calibration and evaluation data) once per K
+with `--recipes ojbkq --set decoder.k=K`, then prints one table and writes the rows, labelled
+`ojbkq k=K`, to `--out` (JSON, plus .txt beside it). K = 1 is the Babai path alone (candidate 0).
+
+    python bench/klein_sweep.py [--k 1 4 16 64] [--bits 3] [--device cuda] [--out bench/results/klein_sweep.json]
+                                [-- more main_job options, e.g. --samples 32]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import main_job
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--k", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=os.path.join(main_job.RESULTS, "klein_sweep.json"))
+    args = p.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ojbkq-klein-") as tmp:
+        for i, k in enumerate(args.k):
+            out = os.path.join(tmp, f"k{k}.json")
+            main_job.progress(f"klein K={k} ({i + 1}/{len(args.k)})")
+            main_job.main(["--recipes", "ojbkq", "--bits", str(args.bits), "--device", args.device,
+                           "--set", f"decoder.k={k}", "--out", out, *extra])
+            with open(out, encoding="utf-8") as f:
+                results.append((k, json.load(f)))
+    first = results[0][1]
+    rows = [r for r in first["rows"] if r["recipe"] == "fp"]
+    for k, res in results:
+        rows += [{**r, "recipe": f"ojbkq k={k}", "k": k} for r in res["rows"] if r["recipe"] != "fp"]
+    text = main_job.table(rows, first["domains"])
+    print()
+    print(text)
+    result = {k: v for k, v in first.items() if k not in ("rows", "ordering", "layer_ratios", "overrides", "command")}
+    result.update(rows=rows, command=" ".join(sys.argv), seconds=sum(r["seconds"] for _, r in results))
+    main_job.write_text(args.out, json.dumps(result, indent=2) + "\n")
+    main_job.write_text(os.path.splitext(args.out)[0] + ".txt", text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except main_job.InputError as exc:
+        print(f"klein_sweep: {exc}", file=sys.stderr)
+        sys.exit(2)
