@@ -487,9 +487,12 @@ def merge(paths: list[str]) -> dict:
             if part.get(k) != parts[0].get(k):
                 raise InputError(f"--merge {p}: {k} differs from {paths[0]}'s; merge runs of the same setup only")
     result = {k: v for k, v in parts[0].items() if k not in ("rows", "ordering", "layer_ratios")}
-    rows = [r for r in parts[0]["rows"] if r["recipe"] == "fp"][:1]
-    for part in parts:
-        rows += [r for r in part["rows"] if r["recipe"] != "fp"]
+    rows, seen = [r for r in parts[0]["rows"] if r["recipe"] == "fp"][:1], set()
+    for part in parts:                                  # a (recipe, bits) measured twice: the first file's row
+        for r in part["rows"]:
+            if r["recipe"] != "fp" and (r["recipe"], r["bits"]) not in seen:
+                seen.add((r["recipe"], r["bits"]))
+                rows.append(r)
     result.update(rows=rows, seconds=sum(p["seconds"] for p in parts),
                   cpu_seconds=sum(p.get("cpu_seconds", 0.0) for p in parts),
                   complete=all(p.get("complete", True) for p in parts),

@@ -97,3 +97,19 @@ def test_report_names_the_sizes_and_the_misses(job):
     assert md.count("**misses**") == 2
     assert "| rtn | 3 | 1.5 | 3 | 90.000 (+200.0%) | 30.000 (+200.0%) |" in md
     json.dumps(result)                                # the records stay JSON-serialisable
+
+
+def test_merge_joins_runs_and_refuses_other_setups(job, tmp_path):
+    rows = make_rows()
+    base = {"model": "m", "device": "cpu", "dtype": "float32", "group_size": 128, "overrides": [],
+            "calibration": {"samples": 8}, "evaluation": {"shakespeare": {}}, "seconds": 10.0, "cpu_seconds": 5.0}
+    a = {**base, "rows": [r for r in rows if r["bits"] in (32, 4)], "complete": True}
+    b = {**base, "rows": [rows[0]] + [r for r in rows if r["bits"] == 3] + [rows[1]], "complete": False}
+    for name, res in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(res))
+    merged = job.merge([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert [(r["recipe"], r["bits"]) for r in merged["rows"]] == [(r["recipe"], r["bits"]) for r in rows]
+    assert merged["seconds"] == 20.0 and merged["complete"] is False and len(merged["parts"]) == 2
+    (tmp_path / "c.json").write_text(json.dumps({**a, "calibration": {"samples": 16}}))
+    with pytest.raises(job.InputError, match="calibration differs"):
+        job.merge([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
