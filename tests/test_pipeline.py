@@ -69,13 +69,19 @@ def test_every_recipe_end_to_end(folders, tmp_path, arch, recipe):
         assert len(set(alphas)) == len(alphas) and all(0.4 <= a <= 0.8 for a in alphas)
     # the reloaded weights are the engine's (up to the fp16 scales of the format)
     orig, _ = load_model(folders[arch], "float32")
+    from safetensors.torch import load_file
+    saved_tensors = load_file(os.path.join(out, "model.safetensors"))
+    g_idx_of = {n: saved_tensors[f"{n}.g_idx"] for n in names}
     changed = 0
     for n in names:
         W = find_adapter(model).weight(model.get_submodule(n)).detach()
         W0 = find_adapter(orig).weight(orig.get_submodule(n)).detach()
         changed += int(not torch.equal(W, W0))
-        for w in W.reshape(-1, 32)[:8]:                        # a group: 32 consecutive columns of a row
-            assert len(torch.unique(w)) <= 16
+        g_idx = g_idx_of[n].long()                             # a group: the columns of one g_idx value
+        assert torch.equal(torch.bincount(g_idx), torch.full((W.shape[1] // 32,), 32))
+        for row in W[:8]:
+            for g in range(W.shape[1] // 32):
+                assert len(torch.unique(row[g_idx == g])) <= 16
     assert changed == len(names)
 
 
