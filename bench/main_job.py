@@ -303,6 +303,7 @@ def _atomic(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)                       # mkstemp makes it private; results are for everyone
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
