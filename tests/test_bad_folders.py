@@ -33,11 +33,14 @@ def good(tmp_path_factory):
     return {"plain": plain, "quantized": quantized}
 
 
+def _cut_in_half(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    return path
+
+
 def _truncate(folder):
-    p = os.path.join(folder, "model.safetensors")
-    data = open(p, "rb").read()
-    open(p, "wb").write(data[: len(data) // 2])
-    return p, "truncated"
+    return _cut_in_half(os.path.join(folder, "model.safetensors")), "truncated"
 
 
 def _not_safetensors(folder):
@@ -55,10 +58,7 @@ def _corrupt_header(folder):
 
 
 def _bad_config(folder):
-    p = os.path.join(folder, "config.json")
-    text = open(p).read()
-    open(p, "w").write(text[: len(text) // 2])
-    return p, "not valid JSON"
+    return _cut_in_half(os.path.join(folder, "config.json")), "not valid JSON"
 
 
 def _no_model_type(folder):
