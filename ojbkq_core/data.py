@@ -239,9 +239,13 @@ def random_windows(tokens: torch.Tensor, samples: int, seqlen: int, seed: int = 
     if N < seqlen:
         raise InputError(f"{key}: the text has only {N} tokens, fewer than {key}.seqlen={seqlen}; "
                          f"give more text or lower the seqlen")
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, N - seqlen + 1, size=samples)
-    return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
+    return torch.stack([tokens[s:s + seqlen] for s in window_starts(N, samples, seqlen, seed).tolist()])
+
+
+def window_starts(N: int, samples: int, seqlen: int, seed: int = 0) -> np.ndarray:
+    """The seeded random starts `(samples,)` of `random_windows` over `N` tokens. A larger `samples`
+    with the same seed draws the same first starts (numpy draws them one after another)."""
+    return np.random.default_rng(seed).integers(0, N - seqlen + 1, size=samples)
 
 
 def calibration_ids(tokenizer, cal: dict) -> torch.Tensor:
@@ -249,6 +253,29 @@ def calibration_ids(tokenizer, cal: dict) -> torch.Tensor:
     texts = load_texts(cal.get("dataset"), cal.get("path"), "calibration", cal.get("text_field", "text"))
     tokens = tokenize(tokenizer, texts)
     return random_windows(tokens, cal["samples"], cal["seqlen"], cal.get("seed", 0))
+
+
+VALIDATION_GUARD = 256
+
+
+def validation_ids(tokenizer, cal: dict, windows: int, seqlen: int) -> torch.Tensor:
+    """A validation split of the calibration text: `windows` windows `(windows, seqlen)` on the grid
+    `k · seqlen`, in a seeded order, each overlapping none of the first `max(samples, VALIDATION_GUARD)`
+    windows that `calibration_ids` draws with the same seed and seqlen. So it holds no calibration token
+    of any run with up to VALIDATION_GUARD samples, and is the same text for all of them: settings are
+    compared on it, never on the evaluation text."""
+    texts = load_texts(cal.get("dataset"), cal.get("path"), "calibration", cal.get("text_field", "text"))
+    tokens = tokenize(tokenizer, texts).reshape(-1)
+    N, L = tokens.numel(), cal["seqlen"]
+    if N < L:
+        raise InputError(f"calibration: the text has only {N} tokens, fewer than calibration.seqlen={L}")
+    used = window_starts(N, max(cal["samples"], VALIDATION_GUARD), L, cal.get("seed", 0))
+    grid = np.random.default_rng([cal.get("seed", 0), 1]).permutation(N // seqlen) * seqlen
+    free = [int(s) for s in grid if not np.any((used < s + seqlen) & (s < used + L))][:windows]
+    if len(free) < windows:
+        raise InputError(f"calibration: the text leaves only {len(free)} validation windows of {seqlen} tokens "
+                         f"beside the calibration windows; ask for fewer or give more text")
+    return torch.stack([tokens[s:s + seqlen] for s in free])
 
 
 def evaluation_ids(tokenizer, dataset: Optional[str], path=None, text_field: str = "text") -> torch.Tensor:

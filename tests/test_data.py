@@ -110,3 +110,24 @@ def test_pydoc_topics_split_into_disjoint_calibration_and_evaluation():
     assert len(ev) == len(topics) // 4 and len(cal) + len(ev) == len([t for t in topics.values() if t.strip()])
     assert not set(cal) & set(ev)
     assert ev[0] == topics[sorted(topics)[3]]
+
+
+def test_validation_windows_hold_no_calibration_token(tmp_path):
+    text = " ".join(f"w{i}" for i in range(6000))                      # distinct words: distinct tokens
+    (tmp_path / "c.txt").write_text(text)
+    tok = data.byte_tokenizer()
+    cal = {"dataset": "text", "path": str(tmp_path / "c.txt"), "samples": 4, "seqlen": 64, "seed": 3}
+    val = data.validation_ids(tok, cal, windows=6, seqlen=32)
+    assert val.shape == (6, 32)
+    tokens = data.tokenize(tok, [text]).reshape(-1)
+    starts = data.window_starts(tokens.numel(), data.VALIDATION_GUARD, 64, 3)
+    used = set()
+    for s in starts.tolist():
+        used.update(range(s, s + 64))
+    for w in val:                                    # each window is a grid window clear of every guard window
+        s = next(i for i in range(0, tokens.numel() - 31, 32) if torch.equal(tokens[i:i + 32], w))
+        assert not used & set(range(s, s + 32))
+    assert torch.equal(val, data.validation_ids(tok, {**cal, "samples": 40}, windows=6, seqlen=32))
+    assert data.window_starts(1000, 8, 10, 3).tolist() == data.window_starts(1000, 20, 10, 3)[:8].tolist()
+    with pytest.raises(InputError, match="validation windows"):
+        data.validation_ids(tok, cal, windows=10_000, seqlen=32)

@@ -113,3 +113,62 @@ def test_merge_joins_runs_and_refuses_other_setups(job, tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({**a, "calibration": {"samples": 16}}))
     with pytest.raises(job.InputError, match="calibration differs"):
         job.merge([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+
+
+def test_report_without_matplotlib_says_so(job):
+    rows = make_rows()
+    result = {"model": "m", "device": "cpu", "dtype": "bfloat16", "torch_threads": 2, "seconds": 1.0,
+              "group_size": 64, "overrides": [], "rows": rows,
+              "calibration": {"samples": 16, "seqlen": 512, "plays": 27, "seed": 0},
+              "evaluation": {d: {"dataset": d, "windows": 8, "seqlen": 512} for d in DOMAINS},
+              "ordering": job.ordering(rows, DOMAINS), "layer_ratios": {}}
+    md = job.report_markdown(result, None)
+    assert "no plot" in md and "![" not in md and "bfloat16" in md
+
+
+def test_default_sizes_follow_the_device(job):
+    cpu = job.parse_args(["--device", "cpu"])
+    assert (cpu.samples, cpu.seqlen, cpu.eval_windows, cpu.dtype) == (16, 512, 8, "bfloat16")
+    assert cpu.out.endswith(os.path.join("bench", "results", "main_job.json"))
+    assert cpu.domains == ["shakespeare", "python-docs"]
+    assert job.parse_args(["--device", "cpu", "--samples", "64"]).samples == 64
+    if not job.torch.cuda.is_available():
+        with pytest.raises(job.InputError, match="no CUDA device"):
+            job.parse_args(["--device", "cuda"])
+
+
+@pytest.fixture(scope="module")
+def sweep(job):
+    spec = importlib.util.spec_from_file_location("calibration_sweep", os.path.join(ROOT, "bench", "calibration_sweep.py"))
+    mod = importlib.util.module_from_spec(spec)
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sweep_run(samples, ppl_by_recipe):
+    domains = ["validation", "shakespeare"]
+    rows = [{"recipe": "fp", "bits": 32, "perplexity": {"validation": 10.0, "shakespeare": 9.0}}]
+    rows += [{"recipe": r, "bits": 4, "perplexity": {"validation": v, "shakespeare": 2 * v}}
+             for r, v in ppl_by_recipe.items()]
+    return {"calibration": {"samples": samples, "seqlen": 512}, "domains": domains, "rows": rows}
+
+
+def test_calibration_sweep_chooses_on_validation_only(sweep, tmp_path):
+    runs = [sweep_run(64, {"rtn": 1.0, "gptq": 12.0, "ojbkq": 11.0}),     # rtn is not a calibrated row
+            sweep_run(16, {"rtn": 50.0, "gptq": 14.0, "ojbkq": 13.0}),
+            sweep_run(32, {"rtn": 50.0, "gptq": 11.5}),                   # incomplete: not a candidate
+            ]
+    s = sweep.summarise(runs)
+    assert s["samples"] == [16, 32, 64] and s["chosen"] == 64 and s["score"][1] is None
+    assert s["perplexity"]["ojbkq"][4]["shakespeare"] == [26.0, None, 22.0]
+    runs[0]["rows"][2]["perplexity"]["validation"] = 20.0                 # 64 now worse on validation
+    assert sweep.summarise(runs)["chosen"] == 16
+    text = sweep.text_table(s)
+    assert "chosen on validation: 64 windows" in text and "16×512" in text
+    sweep.write_plot(s, str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    no_val = [{**r, "domains": ["shakespeare"]} for r in runs]
+    with pytest.raises(sweep.main_job.InputError, match="no validation domain"):
+        sweep.summarise(no_val)
