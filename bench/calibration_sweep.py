@@ -125,16 +125,10 @@ def main(argv=None) -> int:
     result = {"model": runs[0]["model"], "device": runs[0]["device"], "dtype": runs[0]["dtype"],
               "tf32": runs[0].get("tf32"), "group_size": runs[0]["group_size"], "command": " ".join(sys.argv),
               "runs": [r.get("command") for r in runs], **summary}
-    stem = os.path.splitext(args.out)[0]
-    main_job.write_text(args.out, json.dumps(result, indent=2) + "\n")
-    main_job.write_text(stem + ".txt", text + "\n")
+    stem = main_job.write_json_and_table(args.out, result, text)
     write_plot(summary, stem + ".png")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except main_job.InputError as exc:
-        print(f"calibration_sweep: {exc}", file=sys.stderr)
-        sys.exit(2)
+    main_job.run_script(main, "calibration_sweep")

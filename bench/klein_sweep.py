@@ -46,14 +46,9 @@ def main(argv=None) -> int:
     print(text)
     result = {k: v for k, v in first.items() if k not in ("rows", "ordering", "layer_ratios", "overrides", "command")}
     result.update(rows=rows, command=" ".join(sys.argv), seconds=sum(r["seconds"] for _, r in results))
-    main_job.write_text(args.out, json.dumps(result, indent=2) + "\n")
-    main_job.write_text(os.path.splitext(args.out)[0] + ".txt", text + "\n")
+    main_job.write_json_and_table(args.out, result, text)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except main_job.InputError as exc:
-        print(f"klein_sweep: {exc}", file=sys.stderr)
-        sys.exit(2)
+    main_job.run_script(main, "klein_sweep")

@@ -519,6 +519,23 @@ def merge(paths: list[str]) -> dict:
     return result
 
 
+def write_json_and_table(out: str, result: dict, text: str) -> str:
+    """Write `out` (the JSON records) and the text table beside it (.txt); returns the common stem."""
+    stem = os.path.splitext(out)[0]
+    write_text(out, json.dumps(result, indent=2) + "\n")
+    write_text(stem + ".txt", text + "\n")
+    return stem
+
+
+def run_script(main, name: str) -> None:
+    """`sys.exit(main())`, with bad input reported on one line and exit status 2."""
+    try:
+        sys.exit(main())
+    except InputError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def write_results(result: dict, out: str) -> None:
     """Print the table; write `out` (JSON) and beside it .txt, and for perplexity runs .png and .md."""
     rows, domains = result["rows"], result.get("domains") or []
@@ -528,9 +545,7 @@ def write_results(result: dict, out: str) -> None:
     if domains:
         result["ordering"] = ordering(rows, domains)
         result["layer_ratios"] = layer_ratios(rows)
-    stem = os.path.splitext(out)[0]
-    write_text(out, json.dumps(result, indent=2) + "\n")
-    write_text(stem + ".txt", text + "\n")
+    stem = write_json_and_table(out, result, text)
     written = ["json", "txt"]
     if domains:
         plot = None
@@ -552,8 +567,4 @@ def _metric(row: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as exc:
-        print(f"main_job: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "main_job")
