@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 import main_job  # noqa: E402
 from main_job import DOMAINS, RESULTS, progress, table, write_text  # noqa: E402
-from ojbkq_core.data import calibration_ids, play_texts  # noqa: E402
+from ojbkq_core.data import calibration_ids  # noqa: E402
 from ojbkq_core.errors import InputError  # noqa: E402
 from ojbkq_core.export import load_quantized  # noqa: E402
 from ojbkq_core.model import find_adapter  # noqa: E402
@@ -195,22 +195,15 @@ def main(argv=None) -> int:
              f"tokens, evaluation " + ", ".join(f"{d} {json.dumps(v)}" for d, v in evaluation.items())
              + f"; GPTQModel {gptqmodel.__version__}, {workers} CPU workers, {torch.get_num_threads()} torch threads")
 
-    architecture = type(fp_model).__name__
+    header = main_job.run_header(label, fp_model, adapter, args.device, args.dtype, group, [], cal, evaluation,
+                                 domains)
 
     def snapshot(rows, complete):
-        return {
-            "model": label, "architecture": architecture, "adapter": adapter.name,
-            "device": args.device, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
-            "tf32": torch.backends.cuda.matmul.allow_tf32 if args.device.startswith("cuda") else None,
-            "group_size": group, "overrides": [], "command": " ".join(sys.argv),
-            "calibration": {**cal, "plays": len(play_texts("calibration"))}, "evaluation": evaluation,
-            "domains": domains, "seconds": time.perf_counter() - t_job, "cpu_seconds": time.process_time() - c_job,
-            "complete": complete, "rows": rows,
-        }
+        return {**header, "seconds": time.perf_counter() - t_job, "cpu_seconds": time.process_time() - c_job,
+                "complete": complete, "rows": rows}
 
     t0 = time.perf_counter()
-    rows = [{**common, "recipe": "fp", "bits": 32, "group_size": None, "seconds": 0.0, "objective": None,
-             "decoder": None, "objective_sum": None, "sym_loss_sum": None, **evaluate(fp_model)}]
+    rows = [main_job.fp_row(common, evaluate(fp_model))]
     progress(f"  full precision evaluated ({time.perf_counter() - t0:.0f}s): {main_job._metric(rows[0])}")
     del fp_model
     for i, bits in enumerate(args.bits):

@@ -408,6 +408,24 @@ def perplexity_setup(tok, domains: list[str], cal: dict, seqlen: int, windows: i
     return tokens, evaluation
 
 
+def run_header(label: str, model, adapter, device: str, dtype: str, group: int, overrides: list, cal: dict,
+               evaluation: dict, domains: list) -> dict:
+    """What a run's JSON records about its setup; `merge` joins runs whose model, device, dtype, group,
+    overrides, calibration and evaluation agree."""
+    return {"model": label, "architecture": type(model).__name__, "adapter": adapter.name, "device": device,
+            "dtype": dtype, "torch_threads": torch.get_num_threads(),
+            "tf32": torch.backends.cuda.matmul.allow_tf32 if device.startswith("cuda") else None,
+            "group_size": group, "overrides": overrides, "command": " ".join(sys.argv),
+            "calibration": {**cal, "plays": len(play_texts("calibration"))}, "evaluation": evaluation,
+            "domains": domains}
+
+
+def fp_row(common: dict, metrics: dict) -> dict:
+    """The full-precision row: `common` fields and the model's `metrics`."""
+    return {**common, "recipe": "fp", "bits": 32, "group_size": None, "seconds": 0.0, "objective": None,
+            "decoder": None, "objective_sum": None, "sym_loss_sum": None, **metrics}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -449,20 +467,14 @@ def main(argv=None) -> int:
              f"quantized layers; calibration {args.samples}×{args.seqlen} tokens of "
              f"{len(play_texts('calibration'))} plays; evaluation "
              + ", ".join(f"{d} {json.dumps(v)}" for d, v in evaluation.items()) + f"; device {args.device}")
+    header = run_header(label, fp_model, adapter, args.device, args.dtype, group, args.set, cal, evaluation, domains)
+
     def snapshot(rows, complete):
-        return {
-            "model": label, "architecture": type(fp_model).__name__, "adapter": adapter.name,
-            "device": args.device, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
-            "tf32": torch.backends.cuda.matmul.allow_tf32 if args.device.startswith("cuda") else None,
-            "group_size": group, "overrides": args.set, "command": " ".join(sys.argv),
-            "calibration": {**cal, "plays": len(play_texts("calibration"))}, "evaluation": evaluation,
-            "domains": domains, "seconds": time.perf_counter() - t_job, "cpu_seconds": time.process_time() - c_job,
-            "complete": complete, "rows": rows,
-        }
+        return {**header, "seconds": time.perf_counter() - t_job, "cpu_seconds": time.process_time() - c_job,
+                "complete": complete, "rows": rows}
 
     t0 = time.perf_counter()
-    rows = [{**common, "recipe": "fp", "bits": 32, "group_size": None, "seconds": 0.0, "objective": None,
-             "decoder": None, "objective_sum": None, "sym_loss_sum": None, **evaluate(fp_model)}]
+    rows = [fp_row(common, evaluate(fp_model))]
     progress(f"  full precision evaluated ({time.perf_counter() - t0:.0f}s): {_metric(rows[0])}")
     plan = [(bits, r) for bits in args.bits for r in recipes(args.recipes)]
     for i, (bits, (name, path, extra)) in enumerate(plan):
