@@ -213,6 +213,24 @@ def ordering(rows: list[dict], domains: list[str], chain=CHAIN) -> list[dict]:
     return out
 
 
+BASELINE = "gptqmodel-gptq"
+
+
+def against_baseline(rows: list[dict], domains: list[str], baseline: str = BASELINE) -> list[dict]:
+    """For each bit width with a `baseline` row (GPTQModel's GPTQ, merged in from
+    `gptqmodel_baseline.py`), each of the project's recipes and each domain: whether the recipe's
+    perplexity is below the baseline's."""
+    out = []
+    for base in (r for r in rows if r["recipe"] == baseline):
+        for r in rows:
+            if r["bits"] != base["bits"] or r["recipe"] in ("fp", "rtn") or r["recipe"].startswith("gptqmodel"):
+                continue
+            for d in domains:
+                pr, pb = r["perplexity"][d], base["perplexity"][d]
+                out.append({"bits": r["bits"], "domain": d, "recipe": r["recipe"], "ppl": [pr, pb], "beats": bool(pr < pb)})
+    return out
+
+
 def layer_ratios(rows: list[dict], reference: str = "gptq") -> dict:
     """Per recipe and bit width: the per-layer objective divided by the reference recipe's on the same
     layer, summarised as median and worst (largest) ratio with that layer's name."""
@@ -295,6 +313,11 @@ def report_markdown(result: dict, plot_name: str | None) -> str:
         mark = "holds" if o["holds"] else "**misses**"
         lines.append(f"- {o['bits']} bits, {o['domain']}: {o['better']} {o['ppl'][0]:.3f} {o['relation']} "
                      f"{o['worse']} {o['ppl'][1]:.3f}: {mark}")
+    if result.get("against_baseline"):
+        lines += ["", f"## Against GPTQModel's GPTQ (`{BASELINE}`, same calibration windows and evaluation)", ""]
+        for o in result["against_baseline"]:
+            mark = "beats it" if o["beats"] else "**does not beat it**"
+            lines.append(f"- {o['bits']} bits, {o['domain']}: {o['recipe']} {o['ppl'][0]:.3f} vs {o['ppl'][1]:.3f}: {mark}")
     if result.get("layer_ratios"):
         lines += ["", "## Per-layer objective relative to gptq (same bits)", "",
                   "| recipe @ bits | median | worst | worst layer | layers below gptq |", "|---|---|---|---|---|"]
@@ -566,6 +589,7 @@ def write_results(result: dict, out: str) -> None:
     if domains:
         result["ordering"] = ordering(rows, domains)
         result["layer_ratios"] = layer_ratios(rows)
+        result["against_baseline"] = against_baseline(rows, domains)
     stem = write_json_and_table(out, result, text)
     written = ["json", "txt"]
     if domains:

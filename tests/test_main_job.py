@@ -172,3 +172,20 @@ def test_calibration_sweep_chooses_on_validation_only(sweep, tmp_path):
     no_val = [{**r, "domains": ["shakespeare"]} for r in runs]
     with pytest.raises(sweep.main_job.InputError, match="no validation domain"):
         sweep.summarise(no_val)
+
+
+def test_recipes_are_checked_against_the_gptqmodel_row(job):
+    rows = make_rows()
+    rows.append({"recipe": "gptqmodel-gptq", "bits": 3, "group_size": 128, "seconds": 2.0, "objective_sum": None,
+                 "sym_loss_sum": None, "perplexity": {"shakespeare": 58.5, "python-docs": 18.5}})
+    res = job.against_baseline(rows, DOMAINS)
+    assert {o["bits"] for o in res} == {3} and len(res) == 4 * 2     # gptq, gptaq, reg-beam, ojbkq × domains
+    lost = {(o["recipe"], o["domain"]) for o in res if not o["beats"]}
+    assert lost == {("gptq", "shakespeare"), ("ojbkq", "shakespeare"), ("gptq", "python-docs"), ("gptaq", "python-docs")}
+    result = {"model": "m", "device": "cpu", "dtype": "bfloat16", "torch_threads": 2, "seconds": 1.0,
+              "group_size": 64, "overrides": [], "rows": rows,
+              "calibration": {"samples": 16, "seqlen": 512, "plays": 27, "seed": 0},
+              "evaluation": {d: {"dataset": d, "windows": 8, "seqlen": 512} for d in DOMAINS},
+              "ordering": job.ordering(rows, DOMAINS), "layer_ratios": {}, "against_baseline": res}
+    md = job.report_markdown(result, "p.png")
+    assert md.count("**does not beat it**") == 4 and "3 bits, python-docs: ojbkq 17.000 vs 18.500: beats it" in md
