@@ -12,7 +12,6 @@ beside it .txt and a .png of perplexity against calibration tokens, one panel pe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -104,12 +103,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     runs = []
     if args.inputs:
-        for path in args.inputs:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    runs.append(json.load(f))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise main_job.InputError(f"--from {path}: cannot read it as main_job JSON ({type(exc).__name__})")
+        runs = main_job.read_results(args.inputs, "--from")
     else:
         with tempfile.TemporaryDirectory(prefix="ojbkq-calsweep-") as tmp:
             for i, n in enumerate(args.samples):
@@ -117,8 +111,7 @@ def main(argv=None) -> int:
                 out = os.path.join(tmp, f"cal_{n}.json")
                 main_job.main(["--samples", str(n), "--device", args.device, "--domains", CHOOSE_ON,
                                *main_job.DEFAULT_DOMAINS, "--out", out, *extra])
-                with open(out, encoding="utf-8") as f:
-                    runs.append(json.load(f))
+                runs += main_job.read_results([out], "--samples")
     summary = summarise(runs)
     text = text_table(summary)
     print(text)

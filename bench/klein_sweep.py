@@ -5,17 +5,25 @@ with `--recipes ojbkq --set decoder.k=K`, then prints one table and writes the r
 `ojbkq k=K`, to `--out` (JSON, plus .txt beside it). K = 1 is the Babai path alone (candidate 0).
 
     python bench/klein_sweep.py [--k 1 4 16 64] [--bits 3] [--device cuda] [--out bench/results/klein_sweep.json]
-                                [-- more main_job options, e.g. --samples 32]
+                                [--parts DIR] [-- more main_job options, e.g. --samples 32]
+    python bench/klein_sweep.py --from k1.json k4.json ... [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 
 import main_job
+
+
+def k_of(result: dict, path: str) -> int:
+    """K of a main_job result made with `--set decoder.k=K`."""
+    for o in result.get("overrides") or []:
+        if o.replace(" ", "").startswith("decoder.k="):
+            return int(o.split("=", 1)[1])
+    raise main_job.InputError(f"--from {path}: not a run with --set decoder.k=K")
 
 
 def main(argv=None) -> int:
@@ -27,16 +35,24 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=os.path.join(main_job.RESULTS, "klein_sweep.json"))
+    p.add_argument("--parts", default=None, help="folder for each K's main_job results (default: a temporary one), "
+                   "so a sweep stopped part-way keeps the K values it finished")
+    p.add_argument("--from", dest="inputs", nargs="+", metavar="JSON",
+                   help="no run: the table of main_job results made with --set decoder.k=K")
     args = p.parse_args(argv)
-    results = []
-    with tempfile.TemporaryDirectory(prefix="ojbkq-klein-") as tmp:
-        for i, k in enumerate(args.k):
-            out = os.path.join(tmp, f"k{k}.json")
-            main_job.progress(f"klein K={k} ({i + 1}/{len(args.k)})")
-            main_job.main(["--recipes", "ojbkq", "--bits", str(args.bits), "--device", args.device,
-                           "--set", f"decoder.k={k}", "--out", out, *extra])
-            with open(out, encoding="utf-8") as f:
-                results.append((k, json.load(f)))
+    if args.inputs:
+        results = [(k_of(res, path), res) for path, res in zip(args.inputs, main_job.read_results(args.inputs, "--from"))]
+    else:
+        with tempfile.TemporaryDirectory(prefix="ojbkq-klein-") as tmp:
+            parts = args.parts or tmp
+            os.makedirs(parts, exist_ok=True)
+            results = []
+            for i, k in enumerate(args.k):
+                out = os.path.join(parts, f"k{k}.json")
+                main_job.progress(f"klein K={k} ({i + 1}/{len(args.k)})")
+                main_job.main(["--recipes", "ojbkq", "--bits", str(args.bits), "--device", args.device,
+                               "--set", f"decoder.k={k}", "--out", out, *extra])
+                results.append((k, main_job.read_results([out], "--parts")[0]))
     first = results[0][1]
     rows = [r for r in first["rows"] if r["recipe"] == "fp"]
     for k, res in results:

@@ -533,16 +533,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def merge(paths: list[str]) -> dict:
-    """One result from the JSON results of several runs of the same model, data and device (e.g. one
-    per bit width, run side by side): rows concatenated, one full-precision row, times summed."""
-    parts = []
+def read_results(paths: list[str], option: str) -> list[dict]:
+    """The main-job JSON results in `paths`; a file that cannot be read is named with `option`."""
+    out = []
     for p in paths:
         try:
             with open(p, encoding="utf-8") as f:
-                parts.append(json.load(f))
+                out.append(json.load(f))
         except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"--merge {p}: cannot read it as main_job JSON ({type(exc).__name__})") from None
+            raise InputError(f"{option} {p}: cannot read it as main_job JSON ({type(exc).__name__})") from None
+    return out
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from the JSON results of several runs of the same model, data and device (e.g. one
+    per bit width, run side by side): rows concatenated, one full-precision row, times summed."""
+    parts = read_results(paths, "--merge")
     keys = ("model", "device", "dtype", "group_size", "calibration", "evaluation", "overrides")
     for p, part in zip(paths[1:], parts[1:]):
         for k in keys:

@@ -189,3 +189,14 @@ def test_recipes_are_checked_against_the_gptqmodel_row(job):
               "ordering": job.ordering(rows, DOMAINS), "layer_ratios": {}, "against_baseline": res}
     md = job.report_markdown(result, "p.png")
     assert md.count("**does not beat it**") == 4 and "3 bits, python-docs: ojbkq 17.000 vs 18.500: beats it" in md
+
+
+def test_klein_sweep_reads_k_from_the_runs_overrides(sweep, tmp_path):
+    spec = importlib.util.spec_from_file_location("klein_sweep", os.path.join(ROOT, "bench", "klein_sweep.py"))
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    assert ks.k_of({"overrides": ["quant.damp=0.05", "decoder.k = 64"]}, "a.json") == 64
+    with pytest.raises(sweep.main_job.InputError, match="not a run with --set decoder.k"):
+        ks.k_of({"overrides": []}, "b.json")
+    with pytest.raises(sweep.main_job.InputError, match="--from .*missing.json: cannot read"):
+        sweep.main_job.read_results([str(tmp_path / "missing.json")], "--from")
