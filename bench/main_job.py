@@ -62,7 +62,8 @@ DEFAULT_DOMAINS = ["shakespeare", "python-docs"]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_LABEL = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
 # SmolLM2 calibration windows of 512 tokens by device: on a GPU the size the validation split favours
-# (bench/results/calibration_sweep_cuda.md), on a CPU what 2 cores quantize 12 rows of in 20 minutes
+# (bench/results/calibration_sweep_cuda.txt); on a CPU 16, which keeps the rows without Klein sampling
+# within 20 minutes on 2 cores (bench/README.md, "Results on a 2-core CPU")
 SMOLLM2_SAMPLES = {"cuda": 128, "cpu": 16}
 
 

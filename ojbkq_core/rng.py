@@ -31,4 +31,13 @@ def uniform(seed: int, path: torch.Tensor, row: torch.Tensor, column: int, slot:
     x = _mix(x + row * 0x19E3779B)
     x = _mix(x + (column * 0x2545F491 & _M32))
     x = _mix(x + slot * 0x0B5AD4EC)
-    return ((x >> 8).to(dtype) + 0.5) / float(1 << 24)
+    return to_unit(x, dtype)
+
+
+def to_unit(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """32-bit hashes `x` (int64) → uniforms `((x >> 8) + ½) / 2²⁴` in (0, 1). In float32 the largest,
+    1 − 2⁻²⁵, would round to 1 (and a Gumbel draw −log(−log u) to +∞), so it is kept at the float just
+    below 1."""
+    u = ((x >> 8).to(dtype) + 0.5) / float(1 << 24)
+    below_one = torch.nextafter(torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype))
+    return torch.minimum(u, below_one.to(u.device))

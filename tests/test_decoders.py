@@ -231,3 +231,15 @@ def test_decoders_work_in_float32():
         res = dec.decode(wp, seed=1)
         assert res.codes.dtype == torch.float32 and res.objective.dtype == torch.float32, dec
         assert torch.all((res.codes >= 0) & (res.codes <= 7)), dec
+
+
+def test_uniforms_stay_below_one_so_gumbel_draws_stay_finite():
+    from ojbkq_core.rng import to_unit, uniform
+    x = torch.tensor([0, 0xFFFF_FFFF, 0xFFFF_FE00], dtype=torch.int64)
+    for dt in (torch.float32, torch.float64):
+        u = to_unit(x, dt)
+        assert bool((u > 0).all() and (u < 1).all())
+        assert bool(torch.isfinite(-torch.log(-torch.log(u))).all())
+    assert to_unit(x, torch.float64)[1].item() == 1 - 2 ** -25       # float64 keeps the exact value
+    u = uniform(3, torch.arange(4).view(-1, 1, 1), torch.arange(64).view(1, -1, 1), 7, torch.arange(9).view(1, 1, -1))
+    assert u.shape == (4, 64, 9) and bool(((u > 0) & (u < 1)).all())

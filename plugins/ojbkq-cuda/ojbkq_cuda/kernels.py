@@ -115,7 +115,7 @@ def gumbel_kernel(
     hc = _mix(h + ((i1 + jj).to(tl.uint32) * _COLUMN))
     for o in tl.static_range(SLOTS):
         x = _mix(hc + o * _SLOT)
-        un = ((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+        un = tl.minimum(((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08, 0.99999994039535522)  # < 1
         tl.store(out_ptr + idx * SLOTS + o, -_log(-_log(un, EXACT), EXACT), mask=mask)
 
 
