@@ -150,8 +150,17 @@ def _ids(cases):
     return [f"{p}-{'overwrite' if o else 'fresh'}" for p, o in cases]
 
 
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt here even where this process inherited it ignored (a job started
+    in the background by a non-interactive shell)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("point,previous", SIGINT_CASES, ids=_ids(SIGINT_CASES))
-def test_sigint(model_dir, outputs, tmp_path, monkeypatch, capsys, point, previous):
+def test_sigint(model_dir, outputs, tmp_path, monkeypatch, capsys, point, previous, sigint_raises):
     out = _prepare(outputs, tmp_path, previous)
     arm(point, signal.SIGINT, monkeypatch.setattr)
     rc = cli.main(_args(model_dir, out) + (["--overwrite"] if previous else []))
