@@ -578,6 +578,15 @@ def write_json_and_table(out: str, result: dict, text: str) -> str:
     return stem
 
 
+def split_passthrough(argv) -> tuple[list[str], list[str]]:
+    """`(own, passed)`: a sweep script's arguments before `--`, and those after it, which go to main_job."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
 def run_script(main, name: str) -> None:
     """`sys.exit(main())`, with bad input reported on one line and exit status 2."""
     try:
