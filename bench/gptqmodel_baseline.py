@@ -85,7 +85,8 @@ def parse_args(argv=None):
     for k in ("samples", "seqlen", "eval_windows", "seed", "group_size", "dtype", "run_dir"):
         if getattr(args, k) is None:
             setattr(args, k, getattr(d, k))
-    args.eval_seqlen = args.eval_seqlen or args.seqlen
+    if args.eval_seqlen is None:
+        args.eval_seqlen = args.seqlen
     args.out = args.out or os.path.join(RESULTS, "gptqmodel_baseline" + ("_cuda" if args.device.startswith("cuda")
                                                                         else "") + ".json")
     for k in ("samples", "seqlen", "eval_windows", "eval_seqlen"):

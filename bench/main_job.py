@@ -388,16 +388,19 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     big = args.model == "smollm2"
     args.device = resolve_device(args.device)
-    args.samples = args.samples or (SMOLLM2_SAMPLES["cuda" if args.device.startswith("cuda") else "cpu"] if big else 128)
-    args.seqlen = args.seqlen or (512 if big else 128)
-    args.eval_seqlen = args.eval_seqlen or args.seqlen
+    for k in ("samples", "seqlen", "eval_windows", "eval_seqlen"):      # before defaults fill the unset ones
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise InputError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be ≥ 1")
+    if args.samples is None:
+        args.samples = SMOLLM2_SAMPLES["cuda" if args.device.startswith("cuda") else "cpu"] if big else 128
+    if args.seqlen is None:
+        args.seqlen = 512 if big else 128
+    if args.eval_seqlen is None:
+        args.eval_seqlen = args.seqlen
     if args.out is None:
         name = {"smollm2": "main_job", "minilm": "main_job_minilm", "byte-llama": "main_job_causal"}[args.model]
         name += "_cuda" if big and args.device.startswith("cuda") else ""
         args.out = os.path.join(RESULTS, name + ".json")
-    for k in ("samples", "seqlen", "eval_windows", "eval_seqlen"):
-        if getattr(args, k) < 1:
-            raise InputError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be ≥ 1")
     return args
 
 

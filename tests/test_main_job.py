@@ -200,3 +200,9 @@ def test_klein_sweep_reads_k_from_the_runs_overrides(sweep, tmp_path):
         ks.k_of({"overrides": []}, "b.json")
     with pytest.raises(sweep.main_job.InputError, match="--from .*missing.json: cannot read"):
         sweep.main_job.read_results([str(tmp_path / "missing.json")], "--from")
+
+
+@pytest.mark.parametrize("flag", ["--samples", "--seqlen", "--eval-windows", "--eval-seqlen"])
+def test_zero_sizes_are_refused_not_replaced_by_defaults(job, flag):
+    with pytest.raises(job.InputError, match=f"{flag} 0: must be ≥ 1"):
+        job.parse_args(["--device", "cpu", flag, "0"])
