@@ -97,7 +97,8 @@ def _as_set(m, raw: str) -> str:
 def _mentions(message: str, m) -> bool:
     kind, s, key, v = m
     if kind in ("add", "new_section"):
-        return f"'{s if key is None else f'{s}.{key}'}'" in message or f"'{key}'" in message
+        name = s if key is None else f"{s}.{key}"
+        return f"'{name}'" in message or f"'{key}'" in message or f"'{name}=" in message   # or as --set 'k=v'
     return s in message or (key is not None and key in message)
 
 
