@@ -206,3 +206,56 @@ def test_klein_sweep_reads_k_from_the_runs_overrides(sweep, tmp_path):
 def test_zero_sizes_are_refused_not_replaced_by_defaults(job, flag):
     with pytest.raises(job.InputError, match=f"{flag} 0: must be ≥ 1"):
         job.parse_args(["--device", "cpu", flag, "0"])
+
+
+def point_run(recipe, sets, ppl_by_bits):
+    """A main_job result of one sweep point: `sets` the --set overrides, `ppl_by_bits` bits → validation ppl."""
+    rows = [{"recipe": "fp", "bits": 32, "perplexity": {"validation": 40.0}}]
+    rows += [{"recipe": recipe, "bits": b, "perplexity": {"validation": v}} for b, v in ppl_by_bits.items()]
+    return {"overrides": [f"{k}={v:g}" for k, v in sets.items()], "domains": ["validation"], "rows": rows,
+            "seconds": 2.0}
+
+
+@pytest.fixture(scope="module")
+def rsweep(sweep):
+    spec = importlib.util.spec_from_file_location("recipe_sweep", os.path.join(ROOT, "bench", "recipe_sweep.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_recipe_sweep_chooses_the_lowest_mean_log_validation_perplexity(rsweep, tmp_path):
+    keys = ["objective.mu", "objective.lam"]
+    grid = {(0.6, 0.5): {4: 45.0, 3: 52.0}, (0.6, 1.0): {4: 44.6, 3: 49.9},   # best: lowest mean log over bits
+            (1.0, 0.5): {4: 44.0, 3: 53.0}, (1.0, 1.0): {4: 44.5, 3: 51.6}}   # best at 4 bits alone
+    runs = [(p, point_run("ojbkq", dict(zip(keys, p)), v)) for p, v in grid.items()]
+    s = rsweep.summarise(keys, runs)
+    assert s["chosen"] == {"objective.mu": 0.6, "objective.lam": 1.0} and s["axes"] == [[0.6, 1.0], [0.5, 1.0]]
+    assert s["perplexity"][3]["1,0.5"] == 53.0 and s["bits"] == [4, 3] and s["fp"] == 40.0
+    text = rsweep.text_table(s)
+    assert "chosen on validation: objective.mu = 0.6, objective.lam = 1" in text and "ojbkq" in text
+    rsweep.write_plot(s, str(tmp_path / "grid.png"))
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    one = [((a,), point_run("regularized-beam", {"objective.alpha": a}, {3: v})) for a, v in ((0.5, 50.6), (1.0, 50.7))]
+    s1 = rsweep.summarise(["objective.alpha"], one)
+    assert s1["chosen"] == {"objective.alpha": 0.5}
+    rsweep.write_plot(s1, str(tmp_path / "line.png"))
+    assert (tmp_path / "line.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recipe_sweep_refuses_what_it_cannot_read(rsweep):
+    with pytest.raises(rsweep.main_job.InputError, match="SECTION.KEY=V1,V2"):
+        rsweep.parse_grid("alpha=0.5,1")
+    with pytest.raises(rsweep.main_job.InputError, match="SECTION.KEY=V1,V2"):
+        rsweep.parse_grid("objective.alpha=half")
+    assert rsweep.parse_grid("objective.alpha=0.25,1") == ("objective.alpha", [0.25, 1.0])
+    assert rsweep.point_of({"overrides": ["objective.lam = 1", "objective.mu=0.6"]},
+                           ["objective.mu", "objective.lam"], "a.json") == (0.6, 1.0)
+    with pytest.raises(rsweep.main_job.InputError, match="a.json: not a run with --set objective.mu"):
+        rsweep.point_of({"overrides": []}, ["objective.mu"], "a.json")
+    mixed = [((0.5,), point_run("gptaq", {"objective.alpha": 0.5}, {3: 1.0})),
+             ((1.0,), point_run("ojbkq", {"objective.alpha": 1.0}, {3: 1.0}))]
+    with pytest.raises(rsweep.main_job.InputError, match="several recipes"):
+        rsweep.summarise(["objective.alpha"], mixed)
+    with pytest.raises(rsweep.main_job.InputError, match="validation split only"):
+        rsweep.main(["--recipe", "ojbkq", "--", "--domains", "shakespeare"])
