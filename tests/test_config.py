@@ -170,7 +170,7 @@ def test_recipes_load(recipe, tmp_path):
 
 def test_recipe_parameters():
     cfg = load_config(str(CONFIGS / "ojbkq.yaml"), ["model.path=x"])
-    assert cfg["objective"] == {"name": "jta", "mu": 0.6, "lam": 0.6} and cfg["decoder"]["k"] == 16
+    assert cfg["objective"] == {"name": "jta", "mu": 0.6, "lam": 1.0} and cfg["decoder"]["k"] == 16
     cfg = load_config(str(CONFIGS / "regularized-beam.yaml"), ["model.path=x"])
     assert cfg["decoder"]["width"] == 4 and cfg["decoder"]["expand"] == 2
     cfg = load_config(str(CONFIGS / "regularized-successive.yaml"), ["model.path=x"])
