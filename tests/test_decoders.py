@@ -146,6 +146,37 @@ def test_klein_limits_of_beta_and_k():
     assert torch.all(hot.codes >= 0) and torch.all(hot.codes <= 7)
 
 
+@pytest.mark.parametrize("kw", [{}, {"rel_beta": 1.0}, {"rel_beta": 40.0}, {"beta": 3.0}, {"window": 2}])
+@pytest.mark.parametrize("shape", [dict(bits=3), dict(bits=2, group_size=4), dict(bits=4, m=40, n=16, group_size=8)])
+def test_klein_noise_only_where_a_draw_can_land_changes_nothing(monkeypatch, kw, shape):
+    """On the CPU Klein draws noise only for the codes within `reach` of the nearest one; with the whole
+    window drawn (the GPU's way) every candidate, score and winner is the same."""
+    from ojbkq_core.decoders import klein as klein_mod
+    reached = []
+    real_reach = klein_mod.reach
+    monkeypatch.setattr(klein_mod, "reach", lambda *a: reached.append(real_reach(*a)) or reached[-1])
+    for seed in range(3):
+        wp = layer_problem(seed=10 + seed, **shape)
+        wp.T = wp.T * 1.3                                    # some targets beyond the box: clamped codes
+        pruned = Klein(k=8, **kw).decode(wp, seed=seed)
+        monkeypatch.setattr(klein_mod, "reach", lambda kappa, w, spread: w)
+        full = Klein(k=8, **kw).decode(wp, seed=seed)
+        monkeypatch.setattr(klein_mod, "reach", lambda *a: reached.append(real_reach(*a)) or reached[-1])
+        assert torch.equal(pruned.codes, full.codes)
+        assert torch.equal(pruned.info["candidate_scores"], full.info["candidate_scores"])
+    if "beta" not in kw and kw.get("rel_beta", 4.0) >= 4.0:
+        assert min(reached) < {**Klein.params, **kw}["window"]      # the bound did leave codes out
+
+
+def test_klein_reach_bound():
+    from ojbkq_core.decoders.klein import gumbel_spread, reach
+    spread = gumbel_spread()
+    assert 19 < spread < 20                                 # −log(−log u) over u in [2⁻²⁵, 1 − 2⁻²⁴]
+    assert reach(4.0, 4, spread) == 2                      # κ (o² − |o|) = 24 > spread at o = 3, 8 at o = 2
+    assert reach(3.0, 4, spread) == 3 and reach(1.0, 4, spread) == 4 and reach(100.0, 4, spread) == 1 and reach(100.0, 1, spread) == 1
+    assert reach(float("nan"), 4, spread) == 4 and reach(0.0, 3, spread) == 3
+
+
 def test_klein_rho_solves_kleins_equation():
     for k, n in ((2, 1), (16, 8), (64, 8), (1000, 30)):
         rho = klein_rho(k, n)

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import InputError
 from ..problem import WorkingProblem
-from ..rng import uniform
+from ..rng import to_unit, uniform
 from .base import DecodeResult, Decoder
 from .walk import nearest, walk
 
@@ -42,6 +42,29 @@ def klein_rho(k: int, n: int) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
     return hi
+
+
+def gumbel_spread(dtype=torch.float32) -> float:
+    """The largest minus the smallest Gumbel draw `−log(−log u)` over every uniform `rng.to_unit` can
+    give (about 19.5 in float32)."""
+    u = to_unit(torch.tensor([0, 0xFFFFFFFF]), dtype)
+    g = -torch.log(-torch.log(u))
+    return float(g[1] - g[0])
+
+
+def reach(kappa_min: float, window: int, spread: float) -> int:
+    """How many steps from the nearest code a draw can still land, `≤ window`.
+
+    With `κ = β s² / U_jj²` (`s` the grid step), the nearest code's logit is at least `−κ/4` and the code
+    `o` steps away has at most `−κ (|o| − ½)²` (both hold when the nearest code is clamped to the box,
+    which only widens the gap), so it trails by at least `κ (o² − |o|)`. Once that exceeds the spread
+    of the Gumbel draws it can never win the argmax. A 0.1% and one-unit margin covers float rounding;
+    a NaN `kappa_min` keeps the whole window.
+    """
+    W = window
+    while W > 1 and kappa_min * (W * W - W) * (1 - 1e-3) > spread + 1.0:
+        W -= 1
+    return W
 
 
 def select(problem: WorkingProblem, codes, scale, zero, score):
@@ -90,16 +113,21 @@ class Klein(Decoder):
         row = (torch.arange(m, device=dev) + row0).view(1, -1, 1)
         offs = torch.arange(-w, w + 1, device=dev, dtype=T.dtype)  # (2w+1,)
         slot = torch.arange(2 * w + 1, device=dev).view(1, 1, -1)
+        # on the CPU only the codes a draw can reach get noise (the same draws, the same winner); on a
+        # GPU the bound would cost a device sync per column, so the whole window is drawn
+        spread = gumbel_spread(T.dtype) if dev.type == "cpu" else None
 
         def choose(t, s, z, lo, hi, d, j):
             c0 = nearest(t, s, z, lo, hi)                        # (K, m)
             if K == 1:
                 return c0
-            cc = c0[1:].unsqueeze(-1) + offs                     # (K-1, m, 2w+1)
+            W = w if spread is None else reach((beta.view(1, -1) * (s[1:] / d) ** 2).amin().item(), w, spread)
+            offs_W, slot_W = offs[w - W:w + W + 1], slot[..., w - W:w + W + 1]
+            cc = c0[1:].unsqueeze(-1) + offs_W                   # (K-1, m, 2W+1)
             dist = (t[1:].unsqueeze(-1) - s[1:].unsqueeze(-1) * (cc - z[1:].unsqueeze(-1))) / d
             logit = -beta * dist * dist
             logit = logit.masked_fill((cc < lo) | (cc > hi), -math.inf)
-            u = uniform(seed, path, row, j, slot, dtype=T.dtype)
+            u = uniform(seed, path, row, j, slot_W, dtype=T.dtype)
             g = -torch.log(-torch.log(u))
             pick = (logit + g).argmax(-1, keepdim=True)
             return torch.cat([c0[:1], cc.gather(-1, pick).squeeze(-1)], 0)
