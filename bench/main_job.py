@@ -62,8 +62,8 @@ DEFAULT_DOMAINS = ["shakespeare", "python-docs"]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_LABEL = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
 # SmolLM2 calibration windows of 512 tokens by device: on a GPU the size the validation split favours
-# (bench/results/calibration_sweep_cuda.txt); on a CPU 16, which keeps the rows without Klein sampling
-# within 20 minutes on 2 cores (bench/README.md, "Results on a 2-core CPU")
+# (bench/results/calibration_sweep_cuda.txt); on a CPU 16, to keep the forward passes short (the
+# decoders' time does not depend on it; 2 cores: bench/README.md, "Results on a 2-core CPU")
 SMOLLM2_SAMPLES = {"cuda": 128, "cpu": 16}
 
 
@@ -361,7 +361,7 @@ def parse_args(argv=None):
     p.add_argument("--recipes", nargs="+", default=None, help="rtn and recipe names of configs/ (default: all)")
     p.add_argument("--samples", type=int, default=None,
                    help=f"calibration windows (smollm2: {SMOLLM2_SAMPLES['cuda']} on a GPU, {SMOLLM2_SAMPLES['cpu']} on "
-                        "a CPU, to stay within 20 minutes on 2 cores; others 128)")
+                        "a CPU; others 128)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (smollm2 512, others 128)")
     p.add_argument("--eval-windows", type=int, default=8, help="perplexity windows per domain")
     p.add_argument("--eval-seqlen", type=int, default=None, help="tokens per perplexity window (default: --seqlen)")
@@ -551,7 +551,8 @@ def read_results(paths: list[str], option: str) -> list[dict]:
 
 def merge(paths: list[str]) -> dict:
     """One result from the JSON results of several runs of the same model, data and device (e.g. one
-    per bit width, run side by side): rows concatenated, one full-precision row, times summed."""
+    per bit width, run side by side): rows joined and ordered by bit width, one full-precision row,
+    times summed; a file that is itself a merge contributes its own list of runs."""
     parts = read_results(paths, "--merge")
     keys = ("model", "device", "dtype", "group_size", "calibration", "evaluation", "overrides")
     for p, part in zip(paths[1:], parts[1:]):
@@ -565,11 +566,15 @@ def merge(paths: list[str]) -> dict:
             if r["recipe"] != "fp" and (r["recipe"], r["bits"]) not in seen:
                 seen.add((r["recipe"], r["bits"]))
                 rows.append(r)
+    # by bit width, each width's rows in the order read, GPTQModel's rows after the project's
+    rows = rows[:1] + sorted(rows[1:], key=lambda r: (-r["bits"], r["recipe"].startswith(BASELINE)))
+    listed = []                                         # a merged file lists the runs it was made of
+    for p, part in zip(paths, parts):
+        listed += part.get("parts") or [{"file": os.path.basename(p), "command": part.get("command"),
+                                         "seconds": part["seconds"], "cpu_seconds": part.get("cpu_seconds")}]
     result.update(rows=rows, seconds=sum(p["seconds"] for p in parts),
                   cpu_seconds=sum(p.get("cpu_seconds", 0.0) for p in parts),
-                  complete=all(p.get("complete", True) for p in parts),
-                  parts=[{"file": os.path.basename(p), "command": part.get("command"), "seconds": part["seconds"],
-                          "cpu_seconds": part.get("cpu_seconds")} for p, part in zip(paths, parts)])
+                  complete=all(p.get("complete", True) for p in parts), parts=listed)
     return result
 
 

@@ -113,6 +113,18 @@ def test_merge_joins_runs_and_refuses_other_setups(job, tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({**a, "calibration": {"samples": 16}}))
     with pytest.raises(job.InputError, match="calibration differs"):
         job.merge([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+    # a merged file merged again: rows by bit width (3-bit rows added later land among the 3-bit rows,
+    # GPTQModel's after the project's), and the list of runs stays flat
+    (tmp_path / "ab.json").write_text(json.dumps(merged))
+    late = {**base, "rows": [rows[0], {**rows[-1], "recipe": "late"}, {**rows[1], "recipe": "gptqmodel-gptq"},
+                             {**rows[2], "recipe": "late"}], "complete": True, "command": "late run"}
+    (tmp_path / "late.json").write_text(json.dumps(late))
+    again = job.merge([str(tmp_path / "late.json"), str(tmp_path / "ab.json")])
+    order = [(r["recipe"], r["bits"]) for r in again["rows"]]
+    assert order[:2] == [("fp", 32), ("late", 4)] and order.index(("late", 3)) == 8     # fp, late, 5 rows, gptqmodel
+    assert [b for _, b in order] == sorted((b for _, b in order), reverse=True)
+    assert order.index(("gptqmodel-gptq", 4)) == max(i for i, (_, b) in enumerate(order) if b == 4)
+    assert [p["file"] for p in again["parts"]] == ["late.json", "a.json", "b.json"]
 
 
 def test_report_without_matplotlib_says_so(job):
