@@ -86,9 +86,7 @@ def write_plot(summary: dict, path: str) -> None:
             ax.set_ylabel("perplexity")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    main_job._atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    main_job.save_png(fig, path)
 
 
 def main(argv=None) -> int:

@@ -276,9 +276,7 @@ def write_plot(rows: list[dict], domains: list[str], path: str) -> dict:
         drawn[d] = {ln.get_label(): ([float(x) for x in ln.get_xdata()], [float(y) for y in ln.get_ydata()])
                     for ln in ax.get_lines()}
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
     return drawn
 
 
@@ -343,6 +341,14 @@ def _atomic(path: str, write) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def save_png(fig, path: str, dpi: int = 100) -> None:
+    """Lay out a matplotlib figure, write it as PNG in one step (`_atomic`) and close it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    plt.close(fig)
 
 
 def write_text(path: str, text: str) -> None:

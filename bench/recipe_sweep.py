@@ -134,9 +134,7 @@ def write_plot(s: dict, path: str) -> None:
             ax.set_ylabel(s["keys"][0])
             fig.colorbar(im, ax=ax, shrink=0.8)
         ax.set_title(f"{s['recipe']} {b} bits: {CHOOSE_ON} perplexity")
-    fig.tight_layout()
-    main_job._atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    main_job.save_png(fig, path)
 
 
 def main(argv=None) -> int:
