@@ -77,7 +77,7 @@ def test_gptqmodel_row_is_scored_like_the_main_job_and_merges(baseline, tmp_path
         assert theirs[k] == ours[k], k
     merged = main_job.merge([mj, gm])
     assert [(r["recipe"], r["bits"]) for r in merged["rows"]] == \
-        [("fp", 32), ("rtn", 3), ("gptqmodel-gptq", 4), ("gptqmodel-gptq", 3)]
+        [("fp", 32), ("gptqmodel-gptq", 4), ("rtn", 3), ("gptqmodel-gptq", 3)]     # by bit width
     assert "gptqmodel-gptq" in main_job.table(merged["rows"], ["shakespeare"])
     # the project's reader of GPTQModel's checkpoint computes what GPTQModel's own kernel computes
     from transformers import AutoModelForCausalLM
