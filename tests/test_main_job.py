@@ -271,3 +271,11 @@ def test_recipe_sweep_refuses_what_it_cannot_read(rsweep):
         rsweep.summarise(["objective.alpha"], mixed)
     with pytest.raises(rsweep.main_job.InputError, match="validation split only"):
         rsweep.main(["--recipe", "ojbkq", "--", "--domains", "shakespeare"])
+
+
+def test_profile_block_refuses_an_unknown_recipe_before_any_work(sweep):
+    spec = importlib.util.spec_from_file_location("profile_block", os.path.join(ROOT, "bench", "profile_block.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(mod.main_job.InputError, match="--recipes nope: unknown"):
+        mod.main(["--recipes", "ojbkq", "nope", "--run-dir", "/nonexistent"])
