@@ -20,10 +20,10 @@ import main_job
 
 def k_of(result: dict, path: str) -> int:
     """K of a main_job result made with `--set decoder.k=K`."""
-    for o in result.get("overrides") or []:
-        if o.replace(" ", "").startswith("decoder.k="):
-            return int(o.split("=", 1)[1])
-    raise main_job.InputError(f"--from {path}: not a run with --set decoder.k=K")
+    k = main_job.set_values(result).get("decoder.k")
+    if k is None:
+        raise main_job.InputError(f"--from {path}: not a run with --set decoder.k=K")
+    return int(k)
 
 
 def main(argv=None) -> int:

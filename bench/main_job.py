@@ -555,6 +555,11 @@ def read_results(paths: list[str], option: str) -> list[dict]:
     return out
 
 
+def set_values(result: dict) -> dict[str, str]:
+    """The `--set KEY=VALUE` overrides a main_job result was made with, as `{key: value}` (spaces dropped)."""
+    return dict(o.replace(" ", "").split("=", 1) for o in result.get("overrides") or [] if "=" in o)
+
+
 def merge(paths: list[str]) -> dict:
     """One result from the JSON results of several runs of the same model, data and device (e.g. one
     per bit width, run side by side): rows joined and ordered by bit width, one full-precision row,

@@ -43,14 +43,10 @@ def parse_grid(text: str) -> tuple[str, list[float]]:
 
 def point_of(result: dict, keys: list[str], path: str) -> tuple[float, ...]:
     """The values of `keys` in a main_job result's `--set` overrides."""
-    found = {}
-    for o in result.get("overrides") or []:
-        k, _, v = o.replace(" ", "").partition("=")
-        if k in keys:
-            found[k] = float(v)
-    if set(found) != set(keys):
+    found = main_job.set_values(result)
+    if any(k not in found for k in keys):
         raise main_job.InputError(f"--from {path}: not a run with --set " + " --set ".join(f"{k}=…" for k in keys))
-    return tuple(found[k] for k in keys)
+    return tuple(float(found[k]) for k in keys)
 
 
 def label(point) -> str:
@@ -154,7 +150,7 @@ def main(argv=None) -> int:
     if args.inputs:
         results = main_job.read_results(args.inputs, "--from")
         if not args.grid:                   # the keys the runs were made with
-            args.grid = [o.replace(" ", "").split("=", 1)[0] + "=0" for o in results[0].get("overrides") or []]
+            args.grid = [k + "=0" for k in main_job.set_values(results[0])]
             if not args.grid:
                 raise main_job.InputError(f"--from {args.inputs[0]}: a run without --set overrides is no sweep point")
     grid = [parse_grid(g) for g in (args.grid or ["objective.mu=0.4,0.6,0.8,1", "objective.lam=0.25,0.5,0.75,1"])]
