@@ -2,8 +2,9 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# the first-party GPU plugin installs like any third-party plugin (it registers CUDA backends only)
-PLUGINS := $(foreach p,$(wildcard plugins/ojbkq-cuda),-e $(p))
+# the first-party CPU (numba) and GPU (Triton) plugins install like any third-party plugin; each registers
+# backends for its device only
+PLUGINS := $(foreach p,$(wildcard plugins/ojbkq-cpu plugins/ojbkq-cuda),-e $(p))
 # The loaders the checkpoints are proven against (transformers + GPTQModel + optimum) need torch >= 2.14.1,
 # whose only Linux x86_64 wheel on PyPI is the CUDA build (~5.5 GB with its libraries): it lives in a
 # venv of its own so that the default install keeps the CPU build of torch 2.13.0.

@@ -34,6 +34,17 @@ def uniform(seed: int, path: torch.Tensor, row: torch.Tensor, column: int, slot:
     return to_unit(x, dtype)
 
 
+def path_row_state(seed: int, paths: int, m: int, row0: int = 0, device="cpu") -> torch.Tensor:
+    """`(paths·m,)` int64: the hash of (seed, path, row) that `uniform` builds before it mixes in the column
+    and the slot; element `p·m + i` is path `p` of row `row0 + i`. Kernels that draw column by column
+    start from it."""
+    path = torch.arange(paths, device=device, dtype=torch.int64).view(-1, 1)
+    row = (torch.arange(m, device=device, dtype=torch.int64) + row0).view(1, -1)
+    x = _mix(path * 0x3504F333 + _mix(torch.as_tensor(seed & _M32, device=device)))
+    x = _mix(x + row * 0x19E3779B)
+    return x.reshape(-1).contiguous()
+
+
 def to_unit(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """32-bit hashes `x` (int64) → uniforms `((x >> 8) + ½) / 2²⁴` in (0, 1). In float32 the largest,
     1 − 2⁻²⁵, would round to 1 (and a Gumbel draw −log(−log u) to +∞), so it is kept at the float just

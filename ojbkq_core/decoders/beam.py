@@ -1,10 +1,12 @@
 """Bounded search: a beam of `width` partial paths per row (regularized-calibration paper).
 
 At each column every beam expands to its `expand` nearest grid codes; the `width` best partial paths by
-accumulated `Σ e²` survive. `width = 1` is babai; a beam that never prunes is exhaustive search. The Babai path is always one of the
-final candidates, so per row the result is never worse than babai under the selecting score.
-Lazy block updates as in the walk: within a block the beams' block columns are reordered with them,
-the columns after the block get one matrix product per block. Codes are recovered by back-pointers.
+accumulated `Σ e²` survive. `width = 1` is babai; a beam that never prunes is exhaustive search. The Babai
+path is always one of the final candidates, so per row the result is never worse than babai under the
+selecting score. Ties keep the lower index first (a stable sort, not `topk`, whose order among equal values
+is unspecified), so the device kernels take the same decisions. Lazy block updates as in the walk: within
+a block the beams' block columns are reordered with them, the columns after the block get one matrix
+product per block. Codes are recovered by back-pointers.
 """
 from __future__ import annotations
 
@@ -17,6 +19,12 @@ from ..problem import WorkingProblem
 from .base import DecodeResult, Decoder
 from .klein import select
 from .walk import nearest, walk
+
+
+def smallest(x: torch.Tensor, k: int, dim: int):
+    """The `k` smallest values of `x` along `dim` and their indices, ascending; equal values in index order."""
+    values, idx = torch.sort(x, dim=dim, stable=True)
+    return values.narrow(dim, 0, k), idx.narrow(dim, 0, k)
 
 
 class Beam(Decoder):
@@ -65,10 +73,10 @@ class Beam(Decoder):
                 cc = c0.unsqueeze(-1) + offs                     # (B, m, 2E+1)
                 err = (t.unsqueeze(-1) - s.unsqueeze(-1) * (cc - z.unsqueeze(-1))) / d[j]
                 cost = (err * err).masked_fill((cc < lower[j]) | (cc > upper[j]), math.inf)
-                cost, k = cost.topk(min(E, cost.shape[-1]), dim=-1, largest=False)   # (B, m, E)
+                cost, k = smallest(cost, min(E, cost.shape[-1]), -1)   # (B, m, E)
                 cc, err = cc.gather(-1, k), err.gather(-1, k)
                 total = (score.unsqueeze(-1) + cost).permute(0, 2, 1).reshape(-1, m)  # (B*E', m)
-                score, idx = total.topk(B, dim=0, largest=False)
+                score, idx = smallest(total, B, 0)
                 Ek = cc.shape[-1]
                 parent = idx // Ek
                 c = cc.permute(0, 2, 1).reshape(-1, m).gather(0, idx)

@@ -100,7 +100,7 @@ def _residual(t, s, c, z, d, EXACT: tl.constexpr):
 
 @triton.jit
 def gumbel_kernel(
-    hash_ptr,                        # (R,) per-path-row hash state (ojbkq_cuda.walk.hash_state)
+    hash_ptr,                        # (R,) per-path-row hash state (ojbkq_core.rng.path_row_state)
     out_ptr,                         # ((R − m)·bs·SLOTS,) float32: noise of row r ≥ m, column i1 + jj, slot o
     R, m, i1, bs,
     SLOTS: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr,

@@ -18,7 +18,7 @@ import torch
 
 from ojbkq_core.grid import block_size_for
 from ojbkq_core.problem import WorkingProblem
-from ojbkq_core.rng import _mix
+from ojbkq_core.rng import path_row_state
 
 from . import runtime
 
@@ -57,16 +57,6 @@ def code_dtype(lower: torch.Tensor, upper: torch.Tensor) -> torch.dtype:
     return torch.int32
 
 
-def hash_state(seed: int, paths: int, m: int, row0: int, device) -> torch.Tensor:
-    """`(P·m,)` int64: the hash of (seed, path, row) that `ojbkq_core.rng.uniform` builds before mixing in the
-    column and the slot; path `p` of row `i` is element `p·m + i`."""
-    path = torch.arange(paths, device=device, dtype=torch.int64).view(-1, 1)
-    row = (torch.arange(m, device=device, dtype=torch.int64) + row0).view(1, -1)
-    x = _mix(path * 0x3504F333 + _mix(torch.as_tensor(seed & 0xFFFFFFFF, device=device)))
-    x = _mix(x + row * 0x19E3779B)
-    return x.reshape(-1).contiguous()
-
-
 def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Optional[torch.Tensor] = None,
          window: int = 4, seed: int = 0, row0: int = 0, block: int = 128) -> Paths:
     """Run `paths` candidate paths per row. Path 0 rounds to nearest (babai); with `beta` `(m,)` the paths
@@ -100,7 +90,7 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
     slots = 2 * window + 1
     if sample:
         beta_t = beta.to(f32).contiguous()
-        hstate = hash_state(seed, P, m, row0, dev)
+        hstate = path_row_state(seed, P, m, row0, dev)
         noise = torch.empty((R - m) * bs * slots, dtype=f32, device=dev)
     else:
         beta_t, noise = score, score                                 # unused pointers

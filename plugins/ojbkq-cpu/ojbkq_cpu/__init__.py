@@ -1,0 +1,1 @@
+"""CPU (numba) implementations of the ojbkq babai, klein, successive and beam decoders."""

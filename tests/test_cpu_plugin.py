@@ -1,0 +1,172 @@
+"""The CPU plugin `plugins/ojbkq-cpu`: its hook registers the CPU backends, and its numba kernels take the
+reference decoders' decisions exactly (same codes, grids and objectives, bit for bit)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+PLUGIN = Path(__file__).resolve().parent.parent / "plugins" / "ojbkq-cpu"
+if str(PLUGIN) not in sys.path:
+    sys.path.insert(0, str(PLUGIN))
+
+from ojbkq_core.decoders import Babai, Beam, Klein, Successive  # noqa: E402
+from ojbkq_core.decoders.beam import smallest  # noqa: E402
+from ojbkq_core.grid import GridSpec  # noqa: E402
+from ojbkq_core.layer import quantize_layer  # noqa: E402
+from ojbkq_core.objectives import PRESETS, preset  # noqa: E402
+from ojbkq_core.problem import BILSProblem  # noqa: E402
+from ojbkq_core.registry import load  # noqa: E402
+from ojbkq_core.rng import to_unit  # noqa: E402
+from ojbkq_core.stats import Statistics  # noqa: E402
+from ojbkq_cpu import plugin  # noqa: E402
+from ojbkq_cpu.decoders import CpuBabai, CpuBeam, CpuKlein, CpuSuccessive  # noqa: E402
+from ojbkq_cpu.kernels import _BUCKET_SHIFT, gumbel_bucket_bounds  # noqa: E402
+
+PAIRS = {"babai": (Babai, CpuBabai), "klein": (Klein, CpuKlein), "successive": (Successive, CpuSuccessive),
+         "beam": (Beam, CpuBeam)}
+
+GRIDS = {
+    "groups-inside-blocks": GridSpec(bits=4, group_size=16),
+    "row-grid+act-order": GridSpec(bits=3, group_size=-1, act_order=True),
+    "groups-not-dividing-n": GridSpec(bits=4, group_size=20),
+    "static-groups+sym": GridSpec(bits=3, group_size=16, static_groups=True, sym=True),
+    "group-over-two-blocks": GridSpec(bits=3, group_size=256),
+}
+
+
+def layer(m, n, N=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g) * torch.logspace(0, -2, n)
+    X = torch.randn(N, n, generator=g) @ A
+    Xfp = X + 0.1 * torch.randn(N, n, generator=g) @ A
+    W = torch.randn(m, n, generator=g)
+    return W, Statistics.from_inputs(X, Xfp, needs=("H", "C", "G"))
+
+
+def both(name, params, W, st, objective="symmetric", grid=None, seed=3, **kw):
+    ref_cls, cpu_cls = PAIRS[name]
+    spec = preset(objective, *PRESETS[objective])
+    grid = grid or GridSpec(bits=4, group_size=16)
+    a = quantize_layer(W, st, spec, grid, ref_cls(**params), seed=seed, **kw)
+    b = quantize_layer(W, st, spec, grid, cpu_cls(**params), seed=seed, **kw)
+    return a, b
+
+
+def same(a, b):
+    assert torch.equal(a.codes, b.codes)
+    assert torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+    assert b.loss == a.loss
+
+
+def test_the_hook_registers_a_cpu_backend_for_each_decoder():
+    reg = load(extra_plugins=(plugin,))
+    mine = {b.name: b for b in reg.backends if b.obj.__module__ == "ojbkq_cpu.decoders"}
+    assert set(mine) == set(PAIRS)
+    for name, (ref_cls, cpu_cls) in PAIRS.items():
+        assert mine[name].extra == {"device": "cpu", "priority": plugin.PRIORITY}
+        assert issubclass(cpu_cls, ref_cls)
+        assert type(reg.decoder(name, {}, device="cpu")) is cpu_cls
+        assert type(reg.decoder(name, {}, device="cpu", backend="reference")) is ref_cls
+        assert type(reg.decoder(name, {}, device="cpu", backend="cpu")) is cpu_cls
+        assert not isinstance(reg.decoder(name, {}, device="cuda"), cpu_cls)
+
+
+def test_float64_problems_go_to_the_reference_unchanged():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(6, 6, generator=g, dtype=torch.float64).numpy()
+    y = torch.randn(6, 3, generator=g, dtype=torch.float64).numpy() * 3
+    wp, _, _ = BILSProblem.create(y, -2, 2, A=A).working()
+    for name, params in [("babai", {}), ("klein", {"k": 4}), ("beam", {"width": 3})]:
+        ref_cls, cpu_cls = PAIRS[name]
+        a, b = ref_cls(**params).decode(wp, seed=5), cpu_cls(**params).decode(wp, seed=5)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.objective, b.objective)
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_babai_takes_the_reference_decisions(grid):
+    W, st = layer(12, 300, seed=len(grid))
+    a, b = both("babai", {}, W, st, grid=GRIDS[grid])
+    same(a, b)
+    assert b.report["path_objective"] == a.report["path_objective"]
+
+
+def test_successive_carries_the_injection_like_the_reference():
+    W, st = layer(8, 160, seed=5)
+    a, b = both("successive", {}, W, st, objective="regularized")
+    assert b.report["decoder"].startswith("CpuSuccessive")
+    same(a, b)
+
+
+@pytest.mark.parametrize("objective", ["symmetric", "jta"])
+@pytest.mark.parametrize("grid", ["groups-inside-blocks", "row-grid+act-order", "groups-not-dividing-n"])
+def test_klein_draws_the_reference_numbers(objective, grid):
+    """Same seed, same counter-based uniforms: the same candidates and the same choice per row."""
+    W, st = layer(10, 200, seed=6)
+    a, b = both("klein", {"k": 6, "window": 3}, W, st, objective=objective, grid=GRIDS[grid])
+    same(a, b)
+    assert a.report["candidate_histogram"] == b.report["candidate_histogram"]
+
+
+def test_klein_with_a_fixed_beta_and_clamped_targets():
+    """A small β (draws far from the nearest code) and targets beyond the box (codes clamped)."""
+    W, st = layer(8, 64, seed=12)
+    a, b = both("klein", {"k": 5, "window": 4, "beta": 0.05}, 6 * W, st, grid=GridSpec(bits=2, group_size=16))
+    same(a, b)
+
+
+def test_klein_is_independent_of_row_chunks_and_never_worse_than_babai():
+    W, st = layer(6, 64, seed=7)
+    spec = preset("symmetric", *PRESETS["symmetric"])
+    grid = GridSpec(bits=3, group_size=16)
+    whole = quantize_layer(W, st, spec, grid, CpuKlein(k=3, window=1), seed=11)
+    parts = quantize_layer(W, st, spec, grid, CpuKlein(k=3, window=1), seed=11, max_rows=4)
+    assert torch.equal(whole.codes, parts.codes)
+    babai = quantize_layer(W, st, spec, grid, CpuBabai(), seed=11)
+    assert (whole.row_loss <= babai.row_loss * (1 + 1e-9) + 1e-12).all()
+
+
+@pytest.mark.parametrize("grid", ["groups-inside-blocks", "row-grid+act-order", "group-over-two-blocks"])
+@pytest.mark.parametrize("objective", ["symmetric", "jta"])
+def test_beam_keeps_the_reference_beams(grid, objective):
+    W, st = layer(6, 300, seed=8)
+    a, b = both("beam", {"width": 3, "expand": 2}, W, st, objective=objective, grid=GRIDS[grid])
+    same(a, b)
+    assert a.report["candidate_histogram"] == b.report["candidate_histogram"]
+
+
+def test_beam_on_a_lattice_problem_with_ties():
+    """Integer targets on an integer lattice make equal partial scores common: ties are broken the same
+    way (lower index first), and beam with the Babai path is never worse than babai."""
+    g = torch.Generator().manual_seed(9)
+    A = torch.randint(-2, 3, (10, 10), generator=g).double().numpy() + 4 * np.eye(10)
+    y = torch.randint(-6, 7, (10, 5), generator=g).double().numpy()
+    wp, _, _ = BILSProblem.create(y, -3, 2, A=A).working(dtype=torch.float32)
+    for width, expand in [(2, 1), (4, 2), (5, 3)]:
+        a, b = Beam(width=width, expand=expand).decode(wp), CpuBeam(width=width, expand=expand).decode(wp)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.objective, b.objective)
+        bab = CpuBabai().decode(wp)
+        assert torch.equal(bab.codes, Babai().decode(wp).codes)
+        assert (b.objective <= bab.objective + 1e-5).all()
+        assert ((b.codes >= -3) & (b.codes <= 2)).all()
+
+
+def test_smallest_keeps_equal_values_in_index_order():
+    x = torch.tensor([[3.0, 1.0], [1.0, 1.0], [float("inf"), 0.0], [1.0, float("inf")]])
+    v, i = smallest(x, 3, 0)
+    assert i[:, 0].tolist() == [1, 3, 0] and i[:, 1].tolist() == [2, 0, 1]
+    assert v[:, 1].tolist() == [0.0, 1.0, 1.0]
+
+
+def test_the_bucket_bounds_cover_every_draw():
+    """Every 32-bit hash's Gumbel draw (as the reference computes it) lies within its bucket's bounds, and
+    the bounds are tight (within 0.01 of the bucket's smallest and largest draw)."""
+    h = torch.arange(1 << 24, dtype=torch.int64)            # the 24 bits a uniform is made of
+    g = -torch.log(-torch.log(to_unit(h << 8))).view(-1, 1 << (_BUCKET_SHIFT - 8))
+    lo, hi = g.amin(1).double().numpy(), g.amax(1).double().numpy()
+    gmin, gmax = gumbel_bucket_bounds()
+    assert (gmin < lo).all() and (hi < gmax).all()
+    assert (lo - gmin < 0.01).all() and (gmax - hi < 0.01).all()
