@@ -16,14 +16,34 @@ from .errors import InputError
 
 
 def gram(A: torch.Tensor, B: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """`Aᵀ B` `(n, n)` in `dtype` for token rows `A`, `B` `(N, n)`."""
+    """`Aᵀ B` `(n, n)` in `dtype` for token rows `A`, `B` `(N, n)`. `gram(X, X)` on the CPU computes the
+    upper triangle and mirrors it (`symmetric_gram`)."""
     half = (torch.bfloat16, torch.float16)
     if A.is_cuda and dtype == torch.float32 and A.dtype in half and B.dtype == A.dtype:
         try:
             return torch.mm(A.T, B, out_dtype=torch.float32)
         except (RuntimeError, TypeError):      # a torch without float32 output for half inputs
             pass
+    if B is A and not A.is_cuda:
+        return symmetric_gram(A.to(dtype))
     return A.to(dtype).T @ B.to(dtype)
+
+
+def symmetric_gram(A: torch.Tensor, band: int = 0) -> torch.Tensor:
+    """`Aᵀ A` `(n, n)` for `A` `(N, n)` from its upper triangle: one product per band of `band` rows (default
+    `max(128, n/4)`), `Aᵀ[band] A[:, band start:]`, mirrored below the diagonal. About a quarter fewer
+    operations than the full product for n ≥ 512; equal to it to rounding."""
+    n = A.shape[1]
+    band = band or max(128, n // 4)
+    if n <= band:
+        return A.T @ A
+    out = torch.empty(n, n, dtype=A.dtype, device=A.device)
+    for i0 in range(0, n, band):
+        i1 = min(i0 + band, n)
+        rows = A[:, i0:i1].T @ A[:, i0:]
+        out[i0:i1, i0:] = rows
+        out[i1:, i0:i1] = rows[:, i1 - i0:].T
+    return out
 
 
 class Statistics:

@@ -5,7 +5,7 @@ import torch
 
 from ojbkq_core.errors import InputError
 from ojbkq_core.objectives import PRESETS, Distribution, from_terms, preset
-from ojbkq_core.stats import Statistics
+from ojbkq_core.stats import Statistics, symmetric_gram
 
 
 def data(seed=0, N=500, n=12):
@@ -25,6 +25,17 @@ def test_streaming_statistics_equal_whole_matrices():
     assert torch.allclose(st.C, Xfp.T @ X / N)
     assert torch.allclose(st.G, Xfp.T @ Xfp / N)
     assert st.count == N
+
+
+@pytest.mark.parametrize("n,band", [(12, 5), (300, 128), (600, 0), (129, 128)])
+def test_symmetric_gram_is_the_full_product(n, band):
+    """Bands of the upper triangle, mirrored below the diagonal blocks: `Aᵀ A` to rounding."""
+    A = torch.randn(257, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    S = symmetric_gram(A, band)
+    b = band or max(128, n // 4)
+    if n > b:
+        assert torch.equal(S[b:, :b], S[:b, b:].T)
+    torch.testing.assert_close(S, A.T @ A, rtol=1e-12, atol=1e-12)
 
 
 def test_only_needed_statistics_are_computed():

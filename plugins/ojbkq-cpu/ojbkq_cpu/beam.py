@@ -4,7 +4,7 @@ searched by the numba kernel, one weight row (all its `B` beams) after another o
 Per block: each beam's targets and errors in the block `(B, m, bs)`; (dynamic grid) at every group start
 the group is fitted on the beams' current targets with the grid's own `fit`; the kernel walks up to the
 next group start; after the block every beam's trailing columns are its ancestor's minus `Err @ U[block,
-rest]`, the reference's expression. Codes are recovered by the reference's back-pointers.
+rest]`, the reference's expression. Codes are recovered by following the back-pointers (`kernels.backtrack`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from ojbkq_core.grid import block_size_for
 from ojbkq_core.problem import WorkingProblem
 
-from .kernels import beam_stretch
+from .kernels import backtrack, beam_stretch
 from .walk import threads
 
 
@@ -65,10 +65,5 @@ def beam(problem: WorkingProblem, width: int, expand: int, block: int = 128):
     codes = torch.empty(B, m, n, dtype=dt)
     scale = torch.empty_like(codes)
     zero = torch.empty_like(codes)
-    cur = torch.arange(B).view(B, 1).expand(B, m)
-    for j in range(n - 1, -1, -1):
-        codes[:, :, j] = hist_code[j].gather(0, cur)
-        scale[:, :, j] = hist_scale[j].gather(0, cur)
-        zero[:, :, j] = hist_zero[j].gather(0, cur)
-        cur = hist_parent[j].gather(0, cur)
+    backtrack(*hists, codes.numpy(), scale.numpy(), zero.numpy())
     return codes, scale, zero, score

@@ -263,3 +263,18 @@ def beam_stretch(Tb, Err, score, anc, S, Z, dynamic, U, lower, upper, E,
             if dynamic:
                 S[b, i] = sc[b]
                 Z[b, i] = zc[b]
+
+
+@njit(parallel=True, cache=True)
+def backtrack(hist_code, hist_parent, hist_scale, hist_zero, codes, scale, zero):
+    """Follow each final beam back from the last column: `codes[b, i, j]` (and its grid) of the beam alive
+    at the end in slot `b`, from the per-column histories `hist_*[j, b, i]`."""
+    n, B, m = hist_code.shape
+    for i in prange(m):
+        for b in range(B):
+            cur = b
+            for j in range(n - 1, -1, -1):
+                codes[b, i, j] = hist_code[j, cur, i]
+                scale[b, i, j] = hist_scale[j, cur, i]
+                zero[b, i, j] = hist_zero[j, cur, i]
+                cur = hist_parent[j, cur, i]
