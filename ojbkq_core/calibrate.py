@@ -234,19 +234,28 @@ def quantized_names(adapter: Model, skip: Sequence[str] = ()) -> list[str]:
 
 # --- the two streams ------------------------------------------------------------------------------
 
+FULL_PRECISION_PASS_BYTES = 1 << 30   # a block's full-precision module inputs kept for one pass (Streams)
+
+
 @dataclass
 class Streams:
     """The inputs of the current block for every calibration batch: `X[b]` (runtime) and `X_fp[b]`
     (full precision, None when not kept), each `(batch, L, d)` on `home` (the device, the CPU, or
     `"pinned"` host memory, overwritten in place by asynchronous copies), and `batches[b]` the other
     arguments of the block call (shared by both streams). `fp_propagated`: `X_fp` already holds the
-    next block's inputs (its last statistics pass ran the whole block)."""
+    next block's inputs (its last statistics pass ran the whole block).
+
+    `fp_modules`: when set (`plan_full_precision`), the full-precision block is run once per batch to its
+    end with the inputs of all these modules kept (`fp_pass`, batch → (inputs, output)), instead of once
+    per group up to the group's modules: the full-precision block never changes within a block."""
 
     batches: list[BlockInputs]
     X: list[torch.Tensor]
     X_fp: Optional[list[torch.Tensor]]
     home: Any = "cpu"
     fp_propagated: bool = False
+    fp_modules: Optional[list[str]] = None
+    fp_pass: dict = field(default_factory=dict)
 
     def store(self, X: list, b: int, out: torch.Tensor) -> None:
         """`X[b] ← out` for one of the two lists: replaced where the stream lives on a device or the CPU,
@@ -282,12 +291,33 @@ class Streams:
         end and its output replaces `X_fp[b]` (the caller then sets `fp_propagated`)."""
         x = module_inputs(block, names, self.X[b], self.batches[b], device)
         x_fp = None
-        if self.full_precision and propagate_fp:
+        if self.full_precision and self.fp_modules:
+            if b not in self.fp_pass:
+                self.fp_pass[b] = module_inputs(orig, self.fp_modules, self.X_fp[b], self.batches[b], device,
+                                                finish=True)
+            got, out = self.fp_pass[b]
+            x_fp = {n: got[n] for n in names if n in got}
+            if propagate_fp:
+                self.store(self.X_fp, b, out)
+        elif self.full_precision and propagate_fp:
             x_fp, out = module_inputs(orig, names, self.X_fp[b], self.batches[b], device, finish=True)
             self.store(self.X_fp, b, out)
         elif self.full_precision:
             x_fp = module_inputs(orig, names, self.X_fp[b], self.batches[b], device)
         return x, x_fp
+
+    def plan_full_precision(self, block: nn.Module, names: Sequence[str], budget: int) -> None:
+        """Run the full-precision block once per batch for all of `names` (the block's modules, in every
+        group) when their inputs over all batches fit in `budget` bytes (in the inputs' dtype; q, k and
+        v counted separately, so an over-estimate); else once per group. Drops the last block's pass."""
+        self.fp_pass = {}
+        self.fp_modules = None
+        if not self.full_precision or not names:
+            return
+        tokens = sum(x.numel() // x.shape[-1] for x in self.X_fp)
+        width = sum(getattr(block.get_submodule(n), "in_features", 0) for n in names)
+        if 0 < width and tokens * width * self.X_fp[0].element_size() <= budget:
+            self.fp_modules = list(names)
 
     def snapshot(self) -> dict:
         """Copies of both streams on the CPU."""
@@ -463,6 +493,7 @@ def propagate(block: nn.Module, orig: Optional[nn.Module], streams: Streams, dev
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     streams.fp_propagated = False
+    streams.fp_pass = {}
     return streams
 
 
@@ -564,6 +595,7 @@ def calibrate(
             groups = adapter.groups(block)
             if not true_sequential:
                 groups = [[n for g in groups for n in g]]
+            streams.plan_full_precision(block, [n for g in groups for n in g], FULL_PRECISION_PASS_BYTES)
             for gi, group in enumerate(groups):
                 tasks = layer_tasks(objective, f"{path}.{i}", group, index, seed, skip)
                 index += len(group)

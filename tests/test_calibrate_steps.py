@@ -182,6 +182,52 @@ def test_last_statistics_pass_also_propagates_the_full_precision_stream(llama):
     assert not nxt.fp_propagated
 
 
+def test_one_full_precision_pass_per_block_gives_the_per_group_results(llama, monkeypatch):
+    """With `fp_modules` planned, the full-precision block runs once per batch for all groups (it never
+    changes within a block) and the calibration is the same as with one partial pass per group."""
+    import ojbkq_core.calibrate as cal
+    model, adapter, ids = llama
+    jta = get_registry().objective("jta")
+    calls = []
+    real = cal.module_inputs
+
+    def counted(block, names, *a, **k):
+        calls.append(tuple(names))
+        return real(block, names, *a, **k)
+
+    monkeypatch.setattr(cal, "module_inputs", counted)
+    twin = find_adapter(copy.deepcopy(model))
+    once = calibrate(adapter, ids, jta, GRID, Babai(), progress=False, batch_size=2)
+    per_block_once = len(calls)
+    calls.clear()
+    monkeypatch.setattr(cal, "FULL_PRECISION_PASS_BYTES", 0)        # no room: one pass per group
+    per_group = calibrate(twin, ids, jta, GRID, Babai(), progress=False, batch_size=2)
+    groups = len(adapter.groups(adapter.blocks()[0]))
+    blocks, batches = len(adapter.blocks()), 3
+    assert per_block_once == blocks * batches * (groups + 1)         # runtime per group, full precision once
+    assert len(calls) == blocks * batches * 2 * groups
+    assert once.layers.keys() == per_group.layers.keys()
+    for n in once.layers:
+        assert torch.equal(once.layers[n].qweight, per_group.layers[n].qweight)
+        assert once.report["layers"][n]["loss"] == per_group.report["layers"][n]["loss"]
+
+
+def test_plan_full_precision_keeps_to_its_budget(llama):
+    _, adapter, ids = llama
+    block = adapter.blocks()[0]
+    s = capture(adapter, ids, 2, full_precision=True)
+    names = QKV + ["mlp.down_proj"]
+    tokens = sum(x.numel() // x.shape[-1] for x in s.X_fp)
+    need = tokens * sum(block.get_submodule(n).in_features for n in names) * s.X_fp[0].element_size()
+    s.plan_full_precision(block, names, need)
+    assert s.fp_modules == names and s.fp_pass == {}
+    s.plan_full_precision(block, names, need - 1)
+    assert s.fp_modules is None
+    r = capture(adapter, ids, 2, full_precision=False)
+    r.plan_full_precision(block, names, need)
+    assert r.fp_modules is None
+
+
 def test_pinned_streams_are_overwritten_in_place(llama):
     _, adapter, ids = llama
     s = capture(adapter, ids, 2, full_precision=False)
