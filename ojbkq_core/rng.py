@@ -11,6 +11,7 @@ import torch
 
 _M32 = 0xFFFFFFFF
 _C1, _C2, _C3 = 0x7FEB352D, 0x2C1B3C6D, 0x297A2D39
+_PATH, _ROW, _COLUMN, _SLOT = 0x3504F333, 0x19E3779B, 0x2545F491, 0x0B5AD4EC   # what each counter is scaled by
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -27,10 +28,10 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def uniform(seed: int, path: torch.Tensor, row: torch.Tensor, column: int, slot: torch.Tensor,
             dtype=torch.float32) -> torch.Tensor:
     """Uniforms in (0, 1), broadcast over the int64 tensors `path`, `row`, `slot`."""
-    x = _mix(path * 0x3504F333 + _mix(torch.as_tensor(seed & _M32, device=path.device)))
-    x = _mix(x + row * 0x19E3779B)
-    x = _mix(x + (column * 0x2545F491 & _M32))
-    x = _mix(x + slot * 0x0B5AD4EC)
+    x = _mix(path * _PATH + _mix(torch.as_tensor(seed & _M32, device=path.device)))
+    x = _mix(x + row * _ROW)
+    x = _mix(x + (column * _COLUMN & _M32))
+    x = _mix(x + slot * _SLOT)
     return to_unit(x, dtype)
 
 
@@ -40,8 +41,8 @@ def path_row_state(seed: int, paths: int, m: int, row0: int = 0, device="cpu") -
     start from it."""
     path = torch.arange(paths, device=device, dtype=torch.int64).view(-1, 1)
     row = (torch.arange(m, device=device, dtype=torch.int64) + row0).view(1, -1)
-    x = _mix(path * 0x3504F333 + _mix(torch.as_tensor(seed & _M32, device=device)))
-    x = _mix(x + row * 0x19E3779B)
+    x = _mix(path * _PATH + _mix(torch.as_tensor(seed & _M32, device=device)))
+    x = _mix(x + row * _ROW)
     return x.reshape(-1).contiguous()
 
 

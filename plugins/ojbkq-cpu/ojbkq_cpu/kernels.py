@@ -11,14 +11,13 @@ a row takes the reference walk's decisions (`ojbkq_core.decoders.walk`); the col
 updated by the caller with the reference's matrix product. Klein's noise is `ojbkq_core.rng.uniform`
 of (seed, path, row, column, slot), drawn only for the codes a draw can still reach (see `reach`).
 """
-import math
 
 import numpy as np
 from numba import njit, prange
 
-_M32 = 0xFFFFFFFF
-_C1, _C2, _C3 = 0x7FEB352D, 0x2C1B3C6D, 0x297A2D39
-_COLUMN, _SLOT = 0x2545F491, 0x0B5AD4EC
+from ojbkq_core import rng
+
+_M32, _COLUMN, _SLOT = rng._M32, rng._COLUMN, rng._SLOT
 _HALF = np.float32(0.5)
 _TWO24 = np.float32(1 << 24)
 _BELOW_ONE = np.nextafter(np.float32(1.0), np.float32(0.0))
@@ -37,17 +36,7 @@ def gumbel_bucket_bounds():
     return draw(buckets << _BUCKET_SHIFT) - 1e-3, draw(((buckets + 1) << _BUCKET_SHIFT) - 1) + 1e-3
 
 
-@njit(inline="always")
-def _mix(x):
-    """`ojbkq_core.rng._mix` on one int64."""
-    x = x & _M32
-    x = x ^ (x >> 16)
-    x = (x * _C1) & _M32
-    x = x ^ (x >> 15)
-    x = (x * _C2) & _M32
-    x = x ^ (x >> 16)
-    x = (x * _C3) & _M32
-    return x ^ (x >> 15)
+_mix = njit(inline="always")(rng._mix)      # the reference's hash, compiled for one int64
 
 
 @njit(inline="always")
@@ -61,6 +50,16 @@ def _gumbel(x):
 @njit(inline="always")
 def _nearest(t, s, z, lo, hi):
     return min(max(np.rint(t / s) + z, lo), hi)
+
+
+@njit(inline="always")
+def _insert(order, key, p):
+    """Insert index `p` into `order[:p]`, kept ascending by `key[order[·]]`; equal keys stay in index order."""
+    q = p
+    while q > 0 and key[order[q - 1]] > key[p]:
+        order[q] = order[q - 1]
+        q -= 1
+    order[q] = p
 
 
 @njit
@@ -207,12 +206,7 @@ def beam_stretch(Tb, Err, score, anc, S, Z, dynamic, U, lower, upper, E,
                     e = (t - s * (cc - z)) / d
                     cand_err[o] = e
                     cand_cost[o] = inf if (cc < lo or cc > hi) else e * e
-                    # insertion by (cost, o): the stable ascending order
-                    p = o
-                    while p > 0 and cand_cost[order[p - 1]] > cand_cost[o]:
-                        order[p] = order[p - 1]
-                        p -= 1
-                    order[p] = o
+                    _insert(order, cand_cost, o)
                 for e_i in range(E):
                     o = order[e_i]
                     f = b * E + e_i
@@ -221,11 +215,7 @@ def beam_stretch(Tb, Err, score, anc, S, Z, dynamic, U, lower, upper, E,
                     keep_e[f] = cand_err[o]
             # the B cheapest partial paths, ascending, ties by flat index (beam, then code rank)
             for f in range(B * E):
-                p = f
-                while p > 0 and keep_tot[pick[p - 1]] > keep_tot[f]:
-                    pick[p] = pick[p - 1]
-                    p -= 1
-                pick[p] = f
+                _insert(pick, keep_tot, f)
             for nb in range(B):
                 f = pick[nb]
                 par = f // E
