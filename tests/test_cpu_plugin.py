@@ -21,10 +21,10 @@ from ojbkq_core.objectives import PRESETS, preset  # noqa: E402
 from ojbkq_core.problem import BILSProblem  # noqa: E402
 from ojbkq_core.registry import load  # noqa: E402
 from ojbkq_core.rng import to_unit  # noqa: E402
-from ojbkq_core.stats import Statistics  # noqa: E402
 from ojbkq_cpu import plugin  # noqa: E402
 from ojbkq_cpu.decoders import CpuBabai, CpuBeam, CpuKlein, CpuSuccessive  # noqa: E402
 from ojbkq_cpu.kernels import _BUCKET_SHIFT, gumbel_bucket_bounds  # noqa: E402
+from layer_problems import synthetic_layer as layer  # noqa: E402
 
 PAIRS = {"babai": (Babai, CpuBabai), "klein": (Klein, CpuKlein), "successive": (Successive, CpuSuccessive),
          "beam": (Beam, CpuBeam)}
@@ -36,15 +36,6 @@ GRIDS = {
     "static-groups+sym": GridSpec(bits=3, group_size=16, static_groups=True, sym=True),
     "group-over-two-blocks": GridSpec(bits=3, group_size=256),
 }
-
-
-def layer(m, n, N=300, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(n, n, generator=g) * torch.logspace(0, -2, n)
-    X = torch.randn(N, n, generator=g) @ A
-    Xfp = X + 0.1 * torch.randn(N, n, generator=g) @ A
-    W = torch.randn(m, n, generator=g)
-    return W, Statistics.from_inputs(X, Xfp, needs=("H", "C", "G"))
 
 
 def both(name, params, W, st, objective="symmetric", grid=None, seed=3, **kw):

@@ -26,9 +26,9 @@ from ojbkq_core.layer import quantize_layer  # noqa: E402
 from ojbkq_core.objectives import PRESETS, preset  # noqa: E402
 from ojbkq_core.problem import BILSProblem  # noqa: E402
 from ojbkq_core.registry import load  # noqa: E402
-from ojbkq_core.stats import Statistics  # noqa: E402
 from ojbkq_cuda import plugin, runtime  # noqa: E402
 from ojbkq_cuda.decoders import CudaBabai, CudaBeam, CudaKlein, CudaSuccessive  # noqa: E402
+from layer_problems import synthetic_layer as layer  # noqa: E402
 
 PAIRS = {"babai": (Babai, CudaBabai), "klein": (Klein, CudaKlein), "successive": (Successive, CudaSuccessive),
          "beam": (Beam, CudaBeam)}
@@ -37,16 +37,6 @@ interpreted = pytest.mark.skipif(not runtime.interpreted(),
                                  reason="needs Triton's interpreter (Triton installed, no GPU)")
 cuda = pytest.mark.skipif(not (torch.cuda.is_available() and runtime.triton_available()),
                           reason="needs a CUDA device and Triton")
-
-
-def layer(m, n, N=200, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(n, n, generator=g) * torch.logspace(0, -2, n)
-    X = torch.randn(N, n, generator=g) @ A
-    Xfp = X + 0.1 * torch.randn(N, n, generator=g) @ A
-    W = torch.randn(m, n, generator=g)
-    st = Statistics.from_inputs(X.to(device), Xfp.to(device), needs=("H", "C", "G"))
-    return W.to(device), st
 
 
 def both(name, params, W, st, objective="symmetric", grid=None, seed=3, **kw):
