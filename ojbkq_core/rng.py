@@ -28,8 +28,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def uniform(seed: int, path: torch.Tensor, row: torch.Tensor, column: int, slot: torch.Tensor,
             dtype=torch.float32) -> torch.Tensor:
     """Uniforms in (0, 1), broadcast over the int64 tensors `path`, `row`, `slot`."""
-    x = _mix(path * _PATH + _mix(torch.as_tensor(seed & _M32, device=path.device)))
-    x = _mix(x + row * _ROW)
+    x = _prefix(seed, path, row)
     x = _mix(x + (column * _COLUMN & _M32))
     x = _mix(x + slot * _SLOT)
     return to_unit(x, dtype)
@@ -41,9 +40,13 @@ def path_row_state(seed: int, paths: int, m: int, row0: int = 0, device="cpu") -
     start from it."""
     path = torch.arange(paths, device=device, dtype=torch.int64).view(-1, 1)
     row = (torch.arange(m, device=device, dtype=torch.int64) + row0).view(1, -1)
-    x = _mix(path * _PATH + _mix(torch.as_tensor(seed & _M32, device=device)))
-    x = _mix(x + row * _ROW)
-    return x.reshape(-1).contiguous()
+    return _prefix(seed, path, row).reshape(-1).contiguous()
+
+
+def _prefix(seed: int, path: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """The hash of (seed, path, row), broadcast over `path` and `row`."""
+    x = _mix(path * _PATH + _mix(torch.as_tensor(seed & _M32, device=path.device)))
+    return _mix(x + row * _ROW)
 
 
 def to_unit(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

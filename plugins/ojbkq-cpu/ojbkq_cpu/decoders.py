@@ -24,7 +24,8 @@ class _Cpu:
                    for t in (problem.T, problem.U, problem.base, problem.inject))
 
 
-def _single(problem: WorkingProblem, codes, scale, zero, score, info=None) -> DecodeResult:
+def _single(codes, scale, zero, score, info=None) -> DecodeResult:
+    """The one path of a single-path walk."""
     return DecodeResult(codes[0], scale[0], zero[0], score[0], info or {})
 
 
@@ -32,7 +33,7 @@ class CpuBabai(_Cpu, Babai):
     def decode(self, problem: WorkingProblem, seed: int = 0, row0: int = 0) -> DecodeResult:
         if not self._usable(problem):
             return super().decode(problem, seed, row0)
-        return _single(problem, *walk(problem, 1))
+        return _single(*walk(problem, 1))
 
 
 class CpuSuccessive(_Cpu, Successive):
@@ -40,7 +41,7 @@ class CpuSuccessive(_Cpu, Successive):
         if not self._usable(problem):
             return super().decode(problem, seed, row0)
         inject = problem.base is not None and problem.inject is not None
-        return _single(problem, *walk(problem, 1, inject=inject), {"progressive": inject})
+        return _single(*walk(problem, 1, inject=inject), {"progressive": inject})
 
 
 class CpuKlein(_Cpu, Klein):
