@@ -1,4 +1,4 @@
-"""The sequential calibration engine: a whole model, block by block (MATH.md §1).
+"""The sequential calibration engine: a whole model, block by block (docs/formulation.md §1).
 
 Two activation streams flow through the blocks (`Streams`):
 
@@ -16,10 +16,11 @@ Two activation streams flow through the blocks (`Streams`):
 4. `replace`     — write the dequantized weights back, so later groups and blocks see them quantized;
 5. `propagate`   — `X ← block_i(X)`, `X̃ ← orig_i(X̃)`.
 
-Each step takes and returns plain values (`Streams`, `Statistics`, `LayerResult`), so an engine can
-swap one out: `statistics(reduce=...)` is applied to each finished `Statistics` (e.g. an all-reduce of
-`H`, `C`, `G` over ranks), `calibrate(quantize_group=...)` may decode a share of a group's modules per
-rank and gather the results, and statistics and propagation may be fused into one pass.
+Each step takes and returns plain values (`Streams`, `Statistics`, `LayerResult`). What a run does
+differently — sum the statistics over ranks, share a group's modules out, keep what it needs for an
+analysis, stop early — it does at the engine's named points, the methods of an `Events` object
+(see `Events`): `statistics_ready`, `decode_group`, `group_decoded`, `layer_done`, `block_done` and
+`stop_requested`.
 
 Only the current block (and its full-precision copy) sits on `device`, every other block stays where
 the model is. The streams live on `device` when they fit (`stream_home`), else in pinned host memory
@@ -34,7 +35,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -343,15 +344,13 @@ def capture(adapter: Model, input_ids: torch.Tensor, batch_size: int, full_preci
 
 @torch.no_grad()
 def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set], streams: Streams, device,
-               reduce: Optional[Callable[[Statistics], Statistics]] = None,
                dtype: torch.dtype = torch.float32, propagate_fp: bool = False) -> dict[str, Statistics]:
     """Step 2: the `Statistics` of each module named in `needs` (block-relative name → the statistics
     it needs, of `H`, `C`, `G`) over every batch of `streams`, running `block` on `X` and `orig` on
     `X_fp`. Modules called with the same input tensor in both streams (q, k, v) share one
     `Statistics` object, accumulating the union of their needs, in `dtype`. A module that runs in no
     batch (in both streams: an expert no token is routed to) gets a `Statistics` of zero sums and
-    `count == 0`. `reduce` is applied to each finished `Statistics` once (identity by default), in the
-    order of `needs`. `propagate_fp` (the block's last group): `orig` runs to its end and `X_fp`
+    `count == 0`. `propagate_fp` (the block's last group): `orig` runs to its end and `X_fp`
     becomes the next block's inputs in the same pass."""
     names = list(needs)
     owner: dict[str, str] = {}                    # module → the first module reading the same input
@@ -374,10 +373,13 @@ def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set
             none = torch.zeros(0, getattr(module, "in_features", module.weight.shape[0]), device=device)
             owner[n], stats[n] = n, Statistics(none.shape[1], needs=needs[n], device=device, dtype=dtype)
             stats[n].add(none, none)
-    stats = {o: stats[o] for o in dict.fromkeys(owner[n] for n in names)}    # the order of `needs`
-    if reduce is not None:
-        stats = {o: reduce(st) for o, st in stats.items()}
     return {n: stats[owner[n]] for n in names}
+
+
+def shared(stats: dict[str, Statistics]) -> list[Statistics]:
+    """The distinct `Statistics` objects of a group (modules reading one input share one), in the order
+    of their first module."""
+    return list({id(st): st for st in stats.values()}.values())
 
 
 @dataclass
@@ -462,9 +464,8 @@ def rounded(W: torch.Tensor, grid: GridSpec) -> LayerResult:
 
 def quantize_group(adapter: Model, block: nn.Module, tasks: Sequence[LayerTask], stats: dict[str, Statistics],
                    settings: Settings, device) -> dict[str, LayerResult]:
-    """Step 3 for a group: module name in the block → `LayerResult`, every module decoded here. The
-    one place an engine replaces to share a group's modules out (e.g. one share per rank, then
-    gather the results)."""
+    """Step 3 for a group: module name in the block → `LayerResult`, every module decoded here (the
+    default `Events.decode_group`)."""
     shared: dict = {}
     return {t.name: quantize(adapter, block.get_submodule(t.name), stats[t.name], t, settings, device, shared=shared)
             for t in tasks}
@@ -476,6 +477,9 @@ def replace(adapter: Model, block: nn.Module, results: dict[str, LayerResult]) -
     dequantized weight dropped (the module holds it; `LayerResult.qweight` rebuilds it)."""
     for name, res in results.items():
         adapter.set_weight(block.get_submodule(name), res.qweight)
+        if not res.decoded_here:                     # another process keeps its codes
+            res.qweight = None
+            continue
         maxq = int(res.codes.max()) if res.codes.numel() else 0
         res.qweight, res.row_loss = None, res.row_loss.cpu()
         res.codes = res.codes.to(torch.uint8 if maxq <= 255 else torch.int32).cpu()
@@ -525,6 +529,61 @@ def _row(task: LayerTask, W_shape, res: LayerResult) -> dict:
 
 # --- the engine -----------------------------------------------------------------------------------
 
+@dataclass
+class Group:
+    """One true-sequential group of a block being quantized: what the engine's events receive.
+    `stats` (module name → `Statistics`) is set once the statistics pass has run."""
+
+    adapter: Model
+    block: nn.Module
+    block_index: int
+    tasks: list[LayerTask]
+    settings: Settings
+    device: torch.device
+    stats: dict = field(default_factory=dict)
+
+
+class Events:
+    """The named points of a calibration run. Subclass and override what a run does differently; the
+    defaults quantize every module here and never stop. The engine reaches them in this order:
+
+        for each block i:
+            for each group of its modules (those not skipped):
+                statistics_ready(group)        → the group's statistics, to use from here on
+                decode_group(group)            → module name → LayerResult
+                group_decoded(group, results)  (the modules still hold their original weights)
+                layer_done(group, task, row)   for each module decoded here, with its report row
+                stop_requested()               → True ends the run after this group
+            block_done(i, block)               (the block quantized, the streams propagated)
+            stop_requested()                   → True ends the run after this block
+
+    A distributed run (distributed.py) sums the statistics over ranks in `statistics_ready` and shares a
+    group's modules out in `decode_group`; `ojbkq gaps` keeps sub-problems in `group_decoded` and stops
+    when it has them all.
+    """
+
+    def statistics_ready(self, group: Group) -> dict[str, Statistics]:
+        return group.stats
+
+    def decode_group(self, group: Group) -> dict[str, LayerResult]:
+        """Every module of the group: a `LayerResult` whose `qweight` the engine writes into the module.
+        A result made by `LayerResult.weight_only` carries the weight alone (its codes are kept elsewhere)
+        and is left out of the run's results."""
+        return quantize_group(group.adapter, group.block, group.tasks, group.stats, group.settings, group.device)
+
+    def group_decoded(self, group: Group, results: dict[str, LayerResult]) -> None:
+        pass
+
+    def layer_done(self, group: Group, task: LayerTask, row: dict) -> None:
+        pass
+
+    def block_done(self, index: int, block: nn.Module) -> None:
+        pass
+
+    def stop_requested(self) -> bool:
+        return False
+
+
 @torch.no_grad()
 def calibrate(
     adapter: Model,
@@ -541,8 +600,7 @@ def calibrate(
     batch_size: Optional[int] = None,
     keep_streams: bool = False,
     progress: bool = True,
-    reduce: Optional[Callable[[Statistics], Statistics]] = None,
-    quantize_group: Callable[..., dict] = quantize_group,
+    events: Optional[Events] = None,
     stats_dtype: torch.dtype = torch.float32,
 ) -> CalibrationResult:
     """Quantize every listed linear module of `adapter.model` in place on calibration `input_ids`
@@ -551,12 +609,13 @@ def calibrate(
     Layer `k` (in quantization order) draws its sampled objective parameters from
     `np.random.default_rng([seed, k])` and decodes with seed `layer_seed(seed, k)`. `skip` holds
     fnmatch patterns of module names (full, or relative to the block) left in full precision.
-    `keep_streams` keeps every block's input streams (CPU) in the result, for inspection. `reduce`
-    and `quantize_group` replace those parts of the statistics and quantize steps; a `quantize_group`
-    may leave out modules whose results another process keeps (it writes their weights itself).
-    `stats_dtype`: the accumulation dtype of the statistics.
+    `keep_streams` keeps every block's input streams (CPU) in the result, for inspection. `events`:
+    what the run does at the engine's named points (`Events`; the defaults when None). A run that
+    stops early (`Events.stop_requested`) returns what it quantized, with `stopped_after_block` in the
+    report. `stats_dtype`: the accumulation dtype of the statistics.
     """
     t_start = time.perf_counter()
+    events = events if events is not None else Events()
     if input_ids.ndim != 2 or input_ids.numel() == 0:
         raise InputError(f"calibration input_ids must be a non-empty (samples, seqlen) tensor, got {tuple(input_ids.shape)}")
     device = torch.device(device)
@@ -583,6 +642,7 @@ def calibrate(
     kept: dict = {}
     skipped: list[str] = []
     index = 0
+    stopped = None
     bar = tqdm(total=len(adapter.layer_names()), desc="quantize", unit="layer", disable=not progress, leave=False)
     with logging_redirect_tqdm(), bar:                   # the bar is closed on errors too
         for i, block in enumerate(blocks):
@@ -596,25 +656,28 @@ def calibrate(
             if not true_sequential:
                 groups = [[n for g in groups for n in g]]
             streams.plan_full_precision(block, [n for g in groups for n in g], FULL_PRECISION_PASS_BYTES)
-            for gi, group in enumerate(groups):
-                tasks = layer_tasks(objective, f"{path}.{i}", group, index, seed, skip)
-                index += len(group)
-                skipped += [f"{path}.{i}.{n}" for n in group if n not in {t.name for t in tasks}]
-                bar.update(len(group) - len(tasks))
+            for gi, names in enumerate(groups):
+                tasks = layer_tasks(objective, f"{path}.{i}", names, index, seed, skip)
+                index += len(names)
+                skipped += [f"{path}.{i}.{n}" for n in names if n not in {t.name for t in tasks}]
+                bar.update(len(names) - len(tasks))
                 if not tasks:
                     continue
+                group = Group(adapter, block, i, tasks, settings, device)
                 t0 = time.perf_counter()
-                stats = statistics(block, orig, {t.name: needs | t.objective.needs for t in tasks}, streams,
-                                   device, reduce, stats_dtype, propagate_fp=gi == len(groups) - 1)
+                group.stats = statistics(block, orig, {t.name: needs | t.objective.needs for t in tasks}, streams,
+                                         device, stats_dtype, propagate_fp=gi == len(groups) - 1)
+                group.stats = events.statistics_ready(group)
                 if device.type == "cuda":                 # the products queued above count here
                     torch.cuda.synchronize(device)
                 seconds["statistics"] += time.perf_counter() - t0
-                results = quantize_group(adapter, block, tasks, stats, settings, device)
+                results = events.decode_group(group)
+                events.group_decoded(group, results)
                 replace(adapter, block, results)
                 for t in tasks:
-                    res = results.get(t.name)
-                    if res is None:                  # kept by another process
-                        bar.update(1)
+                    res = results[t.name]
+                    bar.update(1)
+                    if not res.decoded_here:             # its codes are kept by another process
                         continue
                     rows[t.full] = _row(t, res.codes.shape, res)
                     layers[t.full] = res
@@ -622,23 +685,33 @@ def calibrate(
                     extra = "".join(f" {key}={v:.3f}" for key, v in t.draws.items())
                     log.info("%s: %s loss=%.6g%s (%.2fs)", t.full, t.objective.describe(), res.loss, extra,
                              res.report["seconds"])
-                    bar.update(1)
-                del stats
-            t0 = time.perf_counter()
-            streams = propagate(block, orig, streams, device)
-            check_finite(streams, f"outputs of {path}.{i} (block {i})")
-            seconds["propagate"] += time.perf_counter() - t0
+                    events.layer_done(group, t, rows[t.full])
+                del group
+                if events.stop_requested():
+                    stopped = i
+                    break
+            if stopped is None:
+                t0 = time.perf_counter()
+                streams = propagate(block, orig, streams, device)
+                check_finite(streams, f"outputs of {path}.{i} (block {i})")
+                seconds["propagate"] += time.perf_counter() - t0
             block.to(home)
             del orig
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if stopped is not None:
+                break
+            events.block_done(i, block)
+            if i + 1 < len(blocks) and events.stop_requested():
+                stopped = i
+                break
     seconds["total"] = time.perf_counter() - t_start
     report = {
         "adapter": adapter.name,
         "blocks": len(blocks),
         "samples": S,
         "seqlen": L,
-        "objective": probe.describe() if not isinstance(objective, ObjectiveSpec) else _describe_spec(objective),
+        "objective": probe.describe() if not isinstance(objective, ObjectiveSpec) else describe_objective(objective),
         "score_objective": None if score_objective is None else score_objective.describe(),
         "decoder": repr(decoder),
         "grid": {"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym, "act_order": grid.act_order,
@@ -655,10 +728,13 @@ def calibrate(
         "batch_size": batch_size,
         "device_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
+    if stopped is not None:
+        report["stopped_after_block"] = stopped
     return CalibrationResult(layers, report, kept)
 
 
-def _describe_spec(spec: ObjectiveSpec) -> str:
+def describe_objective(spec: ObjectiveSpec) -> str:
+    """`name(param=value, …)` of an objective before its draws, e.g. `regularized(alpha=uniform:0.4:0.8)`."""
     args = ", ".join(f"{k}={v}" for k, v in spec.params.items() if k != "terms")
     if "terms" in spec.params:
         args = ", ".join(f"(w={t['w']}, a={t['a']}, b={t['b']})" for t in spec.params["terms"])

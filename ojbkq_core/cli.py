@@ -1,4 +1,4 @@
-"""The `ojbkq` command line (INTERFACES.md). Exit 0 on success, 2 for bad input, 1 otherwise."""
+"""The `ojbkq` command line (docs/interfaces.md). Exit 0 on success, 2 for bad input, 1 otherwise."""
 from __future__ import annotations
 
 import argparse
@@ -190,19 +190,44 @@ def cmd_quantize_layer(args) -> int:
 
 def cmd_quantize(args) -> int:
     from . import distributed
-    from .pipeline import quantize_from_config
+    from .pipeline import run
+    from .spec import load_spec
     sets = [*(args.set or []), *(["output.overwrite=true"] if args.overwrite else [])]
+    spec = load_spec(args.recipe, sets)                 # bad input ends here, before any model or process
     if args.nproc is not None:
         if distributed.launched():
             raise InputError("--nproc: this process was already started by torchrun; drop --nproc")
-        from .config import load_config
-        cfg = load_config(args.config, sets)              # bad input ends here, before any process starts
-        if args.nproc > cfg["calibration"]["samples"]:
+        if args.nproc > spec.calibration.samples:
             raise InputError(f"--nproc {args.nproc}: more processes than calibration.samples="
-                             f"{cfg['calibration']['samples']}; every process needs a sample")
-        argv = ["quantize", args.config, *(f"--set={s}" for s in sets)]
+                             f"{spec.calibration.samples}; every process needs a sample")
+        spec.output.prepare()
+        argv = ["quantize", args.recipe, *(f"--set={s}" for s in sets)]
         return distributed.launch(args.nproc, (["-v"] if args.verbose else []) + argv)
-    quantize_from_config(args.config, sets)
+    run(spec)
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .calibrate import describe_objective
+    from .registry import get_registry
+    from .spec import load_spec, recipes
+    reg = get_registry()
+    rows = []
+    for name, path in recipes().items():
+        spec = load_spec(path, ["model.path=-"])
+        d, q = spec.decoder, spec.quant
+        rows.append({"name": name, "plugin": reg.recipes[name].plugin,
+                     "objective": describe_objective(spec.objective.decoded),
+                     "decoder": f"{d.name}(" + ", ".join(f"{k}={v}" for k, v in d.options.items()) + ")",
+                     "grid": f"{q.bits} bits, group {q.group_size}, {'symmetric' if q.sym else 'asymmetric'}"
+                             + (", act-order" if q.act_order else ""),
+                     "path": path})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']:<24} {r['objective']:<36} {r['decoder']:<26} {r['grid']}")
+    print("\nojbkq quantize NAME --set model.path=./my-model   (or a .yaml, .toml or .json recipe file)")
     return 0
 
 
@@ -217,7 +242,7 @@ def cmd_gaps(args) -> int:
     from .gaps import run, table
     out = args.output
     png = args.plot if args.plot is not None else os.path.splitext(out)[0] + ".png"
-    records = run(args.config, args.set or [], bits=_ints(args.bits, "--bits") if args.bits else (),
+    records = run(args.recipe, args.set or [], bits=_ints(args.bits, "--bits") if args.bits else (),
                   blocks=_ints(args.blocks, "--blocks") if args.blocks else None, c=args.columns, rows=args.rows,
                   windows=args.windows, decoders=args.decoders, undamped=args.undamped, max_nodes=args.max_nodes, seed=args.seed,
                   output=out, png=png or None)
@@ -281,8 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_quantize_layer)
 
-    s = sub.add_parser("quantize", help="quantize a whole model from a config (YAML, TOML or JSON)")
-    s.add_argument("config")
+    s = sub.add_parser("recipes", help="list the recipes `quantize` and `compare` know by name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_recipes)
+
+    s = sub.add_parser("quantize", help="quantize a whole model from a recipe: a name (`ojbkq recipes`) or a "
+                                        "YAML, TOML or JSON file")
+    s.add_argument("recipe")
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     s.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="run on N local processes (torch.distributed.run; one per GPU with device cuda)")
@@ -293,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .gaps import DEFAULT_DECODERS
     s = sub.add_parser("gaps", help="exact optimality gaps of the decoders on sub-problems cut from a model's layers")
-    s.add_argument("config")
+    s.add_argument("recipe")
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     s.add_argument("--bits", default=None, help="comma-separated bit widths (default: the config's quant.bits)")
     s.add_argument("--blocks", default=None, help="comma-separated block indices (default: first, middle, last)")

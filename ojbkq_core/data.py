@@ -248,29 +248,29 @@ def window_starts(N: int, samples: int, seqlen: int, seed: int = 0) -> np.ndarra
     return np.random.default_rng(seed).integers(0, N - seqlen + 1, size=samples)
 
 
-def calibration_ids(tokenizer, cal: dict) -> torch.Tensor:
-    """Calibration windows `(samples, seqlen)` from a config's `calibration` section."""
-    texts = load_texts(cal.get("dataset"), cal.get("path"), "calibration", cal.get("text_field", "text"))
+def calibration_ids(tokenizer, cal) -> torch.Tensor:
+    """Calibration windows `(samples, seqlen)` as a `CalibrationSpec` (spec.py) says."""
+    texts = load_texts(cal.dataset, cal.path, "calibration", cal.text_field)
     tokens = tokenize(tokenizer, texts)
-    return random_windows(tokens, cal["samples"], cal["seqlen"], cal.get("seed", 0))
+    return random_windows(tokens, cal.samples, cal.seqlen, cal.seed)
 
 
 VALIDATION_GUARD = 256
 
 
-def validation_ids(tokenizer, cal: dict, windows: int, seqlen: int) -> torch.Tensor:
-    """A validation split of the calibration text: `windows` windows `(windows, seqlen)` on the grid
+def validation_ids(tokenizer, cal, windows: int, seqlen: int) -> torch.Tensor:
+    """A validation split of the calibration text (`cal`: a `CalibrationSpec`): `windows` windows `(windows, seqlen)` on the grid
     `k · seqlen`, in a seeded order, each overlapping none of the first `max(samples, VALIDATION_GUARD)`
     windows that `calibration_ids` draws with the same seed and seqlen. So it holds no calibration token
     of any run with up to VALIDATION_GUARD samples, and is the same text for all of them: settings are
     compared on it, never on the evaluation text."""
-    texts = load_texts(cal.get("dataset"), cal.get("path"), "calibration", cal.get("text_field", "text"))
+    texts = load_texts(cal.dataset, cal.path, "calibration", cal.text_field)
     tokens = tokenize(tokenizer, texts).reshape(-1)
-    N, L = tokens.numel(), cal["seqlen"]
+    N, L = tokens.numel(), cal.seqlen
     if N < L:
         raise InputError(f"calibration: the text has only {N} tokens, fewer than calibration.seqlen={L}")
-    used = window_starts(N, max(cal["samples"], VALIDATION_GUARD), L, cal.get("seed", 0))
-    grid = np.random.default_rng([cal.get("seed", 0), 1]).permutation(N // seqlen) * seqlen
+    used = window_starts(N, max(cal.samples, VALIDATION_GUARD), L, cal.seed)
+    grid = np.random.default_rng([cal.seed, 1]).permutation(N // seqlen) * seqlen
     free = [int(s) for s in grid if not np.any((used < s + seqlen) & (s < used + L))][:windows]
     if len(free) < windows:
         raise InputError(f"calibration: the text leaves only {len(free)} validation windows of {seqlen} tokens "

@@ -10,7 +10,7 @@ Every rank loads the model and the calibration ids; the engine then splits the w
    sums them over the ranks, so every rank holds the statistics of all samples, divided by the total
    token count exactly as in one process;
 2. decoding, module parallel: `plan` hands each rank whole modules of a group, and cuts a module that
-   costs more than a rank's share into row slices; `Engine.quantize_group` decodes this rank's pieces
+   costs more than a rank's share into row slices; `Engine.decode_group` decodes this rank's pieces
    (a row slice with its global row index, so seeded decoders draw the numbers they draw in one
    process), broadcasts the dequantized rows from their rank so that every copy of the block is updated
    before propagation, and gathers the rest of each piece (codes, scales, report) on rank 0;
@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .calibrate import quantize
+from .calibrate import Events, Group, quantize, shared
 from .errors import InputError
 from .layer import LayerResult
 from .stats import Statistics
@@ -176,10 +176,10 @@ def plan(shapes: Sequence[tuple[str, int, int]], size: int) -> list[Piece]:
     return [Piece(name, r0, r1, rank_of[i]) for i, (name, r0, r1, _) in enumerate(cut)]
 
 
-class Engine:
-    """What a rank runs differently inside `calibrate`: `reduce` (the statistics step's hook) and
-    `quantize_group` (the quantize step of a group), timing its decoding and its collectives in
-    `seconds`."""
+class Engine(Events):
+    """The engine's events for one rank: `statistics_ready` sums the group's statistics over the ranks,
+    `decode_group` decodes this rank's share of the group (`plan`) and gives every rank every module's
+    weight. Times its decoding and its collectives in `seconds`."""
 
     def __init__(self, world: World):
         self.world = world
@@ -188,10 +188,6 @@ class Engine:
     def shard(self, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
         """This rank's calibration samples: rows `shard(...)` of `input_ids` `(S, L)`."""
         return input_ids[shard(input_ids.shape[0], batch_size, self.world)]
-
-    def hooks(self) -> dict:
-        """The keyword arguments of `calibrate` that run the statistics and quantize steps over the ranks."""
-        return {"reduce": self.reduce, "quantize_group": self.quantize_group}
 
     def annotate(self, report: dict, samples: int) -> None:
         """Complete this rank's `calibrate` report as the run's (on rank 0): `samples` of all ranks,
@@ -203,25 +199,28 @@ class Engine:
         dist.gather_object(mine, ranks, dst=0)
         report.update(samples=samples, world_size=self.world.size, ranks=ranks)
 
-    def reduce(self, stats: Statistics) -> Statistics:
+    def statistics_ready(self, group: Group) -> dict[str, Statistics]:
+        """Each distinct `Statistics` of the group summed over the ranks, in the same order on every rank."""
         t0 = time.perf_counter()
-        reduce_statistics(stats, self.world)
+        for st in shared(group.stats):
+            reduce_statistics(st, self.world)
         self.seconds["communicate"] += time.perf_counter() - t0
-        return stats
+        return group.stats
 
-    def quantize_group(self, adapter, block, tasks, stats, settings, device) -> dict[str, LayerResult]:
-        """The modules of `tasks` decoded over the ranks as `plan` says (`calibrate.quantize` with the
-        rows of each piece). Every rank's `block` ends with every module's dequantized weight: the rows
-        are broadcast from the rank that decoded them. Rank 0 returns the merged `LayerResult` of every
-        module (weights on `device`, the rest on the CPU) and `replace` writes them; the other ranks
-        write the weights here and return nothing."""
-        world = self.world
+    def decode_group(self, group: Group) -> dict[str, LayerResult]:
+        """The group's modules decoded over the ranks as `plan` says (`calibrate.quantize` with the rows
+        of each piece), the dequantized rows broadcast from the rank that decoded them. Rank 0 returns
+        the merged `LayerResult` of every module (weights on the device, the rest on the CPU); the other
+        ranks return `LayerResult.weight_only` results (rank 0 keeps the codes)."""
+        world, adapter, block, stats, device = self.world, group.adapter, group.block, group.stats, group.device
+        tasks = group.tasks
         module = {t.name: block.get_submodule(t.name) for t in tasks}
         task = {t.name: t for t in tasks}
         shapes = [(t.name, *adapter.weight(module[t.name]).shape) for t in tasks]
         pieces = plan(shapes, world.size)
         t0 = time.perf_counter()
-        mine = {i: quantize(adapter, module[p.name], stats[p.name], task[p.name], settings, device, rows=(p.r0, p.r1))
+        mine = {i: quantize(adapter, module[p.name], stats[p.name], task[p.name], group.settings, device,
+                            rows=(p.r0, p.r1))
                 for i, p in enumerate(pieces) if p.rank == world.rank}
         t1 = time.perf_counter()
         Q = {name: torch.empty(m, n, dtype=torch.float32, device=device) for name, m, n in shapes}
@@ -233,14 +232,12 @@ class Engine:
         own = {i: _to_cpu(r) for i, r in mine.items()}
         gathered = [None] * world.size if world.main else None
         dist.gather_object({} if world.main else own, gathered, dst=0)      # rank 0 keeps its own pieces
-        results = {}
         if world.main:
             parts = {i: r for g in [own, *gathered] for i, r in g.items()}
-            for name, _, _ in shapes:
-                results[name] = _merge([parts[i] for i, p in enumerate(pieces) if p.name == name], Q[name])
+            results = {name: _merge([parts[i] for i, p in enumerate(pieces) if p.name == name], Q[name])
+                       for name, _, _ in shapes}
         else:
-            for name, _, _ in shapes:
-                adapter.set_weight(module[name], Q[name])
+            results = {name: LayerResult.weight_only(Q[name]) for name, _, _ in shapes}
         self.seconds["decode"] += t1 - t0
         self.seconds["communicate"] += time.perf_counter() - t1
         return results

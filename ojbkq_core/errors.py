@@ -18,3 +18,10 @@ class FactorizationError(InputError):
 class NonFiniteError(RuntimeError):
     """Activations became NaN or inf during calibration (e.g. a block overflowing float16); the message
     names the block and the stream. Nothing is written."""
+
+
+def suggest(word: str, options, prefix: str = "") -> str:
+    """` (did you mean 'X'?)` for the option closest to a misspelled `word`, or nothing."""
+    import difflib
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""

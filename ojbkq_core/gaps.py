@@ -1,8 +1,8 @@
-"""Exact optimality gaps of every decoder on sub-problems cut from real layers (formulation.md §7).
+"""Exact optimality gaps of every decoder on sub-problems cut from real layers (docs/formulation.md §7).
 
 A model is calibrated exactly as `ojbkq quantize` does it (statistics, objective, grid, damping and the
-recipe's decoder); for the layers of the sampled blocks, the calibration's quantize step hands over the
-layer's statistics and the decoder's full solution (`collect`). From each, windows of `c` consecutive columns `S` (decoding order)
+recipe's decoder); for the layers of the sampled blocks, the engine's `group_decoded` event hands over the
+layer's statistics and the decoder's full solution (`collect`, `WindowCollector`). From each, windows of `c` consecutive columns `S` (decoding order)
 of sampled rows are cut. With every other column `F` held at the recipe's values `q_F`, a row's objective
 as a function of `q_S` is, up to a constant,
 
@@ -24,12 +24,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .calibrate import Events, Group
 from .decoders import Exact
 from .errors import InputError
 from .grid import Grid
 from .linalg import inverse_cholesky
 from .objectives import RowScore
 from .problem import WorkingProblem
+from .spec import RunSpec, load_spec
 
 log = logging.getLogger("ojbkq")
 
@@ -116,10 +118,6 @@ def cut(layer: str, kind: str, H: torch.Tensor, WM: torch.Tensor, W: torch.Tenso
 
 # --- collecting the layers inside a calibration ----------------------------------------------------
 
-class Enough(Exception):
-    """Raised once every wanted layer was quantized: the calibration need not go on."""
-
-
 def layer_kind(relative: str) -> str:
     """A module's type from its name inside the block: `self_attn.q_proj` → `q`, `mlp.down_proj` → `down`."""
     last = relative.rsplit(".", 1)[-1]
@@ -146,20 +144,42 @@ def windows_of(name: str, kind: str, W: torch.Tensor, stats, objective, res, max
                windows, rng)
 
 
-def collect(cfg: dict, blocks: Optional[Sequence[int]], c: int, rows: int, windows: int, seed: int,
+class WindowCollector(Events):
+    """The calibration's events for `collect`: as each group is decoded, the windows of its wanted
+    layers are cut (the modules still hold their original weights); the run stops once every wanted
+    layer was seen."""
+
+    def __init__(self, wanted: set, c: int, rows: int, windows: int, seed: int, progress: bool):
+        self.wanted, self.c, self.rows, self.windows, self.seed, self.progress = wanted, c, rows, windows, seed, progress
+        self.out: list[Window] = []
+
+    def group_decoded(self, group: Group, results: dict) -> None:
+        for t in group.tasks:
+            if t.full not in self.wanted:
+                continue
+            W = group.adapter.weight(group.block.get_submodule(t.name)).detach()
+            self.out.extend(windows_of(t.full, layer_kind(t.name), W, group.stats[t.name], t.objective, results[t.name],
+                                       group.settings.grid.maxq, self.c, self.rows, self.windows,
+                                       np.random.default_rng([self.seed, t.index])))
+            self.wanted.discard(t.full)
+            if self.progress:
+                log.info("gaps: %s (%s) %d×%d: %d windows", t.full, layer_kind(t.name), *W.shape, self.windows)
+
+    def stop_requested(self) -> bool:
+        return not self.wanted
+
+
+def collect(spec: RunSpec, blocks: Optional[Sequence[int]], c: int, rows: int, windows: int, seed: int,
             progress: bool = True) -> tuple[list[Window], dict]:
-    """Calibrate the config's model (loaded fresh) as `quantize` does, up to the last layer of `blocks`
+    """Calibrate the spec's model (loaded fresh) as `quantize` does, up to the last layer of `blocks`
     (default: the first, middle and last block), and cut the windows of every layer of those blocks from
     its statistics and its quantization. Returns the windows and facts about the run."""
-    from . import calibrate
-    from .config import build_objective, resolve_device
     from .model import find_adapter
     from .pipeline import calibrate_model, load_model
-    _, score = build_objective(cfg)
-    if score is not None:
+    if spec.objective.score is not None:
         raise InputError("objective.score: gaps measure the decoded objective itself; remove objective.score")
-    model, tokenizer = load_model(cfg["model"]["path"], cfg["model"]["dtype"], cfg["model"]["trust_remote_code"])
-    adapter = find_adapter(model, cfg["model"]["adapter"])
+    model, tokenizer = load_model(spec.model.path, spec.model.dtype, spec.model.trust_remote_code)
+    adapter = find_adapter(model, spec.model.adapter)
     nblocks = len(adapter.blocks())
     blocks = sorted({0, nblocks // 2, nblocks - 1} if blocks is None else set(blocks))
     bad = [b for b in blocks if not 0 <= b < nblocks]
@@ -167,33 +187,14 @@ def collect(cfg: dict, blocks: Optional[Sequence[int]], c: int, rows: int, windo
         raise InputError(f"--blocks {','.join(map(str, blocks))}: the model has blocks 0..{nblocks - 1}")
     path = adapter.blocks_path()
     wanted = {name for name in adapter.layer_names() if int(name[len(path) + 1:].split(".", 1)[0]) in blocks}
-    out: list[Window] = []
-
-    def quantize_group(adapter, block, tasks, stats, settings, device):
-        """The calibration's quantize step, unchanged, keeping the windows of the wanted layers."""
-        results = calibrate.quantize_group(adapter, block, tasks, stats, settings, device)
-        for t in tasks:
-            if t.full in wanted:
-                W = adapter.weight(block.get_submodule(t.name)).detach()
-                out.extend(windows_of(t.full, layer_kind(t.name), W, stats[t.name], t.objective, results[t.name],
-                                      settings.grid.maxq, c, rows, windows, np.random.default_rng([seed, t.index])))
-                wanted.discard(t.full)
-                if progress:
-                    log.info("gaps: %s (%s) %d×%d: %d windows", t.full, layer_kind(t.name), *W.shape, windows)
-        if not wanted:
-            raise Enough
-        return results
-
+    collector = WindowCollector(wanted, c, rows, windows, seed, progress)
     t0 = time.perf_counter()
-    try:
-        calibrate_model(model, tokenizer, cfg, progress=False, hooks={"quantize_group": quantize_group})
-    except Enough:
-        pass
-    if wanted:
-        raise InputError(f"layers {sorted(wanted)} were never quantized (quant.skip?); choose other --blocks")
-    facts = {"model": cfg["model"]["path"], "architecture": type(model).__name__, "device": resolve_device(cfg),
+    calibrate_model(model, tokenizer, spec, progress=False, events=collector)
+    if collector.wanted:
+        raise InputError(f"layers {sorted(collector.wanted)} were never quantized (quant.skip?); choose other --blocks")
+    facts = {"model": spec.model.path, "architecture": type(model).__name__, "device": spec.target,
              "calibration_seconds": time.perf_counter() - t0, "blocks": blocks}
-    return out, facts
+    return collector.out, facts
 
 
 # --- solving the windows --------------------------------------------------------------------------
@@ -391,7 +392,6 @@ def run(config: str, overrides: Sequence[str] = (), bits: Sequence[int] = (), bl
     windows of the layers of `blocks` (default: first, middle and last), then write the records (JSON) and
     the gap distributions (PNG). The decoders of `undamped` are also run on the undamped windows.
     Returns the records."""
-    from .config import load_config
     from .registry import get_registry
     for key, v in (("--columns", c), ("--rows", rows), ("--windows", windows), ("--max-nodes", max_nodes)):
         if v < 1:
@@ -405,31 +405,28 @@ def run(config: str, overrides: Sequence[str] = (), bits: Sequence[int] = (), bl
         except ImportError:
             raise InputError(f"--plot {png}: drawing the gap distributions needs matplotlib "
                              f"(pip install 'ojbkq[plots]'), or pass --plot ''") from None
-    # gaps write nothing into output.dir: a folder left by an earlier `quantize` must not stop them
-    overrides = [*overrides, "output.overwrite=true"]
-    base = load_config(config, overrides)
+    base = load_spec(config, overrides)
     reg = get_registry()
     entries = [Entry(label_of(n, p), n, p, decoder=reg.decoder(n, p, device="cpu")) for n, p in parse_decoders(decoders)]
     entries += [Entry(label_of(n, p) + " λ=0", n, p, decoder=reg.decoder(n, p, device="cpu"), damped=False)
                 for n, p in (parse_decoders(undamped) if undamped else [])]
-    dec = base["decoder"]
-    rparams = {k: v for k, v in dec.items() if k not in ("name", "seed")}
-    recipe = Entry(f"{label_of(dec['name'], rparams)} (layer)", dec["name"], rparams, on="layer")
+    dec = base.decoder
+    recipe = Entry(f"{label_of(dec.name, dec.options)} (layer)", dec.name, dec.options, on="layer")
     exact = Entry("exact", "exact", {"max_nodes": max_nodes}, damped=False)
     solvers = [*entries, recipe, exact]
     records, rows_by_bits = [], {}
-    for b in bits or [base["quant"]["bits"]]:
-        cfg = load_config(config, [*overrides, f"quant.bits={b}"])
+    for b in bits or [base.quant.bits]:
+        spec = base.with_overrides({"quant.bits": b})
         t0 = time.perf_counter()
-        wins, facts = collect(cfg, blocks, c, rows, windows, seed, progress)
+        wins, facts = collect(spec, blocks, c, rows, windows, seed, progress)
         found, skipped = solve(wins, entries, recipe, max_nodes, seed, progress)
-        q = cfg["quant"]
+        q, cal = spec.quant, spec.calibration
         meta = {"bits": b, "c": c, "rows": rows, "windows_per_layer": windows, "seed": seed,
                 "model": facts["model"], "architecture": facts["architecture"], "blocks": facts["blocks"],
-                "objective": cfg["objective"], "group_size": q["group_size"], "sym": q["sym"],
-                "act_order": q["act_order"], "static_groups": q["static_groups"], "damp": q["damp"],
-                "recipe_decoder": dec["name"], "calibration": {k: cfg["calibration"][k] for k in
-                                                                      ("dataset", "samples", "seqlen", "seed")},
+                "objective": spec.objective.to_dict(), "group_size": q.group_size, "sym": q.sym,
+                "act_order": q.act_order, "static_groups": q.static_groups, "damp": q.damp,
+                "recipe_decoder": dec.name, "calibration": {"dataset": cal.dataset, "samples": cal.samples,
+                                                            "seqlen": cal.seqlen, "seed": cal.seed},
                 "device": "cpu", "calibration_device": facts["device"], "dtype": "float64",
                 "torch_threads": torch.get_num_threads(), "skipped": skipped,
                 "seconds": time.perf_counter() - t0}

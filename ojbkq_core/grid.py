@@ -1,4 +1,4 @@
-"""The quantization grid (MATH.md §2).
+"""The quantization grid (docs/formulation.md §2), and the `quant` section of a run (`QuantSpec`).
 
 A code `c` in the box `[lower_j, upper_j]` dequantizes to `q = s · (c − z0)`. For a layer the box is
 `[0, maxq]` and `(s, z0)` come per (row, group) from a min-max rule or a clipping search; for a
@@ -19,18 +19,13 @@ from .errors import InputError
 SCALE_METHODS = ("minmax", "clip")
 
 
-# the `quant` section of a run configuration: the grid's fields, the Hessian damping, the calibration
-# order and the modules left in full precision
-QUANT_DEFAULTS: dict = {"bits": 4, "group_size": 128, "sym": False, "act_order": False, "static_groups": False,
-                        "damp": 0.01, "scale_method": "minmax", "true_sequential": True, "skip": []}
-
-
 @dataclass(frozen=True)
 class GridSpec:
-    """What the user asks for: bits, group size, symmetry, order and scale rule."""
+    """What the user asks for: bits, group size (`-1`: one group per row), symmetry, order and scale
+    rule. The defaults are the run defaults (`QuantSpec` adds to them)."""
 
     bits: int = 4
-    group_size: int = -1
+    group_size: int = 128
     sym: bool = False
     act_order: bool = False
     static_groups: bool = False
@@ -51,11 +46,44 @@ class GridSpec:
     def maxq(self) -> int:
         return 2**self.bits - 1
 
+    @property
+    def grid(self) -> "GridSpec":
+        """The grid alone (a `QuantSpec` carries more)."""
+        return GridSpec(self.bits, self.group_size, self.sym, self.act_order, self.static_groups, self.scale_method,
+                        self.clip_grid, self.clip_max_shrink, self.clip_norm)
+
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of each row of `w` `(..., m, g)` → `(..., m)`, `(..., m)`."""
         if self.scale_method == "clip":
             return clip_search(w, self.maxq, self.sym, self.clip_grid, self.clip_max_shrink, self.clip_norm)
         return minmax(w, self.maxq, self.sym)
+
+
+@dataclass(frozen=True)
+class QuantSpec(GridSpec):
+    """The `quant` section of a run: the grid, the damping of `H` (a fraction of its mean diagonal),
+    the calibration order (true-sequential groups, or a block's modules all at once) and the module-name
+    patterns left in full precision (`skip`, fnmatch on full or block-relative names)."""
+
+    damp: float = 0.01
+    true_sequential: bool = True
+    skip: tuple[str, ...] = ()
+
+    KEYS = ("bits", "group_size", "sym", "act_order", "static_groups", "damp", "scale_method", "true_sequential",
+            "skip")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp >= 0:
+            raise InputError(f"quant.damp={self.damp!r}: must be a number ≥ 0 (fraction of mean diag H, e.g. 0.01)")
+        if isinstance(self.skip, str) or not all(isinstance(p, str) and p for p in self.skip):
+            raise InputError(f"quant.skip={self.skip!r}: must be a list of module-name patterns")
+        object.__setattr__(self, "damp", float(self.damp))
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    def to_dict(self) -> dict:
+        """The section as a recipe writes it (keys in `KEYS` order)."""
+        return {k: (list(self.skip) if k == "skip" else getattr(self, k)) for k in self.KEYS}
 
 
 def _params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):

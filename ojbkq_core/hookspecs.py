@@ -2,7 +2,7 @@
 
 A plugin is a module (or object) with functions marked `@hookimpl`, advertised by an entry point in
 the group `ojbkq`. Each hook receives a `register` callable; call it once per thing provided. The
-built-in decoders, objectives, adapters and checkpoint formats are registered through these same hooks.
+built-in decoders, objectives, adapters, checkpoint formats and recipes are registered through these same hooks.
 """
 import pluggy
 
@@ -37,3 +37,9 @@ def register_backends(register):
 def register_formats(register):
     """`register(cls)` for each checkpoint `Format` subclass (ojbkq_core.export.base); `cls.name` is
     the `output.format` users give, and `load_quantized` asks each format's `detect`."""
+
+
+@hookspec
+def register_recipes(register):
+    """`register(name, path)` for each recipe file a plugin ships (YAML, TOML or JSON): `ojbkq quantize
+    NAME` and `quantize(..., recipe=NAME)` find it by name, and `ojbkq recipes` lists it."""

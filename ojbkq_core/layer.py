@@ -56,6 +56,17 @@ class LayerResult:
         self.g_idx, self.perm, self.row_loss, self.loss = g_idx, perm, row_loss, loss
         self.report = {} if report is None else report
 
+    @classmethod
+    def weight_only(cls, Q: torch.Tensor) -> "LayerResult":
+        """A result that carries the dequantized weight `Q` `(m, n)` alone: the layer was decoded by another
+        process, which keeps its codes (`decoded_here` is False)."""
+        empty = torch.empty(0)
+        return cls(Q, None, empty, empty, empty, empty, empty, float("nan"), {"decoded_elsewhere": True})
+
+    @property
+    def decoded_here(self) -> bool:
+        return self.codes is not None
+
     @property
     def qweight(self) -> torch.Tensor:
         if self.stored_qweight is not None:

@@ -1,6 +1,6 @@
-"""A whole model from a run configuration: load → calibrate → (evaluate) → export.
+"""A whole model from a run specification: load → calibrate → (evaluate) → export.
 
-    quantize_from_config(CONFIG, overrides)   # `ojbkq quantize CONFIG --set k=v`
+    run(load_spec(RECIPE, overrides))         # `ojbkq quantize RECIPE --set k=v`
     evaluate_dir(MODEL_DIR, dataset, seqlen)  # `ojbkq eval MODEL_DIR`
 
 The output folder holds the checkpoint (`output.format`: packed GPTQ or dequantized weights), the
@@ -15,14 +15,15 @@ import json
 import logging
 import os
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from . import distributed
-from .calibrate import CalibrationResult, calibrate, default_batch_size, quantized_names
+from .calibrate import CalibrationResult, Events, calibrate, default_batch_size, quantized_names
 from .errors import InputError
 from .model import Model, find_adapter
+from .spec import EvalSpec, RunSpec
 
 log = logging.getLogger("ojbkq")
 
@@ -114,108 +115,104 @@ def load_model(path: str, dtype: str = "bfloat16", trust_remote_code: bool = Fal
     return model, tokenizer
 
 
-# --- calibration from a config -------------------------------------------------------------------
+# --- calibration from a spec ---------------------------------------------------------------------
 
-def calibrate_model(model, tokenizer, cfg: dict, input_ids: Optional[torch.Tensor] = None,
+def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.Tensor] = None,
                     progress: bool = True, world: Optional[distributed.World] = None,
-                    hooks: Optional[dict] = None) -> tuple[Model, CalibrationResult]:
-    """Quantize `model` in place as the resolved config `cfg` says; returns its adapter and the result.
-    `input_ids` `(samples, seqlen)` replaces the calibration text when given. `world`: this process's
-    place in a distributed run: it calibrates its shard of the samples through `distributed.Engine`
+                    events: Optional[Events] = None) -> tuple[Model, CalibrationResult]:
+    """Quantize `model` in place as `spec` says; returns its adapter and the result. `input_ids`
+    `(samples, seqlen)` replaces the calibration text when given. `world`: this process's place in a
+    distributed run: it calibrates its shard of the samples with the events of `distributed.Engine`
     (statistics in float64 unless `calibration.stats_dtype` says otherwise); rank 0's report gains
-    `world_size` and `ranks`. `hooks`: steps of `calibrate` replaced in a single-process run (e.g. a
-    `quantize_group` that also keeps what it quantized)."""
-    from .config import build_decoder, build_grid, build_objective, resolve_device
-    from .data import calibration_ids
-    device = resolve_device(cfg) if world is None else world.device
-    adapter = find_adapter(model, cfg["model"]["adapter"])
-    stats_dtype = cfg["calibration"]["stats_dtype"]
-    if stats_dtype == "auto":
-        stats_dtype = "float32" if world is None else "float64"
+    `world_size` and `ranks`. `events`: the engine's events for a single-process run (`Events`)."""
+    if world is not None and events is not None:
+        raise ValueError("calibrate_model: a distributed run brings its own events")
+    device = spec.target if world is None else world.device
+    adapter = find_adapter(model, spec.model.adapter)
     if input_ids is None:
-        input_ids = calibration_ids(tokenizer, cfg["calibration"])
+        input_ids = spec.calibration.ids(tokenizer)
     samples, batch_size = input_ids.shape[0], default_batch_size(input_ids.shape[1], device)
-    engine = None if world is None else distributed.Engine(world)
-    if engine is not None:
-        input_ids = engine.shard(input_ids, batch_size)
-    spec, score = build_objective(cfg)
-    q = cfg["quant"]
-    res = calibrate(adapter, input_ids, spec, build_grid(cfg), build_decoder(cfg, device), damp=q["damp"],
-                    seed=cfg["decoder"]["seed"], device=device, score_objective=score,
-                    true_sequential=q["true_sequential"], skip=q["skip"], batch_size=batch_size,
-                    progress=progress and (world is None or world.main), stats_dtype=getattr(torch, stats_dtype),
-                    **(engine.hooks() if engine is not None else hooks or {}))
+    if world is not None:
+        events = distributed.Engine(world)
+        input_ids = events.shard(input_ids, batch_size)
+    q = spec.quant
+    res = calibrate(adapter, input_ids, spec.objective.decoded, q.grid, spec.decoder.decoder, damp=q.damp,
+                    seed=spec.decoder.seed, device=device, score_objective=spec.objective.scoring(),
+                    true_sequential=q.true_sequential, skip=q.skip, batch_size=batch_size,
+                    progress=progress and (world is None or world.main), events=events,
+                    stats_dtype=spec.calibration.accumulation_dtype(world is not None))
     res.report["world_size"] = 1
-    if engine is not None:
-        engine.annotate(res.report, samples)
+    if world is not None:
+        events.annotate(res.report, samples)
     return adapter, res
 
 
-def eval_sources(ev: dict) -> list[tuple[str, Optional[object]]]:
-    """`(label, local path or None)` for each perplexity source of an `eval` section: the name `text`
-    (added when only `eval.path` is given) reads `eval.path`, other names are datasets."""
-    names = list(ev.get("perplexity") or [])
-    if ev.get("path") and "text" not in names:
-        names.append("text")
-    return [(n, ev.get("path") if n == "text" else None) for n in names]
-
-
-def _perplexities(model, tokenizer, ev: dict, device: str, tokens_cache: dict) -> dict:
+def perplexities(model, tokenizer, ev: EvalSpec, device: str, tokens_cache: dict) -> dict:
+    """Perplexity on each source of `ev` (`EvalSpec.sources`); token ids are kept in `tokens_cache`."""
     from .data import evaluation_ids
     from .perplexity import perplexity
     out = {}
-    for name, path in eval_sources(ev):
+    for name, path in ev.sources():
         if name not in tokens_cache:
             tokens_cache[name] = evaluation_ids(tokenizer, None if path else name, path)
-        out[name] = perplexity(model, tokens_cache[name], ev["seqlen"], ev.get("samples"), device=device)
+        out[name] = perplexity(model, tokens_cache[name], ev.seqlen, ev.samples, device=device)
     return out
 
 
-# --- the two commands ----------------------------------------------------------------------------
+# --- `ojbkq quantize` ------------------------------------------------------------------------------
 
-def quantize_from_config(path: str, overrides: Sequence[str] = ()) -> dict:
-    """`ojbkq quantize`: load, calibrate, evaluate (when `eval.perplexity`/`eval.path` is set) and
-    export. Returns the run report (also saved as `ojbkq_report.json` beside the checkpoint).
-    Started by torchrun, every rank calibrates its part (`distributed.py`) and rank 0 alone evaluates
-    and writes; the other ranks return the report without `layers`."""
-    from .config import load_config, resolve_device
-    cfg = load_config(path, overrides)
+def run(spec: RunSpec) -> dict:
+    """`ojbkq quantize`: check the output folder, load, calibrate, evaluate (when `eval.perplexity` or
+    `eval.path` is set) and export. Returns the run report (also saved as `ojbkq_report.json` beside the
+    checkpoint). Started by torchrun, every rank calibrates its part (`distributed.py`) and rank 0 alone
+    evaluates and writes; the other ranks return the report without `layers`."""
+    spec.output.prepare()                            # before the model loads: a folder that cannot be written
     if not distributed.launched():
-        return _quantize(cfg, None)
-    world = distributed.init(resolve_device(cfg))
+        return _quantize(spec, None)
+    world = distributed.init(spec.target)
     if not world.main:
         log.setLevel(logging.WARNING)
     try:
-        return _quantize(cfg, world)
+        return _quantize(spec, world)
     finally:
         distributed.close()
 
 
-def _quantize(cfg: dict, world: Optional[distributed.World]) -> dict:
-    from .config import dump_yaml, resolve_device
-    from .export import get_format, save_quantized
+def check_format(spec: RunSpec, model, adapter: Model) -> None:
+    """`InputError` before any calibration when the output format cannot store a module of `model`."""
+    from .export import get_format
+    get_format(spec.output.format).check(model, quantized_names(adapter, spec.quant.skip), spec.quant)
+
+
+def provenance(report: dict) -> dict:
+    """What a checkpoint records of how its codes were found: the objective and decoder, as text."""
+    return {"objective": report["objective"], "decoder": report["decoder"]}
+
+
+def _quantize(spec: RunSpec, world: Optional[distributed.World]) -> dict:
+    from .export import save_quantized
     t0 = time.perf_counter()
     main = world is None or world.main
-    device = resolve_device(cfg) if world is None else str(world.device)
-    model, tokenizer = load_model(cfg["model"]["path"], cfg["model"]["dtype"], cfg["model"]["trust_remote_code"])
-    adapter = find_adapter(model, cfg["model"]["adapter"])
-    fmt = get_format(cfg["output"]["format"])
-    fmt.check(model, quantized_names(adapter, cfg["quant"]["skip"]), cfg["quant"])    # before any calibration
-    log.info("%s: %s with adapter %s, %d quantized layers, device %s", cfg["model"]["path"],
-             type(model).__name__, adapter.name, len(adapter.layer_names()), device)
+    device = spec.target if world is None else str(world.device)
+    m = spec.model
+    model, tokenizer = load_model(m.path, m.dtype, m.trust_remote_code)
+    adapter = find_adapter(model, m.adapter)
+    check_format(spec, model, adapter)
+    log.info("%s: %s with adapter %s, %d quantized layers, device %s", m.path, type(model).__name__, adapter.name,
+             len(adapter.layer_names()), device)
 
     ppl_fp, tokens_cache = {}, {}
-    evaluate = main and bool(eval_sources(cfg["eval"]))
+    evaluate = main and bool(spec.eval.sources())
     if evaluate and not adapter.causal:
         log.warning("eval: %s is an encoder; perplexity applies to causal models only, skipped", type(model).__name__)
         evaluate = False
     if evaluate:
-        ppl_fp = _perplexities(model, tokenizer, cfg["eval"], device, tokens_cache)
+        ppl_fp = perplexities(model, tokenizer, spec.eval, device, tokens_cache)
 
-    _, res = calibrate_model(model, tokenizer, cfg, world=world)
-    report = {"model": cfg["model"]["path"], "architecture": type(model).__name__, **res.report}
+    _, res = calibrate_model(model, tokenizer, spec, world=world)
+    report = {"model": m.path, "architecture": type(model).__name__, **res.report}
     if evaluate:
-        ppl_q = _perplexities(model, tokenizer, cfg["eval"], device, tokens_cache)
+        ppl_q = perplexities(model, tokenizer, spec.eval, device, tokens_cache)
         report["perplexity"] = {k: {"fp": ppl_fp[k]["perplexity"], "quantized": ppl_q[k]["perplexity"],
                                     "windows": ppl_q[k]["windows"], "seqlen": ppl_q[k]["seqlen"]} for k in ppl_q}
         for k, v in report["perplexity"].items():
@@ -224,16 +221,18 @@ def _quantize(cfg: dict, world: Optional[distributed.World]) -> dict:
     report["seconds"]["run"] = time.perf_counter() - t0
     if not main:
         return report
-    out_cfg = cfg["output"]
-    quant = {**cfg["quant"], "objective": res.report["objective"], "decoder": res.report["decoder"]}
-    out = save_quantized(model, res.layers, out_cfg["dir"], out_cfg["format"], quant=quant, tokenizer=tokenizer,
-                         extra_files={CONFIG_FILE: dump_yaml(cfg),
-                                      REPORT_FILE: json.dumps(report, indent=2, sort_keys=False) + "\n"},
-                         overwrite=out_cfg["overwrite"])
-    report["output"] = out
+    out = spec.output
+    report["output"] = save_quantized(model, res.layers, out.dir, out.format, quant=spec.quant, tokenizer=tokenizer,
+                                      extra_files=run_files(spec, report), overwrite=out.overwrite,
+                                      provenance=provenance(res.report))
     log.info("%d layers, objective summed %.6g, %.1fs -> %s", len(res.layers), res.report["objective_sum"],
-             report["seconds"]["run"], out)
+             report["seconds"]["run"], out.dir)
     return report
+
+
+def run_files(spec: RunSpec, report: dict) -> dict[str, str]:
+    """The files a run writes beside its checkpoint: the resolved spec and the report."""
+    return {CONFIG_FILE: spec.to_yaml(), REPORT_FILE: json.dumps(report, indent=2, sort_keys=False) + "\n"}
 
 
 def load_dir(model_dir: str, device: str = "cpu"):

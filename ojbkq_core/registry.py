@@ -32,6 +32,7 @@ class Registry:
     adapters: dict[str, Entry] = field(default_factory=dict)
     backends: list[Entry] = field(default_factory=list)
     formats: dict[str, Entry] = field(default_factory=dict)
+    recipes: dict[str, Entry] = field(default_factory=dict)      # name -> Entry(obj=path of the recipe file)
     failures: dict[str, str] = field(default_factory=dict)      # plugin -> error
     conflicts: list[str] = field(default_factory=list)
     pm: Optional[pluggy.PluginManager] = None
@@ -107,6 +108,7 @@ def _collect(pm: pluggy.PluginManager, reg: Registry) -> None:
         add(reg.objectives, name, Entry(name, factory, p, {"schema": schema or {}})))
     run("register_adapters", lambda p: lambda cls: add(reg.adapters, cls.name, Entry(cls.name, cls, p)))
     run("register_formats", lambda p: lambda cls: add(reg.formats, cls.name, Entry(cls.name, cls, p)))
+    run("register_recipes", lambda p: lambda name, path: add(reg.recipes, name, Entry(name, str(path), p)))
     run("register_backends", lambda p: lambda decoder, device, cls, priority=1:
         reg.backends.append(Entry(decoder, cls, p, {"device": device, "priority": priority})))
 

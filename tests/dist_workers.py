@@ -73,13 +73,14 @@ def moe(out: str) -> None:
     import torch.distributed as dist
 
     from ojbkq_core import distributed
-    from ojbkq_core.calibrate import BlockInputs, Streams, statistics
+    from ojbkq_core.calibrate import BlockInputs, Streams, shared, statistics
     world = distributed.init("cpu")
     X = routed_inputs(world.rank)
     streams = Streams([BlockInputs(x, (), {}) for x in X], X, None)
     needs = {f"experts.{e}": {"H"} for e in range(3)}
-    st = statistics(Routed(), None, needs, streams, "cpu", reduce=lambda s: distributed.reduce_statistics(s, world) or s,
-                    dtype=torch.float64)
+    st = statistics(Routed(), None, needs, streams, "cpu", dtype=torch.float64)
+    for s in shared(st):
+        distributed.reduce_statistics(s, world)
     if world.main:
         torch.save({n: (s.sums["H"], s.count) for n, s in st.items()}, out)
     dist.barrier()

@@ -10,7 +10,7 @@ from ojbkq_core import cli
 from tiny_models import CALIB_TXT, EVAL_TXT, offline, one_thread, save, tiny_llama  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GPTQ = os.path.join(ROOT, "configs", "gptq.yaml")
+GPTQ = "gptq"
 
 
 def _tiny(model_dir, out):

@@ -1,14 +1,15 @@
-"""Each calibration step alone on a tiny Llama block: capture, statistics, quantize, replace, propagate."""
+"""Each calibration step alone on a tiny Llama block (capture, statistics, quantize, replace, propagate),
+and the engine's events."""
 import copy
 
 import pytest
 import torch
 
-from ojbkq_core.calibrate import (Settings, Streams, calibrate, capture, layer_seed, layer_tasks, propagate,
-                                  quantize, quantize_group, quantized_names, replace, statistics)
+from ojbkq_core.calibrate import (Events, Settings, Streams, calibrate, capture, layer_seed, layer_tasks, propagate,
+                                  quantize, quantize_group, quantized_names, replace, shared, statistics)
 from ojbkq_core.decoders import Babai
 from ojbkq_core.grid import GridSpec
-from ojbkq_core.layer import quantize_layer
+from ojbkq_core.layer import LayerResult, quantize_layer
 from ojbkq_core.model import find_adapter
 from ojbkq_core.registry import get_registry
 from ojbkq_core.stats import Statistics
@@ -76,18 +77,14 @@ def test_statistics_equals_from_inputs_on_hooked_inputs_and_qkv_share_one(llama)
     assert not torch.allclose(up, inputs(orig, s.X_fp, "mlp.up_proj"))   # the two streams did differ
 
 
-def test_statistics_applies_reduce_once_per_shared_statistics(llama):
+def test_statistics_are_shared_by_modules_reading_one_input(llama):
     _, adapter, ids = llama
     block = adapter.blocks()[0]
     s = capture(adapter, ids, 3, full_precision=False)
-    seen = []
-
-    def reduce(st):
-        seen.append(st)
-        return st
-
-    st = statistics(block, None, {n: {"H"} for n in QKV + ["self_attn.o_proj"]}, s, "cpu", reduce=reduce)
+    st = statistics(block, None, {n: {"H"} for n in QKV + ["self_attn.o_proj"]}, s, "cpu")
+    seen = shared(st)
     assert len(seen) == 2 and st["self_attn.q_proj"] is seen[0] and st["self_attn.o_proj"] is seen[1]
+    assert st["self_attn.k_proj"] is st["self_attn.v_proj"] is seen[0]
 
 
 def test_quantize_and_replace_one_module(llama):
@@ -136,27 +133,79 @@ def test_full_precision_stream_only_when_needed():
     assert Streams.full_precision_needed({"H"}, sampled=True)
 
 
-def test_calibrate_goes_through_reduce_and_quantize_group(llama):
+class Recorder(Events):
+    """Every event, in the order the engine reaches it."""
+
+    def __init__(self, stop_after_block=None):
+        self.log, self.stop_after_block, self.blocks_done = [], stop_after_block, 0
+
+    def statistics_ready(self, group):
+        self.log.append(("statistics", group.block_index, len(shared(group.stats))))
+        return super().statistics_ready(group)
+
+    def decode_group(self, group):
+        self.log.append(("decode", group.block_index, [t.full for t in group.tasks]))
+        return super().decode_group(group)
+
+    def group_decoded(self, group, results):
+        unchanged = all(torch.equal(group.block.get_submodule(t.name).weight, self.weights[t.full])
+                        for t in group.tasks)
+        self.log.append(("decoded", group.block_index, unchanged))
+
+    def layer_done(self, group, task, row):
+        self.log.append(("layer", task.full, row["loss"]))
+
+    def block_done(self, index, block):
+        self.log.append(("block", index))
+        self.blocks_done += 1
+
+    def stop_requested(self):
+        return self.stop_after_block is not None and self.blocks_done > self.stop_after_block
+
+
+def test_the_engine_reaches_its_events_in_order(llama):
     model, adapter, ids = llama
-    reduced, groups = [], []
-
-    def reduce(st):
-        reduced.append(st.n)
-        return st
-
-    def my_group(adapter, block, tasks, stats, settings, device):
-        groups.append([t.full for t in tasks])
-        return quantize_group(adapter, block, tasks, stats, settings, device)
-
     ref = calibrate(find_adapter(copy.deepcopy(model)), ids, get_registry().objective("symmetric"), GRID, Babai(),
                     progress=False)
+    events = Recorder()
+    events.weights = {n: adapter.model.get_submodule(n).weight.detach().clone() for n in adapter.layer_names()}
     res = calibrate(adapter, ids, get_registry().objective("symmetric"), GRID, Babai(), progress=False,
-                    reduce=reduce, quantize_group=my_group, skip=["*.o_proj"])
+                    events=events, skip=["*.o_proj"])
     names = quantized_names(adapter, ["*.o_proj"])
-    assert [n for g in groups for n in g] == names == list(res.layers)
-    assert len(reduced) == 2 * 3          # per block: q/k/v (shared), up/gate (shared), down; o_proj skipped
+    decoded = [n for e in events.log if e[0] == "decode" for n in e[2]]
+    assert decoded == names == list(res.layers) == [e[1] for e in events.log if e[0] == "layer"]
+    # per block: q/k/v (one shared Statistics), up/gate (shared), down; o_proj skipped
+    assert [e[2] for e in events.log if e[0] == "statistics"] == [1, 1, 1] * 2
+    assert all(e[2] for e in events.log if e[0] == "decoded")        # before the weights are written
+    kinds = [e[0] for e in events.log]
+    assert kinds[:4] == ["statistics", "decode", "decoded", "layer"] and kinds.count("block") == 2
+    assert kinds.index("block") > max(i for i, e in enumerate(events.log) if e[0] == "layer" and ".0." in e[1])
+    assert [e[2] for e in events.log if e[0] == "layer"] == [res.report["layers"][n]["loss"] for n in names]
     for n in names[:3]:                   # block 0's q, k, v see the same inputs as without skipping
         assert torch.equal(res.layers[n].qweight, ref.layers[n].qweight)
+    assert "stopped_after_block" not in res.report
+
+
+def test_a_run_stops_when_asked(llama):
+    model, adapter, ids = llama
+    events = Recorder(stop_after_block=0)
+    events.weights = {n: adapter.model.get_submodule(n).weight.detach().clone() for n in adapter.layer_names()}
+    res = calibrate(adapter, ids, get_registry().objective("symmetric"), GRID, Babai(), progress=False, events=events)
+    assert res.report["stopped_after_block"] == 0
+    assert list(res.layers) == [n for n in adapter.layer_names() if n.startswith("model.layers.0.")]
+    untouched = adapter.model.get_submodule("model.layers.1.mlp.down_proj").weight
+    assert torch.equal(untouched, events.weights["model.layers.1.mlp.down_proj"])
+
+
+def test_weight_only_results_write_the_weight_and_keep_no_codes(llama):
+    """What a rank other than 0 gets back from a distributed group: the weight, no codes."""
+    _, adapter, _ = llama
+    block = adapter.blocks()[0]
+    Q = torch.randn_like(block.mlp.up_proj.weight, dtype=torch.float32)
+    res = LayerResult.weight_only(Q)
+    assert not res.decoded_here
+    replace(adapter, block, {"mlp.up_proj": res})
+    assert torch.equal(block.mlp.up_proj.weight, Q.to(block.mlp.up_proj.weight.dtype)) and res.stored_qweight is None
 
 
 def test_last_statistics_pass_also_propagates_the_full_precision_stream(llama):

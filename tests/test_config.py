@@ -1,4 +1,5 @@
-"""The run configuration: formats, merging, overrides, validation, builders and the recipes."""
+"""The run specification: recipe formats, merging, overrides, validation, the typed sections and the
+built-in recipes."""
 import json
 import os
 from pathlib import Path
@@ -6,13 +7,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ojbkq_core.config import (DEFAULTS, build_decoder, build_grid, build_objective, dump_config, load_config,
-                               resolve_device)
 from ojbkq_core.decoders import Beam, Klein
 from ojbkq_core.errors import InputError
-from ojbkq_core.grid import GridSpec
+from ojbkq_core.grid import GridSpec, QuantSpec
+from ojbkq_core.recipes import builtin_paths
+from ojbkq_core.spec import DEFAULTS, OutputSpec, RunSpec, load_spec
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "ojbkq_core" / "recipes"
+
+
+def load_config(path, overrides=()):
+    """The resolved recipe as a dict, as `ojbkq_config.yaml` holds it."""
+    return load_spec(path, overrides).to_dict()
 RECIPES = ["gptq.yaml", "gptaq.yaml", "regularized-successive.yaml", "regularized-beam.yaml", "ojbkq.yaml"]
 
 BODY = {
@@ -101,8 +107,8 @@ def test_overrides(tmp_path):
     assert cfg["backend"] == "reference" and cfg["calibration"]["samples"] == 16
     assert cfg["quant"]["skip"] == ["lm_head", "model.layers.0.mlp"]
     assert cfg["eval"]["samples"] == 4 and cfg["eval"]["perplexity"] == ["c4"]
-    spec, _ = build_objective(cfg)
-    assert spec.sampled == ("alpha",)
+    spec = load_spec(path, ["objective.alpha=uniform:0.4:0.8"])
+    assert spec.objective.decoded.sampled == ("alpha",)
 
 
 def test_override_of_name_drops_previous_parameters(tmp_path):
@@ -114,54 +120,70 @@ def test_override_of_name_drops_previous_parameters(tmp_path):
 
 def test_nested_override_sets_scoring_objective(tmp_path):
     path = write(tmp_path, "c.yaml", BODY)
-    cfg = load_config(path, ["objective.score.name=jta", "objective.score.mu=1.0"])
-    spec, score = build_objective(cfg)
-    assert spec.name == "regularized"
-    assert score.name == "jta" and score.params == {"mu": 1.0, "lam": 0.6}
+    run = load_spec(path, ["objective.score.name=jta", "objective.score.mu=1.0"])
+    cfg = run.to_dict()
+    assert run.objective.decoded.name == "regularized"
+    assert run.objective.score.name == "jta" and run.objective.score.params == {"mu": 1.0, "lam": 0.6}
+    assert run.objective.scoring().name == "jta"
     assert cfg["objective"]["score"] == {"name": "jta", "mu": 1.0, "lam": 0.6}
 
 
 def test_terms_objective(tmp_path):
     body = {**BODY, "objective": {"terms": [{"w": 0.6, "a": 0.6, "b": 0}, {"w": 0.4, "a": 1, "b": 1}]}}
-    cfg = load_config(write(tmp_path, "c.yaml", body))
-    spec, score = build_objective(cfg)
-    obj, draws = spec.build(None)
-    assert [(t.w, t.a, t.b) for t in obj.terms] == [(0.6, 0.6, 0), (0.4, 1, 1)] and score is None and draws == {}
+    run = load_spec(write(tmp_path, "c.yaml", body))
+    obj, draws = run.objective.decoded.build(None)
+    assert [(t.w, t.a, t.b) for t in obj.terms] == [(0.6, 0.6, 0), (0.4, 1, 1)]
+    assert run.objective.score is None and draws == {}
 
 
-def test_builders(tmp_path):
-    cfg = load_config(write(tmp_path, "c.yaml", BODY), ["quant.scale_method=clip"])
-    assert build_grid(cfg) == GridSpec(bits=3, group_size=64, sym=True, act_order=False, static_groups=False,
-                                       scale_method="clip")
-    dec = build_decoder(cfg, "cpu")
-    assert isinstance(dec, Klein) and dec.options["k"] == 8
-    cfg = load_config(write(tmp_path, "b.yaml", {**BODY, "decoder": {"name": "beam", "width": 3}}),
-                      ["backend=reference"])
-    dec = build_decoder(cfg, "cpu")
-    assert isinstance(dec, Beam) and dec.options == {**Beam.params, "width": 3}
-    assert resolve_device(cfg) in ("cpu", "cuda")
+def test_typed_sections(tmp_path):
+    run = load_spec(write(tmp_path, "c.yaml", BODY), ["quant.scale_method=clip", "device=cpu"])
+    assert isinstance(run.quant, QuantSpec) and run.quant.grid == GridSpec(
+        bits=3, group_size=64, sym=True, act_order=False, static_groups=False, scale_method="clip")
+    assert run.quant.damp == QuantSpec.damp and run.quant.skip == ()
+    assert isinstance(run.decoder.decoder, Klein) and run.decoder.decoder.options["k"] == 8
+    assert run.decoder.seed == 3 and run.target == "cpu" and run.model.dtype == "float16"
+    run = load_spec(write(tmp_path, "b.yaml", {**BODY, "decoder": {"name": "beam", "width": 3}}), ["backend=reference"])
+    assert type(run.decoder.decoder) is Beam and run.decoder.options == {**Beam.params, "width": 3}
+    assert run.target in ("cpu", "cuda") and run.decoder.backend == "reference"
 
 
-def test_dump_config_round_trips(tmp_path):
-    cfg = load_config(write(tmp_path, "c.yaml", BODY), ["objective.alpha=beta:2:2"])
+def test_each_default_has_one_home():
+    """The recipe defaults are the dataclass fields' defaults, and the layer-level grid has the same ones."""
+    assert DEFAULTS["quant"]["group_size"] == QuantSpec.group_size == GridSpec().group_size == 128
+    assert DEFAULTS["quant"]["damp"] == QuantSpec().damp
+    assert DEFAULTS["output"] == {"dir": OutputSpec.dir, "format": OutputSpec.format, "overwrite": False}
+    assert list(DEFAULTS["quant"]) == list(QuantSpec.KEYS)
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    run = load_spec(write(tmp_path, "c.yaml", BODY), ["objective.alpha=beta:2:2"])
     out = tmp_path / "resolved.yaml"
-    dump_config(cfg, str(out))
+    out.write_text(run.to_yaml())
     assert list(yaml.safe_load(out.read_text())) == list(DEFAULTS)
-    assert load_config(str(out)) == cfg
-    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
-    with pytest.raises(InputError, match="does not exist"):
-        dump_config(cfg, str(tmp_path / "no" / "x.yaml"))
+    again = load_spec(str(out))
+    assert isinstance(again, RunSpec) and again == run and again.to_dict() == run.to_dict()
+
+
+def test_python_overrides_are_checked_like_set(tmp_path):
+    path = write(tmp_path, "c.yaml", BODY)
+    run = load_spec(path, {"quant.bits": 8, "quant.skip": ["lm_head"], "decoder.k": 4})
+    assert run.quant.bits == 8 and run.quant.skip == ("lm_head",) and run.decoder.options["k"] == 4
+    assert run.with_overrides({"quant.bits": 2}).quant.bits == 2 and run.quant.bits == 8
+    with pytest.raises(InputError, match=r"quant\.bits=9"):
+        load_spec(path, {"quant.bits": 9})
+    with pytest.raises(InputError, match="did you mean 'quant.bits'"):
+        load_spec(path, {"quant.bitz": 3})
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipes_load(recipe, tmp_path):
     path = CONFIGS / recipe
     assert path.read_text().lstrip().startswith("#"), "each recipe starts with a comment"
-    cfg = load_config(str(path), ["model.path=x", f"output.dir={tmp_path / 'out'}"])
+    run = load_spec(str(path), ["model.path=x", f"output.dir={tmp_path / 'out'}"])
+    cfg = run.to_dict()
     assert cfg["model"]["path"] == "x"
-    spec, _ = build_objective(cfg)
-    build_decoder(cfg, "cpu")
-    build_grid(cfg)
+    spec = run.objective.decoded
     expected = {"gptq.yaml": ("symmetric", "babai"), "gptaq.yaml": ("asymmetric", "babai"),
                 "regularized-successive.yaml": ("regularized", "successive"),
                 "regularized-beam.yaml": ("regularized", "beam"), "ojbkq.yaml": ("jta", "klein")}[recipe]
@@ -276,9 +298,54 @@ def test_terms_with_name_or_bad_term(tmp_path):
 def test_existing_output_dir_needs_overwrite(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")
-    assert "output.dir='./out' exists and is not empty" in error_of(tmp_path, BODY)
-    cfg = load_config(write(tmp_path, "d.yaml", BODY), ["output.overwrite=true"])
-    assert cfg["output"]["overwrite"] is True
+    run = load_spec(write(tmp_path, "c.yaml", BODY))            # reading a recipe writes and refuses nothing
+    with pytest.raises(InputError, match="output.dir='./out' exists and is not empty"):
+        run.output.prepare()
+    run = load_spec(write(tmp_path, "d.yaml", BODY), ["output.overwrite=true"])
+    assert run.output.overwrite is True
+    run.output.prepare()
+
+
+def test_output_parents_are_created_and_unwritable_ones_refused(tmp_path):
+    OutputSpec(dir=str(tmp_path / "a" / "b" / "out")).prepare()
+    assert (tmp_path / "a" / "b").is_dir() and not (tmp_path / "a" / "b" / "out").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match="is not a folder"):
+        OutputSpec(dir=str(tmp_path / "f" / "sub" / "out")).prepare()
+    with pytest.raises(InputError, match="is a file"):
+        OutputSpec(dir=str(tmp_path / "f")).prepare()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(InputError, match="cannot be written"):
+            OutputSpec(dir=str(locked / "x" / "out")).prepare()
+    finally:
+        locked.chmod(0o700)
+
+
+def test_recipes_by_name(tmp_path):
+    assert list(builtin_paths()) == ["gptq", "gptaq", "regularized-successive", "regularized-beam", "ojbkq"]
+    for name, path in builtin_paths().items():
+        assert load_spec(name, ["model.path=x"]) == load_spec(path, ["model.path=x"])
+    assert load_spec("ojbkq", ["model.path=x"]).decoder.name == "klein"
+    with pytest.raises(InputError, match="did you mean 'ojbkq'"):
+        load_spec("ojbk", ["model.path=x"])
+    with pytest.raises(InputError, match="no such config file"):
+        load_spec(str(tmp_path / "mine.yaml"))
+
+
+def test_cli_recipes_lists_the_builtin_ones(capsys):
+    from ojbkq_core.cli import main
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in builtin_paths():
+        assert name in out
+    assert main(["recipes", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"]: r["decoder"].split("(")[0] for r in rows}["ojbkq"] == "klein"
 
 
 def test_local_paths_accepted(tmp_path):

@@ -1,7 +1,8 @@
 """Random mutations of a valid run config — keys, types, values, whole sections, names of objectives,
 decoders and backends, in the file or as `--set` — give `ojbkq quantize` exit status 2 with one line
 naming what was changed, or a config that passes every check made before the model loads and that
-builds its grid, objective, decoder and format afterwards; never a traceback.
+builds its grid, objective, decoder and format afterwards (and whose resolved recipe reads back as
+the same spec); never a traceback.
 
 The command runs in-process up to `load_model`, which is replaced: no model is loaded."""
 import contextlib
@@ -14,8 +15,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from ojbkq_core import cli, pipeline
-from ojbkq_core.config import build_decoder, build_grid, build_objective, dump_yaml, load_config, resolve_device
 from ojbkq_core.export import get_format
+from ojbkq_core.spec import load_spec
 from ojbkq_core.registry import get_registry
 from tiny_models import CALIB_TXT, EVAL_TXT
 
@@ -132,11 +133,11 @@ def test_mutated_configs_exit_0_or_2_never_a_traceback(tmp_path_factory, muts, v
             rc = 0
     event(f"exit {rc}")
     if rc == 0:                                   # valid: what runs after loading builds without error
-        resolved = load_config(path, sets)
-        device = resolve_device(resolved)
-        build_grid(resolved), build_objective(resolved), build_decoder(resolved, device)
-        get_format(resolved["output"]["format"]).check_quant(resolved["quant"])
-        yaml.safe_load(dump_yaml(resolved))
+        spec = load_spec(path, sets)
+        spec.quant.grid, spec.objective.scoring(), spec.decoder.decoder
+        get_format(spec.output.format).check_quant(spec.quant)
+        assert load_spec(spec.to_dict()) == spec          # the resolved recipe reproduces the run
+        yaml.safe_load(spec.to_yaml())
         return
     message = err.getvalue()
     assert rc == 2, message

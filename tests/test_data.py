@@ -1,4 +1,5 @@
 """Calibration and evaluation text: local files, the built-in plays, seeded windows, clear errors."""
+import dataclasses
 import json
 import os
 
@@ -7,6 +8,7 @@ import torch
 
 from ojbkq_core import data
 from ojbkq_core.errors import InputError
+from ojbkq_core.spec import CalibrationSpec
 from tiny_models import CALIB_TXT, EVAL_TXT, one_thread  # noqa: F401 (autouse fixture)
 
 
@@ -51,7 +53,7 @@ def test_byte_tokenizer_and_calibration_ids():
     ids = data.tokenize(tok, [text])
     assert len(tok) == 256 and ids.numel() == len(text.encode()) and int(ids.max()) < 256
     assert tok.decode(ids[:50].tolist()) == text.encode()[:50].decode("utf-8", "ignore")
-    cal = {"dataset": "ignored-when-path-is-given", "path": CALIB_TXT, "samples": 5, "seqlen": 40, "seed": 1}
+    cal = CalibrationSpec(dataset="ignored-when-path-is-given", path=CALIB_TXT, samples=5, seqlen=40, seed=1)
     x = data.calibration_ids(tok, cal)
     assert x.shape == (5, 40) and torch.equal(x, data.calibration_ids(tok, cal))
 
@@ -116,7 +118,7 @@ def test_validation_windows_hold_no_calibration_token(tmp_path):
     text = " ".join(f"w{i}" for i in range(6000))                      # distinct words: distinct tokens
     (tmp_path / "c.txt").write_text(text)
     tok = data.byte_tokenizer()
-    cal = {"dataset": "text", "path": str(tmp_path / "c.txt"), "samples": 4, "seqlen": 64, "seed": 3}
+    cal = CalibrationSpec(dataset="text", path=str(tmp_path / "c.txt"), samples=4, seqlen=64, seed=3)
     val = data.validation_ids(tok, cal, windows=6, seqlen=32)
     assert val.shape == (6, 32)
     tokens = data.tokenize(tok, [text]).reshape(-1)
@@ -127,7 +129,7 @@ def test_validation_windows_hold_no_calibration_token(tmp_path):
     for w in val:                                    # each window is a grid window clear of every guard window
         s = next(i for i in range(0, tokens.numel() - 31, 32) if torch.equal(tokens[i:i + 32], w))
         assert not used & set(range(s, s + 32))
-    assert torch.equal(val, data.validation_ids(tok, {**cal, "samples": 40}, windows=6, seqlen=32))
+    assert torch.equal(val, data.validation_ids(tok, dataclasses.replace(cal, samples=40), windows=6, seqlen=32))
     assert data.window_starts(1000, 8, 10, 3).tolist() == data.window_starts(1000, 20, 10, 3)[:8].tolist()
     with pytest.raises(InputError, match="validation windows"):
         data.validation_ids(tok, cal, windows=10_000, seqlen=32)

@@ -12,7 +12,8 @@ import torch
 
 from ojbkq_core import cli
 from ojbkq_core.distributed import World, plan, shard
-from ojbkq_core.pipeline import REPORT_FILE, quantize_from_config
+from ojbkq_core.pipeline import REPORT_FILE, run
+from ojbkq_core.spec import load_spec
 from ojbkq_core.stats import Statistics
 from tiny_models import CALIB_TXT, one_thread, save, tiny_llama  # noqa: F401 (autouse)
 
@@ -21,6 +22,11 @@ WORKERS = os.path.join(ROOT, "tests", "dist_workers.py")
 # one thread per process on the shared CPU; the hub stays offline
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+
+
+def quantize_recipe(recipe, overrides):
+    """`ojbkq quantize RECIPE --set ...` in process: the run report."""
+    return run(load_spec(recipe, overrides))
 
 
 def _torchrun(*args, nproc=2, timeout=240):
@@ -138,9 +144,9 @@ def test_two_ranks_write_the_one_process_checkpoint(llama, tmp_path, monkeypatch
     float64 statistics byte for byte: the same codes, scales and zeros."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe, extra = RECIPES[decoder]
-    config = os.path.join(ROOT, "configs", f"{recipe}.yaml")
+    config = recipe
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    ref = quantize_from_config(config, _tiny(llama, one, *extra, "calibration.stats_dtype=float64"))
+    ref = quantize_recipe(config, _tiny(llama, one, *extra, "calibration.stats_dtype=float64"))
     r = subprocess.run([sys.executable, "-m", "ojbkq_core.cli", "quantize", config, "--nproc", "2",
                         *(f"--set={s}" for s in _tiny(llama, two, *extra))],
                        capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
@@ -165,7 +171,7 @@ def test_a_failing_rank_ends_the_run_with_exit_1_and_no_output(llama, tmp_path, 
     of the decoded rows): every process ends promptly, torchrun exits 1 naming the error, no folder."""
     out = tmp_path / "out"
     t0 = time.perf_counter()
-    r = _torchrun(WORKERS, "fail", step, "1", "quantize", os.path.join(ROOT, "configs", "gptq.yaml"),
+    r = _torchrun(WORKERS, "fail", step, "1", "quantize", "gptq",
                   *(f"--set={s}" for s in _tiny(llama, str(out))), timeout=180)
     assert r.returncode == 1, r.stderr[-3000:]
     assert f"injected failure in {step} on rank 1" in r.stderr
@@ -176,7 +182,7 @@ def test_a_failing_rank_ends_the_run_with_exit_1_and_no_output(llama, tmp_path, 
 def test_launcher_reports_the_failed_rank_in_one_line(tmp_path, capsys):
     """`--nproc`: a bad config ends before any process starts (exit 2); an error inside the ranks ends the
     run with exit 1 and one line naming the rank."""
-    config = os.path.join(ROOT, "configs", "gptq.yaml")
+    config = "gptq"
     assert cli.main(["quantize", config, "--nproc", "2", "--set", "quant.bits=5"]) == 2
     assert "quant.bits" in capsys.readouterr().err
     assert cli.main(["quantize", config, "--nproc", "0"]) == 2

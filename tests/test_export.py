@@ -449,8 +449,8 @@ class Tagged(fake.Fake):
 
     name = "tagged"
 
-    def save(self, model, layers, folder, quant, max_shard_size):
-        super().save(model, layers, folder, quant, max_shard_size)
+    def save(self, model, layers, folder, quant, max_shard_size, provenance):
+        super().save(model, layers, folder, quant, max_shard_size, provenance)
         cfg = json.load(open(os.path.join(folder, "config.json")))
         cfg["quantization_config"] = {"quant_method": "tagged", "layers": sorted(layers)}
         base.write_json(os.path.join(folder, "config.json"), cfg)

@@ -99,7 +99,7 @@ def test_command_on_a_tiny_llama(llama_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = str(tmp_path / "gaps.json")
     sets = [a for kv in _tiny(llama_dir) for a in ("--set", kv)]
-    args = ["gaps", os.path.join(ROOT, "configs", "gptq.yaml"), *sets, "--bits", "3,4", "--blocks", "1",
+    args = ["gaps", "gptq", *sets, "--bits", "3,4", "--blocks", "1",
             "--rows", "3", "--windows", "2", "--decoders", "babai,klein:k=4,successive,beam:width=4",
             "--undamped", "babai", "-o", out]
     assert cli.main([*args, "--columns", "1"]) == 0
@@ -128,7 +128,7 @@ def test_command_on_a_tiny_llama(llama_dir, tmp_path, monkeypatch, capsys):
 
 def test_bad_input(llama_dir, tmp_path, capsys):
     sets = [a for kv in _tiny(llama_dir) for a in ("--set", kv)]
-    base = ["gaps", os.path.join(ROOT, "configs", "gptq.yaml"), *sets, "-o", str(tmp_path / "g.json")]
+    base = ["gaps", "gptq", *sets, "-o", str(tmp_path / "g.json")]
     assert cli.main([*base, "--blocks", "5"]) == 2
     assert "--blocks 5: the model has blocks 0..1" in capsys.readouterr().err
     assert cli.main([*base, "--columns", "0"]) == 2

@@ -34,7 +34,9 @@ def import_graph() -> dict[str, set[str]]:
                     parts = package.split(".")
                     parts = parts[: len(parts) - node.level + 1]
                     base = ".".join(parts + ([base] if base else []))
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+                subs = [f"{base}.{a.name}" for a in node.names]
+                # `from pkg import module` needs the module (its parent package is loaded first by any import)
+                targets = subs if all(t in mods for t in subs) else [base] + subs
             for t in targets:
                 while t and t not in mods:           # `import a.b.c` names a, a.b and a.b.c
                     t = t.rpartition(".")[0]
@@ -78,7 +80,9 @@ def test_find_cycle_sees_a_circle():
 def test_graph_reads_relative_and_local_imports():
     g = import_graph()
     assert "ojbkq_core.errors" in g["ojbkq_core.config"]            # from .errors import InputError
-    assert "ojbkq_core.registry" in g["ojbkq_core.config"]          # a function-local import
+    assert "ojbkq_core.registry" in g["ojbkq_core.spec"]            # a function-local import
+    assert "ojbkq_core.hookspecs" in g["ojbkq_core.registry"]       # from . import hookspecs
+    assert "ojbkq_core" not in g["ojbkq_core.registry"]
     assert "ojbkq_core.decoders.base" in g["ojbkq_core.calibrate"]  # from .decoders.base import Decoder
 
 

@@ -31,7 +31,7 @@ def quantize(src, out, bits, group_size, sym, act_order, static_groups, fmt="gpt
             "calibration.seqlen=32", f"quant.bits={bits}", f"quant.group_size={group_size}", f"quant.sym={sym}",
             f"quant.act_order={act_order}", f"quant.static_groups={static_groups}", f"output.format={fmt}",
             f"output.dir={out}", "eval.perplexity=[]", "device=cpu"]
-    assert cli.main(["quantize", os.path.join(ROOT, "configs", "gptq.yaml"), *sum((["--set", s] for s in sets), [])]) == 0
+    assert cli.main(["quantize", "gptq", *sum((["--set", s] for s in sets), [])]) == 0
     return out
 
 
@@ -171,7 +171,7 @@ def test_compressed_tensors_refusals_come_before_calibration(source, tmp_path, c
     def run(*sets):
         args = [f"model.path={source}", f"output.dir={tmp_path / 'never'}", "output.format=compressed-tensors",
                 f"calibration.path={CALIB_TXT}", *sets]
-        return cli.main(["quantize", os.path.join(ROOT, "configs", "gptq.yaml"), *sum((["--set", s] for s in args), [])])
+        return cli.main(["quantize", "gptq", *sum((["--set", s] for s in args), [])])
 
     assert run("quant.act_order=true", "quant.static_groups=false") == 2
     err = capsys.readouterr().err.strip().splitlines()

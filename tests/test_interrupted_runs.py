@@ -19,7 +19,7 @@ from tiny_models import CALIB_TXT, offline, one_thread, save, tiny_llama  # noqa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
-GPTQ = os.path.join(ROOT, "configs", "gptq.yaml")
+GPTQ = "gptq"
 POINTS = ["calibrated", "shard", "publish", "swapped", "published"]
 PUBLISHED = {"swapped", "published"}          # the new folder is in place when the signal comes
 

@@ -40,7 +40,7 @@ def test_a_block_overflowing_float16_stops_the_run_at_that_block(tmp_path, monke
     sets = [f"model.path={folder}", "model.dtype=float16", f"calibration.path={CALIB_TXT}",
             "calibration.samples=2", "calibration.seqlen=16", "quant.group_size=32", f"output.dir={out}",
             "eval.perplexity=[]", "device=cpu"]
-    rc = cli.main(["quantize", os.path.join(ROOT, "configs", "gptq.yaml"), *sum((["--set", s] for s in sets), [])])
+    rc = cli.main(["quantize", "gptq", *sum((["--set", s] for s in sets), [])])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 1
     assert last.startswith("ojbkq quantize: outputs of model.layers.1 (block 1): inf in the runtime stream")

@@ -15,11 +15,18 @@ from ojbkq_core.errors import InputError
 from ojbkq_core.export import load_quantized
 from ojbkq_core.model import find_adapter
 from ojbkq_core.perplexity import perplexity, windows
-from ojbkq_core.pipeline import CONFIG_FILE, REPORT_FILE, evaluate_dir, load_model, quantize_from_config
+from ojbkq_core.pipeline import CONFIG_FILE, REPORT_FILE, evaluate_dir, load_model, run
+from ojbkq_core.recipes import builtin_paths
+from ojbkq_core.spec import load_spec
 from tiny_models import CALIB_TXT, EVAL_TXT, offline, one_thread, save, tiny_bert, tiny_gpt2, tiny_llama  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+RECIPES = sorted(builtin_paths())
+
+
+def quantize_recipe(recipe, overrides):
+    """`ojbkq quantize RECIPE --set ...` in process: the run report."""
+    return run(load_spec(recipe, overrides))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +42,7 @@ def _tiny(model_dir, out, *extra):
 
 
 def _recipe(name):
-    return os.path.join(ROOT, "configs", f"{name}.yaml")
+    return name
 
 
 def _small_decoder(name):
@@ -51,7 +58,7 @@ def test_the_five_recipes_are_there():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_every_recipe_end_to_end(folders, tmp_path, arch, recipe):
     out = str(tmp_path / "out")
-    report = quantize_from_config(_recipe(recipe), _tiny(folders[arch], out, *_small_decoder(recipe)))
+    report = quantize_recipe(_recipe(recipe), _tiny(folders[arch], out, *_small_decoder(recipe)))
     assert report["output"] == out and report["adapter"] == arch
     model, info = load_quantized(out)
     names = find_adapter(model).layer_names()
@@ -93,7 +100,7 @@ def test_same_seed_gives_the_same_checkpoint_bytes(folders, tmp_path):
         runs = []
         for i, seed in enumerate((3, 3, 4)):
             out = str(tmp_path / f"{recipe}-{i}")
-            quantize_from_config(_recipe(recipe), _tiny(folders["llama"], out, *_small_decoder(recipe),
+            quantize_recipe(_recipe(recipe), _tiny(folders["llama"], out, *_small_decoder(recipe),
                                                         f"decoder.seed={seed}"))
             runs.append(files(out))
         assert runs[0] == runs[1], recipe
@@ -103,8 +110,8 @@ def test_same_seed_gives_the_same_checkpoint_bytes(folders, tmp_path):
 def test_offline_folder_reload_and_perplexity(folders, tmp_path):
     fake, gptq = str(tmp_path / "fake"), str(tmp_path / "gptq")
     ev = [f"eval.path={EVAL_TXT}", "eval.seqlen=64", "eval.samples=20"]
-    r_fake = quantize_from_config(_recipe("gptaq"), _tiny(folders["gpt2"], fake, "output.format=fake", *ev))
-    r_gptq = quantize_from_config(_recipe("gptaq"), _tiny(folders["gpt2"], gptq, *ev))
+    r_fake = quantize_recipe(_recipe("gptaq"), _tiny(folders["gpt2"], fake, "output.format=fake", *ev))
+    r_gptq = quantize_recipe(_recipe("gptaq"), _tiny(folders["gpt2"], gptq, *ev))
     p = r_fake["perplexity"]["text"]
     assert p["windows"] == 20 and p["seqlen"] == 64
     assert p["fp"] == r_gptq["perplexity"]["text"]["fp"] and p["quantized"] != p["fp"]
@@ -157,7 +164,7 @@ def test_encoder_pipeline_and_fidelity(tmp_path):
     from ojbkq_core.fidelity import compare, encode
     folder = save(tiny_bert(), str(tmp_path / "bert"))
     out = str(tmp_path / "out")
-    report = quantize_from_config(_recipe("gptq"), _tiny(folder, out, "quant.bits=3", f"eval.path={EVAL_TXT}"))
+    report = quantize_recipe(_recipe("gptq"), _tiny(folder, out, "quant.bits=3", f"eval.path={EVAL_TXT}"))
     assert report["adapter"] == "bert" and "perplexity" not in report and len(report["layers"]) == 12
     fp, _ = load_model(folder, "float32")
     q, _ = load_quantized(out)
@@ -182,5 +189,5 @@ def test_a_layer_the_format_cannot_store_is_refused_before_calibration(tmp_path,
     folder = save(LlamaForCausalLM(cfg).eval(), str(tmp_path / "m"))
     monkeypatch.setattr(pipeline, "calibrate_model", lambda *a, **k: pytest.fail("calibration started"))
     with pytest.raises(InputError, match=r"model.layers.0.self_attn.q_proj': 40 inputs × 3 bits"):
-        quantize_from_config(_recipe("gptq"), _tiny(folder, str(tmp_path / "out"), "quant.bits=3"))
+        quantize_recipe(_recipe("gptq"), _tiny(folder, str(tmp_path / "out"), "quant.bits=3"))
     assert not os.path.exists(tmp_path / "out")

@@ -10,18 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 
 from ..errors import InputError
+from ..grid import QuantSpec
 from .base import (Format, check_target, extra_path, layer_shape, publish, read_config, read_tensors,
                    remove_leftovers, temporary_folder, write_safetensors)
 from .gptq import GPTQ_BITS, check_packable, dequantize, pack, pack_dim0, quantization_config, unpack, unpack_dim0
 
 log = logging.getLogger("ojbkq")
 
-__all__ = ["Format", "GPTQ_BITS", "check_packable", "dequantize", "find_format", "get_format", "layer_shape",
+__all__ = ["Format", "GPTQ_BITS", "as_quant", "check_packable", "dequantize", "find_format", "get_format", "layer_shape",
            "load_quantized", "pack", "pack_dim0", "quantization_config", "read_tensors", "save_quantized", "unpack",
            "unpack_dim0", "write_safetensors"]
 
@@ -44,17 +45,29 @@ def find_format(config: dict, path: str = "") -> Format:
                      f"no registered format reads it (formats: {', '.join(get_registry().formats)})")
 
 
-def save_quantized(model, layers: dict, out_dir: str, fmt: str = "gptq", quant: Optional[dict] = None,
+def as_quant(quant: Union[None, QuantSpec, Mapping]) -> tuple[QuantSpec, dict]:
+    """`(QuantSpec, provenance)` from a `QuantSpec` or a mapping of `quant` keys; a mapping's other keys
+    (e.g. `objective`, `decoder`) are the provenance a format records beside the grid."""
+    if quant is None:
+        return QuantSpec(), {}
+    if isinstance(quant, QuantSpec):
+        return quant, {}
+    known = {k: v for k, v in quant.items() if k in QuantSpec.KEYS}
+    return QuantSpec(**known), {k: v for k, v in quant.items() if k not in QuantSpec.KEYS}
+
+
+def save_quantized(model, layers: dict, out_dir: str, fmt: str = "gptq", quant: Union[None, QuantSpec, Mapping] = None,
                    tokenizer=None, extra_files: Optional[dict[str, Union[str, bytes]]] = None,
-                   overwrite: bool = False, max_shard_size: int = 4 * 2**30) -> str:
+                   overwrite: bool = False, max_shard_size: int = 4 * 2**30, provenance: Optional[dict] = None) -> str:
     """Write a quantized checkpoint to `out_dir` and return its path.
 
     `model`: the transformers model; `layers`: module name (from `model.named_modules()`) →
     `LayerResult` (`codes`, `scales`, `zeros`, `g_idx`, `qweight`, all `(m=out, n=in)` based).
     `fmt`: a registered format name (`gptq`: packed GPTQ v1 with `quantization_config`; `fake`:
-    the dequantized weights `LayerResult.qweight`). `quant`: the config's `quant` section (plus
-    anything to record under `quantization_config.ojbkq`). `tokenizer` and `extra_files` (relative
-    name → text or bytes) are written beside the weights.
+    the dequantized weights `LayerResult.qweight`). `quant`: the run's `QuantSpec` (or a mapping of its
+    keys, see `as_quant`); `provenance`: what the format records about how the codes were found (the
+    objective and decoder). `tokenizer` and `extra_files` (relative name → text or bytes) are written
+    beside the weights.
 
     The folder is written under a temporary sibling name and renamed into place at the end (`publish`),
     so an error, an interrupt or a kill leaves the previous `out_dir` or none, never a partial one; the
@@ -64,14 +77,15 @@ def save_quantized(model, layers: dict, out_dir: str, fmt: str = "gptq", quant: 
     form = get_format(fmt)
     out_dir = os.fspath(out_dir)
     check_target(out_dir, overwrite)
-    quant = dict(quant or {})
+    quant, given = as_quant(quant)
+    provenance = {**given, **(provenance or {})}
     form.check(model, list(layers), quant)
     for path in remove_leftovers(out_dir):
         log.info("removed %s, left by a run that was killed", path)
 
     tmp = temporary_folder(out_dir)
     try:
-        form.save(model, layers, tmp, quant, max_shard_size)
+        form.save(model, layers, tmp, quant, max_shard_size, provenance)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for rel, content in sorted((extra_files or {}).items()):

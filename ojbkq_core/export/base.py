@@ -33,10 +33,10 @@ class Format:
 
     name: str = ""
 
-    def check_quant(self, quant: dict) -> None:
-        """Raise `InputError` when the `quant` section asks for what the format cannot store."""
+    def check_quant(self, quant) -> None:
+        """Raise `InputError` when the `quant` section (a `QuantSpec`) asks for what the format cannot store."""
 
-    def check(self, model, layer_names, quant: dict) -> None:
+    def check(self, model, layer_names, quant) -> None:
         """Raise `InputError` when a module in `layer_names` of `model` cannot be stored with `quant`."""
         self.check_quant(quant)
         modules = dict(model.named_modules())
@@ -45,8 +45,10 @@ class Format:
                 raise InputError(f"layer '{name}' is not a module of {type(model).__name__}")
             layer_shape(name, modules[name])
 
-    def save(self, model, layers: dict, folder: str, quant: dict, max_shard_size: int) -> None:
-        """Write `model` with the quantized `layers` (module name → `LayerResult`) into `folder`."""
+    def save(self, model, layers: dict, folder: str, quant, max_shard_size: int, provenance: dict) -> None:
+        """Write `model` with the quantized `layers` (module name → `LayerResult`) into `folder`; `quant`
+        is the run's `QuantSpec`, `provenance` what to record of how the codes were found (the
+        objective and decoder, as text)."""
         raise NotImplementedError
 
     def detect(self, config: dict) -> bool:

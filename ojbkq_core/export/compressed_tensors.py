@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..errors import InputError
-from ..grid import QUANT_DEFAULTS
+from ..grid import QuantSpec
 from .base import (Format, as_module_weight, is_conv1d, layer_shape, load_packed, quantized_tied, save_config,
                    state_dict, write_safetensors)
 
@@ -45,26 +45,21 @@ def _library():
     return compressors, quantization
 
 
-def _quant(quant: dict) -> dict:
-    return {**QUANT_DEFAULTS, **quant}
-
-
-def scheme(quant: dict, ignore: list[str]):
-    """The library's `QuantizationConfig` for a `quant` section: one group targeting `Linear` modules,
-    the linear modules kept in full precision listed in `ignore`."""
+def scheme(quant: QuantSpec, ignore: list[str]):
+    """The library's `QuantizationConfig` for `quant`: one group targeting `Linear` modules, the linear
+    modules kept in full precision listed in `ignore`."""
     _, q = _library()
-    quant = _quant(quant)
-    group_size = int(quant["group_size"])
+    group_size = quant.group_size
     weights = q.QuantizationArgs(
-        num_bits=int(quant["bits"]), type="int", symmetric=bool(quant["sym"]),
+        num_bits=quant.bits, type="int", symmetric=quant.sym,
         strategy="group" if group_size > 0 else "channel", group_size=group_size if group_size > 0 else None,
-        actorder="static" if quant["act_order"] else None)
+        actorder="static" if quant.act_order else None)
     group = q.QuantizationScheme(targets=["Linear"], weights=weights)
     return q.QuantizationConfig(config_groups={"group_0": group}, format="pack-quantized",
                                 quantization_status="compressed", ignore=ignore)
 
 
-def quantization_config(quant: dict, ignore: list[str]) -> dict:
+def quantization_config(quant: QuantSpec, ignore: list[str]) -> dict:
     """The `quantization_config` of config.json, as the library's `ModelCompressor.update_config`
     writes it (its version, method and the config's fields)."""
     import compressed_tensors
@@ -81,11 +76,11 @@ def _ignored(model, quantized) -> list[str]:
                   if isinstance(mod, torch.nn.Linear) and name not in quantized)
 
 
-def _compressed(name: str, module, res, scheme_, quant: dict) -> dict[str, torch.Tensor]:
+def _compressed(name: str, module, res, scheme_, quant: QuantSpec) -> dict[str, torch.Tensor]:
     """The library's compressed tensors of one layer, named `<module>.<tensor>`."""
     compressors, _ = _library()
     m, n = layer_shape(name, module)
-    bits, group_size = int(quant["bits"]), int(quant["group_size"])
+    bits, group_size = quant.bits, quant.group_size
     h = 2 ** (bits - 1)
     codes = res.codes.detach().cpu().round().long()
     zeros = res.zeros.detach().cpu().round().long()
@@ -94,7 +89,7 @@ def _compressed(name: str, module, res, scheme_, quant: dict) -> dict[str, torch
     if tuple(codes.shape) != (m, n) or zeros.shape[0] != m or not torch.equal(g_idx, consecutive):
         raise InputError(f"layer '{name}': codes {tuple(codes.shape)}, zeros {tuple(zeros.shape)} and g_idx do not "
                          f"fit (out, in) = {(m, n)} with consecutive groups of {group_size}")
-    if quant["sym"] and bool((zeros != h).any()):
+    if quant.sym and bool((zeros != h).any()):
         raise InputError(f"layer '{name}': a symmetric grid needs every zero point at {h}; quantize with "
                          f"quant.sym=false or store it in the gptq format")
     scale = res.scales.detach().cpu().to(module.weight.dtype)
@@ -109,17 +104,16 @@ class CompressedTensors(Format):
 
     name = "compressed-tensors"
 
-    def check_quant(self, quant: dict) -> None:
+    def check_quant(self, quant: QuantSpec) -> None:
         _library()
-        q = _quant(quant)
-        if q["act_order"] and not q["static_groups"] and int(q["group_size"]) != -1:
+        if quant.act_order and not quant.static_groups and quant.group_size != -1:
             raise InputError("quant.act_order=true with quant.static_groups=false: groups follow the activation "
                              "order (a g_idx), which the compressed-tensors format does not store; set "
                              "quant.static_groups=true or use output.format=gptq")
 
-    def check(self, model, layer_names, quant: dict) -> None:
+    def check(self, model, layer_names, quant: QuantSpec) -> None:
         super().check(model, layer_names, quant)
-        group_size = int(_quant(quant)["group_size"])
+        group_size = quant.group_size
         modules = dict(model.named_modules())
         for name in layer_names:
             if is_conv1d(modules[name]):
@@ -131,18 +125,17 @@ class CompressedTensors(Format):
                                  f"which the compressed-tensors format needs; choose a group size dividing {n}, "
                                  f"or add the layer to quant.skip")
 
-    def save(self, model, layers: dict, folder: str, quant: dict, max_shard_size: int) -> None:
-        q = _quant(quant)
+    def save(self, model, layers: dict, folder: str, quant: QuantSpec, max_shard_size: int, provenance: dict) -> None:
         ignore = _ignored(model, set(layers))
-        scheme_ = scheme(q, ignore).config_groups["group_0"]
+        scheme_ = scheme(quant, ignore).config_groups["group_0"]
         modules = dict(model.named_modules())
         untie = quantized_tied(model, layers)
         tensors = {k: v for k, v in state_dict(model).items()
                    if not (k.endswith(".weight") and k[: -len(".weight")] in layers)}
         for name in sorted(layers):
-            tensors.update(_compressed(name, modules[name], layers[name], scheme_, q))
+            tensors.update(_compressed(name, modules[name], layers[name], scheme_, quant))
         write_safetensors(tensors, folder, max_shard_size)
-        save_config(model, folder, quantization_config(q, ignore), untie)
+        save_config(model, folder, quantization_config(quant, ignore), untie)
 
     def detect(self, config: dict) -> bool:
         return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"

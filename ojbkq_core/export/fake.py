@@ -14,7 +14,7 @@ from .base import (Format, as_module_weight, empty_model, layer_shape, load_stat
 class Fake(Format):
     name = "fake"
 
-    def save(self, model, layers: dict, folder: str, quant: dict, max_shard_size: int) -> None:
+    def save(self, model, layers: dict, folder: str, quant, max_shard_size: int, provenance: dict) -> None:
         modules = dict(model.named_modules())
         sd = state_dict(model)
         untie = quantized_tied(model, layers)

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import InputError
-from ..grid import QUANT_DEFAULTS
+from ..grid import QuantSpec
 from .base import (Format, as_module_weight, is_conv1d, layer_shape, load_packed, quantized_tied, save_config,
                    state_dict, write_json, write_safetensors)
 
@@ -256,25 +256,24 @@ def _block_layout(model, quantized: set[str]) -> dict:
     return out
 
 
-def quantization_config(quant: dict, model=None, quantized: Optional[set] = None) -> dict:
-    """The `quantization_config` of a GPTQ v1 checkpoint from a `quant` section (config keys; any
-    other keys, e.g. `objective`, `decoder`, go to the `ojbkq` sub-dict)."""
-    q = {**QUANT_DEFAULTS, **quant}
-    known = ("bits", "group_size", "sym", "act_order", "static_groups", "damp", "true_sequential")
+def quantization_config(quant: QuantSpec, model=None, quantized: Optional[set] = None,
+                        provenance: Optional[dict] = None) -> dict:
+    """The `quantization_config` of a GPTQ v1 checkpoint for `quant`; what GPTQ's keys do not hold
+    (the scale rule, the skipped patterns, the `provenance`) goes to the `ojbkq` sub-dict."""
     qc = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
         "pack_dtype": "int32",
-        "bits": int(q["bits"]),
-        "group_size": int(q["group_size"]),
-        "desc_act": bool(q["act_order"]),
-        "sym": bool(q["sym"]),
-        "static_groups": bool(q["static_groups"]),
-        "damp_percent": float(q["damp"]),
-        "true_sequential": bool(q["true_sequential"]),
+        "bits": quant.bits,
+        "group_size": quant.group_size,
+        "desc_act": quant.act_order,
+        "sym": quant.sym,
+        "static_groups": quant.static_groups,
+        "damp_percent": quant.damp,
+        "true_sequential": quant.true_sequential,
         "lm_head": bool(quantized and "lm_head" in quantized),
         "meta": {"quantizer": [f"ojbkq:{_version()}"]},
-        "ojbkq": {k: v for k, v in q.items() if k not in known},
+        "ojbkq": {"scale_method": quant.scale_method, "skip": list(quant.skip), **(provenance or {})},
     }
     if model is not None and quantized is not None:
         qc.update(_block_layout(model, quantized))
@@ -295,20 +294,17 @@ class GPTQ(Format):
 
     name = "gptq"
 
-    def check_quant(self, quant: dict) -> None:
-        bits = quant.get("bits", QUANT_DEFAULTS["bits"])
-        if bits not in GPTQ_BITS:
-            raise InputError(f"quant.bits={bits}: the gptq format packs {', '.join(map(str, GPTQ_BITS))} bits; "
-                             f"use one of those or output.format=fake")
+    def check_quant(self, quant: QuantSpec) -> None:
+        if quant.bits not in GPTQ_BITS:
+            raise InputError(f"quant.bits={quant.bits}: the gptq format packs {', '.join(map(str, GPTQ_BITS))} "
+                             f"bits; use one of those or output.format=fake")
 
-    def check(self, model, layer_names, quant: dict) -> None:
+    def check(self, model, layer_names, quant: QuantSpec) -> None:
         super().check(model, layer_names, quant)
-        check_packable(model, layer_names, int(quant.get("bits", QUANT_DEFAULTS["bits"])))
+        check_packable(model, layer_names, quant.bits)
 
-    def save(self, model, layers: dict, folder: str, quant: dict, max_shard_size: int) -> None:
-        bits = int(quant.get("bits", 4))
-        group_size = int(quant.get("group_size", -1))
-        quant = {**quant, "bits": bits, "group_size": group_size}
+    def save(self, model, layers: dict, folder: str, quant: QuantSpec, max_shard_size: int, provenance: dict) -> None:
+        bits, group_size = quant.bits, quant.group_size
         modules = dict(model.named_modules())
         untie = quantized_tied(model, layers)
         tensors = {k: v for k, v in state_dict(model).items()
@@ -319,7 +315,7 @@ class GPTQ(Format):
         for name in sorted(layers):
             tensors.update(_gptq_tensors(name, modules[name], layers[name], bits, group_size))
         write_safetensors(tensors, folder, max_shard_size)
-        qc = quantization_config(quant, model, set(layers))
+        qc = quantization_config(quant, model, set(layers), provenance)
         save_config(model, folder, qc, untie)
         write_json(os.path.join(folder, "quantize_config.json"), qc)
 
