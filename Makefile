@@ -44,8 +44,10 @@ test-slow: setup setup-interop
 test-thorough: setup
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties.py
 
+# the recipe comparison on the embedded default (SmolLM2-135M), into the untracked runs/main/; committed
+# results are refreshed on purpose: $(BIN)/ojbkq compare --cache-dir runs/cache --out bench/results/main_job.json
 main: setup
-	$(BIN)/python bench/main_job.py
+	$(BIN)/ojbkq compare --cache-dir runs/cache --out runs/main/main_job.json
 
 # GPTQModel's own GPTQ on the main job's model, calibration windows and evaluation (the row to beat)
 baseline: setup-interop

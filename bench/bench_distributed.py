@@ -39,9 +39,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "adapters", ROOT / "plugins" / "ojbkq-cuda", ROOT / "bench"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 from bench_model import RECIPES, add_model_args, build  # noqa: E402
 from ojbkq_core import distributed  # noqa: E402

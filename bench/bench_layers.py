@@ -31,9 +31,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "adapters", ROOT / "plugins" / "ojbkq-cuda"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 from ojbkq_core.grid import GridSpec, minmax, quantize  # noqa: E402
 from ojbkq_core.layer import quantize_layer  # noqa: E402

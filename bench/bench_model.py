@@ -26,9 +26,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "adapters", ROOT / "plugins" / "ojbkq-cuda"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 from ojbkq_core.calibrate import calibrate  # noqa: E402
 from ojbkq_core.grid import GridSpec  # noqa: E402

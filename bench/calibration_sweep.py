@@ -1,12 +1,12 @@
 """How much calibration text: every recipe's perplexity against the number of calibration windows.
 
-Runs the main job (`main_job.py`, SmolLM2-135M) once per `--samples` value with the validation domain
+Runs `ojbkq compare` (SmolLM2-135M) once per `--samples` value with the validation domain
 (held-out windows of the calibration plays, the same text for every size) beside the evaluation
 domains, or summarises such runs already made (`--from`). The choice is made on validation alone:
 the size whose calibrated recipes have the lowest mean log perplexity there. Writes `--out` (JSON) and
 beside it .txt and a .png of perplexity against calibration tokens, one panel per domain and bit width.
 
-    python bench/calibration_sweep.py [--samples 16 32 64 128] [--device cuda] [--out FILE] [-- main_job options]
+    python bench/calibration_sweep.py [--samples 16 32 64 128] [--device cuda] [--out FILE] [-- ojbkq compare options]
     python bench/calibration_sweep.py --from cal_16.json cal_32.json ... [--out FILE]
 """
 from __future__ import annotations
@@ -17,13 +17,15 @@ import os
 import sys
 import tempfile
 
-import main_job
+import common
+from ojbkq_core import compare, results
+from ojbkq_core.errors import InputError
 
 CHOOSE_ON = "validation"
 
 
 def summarise(runs: list[dict]) -> dict:
-    """`runs`: main-job results (each with the validation domain) of one setup at several sizes.
+    """`runs`: comparison results (each with the validation domain) of one setup at several sizes.
     Returns `{"samples", "domains", "seqlen", "perplexity": {recipe: {bits: {domain: [ppl per size]}}},
     "score": [mean log validation ppl of the calibrated rows per size], "chosen": samples}`; a row a
     run lacks is None and leaves that size's score out of the choice."""
@@ -31,7 +33,7 @@ def summarise(runs: list[dict]) -> dict:
     sizes = [r["calibration"]["samples"] for r in runs]
     domains = runs[0]["domains"]
     if CHOOSE_ON not in domains:
-        raise main_job.InputError(f"the runs have no {CHOOSE_ON} domain: run main_job with --domains {CHOOSE_ON} ...")
+        raise InputError(f"the runs have no {CHOOSE_ON} domain: run ojbkq compare with --domains {CHOOSE_ON} ...")
     keys = list(dict.fromkeys((row["recipe"], row["bits"]) for r in runs for row in r["rows"]))
     table = {}
     for name, bits in keys:
@@ -58,7 +60,7 @@ def text_table(summary: dict) -> str:
             for d, vals in by_dom.items():
                 lines.append([name, str(bits), d] + ["-" if v is None else f"{v:.3f}" for v in vals])
     lines.append(["mean log ppl", "", CHOOSE_ON] + ["-" if v is None else f"{v:.4f}" for v in summary["score"]])
-    return main_job._fmt_table(head, lines) + f"\n\nchosen on {CHOOSE_ON}: {summary['chosen']} windows"
+    return results.fmt_table(head, lines) + f"\n\nchosen on {CHOOSE_ON}: {summary['chosen']} windows"
 
 
 def write_plot(summary: dict, path: str) -> None:
@@ -86,38 +88,38 @@ def write_plot(summary: dict, path: str) -> None:
             ax.set_ylabel("perplexity")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    main_job.save_png(fig, path)
+    results.save_png(fig, path)
 
 
 def main(argv=None) -> int:
-    argv, extra = main_job.split_passthrough(sys.argv[1:] if argv is None else argv)
+    argv, extra = common.split_passthrough(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--device", default="auto")
-    p.add_argument("--from", dest="inputs", nargs="+", metavar="JSON", help="summarise these main_job results")
-    p.add_argument("--out", default=os.path.join(main_job.RESULTS, "calibration_sweep.json"))
+    p.add_argument("--from", dest="inputs", nargs="+", metavar="JSON", help="summarise these comparison results")
+    p.add_argument("--out", default=os.path.join(common.RESULTS, "calibration_sweep.json"))
     args = p.parse_args(argv)
     runs = []
     if args.inputs:
-        runs = main_job.read_results(args.inputs, "--from")
+        runs = results.read_results(args.inputs, "--from")
     else:
         with tempfile.TemporaryDirectory(prefix="ojbkq-calsweep-") as tmp:
             for i, n in enumerate(args.samples):
-                main_job.progress(f"calibration {n} windows ({i + 1}/{len(args.samples)})")
+                results.progress(f"calibration {n} windows ({i + 1}/{len(args.samples)})")
                 out = os.path.join(tmp, f"cal_{n}.json")
-                main_job.main(["--samples", str(n), "--device", args.device, "--domains", CHOOSE_ON,
-                               *main_job.DEFAULT_DOMAINS, "--out", out, *extra])
-                runs += main_job.read_results([out], "--samples")
+                common.compare_main(["--samples", str(n), "--device", args.device, "--domains", CHOOSE_ON,
+                               *compare.DEFAULT_DOMAINS, "--out", out, *extra])
+                runs += results.read_results([out], "--samples")
     summary = summarise(runs)
     text = text_table(summary)
     print(text)
     result = {"model": runs[0]["model"], "device": runs[0]["device"], "dtype": runs[0]["dtype"],
               "tf32": runs[0].get("tf32"), "group_size": runs[0]["group_size"], "command": " ".join(sys.argv),
               "runs": [r.get("command") for r in runs], **summary}
-    stem = main_job.write_json_and_table(args.out, result, text)
+    stem = results.write_json_and_table(args.out, result, text)
     write_plot(summary, stem + ".png")
     return 0
 
 
 if __name__ == "__main__":
-    main_job.run_script(main, "calibration_sweep")
+    common.run_script(main, "calibration_sweep")

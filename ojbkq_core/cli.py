@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from .config import parse_value
+from .grid import QuantSpec
 from .errors import InputError, NonFiniteError
 
 
@@ -57,6 +58,7 @@ def cmd_plugins(args) -> int:
             "objectives": {k: e.plugin for k, e in reg.objectives.items()},
             "adapters": {k: e.plugin for k, e in reg.adapters.items()},
             "formats": {k: e.plugin for k, e in reg.formats.items()},
+            "recipes": {k: e.plugin for k, e in reg.recipes.items()},
             "backends": [{"decoder": b.name, "device": b.extra["device"], "priority": b.extra["priority"],
                           "implementation": b.obj.__name__, "plugin": b.plugin} for b in reg.backends],
             "failures": reg.failures, "conflicts": reg.conflicts,
@@ -76,6 +78,9 @@ def cmd_plugins(args) -> int:
     print("formats:")
     for k, e in reg.formats.items():
         print(f"  {k:<14} {e.plugin}")
+    print("recipes:")
+    for k, e in reg.recipes.items():
+        print(f"  {k:<24} {e.plugin}")
     print("backends:")
     for b in sorted(reg.backends, key=lambda b: (b.name, -b.extra["priority"])):
         print(f"  {b.name:<14} {b.plugin:<22} device={b.extra['device']} priority={b.extra['priority']} ({b.obj.__name__})")
@@ -170,7 +175,7 @@ def cmd_quantize_layer(args) -> int:
     tt = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32, device=dev)  # noqa: E731
     stats = Statistics.from_inputs(tt(X), tt(Xfp), needs=obj.needs)
     res = quantize_layer(tt(W), stats, spec, grid, dec, damp=args.damp, seed=args.seed)
-    # the objective value directly from the inputs (float64), INTERFACES.md
+    # the objective value directly from the inputs (float64), docs/interfaces.md
     W64, Q64, X64 = W.astype(np.float64), res.qweight.cpu().numpy().astype(np.float64), X.astype(np.float64)
     F64 = None if Xfp is None else Xfp.astype(np.float64)
     built, _ = spec.build(np.random.default_rng(args.seed))
@@ -251,6 +256,12 @@ def cmd_gaps(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import run
+    logging.getLogger("ojbkq").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    return run(args)
+
+
 def cmd_eval(args) -> int:
     from .pipeline import evaluate_dir
     evaluate_dir(args.model_dir, dataset=args.dataset, seqlen=args.seqlen, path=args.data_path,
@@ -263,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("plugins", help="list registered decoders, objectives, adapters, formats and backends")
+    s = sub.add_parser("plugins", help="list registered decoders, objectives, adapters, formats, recipes and backends")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plugins)
 
@@ -292,12 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inputs", required=True)
     s.add_argument("--fp-inputs")
     s.add_argument("-o", "--output", required=True)
-    s.add_argument("--bits", type=int, default=4)
-    s.add_argument("--group-size", type=int, default=-1)
+    s.add_argument("--bits", type=int, default=QuantSpec.bits)
+    s.add_argument("--group-size", type=int, default=QuantSpec.group_size, help="-1: one group per row")
     s.add_argument("--sym", action="store_true")
     s.add_argument("--act-order", action="store_true")
     s.add_argument("--static-groups", action="store_true")
-    s.add_argument("--damp", type=float, default=0.01)
+    s.add_argument("--damp", type=float, default=QuantSpec.damp)
     s.add_argument("--objective", default="symmetric")
     s.add_argument("--objective-param", action="append", metavar="KEY=VALUE")
     s.add_argument("--decoder", default="babai")
@@ -337,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="gaps.json", help="JSON records")
     s.add_argument("--plot", default=None, help="PNG of the gap distributions (default: beside the JSON; '' for none)")
     s.set_defaults(func=cmd_gaps)
+
+    from .compare import add_arguments
+    s = sub.add_parser("compare", help="which recipe for this model: recipes × bit widths side by side, with "
+                                       "perplexity on held-out text (table, JSON, plot, report)")
+    add_arguments(s)
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("eval", help="perplexity of a model folder")
     s.add_argument("model_dir")

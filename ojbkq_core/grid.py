@@ -1,4 +1,4 @@
-"""The quantization grid (docs/formulation.md §2), and the `quant` section of a run (`QuantSpec`).
+"""The quantization grid (docs/formulation.md §3), and the `quant` section of a run (`QuantSpec`).
 
 A code `c` in the box `[lower_j, upper_j]` dequantizes to `q = s · (c − z0)`. For a layer the box is
 `[0, maxq]` and `(s, z0)` come per (row, group) from a min-max rule or a clipping search; for a

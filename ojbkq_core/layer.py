@@ -1,4 +1,4 @@
-"""The layer quantizer: objective + grid + decoder → codes (MATH.md §1–§4).
+"""The layer quantizer: objective + grid + decoder → codes (docs/formulation.md §1–§4).
 
     H, M   = objective.quadratic(stats)            # H_obj, Σ w A Bᵀ (undamped)
     dead   = diag(H) == 0  →  H_jj = 1, W[:, j] = 0
@@ -19,7 +19,7 @@ import torch
 
 from .decoders.base import Decoder
 from .errors import InputError
-from .grid import Grid, GridSpec
+from .grid import Grid, GridSpec, QuantSpec
 from .linalg import inverse_cholesky
 from .objectives import Objective, ObjectiveSpec, PathScore, RowScore
 from .problem import WorkingProblem
@@ -144,7 +144,7 @@ def quantize_layer(
     objective: Union[Objective, ObjectiveSpec],
     grid: GridSpec,
     decoder: Decoder,
-    damp: float = 0.01,
+    damp: float = QuantSpec.damp,
     seed: int = 0,
     score_objective: Optional[Objective] = None,
     max_rows: Optional[int] = None,

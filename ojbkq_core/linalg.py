@@ -1,4 +1,4 @@
-"""Damped factorisation of `H` with a clear error (MATH.md §1, §4)."""
+"""Damped factorisation of `H` with a clear error (docs/formulation.md §1, §4)."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""Objectives as data: weighted alignment terms (MATH.md §3).
+"""Objectives as data: weighted alignment terms (docs/formulation.md §2).
 
 A term `(w, a, b)` is `w · ‖W (a X̃ + (1−a) X) − Q (b X̃ + (1−b) X)‖²_F / N`. An objective is a sum of
 terms, a quadratic form in `Q` built from `H = X Xᵀ/N`, `C = X̃ Xᵀ/N`, `G = X̃ X̃ᵀ/N`:

@@ -1,4 +1,4 @@
-"""Problems a decoder solves (MATH.md §4).
+"""Problems a decoder solves (docs/formulation.md §4).
 
 `BILSProblem` is the lattice form: `min_z ‖y − A z‖²` with `lower ≤ z ≤ upper`, one column of `y` per
 right-hand side, `A` `(m, n)` of full column rank or upper-triangular `R` `(n, n)`.
@@ -134,7 +134,7 @@ class BILSProblem:
 
     @classmethod
     def load(cls, path) -> "BILSProblem":
-        """Read an `.npz` with `A` or `R`, `y`, `lower`, `upper` (INTERFACES.md)."""
+        """Read an `.npz` with `A` or `R`, `y`, `lower`, `upper` (docs/interfaces.md)."""
         import os
         if not os.path.exists(path):
             raise InputError(f"{path}: no such file")

@@ -1,4 +1,4 @@
-"""Solve a lattice-form BILS problem with any decoder (MATH.md §4)."""
+"""Solve a lattice-form BILS problem with any decoder (docs/formulation.md §4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

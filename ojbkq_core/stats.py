@@ -1,4 +1,4 @@
-"""Streaming calibration statistics (MATH.md §1).
+"""Streaming calibration statistics (docs/formulation.md §1).
 
 `H = X Xᵀ / N`, `C = X̃ Xᵀ / N`, `G = X̃ X̃ᵀ / N` with inputs given as token rows: `X`, `X̃` `(N, n)`
 (or `(..., n)`, flattened). Sums are accumulated by matrix products in float32 (float64 when asked) on

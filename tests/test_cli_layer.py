@@ -1,4 +1,4 @@
-"""`ojbkq quantize-layer` (INTERFACES.md): files in, files out, errors with exit status 2."""
+"""`ojbkq quantize-layer` (docs/interfaces.md): files in, files out, errors with exit status 2."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-"""`ojbkq solve` and `ojbkq verify` (INTERFACES.md): outputs recomputed independently, exit statuses."""
+"""`ojbkq solve` and `ojbkq verify` (docs/interfaces.md): outputs recomputed independently, exit statuses."""
 import json
 import os
 import shutil

@@ -1,4 +1,4 @@
-"""Optimality gaps on sub-problems cut from layers (formulation.md §7): the sub-problem is the layer's
+"""Optimality gaps on sub-problems cut from layers (docs/formulation.md §7): the sub-problem is the layer's
 objective with the other columns fixed, exact is never beaten, babai is optimal on one column, and
 `ojbkq gaps` runs on a tiny Llama saved to disk."""
 import json

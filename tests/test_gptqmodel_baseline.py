@@ -1,8 +1,8 @@
-"""bench/gptqmodel_baseline.py: GPTQModel's GPTQ on the main job's calibration windows, scored by the main
-job's perplexity, as records that `main_job.py --merge` joins with the main job's own.
+"""bench/gptqmodel_baseline.py: GPTQModel's GPTQ on `ojbkq compare`'s calibration windows, scored by its
+perplexity, as records that `ojbkq compare --baseline` (or `--merge`) joins with the comparison's own.
 
-The end-to-end test runs on a byte-level Llama of one block (the main job's `--model byte-llama`, trained
-for two steps) and needs GPTQModel: it is marked `interop` and runs in the interop environment."""
+The end-to-end test runs on a tiny Llama of one block with the byte-level tokenizer and needs GPTQModel:
+it is marked `interop` and runs in the interop environment."""
 import importlib.util
 import json
 import math
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from ojbkq_core.errors import InputError
-from tiny_models import offline, one_thread  # noqa: F401 (autouse)
+from ojbkq_core import compare, results
+from tiny_models import offline, one_thread, save, tiny_llama  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 2e-3          # float16 scales: a relative rounding of 4.9e-4 per operation
@@ -48,21 +49,18 @@ def test_refuses_one_cpu_worker_and_a_missing_gptqmodel(baseline, monkeypatch):
 
 
 @pytest.mark.interop
-def test_gptqmodel_row_is_scored_like_the_main_job_and_merges(baseline, tmp_path, monkeypatch):
+def test_gptqmodel_row_is_scored_like_the_comparison_and_merges(baseline, tmp_path, monkeypatch):
     if not os.environ.get("OJBKQ_INTEROP"):
         pytest.importorskip("gptqmodel")
-    main_job = baseline.main_job
     monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
-    run = str(tmp_path / "run")
-    sizes = ["--samples", "4", "--seqlen", "64", "--eval-windows", "2", "--device", "cpu", "--dtype", "float32",
-             "--run-dir", run]
-    mj, gm = str(tmp_path / "main_job.json"), str(tmp_path / "gptqmodel.json")
-    assert main_job.main(["--model", "byte-llama", "--train-steps", "2", "--hidden", "64", "--layers", "1",
-                          "--recipes", "rtn", "--bits", "3", *sizes, "--out", mj]) == 0
+    folder = save(tiny_llama(layers=1), str(tmp_path / "llama"))
+    sizes = ["--samples", "4", "--seqlen", "64", "--eval-windows", "2", "--device", "cpu", "--dtype", "float32"]
+    mj, gm = str(tmp_path / "compare.json"), str(tmp_path / "gptqmodel.json")
+    assert compare.main(["--model", folder, "--recipes", "rtn", "--bits", "3", "--domains", "shakespeare",
+                         *sizes, "--out", mj]) == 0
     ours = json.load(open(mj))
-    folder = os.path.join(run, "byte-llama")
     assert baseline.main(["--model-dir", folder, "--label", ours["model"], "--domains", "shakespeare",
-                          "--bits", "4", "3", *sizes, "--out", gm]) == 0
+                          "--bits", "4", "3", *sizes, "--run-dir", str(tmp_path / "run"), "--out", gm]) == 0
     theirs = json.load(open(gm))
     assert theirs["complete"] and [(r["recipe"], r["bits"]) for r in theirs["rows"]] == \
         [("fp", 32), ("gptqmodel-gptq", 4), ("gptqmodel-gptq", 3)]
@@ -72,13 +70,13 @@ def test_gptqmodel_row_is_scored_like_the_main_job_and_merges(baseline, tmp_path
         ppl = row["perplexity"]["shakespeare"]
         assert math.isfinite(ppl) and ppl != fp
         assert row["gptqmodel"]["desc_act"] and row["group_size"] == 64 and row["seconds"] > 0
-    # the same setup as the main job's run, so its merge takes the row
+    # the same setup as the comparison's run, so its merge takes the row
     for k in ("model", "device", "dtype", "group_size", "calibration", "evaluation", "overrides"):
         assert theirs[k] == ours[k], k
-    merged = main_job.merge([mj, gm])
+    merged = results.merge([mj, gm])
     assert [(r["recipe"], r["bits"]) for r in merged["rows"]] == \
         [("fp", 32), ("gptqmodel-gptq", 4), ("rtn", 3), ("gptqmodel-gptq", 3)]     # by bit width
-    assert "gptqmodel-gptq" in main_job.table(merged["rows"], ["shakespeare"])
+    assert "gptqmodel-gptq" in results.table(merged["rows"], ["shakespeare"])
     # the project's reader of GPTQModel's checkpoint computes what GPTQModel's own kernel computes
     from transformers import AutoModelForCausalLM
     from ojbkq_core.export import load_quantized
@@ -92,4 +90,4 @@ def test_gptqmodel_row_is_scored_like_the_main_job_and_merges(baseline, tmp_path
     with pytest.raises(InputError, match="differs"):       # another setup is refused
         theirs["calibration"]["samples"] = 8
         json.dump(theirs, open(gm, "w"))
-        main_job.merge([mj, gm])
+        results.merge([mj, gm])

@@ -1,4 +1,4 @@
-"""The layer quantizer against independent, straightforward implementations (MATH.md §1–§4, §6)."""
+"""The layer quantizer against independent, straightforward implementations (docs/formulation.md §1–§4, §6)."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Objectives as term lists, their statistics and their closed forms (MATH.md §3)."""
+"""Objectives as term lists, their statistics and their closed forms (docs/formulation.md §2)."""
 import numpy as np
 import pytest
 import torch

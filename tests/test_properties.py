@@ -1,4 +1,4 @@
-"""Property tests of the decoders (MATH.md §6), checked against brute force on small random problems.
+"""Property tests of the decoders (docs/formulation.md §6), checked against brute force on small random problems.
 
 Problems are drawn jointly with their box so that the box never holds more than `MAX_POINTS` points:
 `exhaustive` stays fast and is the ground truth for everything else. Bases are well or ill conditioned

@@ -1,6 +1,6 @@
 """The decoder interface.
 
-A decoder turns a `WorkingProblem` (MATH.md §4, decoding order) into integer codes, one row per
+A decoder turns a `WorkingProblem` (docs/formulation.md §4, decoding order) into integer codes, one row per
 right-hand side. Every decoder is vectorised over rows in torch and runs on whatever device the
 problem's tensors live on.
 """

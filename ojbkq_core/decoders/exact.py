@@ -1,4 +1,4 @@
-"""Exact references: Schnorr–Euchner sphere decoding and brute force (MATH.md §5).
+"""Exact references: Schnorr–Euchner sphere decoding and brute force (docs/formulation.md §5).
 
 Both work per row on the lower-triangular lattice form of the working problem: with `Rl = U⁻ᵀ`,
 `H = Rlᵀ Rl`, a row's objective is `‖y − B c‖²` with `B = Rl · diag(s)`, `y = Rl (t + s ∘ z0)`, and

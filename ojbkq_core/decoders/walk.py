@@ -1,4 +1,4 @@
-"""The column walk shared by babai, klein and successive rounding (MATH.md §4–§5).
+"""The column walk shared by babai, klein and successive rounding (docs/formulation.md §4–§5).
 
 For every path `p` and row `i` at once, column by column in decoding order:
 

@@ -1,19 +1,34 @@
-"""The main job's writers: the text table, the ordering check, the per-layer summary, the plot, the report."""
+"""`ojbkq compare`: the command end to end on a tiny model, its records and what is written from them
+(the text table, the ordering and baseline verdicts, the per-layer summary, the plot, the report, the
+merge), and the sweeps of bench/ that build on it."""
 import importlib.util
 import json
 import os
+import sys
+import types
 
 import pytest
+import torch
+
+from ojbkq_core import cli, compare, results
+from ojbkq_core.errors import InputError
+from tiny_models import CALIB_TXT, EVAL_TXT, offline, one_thread, save, tiny_llama  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def job():
-    spec = importlib.util.spec_from_file_location("main_job", os.path.join(ROOT, "bench", "main_job.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The record functions under the names the tests use."""
+    return types.SimpleNamespace(**{n: getattr(results, n) for n in (
+        "table", "ordering", "layer_ratios", "write_plot", "report_markdown", "merge", "against_baseline")},
+        InputError=InputError, torch=torch, parse_args=parse_args)
+
+
+def parse_args(argv):
+    args = compare.build_parser().parse_args(argv)
+    compare.check_args(args)
+    return args
 
 
 DOMAINS = ["shakespeare", "python-docs"]
@@ -141,7 +156,7 @@ def test_report_without_matplotlib_says_so(job):
 def test_default_sizes_follow_the_device(job):
     cpu = job.parse_args(["--device", "cpu"])
     assert (cpu.samples, cpu.seqlen, cpu.eval_windows, cpu.dtype) == (16, 512, 8, "bfloat16")
-    assert cpu.out.endswith(os.path.join("bench", "results", "main_job.json"))
+    assert cpu.out == os.path.join("compare", "results.json")           # under the working folder, never the repo's
     assert cpu.domains == ["shakespeare", "python-docs"]
     assert job.parse_args(["--device", "cpu", "--samples", "64"]).samples == 64
     if not job.torch.cuda.is_available():
@@ -149,14 +164,21 @@ def test_default_sizes_follow_the_device(job):
             job.parse_args(["--device", "cuda"])
 
 
+def bench_script(name: str):
+    """A script of bench/ as a module (bench/ is on the path while it loads, as when it runs)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+
+
 @pytest.fixture(scope="module")
 def sweep(job):
-    spec = importlib.util.spec_from_file_location("calibration_sweep", os.path.join(ROOT, "bench", "calibration_sweep.py"))
-    mod = importlib.util.module_from_spec(spec)
-    import sys
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("calibration_sweep")
 
 
 def sweep_run(samples, ppl_by_recipe):
@@ -182,7 +204,7 @@ def test_calibration_sweep_chooses_on_validation_only(sweep, tmp_path):
     sweep.write_plot(s, str(tmp_path / "s.png"))
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     no_val = [{**r, "domains": ["shakespeare"]} for r in runs]
-    with pytest.raises(sweep.main_job.InputError, match="no validation domain"):
+    with pytest.raises(InputError, match="no validation domain"):
         sweep.summarise(no_val)
 
 
@@ -204,14 +226,12 @@ def test_recipes_are_checked_against_the_gptqmodel_row(job):
 
 
 def test_klein_sweep_reads_k_from_the_runs_overrides(sweep, tmp_path):
-    spec = importlib.util.spec_from_file_location("klein_sweep", os.path.join(ROOT, "bench", "klein_sweep.py"))
-    ks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ks)
+    ks = bench_script("klein_sweep")
     assert ks.k_of({"overrides": ["quant.damp=0.05", "decoder.k = 64"]}, "a.json") == 64
-    with pytest.raises(sweep.main_job.InputError, match="not a run with --set decoder.k"):
+    with pytest.raises(InputError, match="not a run with --set decoder.k"):
         ks.k_of({"overrides": []}, "b.json")
-    with pytest.raises(sweep.main_job.InputError, match="--from .*missing.json: cannot read"):
-        sweep.main_job.read_results([str(tmp_path / "missing.json")], "--from")
+    with pytest.raises(InputError, match="--from .*missing.json: cannot read"):
+        results.read_results([str(tmp_path / "missing.json")], "--from")
 
 
 @pytest.mark.parametrize("flag", ["--samples", "--seqlen", "--eval-windows", "--eval-seqlen"])
@@ -221,7 +241,7 @@ def test_zero_sizes_are_refused_not_replaced_by_defaults(job, flag):
 
 
 def point_run(recipe, sets, ppl_by_bits):
-    """A main_job result of one sweep point: `sets` the --set overrides, `ppl_by_bits` bits → validation ppl."""
+    """A comparison result of one sweep point: `sets` the --set overrides, `ppl_by_bits` bits → validation ppl."""
     rows = [{"recipe": "fp", "bits": 32, "perplexity": {"validation": 40.0}}]
     rows += [{"recipe": recipe, "bits": b, "perplexity": {"validation": v}} for b, v in ppl_by_bits.items()]
     return {"overrides": [f"{k}={v:g}" for k, v in sets.items()], "domains": ["validation"], "rows": rows,
@@ -230,10 +250,7 @@ def point_run(recipe, sets, ppl_by_bits):
 
 @pytest.fixture(scope="module")
 def rsweep(sweep):
-    spec = importlib.util.spec_from_file_location("recipe_sweep", os.path.join(ROOT, "bench", "recipe_sweep.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("recipe_sweep")
 
 
 def test_recipe_sweep_chooses_the_lowest_mean_log_validation_perplexity(rsweep, tmp_path):
@@ -256,26 +273,96 @@ def test_recipe_sweep_chooses_the_lowest_mean_log_validation_perplexity(rsweep, 
 
 
 def test_recipe_sweep_refuses_what_it_cannot_read(rsweep):
-    with pytest.raises(rsweep.main_job.InputError, match="SECTION.KEY=V1,V2"):
+    with pytest.raises(InputError, match="SECTION.KEY=V1,V2"):
         rsweep.parse_grid("alpha=0.5,1")
-    with pytest.raises(rsweep.main_job.InputError, match="SECTION.KEY=V1,V2"):
+    with pytest.raises(InputError, match="SECTION.KEY=V1,V2"):
         rsweep.parse_grid("objective.alpha=half")
     assert rsweep.parse_grid("objective.alpha=0.25,1") == ("objective.alpha", [0.25, 1.0])
     assert rsweep.point_of({"overrides": ["objective.lam = 1", "objective.mu=0.6"]},
                            ["objective.mu", "objective.lam"], "a.json") == (0.6, 1.0)
-    with pytest.raises(rsweep.main_job.InputError, match="a.json: not a run with --set objective.mu"):
+    with pytest.raises(InputError, match="a.json: not a run with --set objective.mu"):
         rsweep.point_of({"overrides": []}, ["objective.mu"], "a.json")
     mixed = [((0.5,), point_run("gptaq", {"objective.alpha": 0.5}, {3: 1.0})),
              ((1.0,), point_run("ojbkq", {"objective.alpha": 1.0}, {3: 1.0}))]
-    with pytest.raises(rsweep.main_job.InputError, match="several recipes"):
+    with pytest.raises(InputError, match="several recipes"):
         rsweep.summarise(["objective.alpha"], mixed)
-    with pytest.raises(rsweep.main_job.InputError, match="validation split only"):
+    with pytest.raises(InputError, match="validation split only"):
         rsweep.main(["--recipe", "ojbkq", "--", "--domains", "shakespeare"])
 
 
 def test_profile_block_refuses_an_unknown_recipe_before_any_work(sweep):
-    spec = importlib.util.spec_from_file_location("profile_block", os.path.join(ROOT, "bench", "profile_block.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    with pytest.raises(mod.main_job.InputError, match="--recipes nope: unknown"):
-        mod.main(["--recipes", "ojbkq", "nope", "--run-dir", "/nonexistent"])
+    mod = bench_script("profile_block")
+    with pytest.raises(InputError, match="--recipes nope: unknown"):
+        mod.main(["--recipes", "ojbkq", "nope", "--cache-dir", "/nonexistent"])
+
+
+# --- the command end to end ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save(tiny_llama(layers=2), str(tmp_path_factory.mktemp("m") / "llama"))
+
+
+def tiny_args(folder, out, *extra, recipes=("rtn", "gptq", "ojbkq"), bits=("4", "3")):
+    return ["compare", "--model", folder, "--recipes", *recipes, "--bits", *bits, "--samples", "4",
+            "--seqlen", "64", "--eval-windows", "2", "--device", "cpu", "--dtype", "float32",
+            "--calibration", CALIB_TXT, "--domains", "validation", EVAL_TXT, "--out", out,
+            *extra]
+
+
+def test_compare_runs_every_recipe_and_writes_the_four_files(tiny_folder, tmp_path, capsys):
+    out = str(tmp_path / "deep" / "r.json")                         # missing folders are created
+    assert cli.main(tiny_args(tiny_folder, out)) == 0
+    printed = capsys.readouterr().out
+    res = json.load(open(out))
+    assert res["complete"] and res["domains"] == ["validation", EVAL_TXT]
+    assert [(r["recipe"], r["bits"]) for r in res["rows"]] == [
+        ("fp", 32), ("rtn", 4), ("gptq", 4), ("ojbkq", 4), ("rtn", 3), ("gptq", 3), ("ojbkq", 3)]
+    assert res["calibration"] == {"dataset": "text", "path": CALIB_TXT, "samples": 4, "seqlen": 64, "seed": 0}
+    assert res["evaluation"]["validation"]["windows"] == 2 and res["evaluation"][EVAL_TXT]["dataset"] == EVAL_TXT
+    by = {(r["recipe"], r["bits"]): r for r in res["rows"]}
+    assert "RTN" in by[("rtn", 3)]["decoder"] and "Klein" in by[("ojbkq", 3)]["decoder"]
+    assert by[("gptq", 3)]["objective_sum"] < by[("rtn", 3)]["objective_sum"]     # GPTQ beats rounding on its objective
+    for suffix in (".txt", ".png", ".md"):
+        assert os.path.isfile(out[:-5] + suffix)
+    table = open(out[:-5] + ".txt").read()
+    assert table.strip() in printed and "ppl validation" in table
+    md = open(out[:-5] + ".md").read()
+    assert "## Ordering" in md and "calibration" in md.lower()
+
+
+def test_compare_merges_the_baseline_row(tiny_folder, tmp_path):
+    out = str(tmp_path / "r.json")
+    assert cli.main(tiny_args(tiny_folder, out, recipes=["gptq"], bits=["3"])) == 0
+    res = json.load(open(out))
+    gptq3 = next(r for r in res["rows"] if r["recipe"] == "gptq")
+    base = {**{k: v for k, v in res.items() if k not in ("rows", "ordering", "layer_ratios", "against_baseline")},
+            "command": "bench/gptqmodel_baseline.py",
+            "rows": [res["rows"][0], {**gptq3, "recipe": "gptqmodel-gptq",
+                                      "perplexity": {d: v * 1.5 for d, v in gptq3["perplexity"].items()}}]}
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    out2 = str(tmp_path / "r2.json")
+    assert cli.main(tiny_args(tiny_folder, out2, "--baseline", str(tmp_path / "base.json"), recipes=["gptq"],
+                              bits=["3"])) == 0
+    merged = json.load(open(out2))
+    assert [r["recipe"] for r in merged["rows"]] == ["fp", "gptq", "gptqmodel-gptq"]
+    assert merged["against_baseline"] and all(o["beats"] for o in merged["against_baseline"])
+    assert [p["file"] for p in merged["parts"]] == ["r2.json", "base.json"]
+    assert "does not beat it" not in open(out2[:-5] + ".md").read()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--recipes", "nope"], "--recipes nope: unknown"),
+    (["--domains", "missing.txt"], "--domains missing.txt: not a built-in domain"),
+    (["--samples", "0"], "--samples 0: must be ≥ 1"),
+    (["--bits", "9"], "--bits 9"),
+    (["--set", "quant.bitz=3"], "did you mean 'quant.bits'"),
+    (["--baseline", "missing.json"], "--baseline missing.json: no such file"),
+])
+def test_compare_refuses_bad_input_in_one_line(tiny_folder, tmp_path, capsys, monkeypatch, extra, needle):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare, "calibrate_model", None, raising=False)
+    rc = cli.main(tiny_args(tiny_folder, str(tmp_path / "r.json")) + extra)
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r.json").exists()

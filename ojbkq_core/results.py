@@ -1,0 +1,313 @@
+"""The records of a recipe comparison (`ojbkq compare`) and what is written from them: the text table,
+the ordering and baseline verdicts, per-layer objective ratios, the plot, the Markdown report, and the
+merging of several runs of one setup.
+
+A result is a dict: the setup (model, device, dtype, calibration, evaluation, ...) and `rows`, one per
+(recipe, bits) with its perplexity per evaluation domain (or, for an encoder, the fidelity of its
+embeddings), objective sums and seconds; the full-precision row has recipe `fp`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from .errors import InputError
+
+# the perplexity ordering the recipes aim for, best first: each ≤ the next, gptq < rtn
+CHAIN = ("ojbkq", "regularized-beam", "gptaq", "gptq", "rtn")
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fmt_table(head: list[str], lines: list[list[str]]) -> str:
+    rows = [head] + lines
+    widths = [max(len(x[i]) for x in rows) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(x) for x in lines])
+
+
+def _num(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[dict], domains: list[str] | None = None) -> str:
+    """The rows as a text table. With `domains`: perplexity per domain and its change against the
+    full-precision row (in %); without: the encoder columns (cosine similarity, relative error)."""
+    head = ["recipe", "bits", "group", "time s", "objective Σ", "‖ΔW·X‖² Σ"]
+    fp = next((r for r in rows if r["recipe"] == "fp"), None)
+    if domains:
+        for d in domains:
+            head += [f"ppl {d}", "Δ fp %"]
+    else:
+        head += ["cos sim", "rel err h"]
+    lines = []
+    for r in rows:
+        cells = [r["recipe"], str(r["bits"]), _num(r["group_size"], "d"), f"{r['seconds']:.1f}",
+                 _num(r["objective_sum"], ".5g"), _num(r["sym_loss_sum"], ".5g")]
+        if domains:
+            for d in domains:
+                v = r["perplexity"][d]
+                ref = fp["perplexity"][d] if fp else None
+                cells += [f"{v:.3f}", "-" if ref is None or r is fp else f"{100 * (v / ref - 1):+.1f}"]
+        else:
+            cells += [f"{r['cosine']:.5f}", f"{r['rel_err']:.4f}"]
+        lines.append(cells)
+    return fmt_table(head, lines)
+
+
+def ordering(rows: list[dict], domains: list[str], chain=CHAIN) -> list[dict]:
+    """For each bit width and domain, each neighbouring pair of `chain` present in `rows`: whether the
+    better-ranked recipe's perplexity is ≤ the next one's (strictly < for the last pair)."""
+    out = []
+    for bits in sorted({r["bits"] for r in rows if r["recipe"] != "fp"}, reverse=True):
+        by = {r["recipe"]: r for r in rows if r["bits"] == bits}
+        present = [c for c in chain if c in by]
+        for d in domains:
+            for a, b in zip(present, present[1:]):
+                pa, pb = by[a]["perplexity"][d], by[b]["perplexity"][d]
+                strict = b == chain[-1]
+                out.append({"bits": bits, "domain": d, "better": a, "worse": b, "ppl": [pa, pb],
+                            "holds": bool(pa < pb if strict else pa <= pb), "relation": "<" if strict else "≤"})
+    return out
+
+
+BASELINE = "gptqmodel-gptq"
+
+
+def against_baseline(rows: list[dict], domains: list[str], baseline: str = BASELINE) -> list[dict]:
+    """For each bit width with a `baseline` row (GPTQModel's GPTQ, merged in from
+    `bench/gptqmodel_baseline.py`), each of the project's recipes and each domain: whether the recipe's
+    perplexity is below the baseline's."""
+    out = []
+    for base in (r for r in rows if r["recipe"] == baseline):
+        for r in rows:
+            if r["bits"] != base["bits"] or r["recipe"] in ("fp", "rtn") or r["recipe"].startswith("gptqmodel"):
+                continue
+            for d in domains:
+                pr, pb = r["perplexity"][d], base["perplexity"][d]
+                out.append({"bits": r["bits"], "domain": d, "recipe": r["recipe"], "ppl": [pr, pb], "beats": bool(pr < pb)})
+    return out
+
+
+def layer_ratios(rows: list[dict], reference: str = "gptq") -> dict:
+    """Per recipe and bit width: the per-layer objective divided by the reference recipe's on the same
+    layer, summarised as median and worst (largest) ratio with that layer's name."""
+    out = {}
+    for r in rows:
+        ref = next((x for x in rows if x["recipe"] == reference and x["bits"] == r["bits"]), None)
+        if not ref or r is ref or not r.get("layer_objective"):
+            continue
+        ratios = {k: v / ref["layer_objective"][k] for k, v in r["layer_objective"].items()
+                  if ref["layer_objective"].get(k)}
+        worst = max(ratios, key=ratios.get)
+        out[f"{r['recipe']}@{r['bits']}"] = {"median": float(np.median(list(ratios.values()))),
+                                            "worst": ratios[worst], "worst_layer": worst,
+                                            "below_reference": sum(v < 1 for v in ratios.values()),
+                                            "layers": len(ratios)}
+    return out
+
+
+def write_plot(rows: list[dict], domains: list[str], path: str) -> dict:
+    """PNG: perplexity against bits, one panel per domain, one line per recipe, full precision as a
+    dashed line. Returns what the panels hold, read back from the figure:
+    `{domain: {label: ([bits, ...], [perplexity, ...])}}`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recipes_seen = list(dict.fromkeys(r["recipe"] for r in rows if r["recipe"] != "fp"))
+    fp = next((r for r in rows if r["recipe"] == "fp"), None)
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4.2), squeeze=False)
+    drawn = {}
+    for ax, d in zip(axes[0], domains):
+        for name in recipes_seen:
+            pts = sorted((r["bits"], r["perplexity"][d]) for r in rows if r["recipe"] == name)
+            ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", label=name)
+        if fp:
+            ax.axhline(fp["perplexity"][d], color="k", linestyle="--", linewidth=1, label="full precision")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({r["bits"] for r in rows if r["recipe"] != "fp"}))
+        ax.set_xlabel("bits")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(d)
+        ax.grid(True, which="both", alpha=0.3)
+        drawn[d] = {ln.get_label(): ([float(x) for x in ln.get_xdata()], [float(y) for y in ln.get_ydata()])
+                    for ln in ax.get_lines()}
+    axes[0][0].legend(fontsize=8)
+    save_png(fig, path, dpi=110)
+    return drawn
+
+
+def report_markdown(result: dict, plot_name: str | None) -> str:
+    """A short Markdown report of a perplexity run: setup, table, plot, ordering, per-layer objectives."""
+    rows, domains = result["rows"], list(result["evaluation"])
+    cal, ev = result["calibration"], result["evaluation"]
+    fp = next(r for r in rows if r["recipe"] == "fp")
+    lines = [f"# {result['model']}: perplexity by recipe and bit width", "",
+             f"Device {result['device']}, {result['dtype']}, {result['torch_threads']} torch threads; "
+             f"whole job {result['seconds']:.0f} s wall, {result.get('cpu_seconds', 0):.0f} s CPU"
+             + ("" if result.get("complete", True) else "; **incomplete: the run stopped before every row**")
+             + ".", "",
+             *[f"    {c}" for c in ([p["command"] for p in result["parts"]] if result.get("parts")
+                                    else [result["command"]] if result.get("command") else [])], "",
+             f"- Calibration: {cal['samples']} × {cal['seqlen']} tokens from "
+             + (f"{cal['plays']} Shakespeare plays" if cal.get("plays") else f"{cal.get('path') or cal.get('dataset')}")
+             + f" (seed {cal['seed']}).",
+             *[f"- Evaluation `{d}` ({ev[d]['dataset']}): {ev[d]['windows']} windows × {ev[d]['seqlen']} tokens "
+               f"of held-out text, full precision perplexity {fp['perplexity'][d]:.3f}." for d in domains],
+             f"- Grid: group {result['group_size']}, asymmetric min-max; recipes as `ojbkq recipes` lists them "
+             f"(overrides: {', '.join(result['overrides']) or 'none'}).", ""]
+    head = ["recipe", "bits", "seconds", "objective Σ"] + [f"ppl {d} (Δ fp)" for d in domains]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["recipe"], str(r["bits"]), f"{r['seconds']:.1f}", _num(r["objective_sum"], ".4g")]
+        for d in domains:
+            v = r["perplexity"][d]
+            cells.append(f"{v:.3f}" if r is fp else f"{v:.3f} ({100 * (v / fp['perplexity'][d] - 1):+.1f}%)")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"![perplexity against bits]({plot_name})" if plot_name else "(no plot: matplotlib missing)", "",
+              "## Ordering " + " ≤ ".join(CHAIN[:-1]) + " < " + CHAIN[-1], ""]
+    for o in result["ordering"]:
+        mark = "holds" if o["holds"] else "**misses**"
+        lines.append(f"- {o['bits']} bits, {o['domain']}: {o['better']} {o['ppl'][0]:.3f} {o['relation']} "
+                     f"{o['worse']} {o['ppl'][1]:.3f}: {mark}")
+    if result.get("against_baseline"):
+        lines += ["", f"## Against GPTQModel's GPTQ (`{BASELINE}`, same calibration windows and evaluation)", ""]
+        for o in result["against_baseline"]:
+            mark = "beats it" if o["beats"] else "**does not beat it**"
+            lines.append(f"- {o['bits']} bits, {o['domain']}: {o['recipe']} {o['ppl'][0]:.3f} vs {o['ppl'][1]:.3f}: {mark}")
+    if result.get("layer_ratios"):
+        lines += ["", "## Per-layer objective relative to gptq (same bits)", "",
+                  "| recipe @ bits | median | worst | worst layer | layers below gptq |", "|---|---|---|---|---|"]
+        for k, v in result["layer_ratios"].items():
+            lines.append(f"| {k} | {v['median']:.3f} | {v['worst']:.3f} | {v['worst_layer']} | "
+                         f"{v['below_reference']}/{v['layers']} |")
+        lines += ["", "Each recipe's own objective differs from gptq's symmetric one, so ratios below 1 "
+                  "mean a smaller value of that recipe's objective, not of gptq's."]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic(path: str, write) -> None:
+    """Write `path` through a temporary file beside it (nothing half-written on failure)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)                       # mkstemp makes it private; results are for everyone
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_png(fig, path: str, dpi: int = 100) -> None:
+    """Lay out a matplotlib figure, write it as PNG in one step (`_atomic`) and close it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    plt.close(fig)
+
+
+def write_text(path: str, text: str) -> None:
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic(path, w)
+
+
+def read_results(paths: list[str], option: str) -> list[dict]:
+    """The main-job JSON results in `paths`; a file that cannot be read is named with `option`."""
+    out = []
+    for p in paths:
+        try:
+            with open(p, encoding="utf-8") as f:
+                out.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{option} {p}: cannot read it as the JSON of `ojbkq compare` ({type(exc).__name__})") from None
+    return out
+
+
+def set_values(result: dict) -> dict[str, str]:
+    """The `--set KEY=VALUE` overrides a comparison was made with, as `{key: value}` (spaces dropped)."""
+    return dict(o.replace(" ", "").split("=", 1) for o in result.get("overrides") or [] if "=" in o)
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from the JSON results of several runs of the same model, data and device (e.g. one
+    per bit width, run side by side): rows joined and ordered by bit width, one full-precision row,
+    times summed; a file that is itself a merge contributes its own list of runs."""
+    return merge_results(read_results(paths, "--merge"), paths)
+
+
+def merge_results(parts: list[dict], paths: list[str]) -> dict:
+    """`merge` of results in memory; `paths` names each (a file name, or a label for a run not written)."""
+    keys = ("model", "device", "dtype", "group_size", "calibration", "evaluation", "overrides")
+    for p, part in zip(paths[1:], parts[1:]):
+        for k in keys:
+            if part.get(k) != parts[0].get(k):
+                raise InputError(f"--merge {p}: {k} differs from {paths[0]}'s; merge runs of the same setup only")
+    result = {k: v for k, v in parts[0].items() if k not in ("rows", "ordering", "layer_ratios")}
+    rows, seen = [r for r in parts[0]["rows"] if r["recipe"] == "fp"][:1], set()
+    for part in parts:                                  # a (recipe, bits) measured twice: the first file's row
+        for r in part["rows"]:
+            if r["recipe"] != "fp" and (r["recipe"], r["bits"]) not in seen:
+                seen.add((r["recipe"], r["bits"]))
+                rows.append(r)
+    # by bit width, each width's rows in the order read, GPTQModel's rows after the project's
+    rows = rows[:1] + sorted(rows[1:], key=lambda r: (-r["bits"], r["recipe"].startswith(BASELINE)))
+    listed = []                                         # a merged file lists the runs it was made of
+    for p, part in zip(paths, parts):
+        listed += part.get("parts") or [{"file": os.path.basename(p), "command": part.get("command"),
+                                         "seconds": part["seconds"], "cpu_seconds": part.get("cpu_seconds")}]
+    result.update(rows=rows, seconds=sum(p["seconds"] for p in parts),
+                  cpu_seconds=sum(p.get("cpu_seconds", 0.0) for p in parts),
+                  complete=all(p.get("complete", True) for p in parts), parts=listed)
+    return result
+
+
+def write_json_and_table(out: str, result: dict, text: str) -> str:
+    """Write `out` (the JSON records) and the text table beside it (.txt); returns the common stem."""
+    stem = os.path.splitext(out)[0]
+    write_text(out, json.dumps(result, indent=2) + "\n")
+    write_text(stem + ".txt", text + "\n")
+    return stem
+
+
+def write_results(result: dict, out: str) -> None:
+    """Print the table; write `out` (JSON) and beside it .txt, and for perplexity runs .png and .md."""
+    rows, domains = result["rows"], result.get("domains") or []
+    text = table(rows, domains or None)
+    print()
+    print(text)
+    if domains:
+        result["ordering"] = ordering(rows, domains)
+        result["layer_ratios"] = layer_ratios(rows)
+        result["against_baseline"] = against_baseline(rows, domains)
+    stem = write_json_and_table(out, result, text)
+    written = ["json", "txt"]
+    if domains:
+        plot = None
+        if importlib.util.find_spec("matplotlib") is None:
+            progress("compare: matplotlib is not installed, so no plot is drawn (pip install matplotlib)")
+        else:
+            write_plot(rows, domains, stem + ".png")
+            plot = os.path.basename(stem) + ".png"
+            written.append("png")
+        write_text(stem + ".md", report_markdown(result, plot))
+        written.append("md")
+    print(f"\n{len(rows)} rows, {result['seconds']:.0f}s -> {stem}.{{{','.join(written)}}}")
+
+
+def metric(row: dict) -> str:
+    """A row's scores in one line: perplexity per domain, or an encoder's fidelity."""
+    if "perplexity" in row:
+        return "ppl " + ", ".join(f"{d} {v:.3f}" for d, v in row["perplexity"].items())
+    return f"cos {row['cosine']:.5f} rel err {row['rel_err']:.4f}"
