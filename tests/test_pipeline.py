@@ -191,3 +191,19 @@ def test_a_layer_the_format_cannot_store_is_refused_before_calibration(tmp_path,
     with pytest.raises(InputError, match=r"model.layers.0.self_attn.q_proj': 40 inputs × 3 bits"):
         quantize_recipe(_recipe("gptq"), _tiny(folder, str(tmp_path / "out"), "quant.bits=3"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_the_output_folder_is_checked_and_its_parents_made_before_the_model_loads(folders, tmp_path, monkeypatch):
+    from ojbkq_core import pipeline
+    out = tmp_path / "new" / "deeper" / "out"                          # parents that do not exist yet
+    loaded = []
+    real = pipeline.load_model
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: loaded.append(out.parent.is_dir()) or real(*a, **k))
+    quantize_recipe("gptq", _tiny(folders["llama"], str(out)))
+    assert loaded == [True] and (out / "model.safetensors").is_file()
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(InputError, match="is not a folder"):
+        quantize_recipe("gptq", _tiny(folders["llama"], str(tmp_path / "file" / "out")))
+    with pytest.raises(InputError, match="exists and is not empty"):
+        quantize_recipe("gptq", _tiny(folders["llama"], str(out)))
