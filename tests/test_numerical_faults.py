@@ -39,7 +39,7 @@ def test_a_block_overflowing_float16_stops_the_run_at_that_block(tmp_path, monke
     out = tmp_path / "out"
     sets = [f"model.path={folder}", "model.dtype=float16", f"calibration.path={CALIB_TXT}",
             "calibration.samples=2", "calibration.seqlen=16", "quant.group_size=32", f"output.dir={out}",
-            "eval.perplexity=[]", "device=cpu"]
+            "eval.perplexity=[]", "device=cpu", "output.format=gptq"]
     rc = cli.main(["quantize", "gptq", *sum((["--set", s] for s in sets), [])])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 1

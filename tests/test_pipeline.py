@@ -38,7 +38,7 @@ def folders(tmp_path_factory):
 def _tiny(model_dir, out, *extra):
     return [f"model.path={model_dir}", "model.dtype=float32", f"calibration.path={CALIB_TXT}",
             "calibration.samples=4", "calibration.seqlen=32", "quant.group_size=32", f"output.dir={out}",
-            "eval.perplexity=[]", "device=cpu", *extra]
+            "eval.perplexity=[]", "device=cpu", "output.format=gptq", *extra]
 
 
 def _recipe(name):
@@ -207,3 +207,47 @@ def test_the_output_folder_is_checked_and_its_parents_made_before_the_model_load
         quantize_recipe("gptq", _tiny(folders["llama"], str(tmp_path / "file" / "out")))
     with pytest.raises(InputError, match="exists and is not empty"):
         quantize_recipe("gptq", _tiny(folders["llama"], str(out)))
+
+
+def test_a_checkpoint_vllm_refuses_is_named_in_one_warning_before_calibration(folders, tmp_path, caplog):
+    from ojbkq_core import pipeline
+    from ojbkq_core.serving import vllm_refusal
+    seen = []
+    real = pipeline.calibrate_model
+
+    def calibrating(*a, **k):
+        seen.append([r.getMessage() for r in caplog.records if "will not serve" in r.getMessage()])
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level("WARNING", logger="ojbkq"):
+        mp.setattr(pipeline, "calibrate_model", calibrating)
+        report = quantize_recipe("gptq", _tiny(folders["llama"], str(tmp_path / "a"), "quant.sym=false",
+                                               "quant.act_order=false"))
+        assert len(seen[0]) == 1 and "\n" not in seen[0][0]                 # warned once, before calibrating
+        assert "Unsupported quantization config: bits=4, sym=False" in seen[0][0] and "quant.sym=true" in seen[0][0]
+        assert report["serving"] == {"vllm": "0.32.0", "served": False,
+                                     "reason": "Unsupported quantization config: bits=4, sym=False"}
+        caplog.clear()
+        report = quantize_recipe("gptq", _tiny(folders["llama"], str(tmp_path / "b"), "quant.sym=true",
+                                               "quant.act_order=true", "quant.static_groups=true"))
+        assert not [r for r in caplog.records if "will not serve" in r.getMessage()]
+        assert report["serving"]["served"] is True and report["serving"]["reason"] is None
+    from ojbkq_core.grid import QuantSpec
+    assert vllm_refusal("fake", QuantSpec(bits=3)) is None
+    assert "desc_act=True" in vllm_refusal("gptq", QuantSpec(sym=True, act_order=True))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_writes_a_checkpoint_vllm_serves_by_default(folders, tmp_path, recipe):
+    """The recipes as they ship (their format and order): compressed-tensors, asymmetric, act-order with
+    static groups — the combination vLLM serves (tests/test_serving.py) — and it reads back."""
+    out = str(tmp_path / "out")
+    sets = [s for s in _tiny(folders["llama"], out, *_small_decoder(recipe)) if s != "output.format=gptq"]
+    report = quantize_recipe(_recipe(recipe), sets)
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert (weights["num_bits"], weights["symmetric"], weights["group_size"], weights["actorder"]) == (4, False, 32, "static")
+    assert report["serving"] == {"vllm": "0.32.0", "served": True, "reason": None}
+    model, info = load_quantized(out)
+    assert sorted(info["packed"]) == sorted(find_adapter(model).layer_names())

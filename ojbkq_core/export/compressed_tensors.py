@@ -105,13 +105,13 @@ class CompressedTensors(Format):
     name = "compressed-tensors"
 
     def check_quant(self, quant: QuantSpec) -> None:
-        _library()
         if quant.act_order and not quant.static_groups and quant.group_size != -1:
             raise InputError("quant.act_order=true with quant.static_groups=false: groups follow the activation "
                              "order (a g_idx), which the compressed-tensors format does not store; set "
                              "quant.static_groups=true or use output.format=gptq")
 
     def check(self, model, layer_names, quant: QuantSpec) -> None:
+        _library()                                    # a run that writes needs the library; reading a recipe does not
         super().check(model, layer_names, quant)
         group_size = quant.group_size
         modules = dict(model.named_modules())

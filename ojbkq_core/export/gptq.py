@@ -259,21 +259,28 @@ def _block_layout(model, quantized: set[str]) -> dict:
 def quantization_config(quant: QuantSpec, model=None, quantized: Optional[set] = None,
                         provenance: Optional[dict] = None) -> dict:
     """The `quantization_config` of a GPTQ v1 checkpoint for `quant`; what GPTQ's keys do not hold
-    (the scale rule, the skipped patterns, the `provenance`) goes to the `ojbkq` sub-dict."""
+    (the scale rule, the skipped patterns, the `provenance`) goes to the `ojbkq` sub-dict.
+
+    `desc_act` says whether `g_idx` orders the groups by activation: true for act-order with dynamic
+    groups. With static groups the columns were decoded in activation order but each group is
+    `group_size` consecutive columns (`g_idx[j] = j // group_size`), so `desc_act` is false, which every
+    loader reads the same way and vLLM serves (it refuses `desc_act: true`); `ojbkq.act_order` records
+    the decoding order."""
     qc = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
         "pack_dtype": "int32",
         "bits": quant.bits,
         "group_size": quant.group_size,
-        "desc_act": quant.act_order,
+        "desc_act": quant.act_order and not quant.static_groups and quant.group_size != -1,
         "sym": quant.sym,
         "static_groups": quant.static_groups,
         "damp_percent": quant.damp,
         "true_sequential": quant.true_sequential,
         "lm_head": bool(quantized and "lm_head" in quantized),
         "meta": {"quantizer": [f"ojbkq:{_version()}"]},
-        "ojbkq": {"scale_method": quant.scale_method, "skip": list(quant.skip), **(provenance or {})},
+        "ojbkq": {"scale_method": quant.scale_method, "skip": list(quant.skip),
+                  **({"act_order": True} if quant.act_order else {}), **(provenance or {})},
     }
     if model is not None and quantized is not None:
         qc.update(_block_layout(model, quantized))

