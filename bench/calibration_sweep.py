@@ -18,7 +18,8 @@ import sys
 import tempfile
 
 import common
-from ojbkq_core import compare, results
+from ojbkq_core import compare
+from ojbkq_core import results as rec
 from ojbkq_core.errors import InputError
 
 CHOOSE_ON = "validation"
@@ -60,7 +61,7 @@ def text_table(summary: dict) -> str:
             for d, vals in by_dom.items():
                 lines.append([name, str(bits), d] + ["-" if v is None else f"{v:.3f}" for v in vals])
     lines.append(["mean log ppl", "", CHOOSE_ON] + ["-" if v is None else f"{v:.4f}" for v in summary["score"]])
-    return results.fmt_table(head, lines) + f"\n\nchosen on {CHOOSE_ON}: {summary['chosen']} windows"
+    return rec.fmt_table(head, lines) + f"\n\nchosen on {CHOOSE_ON}: {summary['chosen']} windows"
 
 
 def write_plot(summary: dict, path: str) -> None:
@@ -88,7 +89,7 @@ def write_plot(summary: dict, path: str) -> None:
             ax.set_ylabel("perplexity")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    results.save_png(fig, path)
+    rec.save_png(fig, path)
 
 
 def main(argv=None) -> int:
@@ -101,22 +102,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     runs = []
     if args.inputs:
-        runs = results.read_results(args.inputs, "--from")
+        runs = rec.read_results(args.inputs, "--from")
     else:
         with tempfile.TemporaryDirectory(prefix="ojbkq-calsweep-") as tmp:
             for i, n in enumerate(args.samples):
-                results.progress(f"calibration {n} windows ({i + 1}/{len(args.samples)})")
+                rec.progress(f"calibration {n} windows ({i + 1}/{len(args.samples)})")
                 out = os.path.join(tmp, f"cal_{n}.json")
                 common.compare_main(["--samples", str(n), "--device", args.device, "--domains", CHOOSE_ON,
                                *compare.DEFAULT_DOMAINS, "--out", out, *extra])
-                runs += results.read_results([out], "--samples")
+                runs += rec.read_results([out], "--samples")
     summary = summarise(runs)
     text = text_table(summary)
     print(text)
     result = {"model": runs[0]["model"], "device": runs[0]["device"], "dtype": runs[0]["dtype"],
               "tf32": runs[0].get("tf32"), "group_size": runs[0]["group_size"], "command": " ".join(sys.argv),
               "runs": [r.get("command") for r in runs], **summary}
-    stem = results.write_json_and_table(args.out, result, text)
+    stem = rec.write_json_and_table(args.out, result, text)
     write_plot(summary, stem + ".png")
     return 0
 

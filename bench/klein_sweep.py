@@ -16,13 +16,13 @@ import sys
 import tempfile
 
 import common
-from ojbkq_core import results
+from ojbkq_core import results as rec
 from ojbkq_core.errors import InputError
 
 
 def k_of(result: dict, path: str) -> int:
     """K of a comparison result made with `--set decoder.k=K`."""
-    k = results.set_values(result).get("decoder.k")
+    k = rec.set_values(result).get("decoder.k")
     if k is None:
         raise InputError(f"--from {path}: not a run with --set decoder.k=K")
     return int(k)
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                    help="no run: the table of comparison results made with --set decoder.k=K")
     args = p.parse_args(argv)
     if args.inputs:
-        results = [(k_of(res, path), res) for path, res in zip(args.inputs, results.read_results(args.inputs, "--from"))]
+        results = [(k_of(res, path), res) for path, res in zip(args.inputs, rec.read_results(args.inputs, "--from"))]
     else:
         with tempfile.TemporaryDirectory(prefix="ojbkq-klein-") as tmp:
             parts = args.parts or tmp
@@ -49,20 +49,20 @@ def main(argv=None) -> int:
             results = []
             for i, k in enumerate(args.k):
                 out = os.path.join(parts, f"k{k}.json")
-                results.progress(f"klein K={k} ({i + 1}/{len(args.k)})")
+                rec.progress(f"klein K={k} ({i + 1}/{len(args.k)})")
                 common.compare_main(["--recipes", "ojbkq", "--bits", str(args.bits), "--device", args.device,
                                "--set", f"decoder.k={k}", "--out", out, *extra])
-                results.append((k, results.read_results([out], "--parts")[0]))
+                results.append((k, rec.read_results([out], "--parts")[0]))
     first = results[0][1]
     rows = [r for r in first["rows"] if r["recipe"] == "fp"]
     for k, res in results:
         rows += [{**r, "recipe": f"ojbkq k={k}", "k": k} for r in res["rows"] if r["recipe"] != "fp"]
-    text = results.table(rows, first["domains"])
+    text = rec.table(rows, first["domains"])
     print()
     print(text)
     result = {k: v for k, v in first.items() if k not in ("rows", "ordering", "layer_ratios", "overrides", "command")}
     result.update(rows=rows, command=" ".join(sys.argv), seconds=sum(r["seconds"] for _, r in results))
-    results.write_json_and_table(args.out, result, text)
+    rec.write_json_and_table(args.out, result, text)
     return 0
 
 

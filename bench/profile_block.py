@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
 import sys
 import time
 
 import common
-from ojbkq_core import compare, results
+from ojbkq_core import compare
+from ojbkq_core import results as rec
 from ojbkq_core.errors import InputError
 import torch
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     text = "".join(profile(r, args.bits, args.blocks, folder, args.top, args.backend) for r in args.recipes)
     print(text)
     if args.out:
-        results.write_text(args.out, text)
+        rec.write_text(args.out, text)
     return 0
 
 

@@ -24,7 +24,7 @@ import sys
 import tempfile
 
 import common
-from ojbkq_core import results
+from ojbkq_core import results as rec
 from ojbkq_core.errors import InputError
 
 CHOOSE_ON = "validation"
@@ -45,7 +45,7 @@ def parse_grid(text: str) -> tuple[str, list[float]]:
 
 def point_of(result: dict, keys: list[str], path: str) -> tuple[float, ...]:
     """The values of `keys` in a comparison result's `--set` overrides."""
-    found = results.set_values(result)
+    found = rec.set_values(result)
     if any(k not in found for k in keys):
         raise InputError(f"--from {path}: not a run with --set " + " --set ".join(f"{k}=…" for k in keys))
     return tuple(float(found[k]) for k in keys)
@@ -93,7 +93,7 @@ def text_table(s: dict) -> str:
     c = s["chosen"]
     tail = f"\n\n{s['recipe']}; full precision {CHOOSE_ON}: {s['fp']:.3f}" if s["fp"] else "\n"
     tail += f"\nchosen on {CHOOSE_ON}: " + ("-" if c is None else ", ".join(f"{k} = {v:g}" for k, v in c.items()))
-    return results.fmt_table(head, lines) + tail
+    return rec.fmt_table(head, lines) + tail
 
 
 def write_plot(s: dict, path: str) -> None:
@@ -132,7 +132,7 @@ def write_plot(s: dict, path: str) -> None:
             ax.set_ylabel(s["keys"][0])
             fig.colorbar(im, ax=ax, shrink=0.8)
         ax.set_title(f"{s['recipe']} {b} bits: {CHOOSE_ON} perplexity")
-    results.save_png(fig, path)
+    rec.save_png(fig, path)
 
 
 def main(argv=None) -> int:
@@ -150,9 +150,9 @@ def main(argv=None) -> int:
                    help="summarise these comparison results (the keys: --grid's, else the runs' --set keys)")
     args = p.parse_args(argv)
     if args.inputs:
-        results = results.read_results(args.inputs, "--from")
+        results = rec.read_results(args.inputs, "--from")
         if not args.grid:                   # the keys the runs were made with
-            args.grid = [k + "=0" for k in results.set_values(results[0])]
+            args.grid = [k + "=0" for k in rec.set_values(results[0])]
             if not args.grid:
                 raise InputError(f"--from {args.inputs[0]}: a run without --set overrides is no sweep point")
     grid = [parse_grid(g) for g in (args.grid or ["objective.mu=0.4,0.6,0.8,1", "objective.lam=0.25,0.5,0.75,1"])]
@@ -172,10 +172,10 @@ def main(argv=None) -> int:
             for i, point in enumerate(points):
                 sets = [a for k, v in zip(keys, point) for a in ("--set", f"{k}={v:g}")]
                 part = os.path.join(parts, "_".join(f"{k.split('.')[-1]}{v:g}" for k, v in zip(keys, point)) + ".json")
-                results.progress(f"{args.recipe} {label(point)} ({i + 1}/{len(points)})")
+                rec.progress(f"{args.recipe} {label(point)} ({i + 1}/{len(points)})")
                 common.compare_main(["--recipes", args.recipe, "--bits", *map(str, args.bits), "--device", args.device,
                                "--domains", CHOOSE_ON, *sets, "--out", part, *extra])
-                runs.append((point, results.read_results([part], "--parts")[0]))
+                runs.append((point, rec.read_results([part], "--parts")[0]))
     s = summarise(keys, runs)
     text = text_table(s)
     print()
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
               "group_size": first["group_size"], "calibration": first["calibration"],
               "evaluation": {CHOOSE_ON: first["evaluation"][CHOOSE_ON]}, "command": " ".join(sys.argv),
               "runs": [r.get("command") for _, r in runs], **s}
-    stem = results.write_json_and_table(out, result, text)
+    stem = rec.write_json_and_table(out, result, text)
     write_plot(s, stem + ".png")
     return 0
 

@@ -366,3 +366,20 @@ def test_compare_refuses_bad_input_in_one_line(tiny_folder, tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_klein_sweep_tabulates_finished_runs(sweep, tmp_path, capsys):
+    ks = bench_script("klein_sweep")
+    rows = make_rows()
+    runs = []
+    for k in (4, 16):
+        res = {"model": "m", "device": "cpu", "dtype": "bfloat16", "group_size": 64, "domains": DOMAINS,
+               "overrides": [f"decoder.k={k}"], "seconds": 3.0, "calibration": {"samples": 16},
+               "evaluation": {}, "rows": [rows[0], *[r for r in rows if r["recipe"] == "ojbkq"]]}
+        (tmp_path / f"k{k}.json").write_text(json.dumps(res))
+        runs.append(str(tmp_path / f"k{k}.json"))
+    out = str(tmp_path / "ks.json")
+    assert ks.main(["--from", *runs, "--out", out]) == 0
+    table = json.load(open(out))
+    assert [r["recipe"] for r in table["rows"]] == ["fp", "ojbkq k=4", "ojbkq k=4", "ojbkq k=16", "ojbkq k=16"]
+    assert "ojbkq k=16" in capsys.readouterr().out and table["seconds"] == 6.0
