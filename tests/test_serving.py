@@ -8,8 +8,8 @@ take no float32). A served case must give the prompt's log-probabilities of `loa
 (float32) within `TOL`; a case `ojbkq_core.serving.vllm_refusal` names must be refused by vLLM with those
 very words (a strict xfail quoting them: if vLLM starts serving it, the test fails and the rule is
 updated). The default run serves the default output of every built-in recipe and a few refusals; the
-whole matrix is `slow` (`make test-serve`). One test starts `vllm serve` as an OpenAI-compatible server
-on localhost and asks it for a completion; a slow one serves SmolLM2-135M.
+whole matrix is `slow` (`make test-serve`). One test starts vLLM's OpenAI-compatible server (what `vllm
+serve` runs) on localhost and asks it for a completion; a slow one serves SmolLM2-135M.
 
 Set `OJBKQ_SERVE` to the serving environment's python (`make test` does); without it these tests skip.
 """
