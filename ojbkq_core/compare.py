@@ -36,6 +36,7 @@ from .errors import InputError
 from .grid import QuantSpec
 from .results import BASELINE, merge, merge_results, metric, progress, write_results, write_text
 from .spec import CalibrationSpec, load_spec, recipes as registered_recipes
+from .spec import resolve_device as resolve_spec_device
 
 # built-in evaluation domains: label → dataset of ojbkq_core.data; "validation" is held-out windows of the
 # calibration text (ojbkq_core.data.validation_ids), where settings are compared
@@ -80,13 +81,11 @@ def group_size_for(adapter, preferred: int = 128) -> int:
 
 
 def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA device here; use --device cpu or auto")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise InputError(f"--device {name!r}: use auto, cpu or cuda")
-    return name
+    """`--device` checked and resolved as a recipe's `device` is (`spec.resolve_device`)."""
+    try:
+        return resolve_spec_device(name)
+    except InputError as exc:
+        raise InputError(f"--device {name}: {str(exc).split(': ', 1)[-1]}") from None
 
 
 def calibration_spec(source: str, samples: int, seqlen: int, seed: int) -> CalibrationSpec:

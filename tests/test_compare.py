@@ -160,7 +160,7 @@ def test_default_sizes_follow_the_device(job):
     assert cpu.domains == ["shakespeare", "python-docs"]
     assert job.parse_args(["--device", "cpu", "--samples", "64"]).samples == 64
     if not job.torch.cuda.is_available():
-        with pytest.raises(job.InputError, match="no CUDA device"):
+        with pytest.raises(job.InputError, match="--device cuda: CUDA is not available"):
             job.parse_args(["--device", "cuda"])
 
 

