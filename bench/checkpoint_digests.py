@@ -2,7 +2,7 @@
 
 The runs: tiny random Llama and GPT-2 models (seeded, built here, byte-level tokenizer) quantized on the
 test calibration text by the gptq, ojbkq, gptaq, regularized-successive and regularized-beam recipes, in
-the gptq, fake and compressed-tensors formats, one run with `quant.skip`. Each run's folder name is fixed
+the recipes' compressed-tensors format and the gptq (GPT-2's Conv1D modules) and fake formats, one run with `quant.skip`. Each run's folder name is fixed
 under `--workdir`, so the resolved `ojbkq_config.yaml` is comparable too; the report is compared by its
 per-layer losses and draws (its timings differ). Run it on the code before a change and after it:
 
@@ -24,7 +24,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALIB_TXT = os.path.join(ROOT, "tests", "data", "calib.txt")
 RUNS = [("llama", "gptq", []), ("llama", "ojbkq", ["decoder.k=4"]), ("llama", "gptaq", []),
-        ("llama", "regularized-successive", []), ("gpt2", "gptq", []), ("gpt2", "regularized-beam", ["decoder.width=2"]),
+        ("llama", "regularized-successive", []), ("gpt2", "gptq", ["output.format=gptq"]),
+        ("gpt2", "regularized-beam", ["decoder.width=2", "output.format=gptq"]),
         ("llama", "gptq", ["output.format=fake"]), ("llama", "ojbkq", ["decoder.k=4", "quant.skip=*.o_proj"]),
         ("llama", "gptaq", ["output.format=compressed-tensors", "quant.act_order=false"])]
 

@@ -120,6 +120,28 @@ def stream_home(adapter: Model, samples: int, seqlen: int, streams: int, device:
     return device if need <= share * free else "pinned"
 
 
+def host_resident_bytes() -> int:
+    """This process's resident host memory now (Linux `VmRSS`; 0 where the system does not say)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def memory_line(device: torch.device) -> str:
+    """`host 3.1 GiB, device 12.0 GiB (peak 20.5 GiB)`: resident host memory and, on CUDA, the memory
+    torch holds on `device` now and at its peak."""
+    text = f"host {host_resident_bytes() / 2**30:.1f} GiB"
+    if device.type == "cuda":
+        text += (f", device {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB "
+                 f"(peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB)")
+    return text
+
+
 def _first_tensor(out) -> torch.Tensor:
     """A block's output hidden states (blocks return a tensor or a tuple starting with it)."""
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -530,6 +552,25 @@ def _row(task: LayerTask, W_shape, res: LayerResult) -> dict:
 # --- the engine -----------------------------------------------------------------------------------
 
 @dataclass
+class Progress:
+    """How far a run is after block `block - 1`: what `Events.block_done` receives, and (less `layers`)
+    what a resumed run starts from (`calibrate(start=...)`).
+
+    `block`: the next block; `index`: the quantization index of its first module; `X`, `X_fp`: the
+    inputs of block `block` in both streams (as `Streams` holds them); `rows`, `skipped`: the report's
+    per-layer rows and skipped names so far; `layers`: the block just done, full name → `LayerResult`
+    (codes on the CPU; a run with `keep_layers=False` holds no others)."""
+
+    block: int
+    index: int
+    X: list
+    X_fp: Optional[list]
+    rows: dict
+    skipped: list
+    layers: dict = field(default_factory=dict)
+
+
+@dataclass
 class Group:
     """One true-sequential group of a block being quantized: what the engine's events receive.
     `stats` (module name → `Statistics`) is set once the statistics pass has run."""
@@ -554,13 +595,17 @@ class Events:
                 group_decoded(group, results)  (the modules still hold their original weights)
                 layer_done(group, task, row)   for each module decoded here, with its report row
                 stop_requested()               → True ends the run after this group
-            block_done(i, block)               (the block quantized, the streams propagated)
+            block_done(i, block, progress)     (the block quantized, the streams propagated: `Progress`)
             stop_requested()                   → True ends the run after this block
 
     A distributed run (distributed.py) sums the statistics over ranks in `statistics_ready` and shares a
     group's modules out in `decode_group`; `ojbkq gaps` keeps sub-problems in `group_decoded` and stops
-    when it has them all.
+    when it has them all; a streamed run (streaming.py) reads each block's weights in `block_start` and
+    writes its tensors and the state to resume from in `block_done`.
     """
+
+    def block_start(self, index: int, block: nn.Module) -> None:
+        pass
 
     def statistics_ready(self, group: Group) -> dict[str, Statistics]:
         return group.stats
@@ -577,7 +622,7 @@ class Events:
     def layer_done(self, group: Group, task: LayerTask, row: dict) -> None:
         pass
 
-    def block_done(self, index: int, block: nn.Module) -> None:
+    def block_done(self, index: int, block: nn.Module, progress: "Progress") -> None:
         pass
 
     def stop_requested(self) -> bool:
@@ -602,6 +647,8 @@ def calibrate(
     progress: bool = True,
     events: Optional[Events] = None,
     stats_dtype: torch.dtype = torch.float32,
+    keep_layers: bool = True,
+    start: Optional[Progress] = None,
 ) -> CalibrationResult:
     """Quantize every listed linear module of `adapter.model` in place on calibration `input_ids`
     `(S, L)` int64.
@@ -612,7 +659,10 @@ def calibrate(
     `keep_streams` keeps every block's input streams (CPU) in the result, for inspection. `events`:
     what the run does at the engine's named points (`Events`; the defaults when None). A run that
     stops early (`Events.stop_requested`) returns what it quantized, with `stopped_after_block` in the
-    report. `stats_dtype`: the accumulation dtype of the statistics.
+    report. `stats_dtype`: the accumulation dtype of the statistics. `keep_layers=False`: each block's
+    results go to `Events.block_done` only, and the result's `layers` stays empty (a streamed run writes
+    them as blocks finish). `start`: continue a run at `start.block` with its saved streams and rows
+    (`Progress`); the blocks before it are not touched.
     """
     t_start = time.perf_counter()
     events = events if events is not None else Events()
@@ -633,22 +683,30 @@ def calibrate(
     t0 = time.perf_counter()
     place = stream_home(adapter, S, L, 2 if full_precision else 1, device)
     streams = capture(adapter, input_ids, batch_size, full_precision, place, device)
-    check_finite(streams, f"inputs of {adapter.blocks_path()}.0 (block 0)")
+    if start is not None:
+        streams.X = [to_home(x, place) for x in start.X]
+        streams.X_fp = None if start.X_fp is None else [to_home(x, place) for x in start.X_fp]
+    first = 0 if start is None else start.block
+    check_finite(streams, f"inputs of {adapter.blocks_path()}.{first} (block {first})")
     seconds = {"capture": time.perf_counter() - t0, "statistics": 0.0, "quantize": 0.0, "propagate": 0.0}
 
     blocks, path = adapter.blocks(), adapter.blocks_path()
     layers: dict[str, LayerResult] = {}
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = {} if start is None else dict(start.rows)
     kept: dict = {}
-    skipped: list[str] = []
-    index = 0
+    skipped: list[str] = [] if start is None else list(start.skipped)
+    index = 0 if start is None else start.index
     stopped = None
     bar = tqdm(total=len(adapter.layer_names()), desc="quantize", unit="layer", disable=not progress, leave=False)
+    bar.update(len(rows) + len(skipped))
     with logging_redirect_tqdm(), bar:                   # the bar is closed on errors too
         for i, block in enumerate(blocks):
+            if i < first:
+                continue
             if keep_streams:
                 kept[i] = streams.snapshot()
             bar.set_description(f"block {i}/{len(blocks)}")
+            events.block_start(i, block)
             home = model_device(block)
             block.to(device)
             orig = streams.original(block)
@@ -701,7 +759,15 @@ def calibrate(
                 torch.cuda.empty_cache()
             if stopped is not None:
                 break
-            events.block_done(i, block)
+            prefix = f"{path}.{i}."
+            done = {k: layers[k] for k in layers if k.startswith(prefix)}
+            if not keep_layers:
+                for k in done:
+                    del layers[k]
+            events.block_done(i, block, Progress(i + 1, index, streams.X, streams.X_fp, rows, skipped, done))
+            del done
+            log.info("block %d/%d done (%.1fs since the start; %s)", i + 1, len(blocks),
+                     time.perf_counter() - t_start, memory_line(device))
             if i + 1 < len(blocks) and events.stop_requested():
                 stopped = i
                 break
@@ -730,6 +796,8 @@ def calibrate(
     }
     if stopped is not None:
         report["stopped_after_block"] = stopped
+    if start is not None:
+        report["resumed_at_block"] = start.block
     return CalibrationResult(layers, report, kept)
 
 

@@ -206,9 +206,9 @@ def cmd_quantize(args) -> int:
             raise InputError(f"--nproc {args.nproc}: more processes than calibration.samples="
                              f"{spec.calibration.samples}; every process needs a sample")
         spec.output.prepare()
-        argv = ["quantize", args.recipe, *(f"--set={s}" for s in sets)]
+        argv = ["quantize", args.recipe, *(f"--set={s}" for s in sets), *(["--resume"] if args.resume else [])]
         return distributed.launch(args.nproc, (["-v"] if args.verbose else []) + argv)
-    run(spec)
+    run(spec, resume=args.resume)
     return 0
 
 
@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true",
                    help="replace an existing output folder (output.overwrite: true); the old one stays until "
                         "the new one is complete")
+    s.add_argument("--resume", action="store_true",
+                   help="continue a streamed run that stopped, from the state it saved beside the output "
+                        "(output.checkpoint_every); the same config is required")
     s.set_defaults(func=cmd_quantize)
 
     from .gaps import DEFAULT_DECODERS

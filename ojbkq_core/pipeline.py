@@ -72,14 +72,10 @@ def load_tokenizer(path: str, key: str = "model.path", **opts):
                          f"(tokenizer.save_pretrained)") from None
 
 
-def load_model(path: str, dtype: str = "bfloat16", trust_remote_code: bool = False, key: str = "model.path"):
-    """A transformers model and its tokenizer from a local folder or a hub name.
-
-    Causal LMs (architectures `*ForCausalLM`, `*LMHeadModel`) load with `AutoModelForCausalLM`, other
-    models with `AutoModel`. `dtype`: bfloat16, float16, float32 or auto (the checkpoint's).
-    A hub name with `HF_HUB_OFFLINE=1`, or without a network, is an `InputError`; so is a local folder
-    whose config.json, weights or tokenizer do not read (`check_folder`, `load_tokenizer`).
-    """
+def load_config(path: str, trust_remote_code: bool = False, key: str = "model.path"):
+    """`(config, opts)`: the transformers config of a local folder or hub name, and the options the
+    model and tokenizer load with. A hub name with `HF_HUB_OFFLINE=1`, or without a network, is an
+    `InputError`; so is a local folder whose config.json or weights do not read (`check_folder`)."""
     import transformers
     local = os.path.isdir(path)
     if local and not os.path.isfile(os.path.join(path, "config.json")):
@@ -103,6 +99,18 @@ def load_model(path: str, dtype: str = "bfloat16", trust_remote_code: bool = Fal
         why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub cannot be reached or has no such model"
         raise InputError(f"{key}={path!r}: not a local folder, and {why} ({type(exc).__name__}); "
                          f"download the model and set {key} to its folder") from None
+    return config, opts
+
+
+def load_model(path: str, dtype: str = "bfloat16", trust_remote_code: bool = False, key: str = "model.path"):
+    """A transformers model and its tokenizer from a local folder or a hub name.
+
+    Causal LMs (architectures `*ForCausalLM`, `*LMHeadModel`) load with `AutoModelForCausalLM`, other
+    models with `AutoModel`. `dtype`: bfloat16, float16, float32 or auto (the checkpoint's).
+    Bad input is an `InputError` (`load_config`, `load_tokenizer`).
+    """
+    import transformers
+    config, opts = load_config(path, trust_remote_code, key)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     cls = transformers.AutoModelForCausalLM if _is_causal(config) else transformers.AutoModel
     try:
@@ -115,16 +123,32 @@ def load_model(path: str, dtype: str = "bfloat16", trust_remote_code: bool = Fal
     return model, tokenizer
 
 
+def load_empty(path: str, dtype: str = "bfloat16", trust_remote_code: bool = False, key: str = "model.path"):
+    """`(model, tokenizer)` as `load_model` gives them, but the model's parameters on the meta device: a
+    streamed run reads them block by block (streaming.py)."""
+    from .streaming import empty_model
+    config, opts = load_config(path, trust_remote_code, key)
+    if dtype == "auto":
+        torch_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        torch_dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    else:
+        torch_dtype = getattr(torch, dtype)
+    model = empty_model(config, torch_dtype, trust_remote_code)
+    return model, load_tokenizer(path, key, **opts)
+
+
 # --- calibration from a spec ---------------------------------------------------------------------
 
 def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.Tensor] = None,
                     progress: bool = True, world: Optional[distributed.World] = None,
-                    events: Optional[Events] = None) -> tuple[Model, CalibrationResult]:
+                    events: Optional[Events] = None, stream=None, start=None) -> tuple[Model, CalibrationResult]:
     """Quantize `model` in place as `spec` says; returns its adapter and the result. `input_ids`
     `(samples, seqlen)` replaces the calibration text when given. `world`: this process's place in a
     distributed run: it calibrates its shard of the samples with the events of `distributed.Engine`
     (statistics in float64 unless `calibration.stats_dtype` says otherwise); rank 0's report gains
-    `world_size` and `ranks`. `events`: the engine's events for a single-process run (`Events`)."""
+    `world_size` and `ranks`. `events`: the engine's events for a single-process run (`Events`).
+    `stream`: a streamed run's events (`streaming.Streamed`), put around the others; each block's
+    results then go to it alone. `start`: where a resumed run continues (`calibrate.Progress`)."""
     if world is not None and events is not None:
         raise ValueError("calibrate_model: a distributed run brings its own events")
     device = spec.target if world is None else world.device
@@ -132,18 +156,21 @@ def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.T
     if input_ids is None:
         input_ids = spec.calibration.ids(tokenizer)
     samples, batch_size = input_ids.shape[0], default_batch_size(input_ids.shape[1], device)
+    engine = events
     if world is not None:
-        events = distributed.Engine(world)
-        input_ids = events.shard(input_ids, batch_size)
+        engine = distributed.Engine(world)
+        input_ids = engine.shard(input_ids, batch_size)
+    events = engine if stream is None else stream.around(engine)
     q = spec.quant
     res = calibrate(adapter, input_ids, spec.objective.decoded, q.grid, spec.decoder.decoder, damp=q.damp,
                     seed=spec.decoder.seed, device=device, score_objective=spec.objective.scoring(),
                     true_sequential=q.true_sequential, skip=q.skip, batch_size=batch_size,
                     progress=progress and (world is None or world.main), events=events,
-                    stats_dtype=spec.calibration.accumulation_dtype(world is not None))
+                    stats_dtype=spec.calibration.accumulation_dtype(world is not None),
+                    keep_layers=stream is None, start=start)
     res.report["world_size"] = 1
     if world is not None:
-        events.annotate(res.report, samples)
+        engine.annotate(res.report, samples)
     return adapter, res
 
 
@@ -161,23 +188,58 @@ def perplexities(model, tokenizer, ev: EvalSpec, device: str, tokens_cache: dict
 
 # --- `ojbkq quantize` ------------------------------------------------------------------------------
 
-def run(spec: RunSpec) -> dict:
+def run(spec: RunSpec, resume: bool = False) -> dict:
     """`ojbkq quantize`: check the output folder, load, calibrate, evaluate (when `eval.perplexity` or
     `eval.path` is set) and export. Returns the run report (also saved as `ojbkq_report.json` beside the
     checkpoint). Started by torchrun, every rank calibrates its part (`distributed.py`) and rank 0 alone
-    evaluates and writes; the other ranks return the report without `layers`."""
+    evaluates and writes; the other ranks return the report without `layers`.
+
+    A streamed run (`streamed(spec)`) reads and writes one block at a time and saves its state every
+    `output.checkpoint_every`; `resume` continues from the state a stopped run saved (`--resume`)."""
     spec.output.prepare()                            # before the model loads: a folder that cannot be written
     if not distributed.launched() or distributed.rank() == 0:
         serving(spec, warn=True)
+    stream = streamed(spec)
+    if resume and not stream:
+        raise InputError("--resume: this run loads the model whole and saves no state to resume from "
+                         f"({_why_whole(spec)}); run it without --resume")
+    quantize = _quantize_streamed if stream else _quantize
     if not distributed.launched():
-        return _quantize(spec, None)
+        return quantize(spec, None, resume) if stream else quantize(spec, None)
     world = distributed.init(spec.target)
     if not world.main:
         log.setLevel(logging.WARNING)
     try:
-        return _quantize(spec, world)
+        return quantize(spec, world, resume) if stream else quantize(spec, world)
     finally:
         distributed.close()
+
+
+def _why_whole(spec: RunSpec) -> Optional[str]:
+    """Why `spec` loads the model whole instead of streaming it (None when it can stream)."""
+    from .export import get_format
+    from .export.base import Format
+    m = spec.model
+    if m.stream is False:
+        return "model.stream: false"
+    if spec.eval.sources():
+        return "eval.perplexity needs the whole model"
+    if not os.path.isdir(m.path or ""):
+        return "model.path is not a local folder"
+    fmt = type(get_format(spec.output.format))
+    if fmt.layer_tensors is Format.layer_tensors:
+        return f"the {spec.output.format} format writes whole models only"
+    return None
+
+
+def streamed(spec: RunSpec) -> bool:
+    """Whether `spec` runs streamed: `model.stream: true` (an `InputError` when it cannot), or `auto` and
+    nothing stops it (`_why_whole`). With `auto`, a local folder whose weights are not safetensors, or
+    whose tensor names the model does not use, is found out when the run starts and loaded whole."""
+    why = _why_whole(spec)
+    if spec.model.stream is True and why is not None:
+        raise InputError(f"model.stream: true, but {why}; set model.stream: auto or false")
+    return why is None
 
 
 def serving(spec: RunSpec, warn: bool = False) -> Optional[dict]:
@@ -242,6 +304,99 @@ def _quantize(spec: RunSpec, world: Optional[distributed.World]) -> dict:
                                       provenance=provenance(res.report))
     log.info("%d layers, objective summed %.6g, %.1fs -> %s", len(res.layers), res.report["objective_sum"],
              report["seconds"]["run"], out.dir)
+    return report
+
+
+def _quantize_streamed(spec: RunSpec, world: Optional[distributed.World], resume: bool) -> dict:
+    """`_quantize` for a streamed run: the model on the meta device, each block read when it is
+    calibrated and written when it is done (`streaming.Streamed`), into the output's partial sibling,
+    which is published when the last tensors and files are written."""
+    import resource
+
+    from .export import get_format, write_extra
+    from .export.base import ShardWriter
+    from .streaming import (Checkpoint, Partial, Saved, Streamed, Weights, check_same, checkpoint_policy,
+                            fingerprint, load_start, untied)
+    t0 = time.perf_counter()
+    main = world is None or world.main
+    rank = 0 if world is None else world.rank
+    device = spec.target if world is None else str(world.device)
+    m, out = spec.model, spec.output
+    model, tokenizer = load_empty(m.path, m.dtype, m.trust_remote_code)
+    adapter = find_adapter(model, m.adapter)
+    check_format(spec, model, adapter)
+    try:
+        weights = Weights(model, adapter, Checkpoint(m.path), device)
+    except InputError as exc:
+        if m.stream is True:
+            raise
+        log.info("model.stream: auto: %s; loading the model whole", exc)
+        if resume:
+            raise InputError(f"--resume: {exc}") from None
+        return _quantize(spec, world)
+    fmt = get_format(out.format)
+    quantized = set(quantized_names(adapter, spec.quant.skip))
+    fmt.begin(model, quantized, spec.quant)
+    untie = untied(model, quantized)
+    log.info("%s: %s streamed with adapter %s, %d quantized layers, device %s", m.path, type(model).__name__,
+             adapter.name, len(quantized), device)
+
+    partial = Partial(out.dir, main)
+    try:
+        state = partial.open(resume) if main else None
+        if world is not None:
+            import torch.distributed as dist
+            box = [state]
+            dist.broadcast_object_list(box, src=0)
+            state = box[0]
+        stamp = fingerprint(spec.to_yaml(), weights.checkpoint, 1 if world is None else world.size)
+        start, pending = None, {}
+        if state is not None:
+            check_same(state["stamp"], stamp, partial.path)
+            start, pending = load_start(partial, state, rank)
+            log.info("resuming at block %d/%d from %s", start.block, state["blocks"], partial.resume_dir)
+        elif resume:
+            log.info("--resume: no saved state in %s; starting at block 0", partial.path)
+        writer = None
+        if main:
+            writer = ShardWriter(partial.path)
+            if state is not None:
+                writer.restore(state["writer"], pending)
+                kept = {f for f, _ in writer.written}
+                for name in os.listdir(partial.path):      # shards written after the saved state
+                    if name.endswith(".safetensors.part") and name not in kept:
+                        os.remove(os.path.join(partial.path, name))
+        every, seconds = checkpoint_policy(out.checkpoint_every)
+        saved = Saved(partial, stamp, len(adapter.blocks()), rank, every, seconds) if every or seconds else None
+        events = Streamed(weights, fmt if main else None, writer, saved, world)
+        events.front = weights.front()
+        _, res = calibrate_model(model, tokenizer, spec, world=world, stream=events, start=start)
+        report = {"model": m.path, "architecture": type(model).__name__, **res.report, "serving": serving(spec)}
+        report.setdefault("resumed_at_block", None)
+        if main:
+            t1 = time.perf_counter()
+            writer.add(weights.rest())
+            files = writer.close()
+            fmt.write_config(model, partial.path, untie, provenance(res.report))
+            events.seconds["write"] += time.perf_counter() - t1
+        total = sum(p.numel() for p in model.parameters())
+        report["streaming"] = {
+            "peak_parameters": weights.peak, "model_parameters": total, "seconds": events.seconds,
+            "checkpoint_every": out.checkpoint_every, "checkpoints": saved.saves if saved else 0,
+            "checkpoint_seconds": saved.save_seconds if saved else 0.0}
+        report["host_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        report["seconds"]["run"] = time.perf_counter() - t0
+        if not main:
+            partial.close()
+            return report
+        write_extra(partial.path, tokenizer, run_files(spec, report))
+        partial.publish()
+    except BaseException:
+        partial.discard()
+        raise
+    report["output"] = out.dir
+    log.info("%d layers in %d files, objective summed %.6g, %.1fs -> %s", len(report["layers"]), len(files),
+             res.report["objective_sum"], report["seconds"]["run"], out.dir)
     return report
 
 

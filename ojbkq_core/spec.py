@@ -48,12 +48,16 @@ STATS_DTYPES = ("auto", "float32", "float64")
 @dataclass(frozen=True)
 class ModelSpec:
     """The model to quantize: a local folder or hub name, the dtype it runs in during calibration
-    (`auto`: the checkpoint's), the adapter (`auto`: recognised by module structure)."""
+    (`auto`: the checkpoint's), the adapter (`auto`: recognised by module structure). `stream`: read
+    the weights one block at a time and write the checkpoint as blocks finish (streaming.py); `auto`
+    streams a local safetensors folder unless the run evaluates perplexity (which needs the whole
+    model)."""
 
     path: Optional[str] = None
     dtype: str = "bfloat16"
     adapter: str = "auto"
     trust_remote_code: bool = False
+    stream: Union[str, bool] = "auto"
 
 
 @dataclass(frozen=True)
@@ -122,11 +126,14 @@ class DecoderSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """Where the checkpoint goes, in which registered format, and whether an existing folder is replaced."""
+    """Where the checkpoint goes, in which registered format, and whether an existing folder is replaced.
+    `checkpoint_every`: how often a streamed run saves the state `--resume` continues from: a number of
+    blocks (0: never) or a time (`5m`, `300s`, `1h`)."""
 
     dir: str = "./out"
     format: str = "gptq"
     overwrite: bool = False
+    checkpoint_every: Union[str, int] = "5m"
 
     def prepare(self) -> None:
         """Check that the output folder can be written, and create its missing parents: `InputError` for
@@ -420,6 +427,8 @@ def model_section(sec: dict) -> ModelSpec:
     _choice(sec, "model", "dtype", DTYPES)
     _str(sec, "model", "adapter")
     _bool(sec, "model", "trust_remote_code")
+    if sec["stream"] not in ("auto", True, False):
+        raise InputError(f"model.stream={sec['stream']!r}: choose auto, true or false")
     if sec["adapter"] != "auto":
         from .registry import get_registry
         try:
@@ -550,6 +559,11 @@ def output_section(sec: dict, quant: QuantSpec) -> OutputSpec:
     _str(sec, "output", "dir")
     _str(sec, "output", "format")
     _bool(sec, "output", "overwrite")
+    every = sec["checkpoint_every"]
+    from .streaming import CHECKPOINT_EVERY
+    if not ((_is_int(every) and every >= 0) or (isinstance(every, str) and CHECKPOINT_EVERY.match(every))):
+        raise InputError(f"output.checkpoint_every={every!r}: a number of blocks (0: never) or a time such as "
+                         f"5m, 300s or 1h")
     from .registry import get_registry
     get_registry().format(sec["format"])().check_quant(quant)
     return OutputSpec(**sec)

@@ -155,7 +155,7 @@ class Recorder(Events):
     def layer_done(self, group, task, row):
         self.log.append(("layer", task.full, row["loss"]))
 
-    def block_done(self, index, block):
+    def block_done(self, index, block, progress):
         self.log.append(("block", index))
         self.blocks_done += 1
 

@@ -78,7 +78,8 @@ def test_formats_give_the_same_config(tmp_path, name):
     cfg = load_config(path)
     ref = load_config(write(tmp_path, "ref.json", BODY))
     assert cfg == ref
-    assert cfg["model"] == {"path": "./m", "dtype": "float16", "adapter": "auto", "trust_remote_code": False}
+    assert cfg["model"] == {"path": "./m", "dtype": "float16", "adapter": "auto", "trust_remote_code": False,
+                            "stream": "auto"}
     assert cfg["quant"]["bits"] == 3 and cfg["quant"]["group_size"] == 64 and cfg["quant"]["sym"] is True
     assert cfg["quant"]["damp"] == DEFAULTS["quant"]["damp"]          # default kept beside the given keys
     assert cfg["calibration"] == DEFAULTS["calibration"]
@@ -92,7 +93,7 @@ def test_defaults_fill_a_minimal_config(tmp_path):
     assert cfg["quant"] == DEFAULTS["quant"]
     assert cfg["objective"] == {"name": "jta", "mu": 0.6, "lam": 0.6}      # preset defaults spelled out
     assert cfg["decoder"] == {"name": "babai", "seed": 0}
-    assert cfg["output"] == {"dir": "./out", "format": "gptq", "overwrite": False}
+    assert cfg["output"] == {"dir": "./out", "format": "gptq", "overwrite": False, "checkpoint_every": "5m"}
     assert DEFAULTS["model"]["path"] is None                               # DEFAULTS not mutated
 
 
@@ -152,7 +153,8 @@ def test_each_default_has_one_home():
     """The recipe defaults are the dataclass fields' defaults, and the layer-level grid has the same ones."""
     assert DEFAULTS["quant"]["group_size"] == QuantSpec.group_size == GridSpec().group_size == 128
     assert DEFAULTS["quant"]["damp"] == QuantSpec().damp
-    assert DEFAULTS["output"] == {"dir": OutputSpec.dir, "format": OutputSpec.format, "overwrite": False}
+    assert DEFAULTS["output"] == {"dir": OutputSpec.dir, "format": OutputSpec.format, "overwrite": False,
+                                  "checkpoint_every": OutputSpec.checkpoint_every}
     assert list(DEFAULTS["quant"]) == list(QuantSpec.KEYS)
 
 

@@ -140,13 +140,13 @@ RECIPES = {"babai": ("gptq", []), "klein": ("ojbkq", ["decoder.k=4"])}     # kle
 
 @pytest.mark.parametrize("decoder", sorted(RECIPES))
 def test_two_ranks_write_the_one_process_checkpoint(llama, tmp_path, monkeypatch, decoder):
-    """`ojbkq quantize --nproc 2` (torch.distributed.run, gloo) gives the files of one process with
-    float64 statistics byte for byte: the same codes, scales and zeros."""
+    """`ojbkq quantize --nproc 2` (torch.distributed.run, gloo), streamed, gives the files of one process
+    that loads the model whole, with float64 statistics, byte for byte: the same codes, scales and zeros."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe, extra = RECIPES[decoder]
     config = recipe
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    ref = quantize_recipe(config, _tiny(llama, one, *extra, "calibration.stats_dtype=float64"))
+    ref = quantize_recipe(config, _tiny(llama, one, *extra, "calibration.stats_dtype=float64", "model.stream=false"))
     r = subprocess.run([sys.executable, "-m", "ojbkq_core.cli", "quantize", config, "--nproc", "2",
                         *(f"--set={s}" for s in _tiny(llama, two, *extra))],
                        capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
@@ -155,6 +155,7 @@ def test_two_ranks_write_the_one_process_checkpoint(llama, tmp_path, monkeypatch
         assert open(os.path.join(one, f), "rb").read() == open(os.path.join(two, f), "rb").read(), f
     rep = json.load(open(os.path.join(two, REPORT_FILE)))
     assert rep["world_size"] == 2 and ref["world_size"] == 1
+    assert "streaming" in rep and "streaming" not in ref
     assert rep["statistics_dtype"] == ref["statistics_dtype"] == "float64"
     assert [x["rank"] for x in rep["ranks"]] == [0, 1] and [x["samples"] for x in rep["ranks"]] == [2, 2]
     assert all(x["seconds"]["decode"] > 0 and x["seconds"]["communicate"] > 0 for x in rep["ranks"])

@@ -336,13 +336,13 @@ class Boom(RuntimeError):
 def test_failure_leaves_no_output(tmp_path, monkeypatch, exc):
     model = tiny_llama()
     layers = random_results(model, 4, 32)
-    real = gptq.write_safetensors
+    real = base.write_safetensors
 
     def write_then_fail(tensors, folder, max_shard_size):
         real(tensors, folder, max_shard_size)      # files exist in the temporary folder
         raise exc()
 
-    monkeypatch.setattr(gptq, "write_safetensors", write_then_fail)
+    monkeypatch.setattr(base, "write_safetensors", write_then_fail)
     with pytest.raises(exc):
         save_quantized(model, layers, str(tmp_path / "q"), "gptq", QUANT)
     assert os.listdir(tmp_path) == []

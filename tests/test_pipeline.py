@@ -197,12 +197,12 @@ def test_the_output_folder_is_checked_and_its_parents_made_before_the_model_load
     from ojbkq_core import pipeline
     out = tmp_path / "new" / "deeper" / "out"                          # parents that do not exist yet
     loaded = []
-    real = pipeline.load_model
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: loaded.append(out.parent.is_dir()) or real(*a, **k))
+    real = pipeline.load_config                                       # both the whole and the streamed load
+    monkeypatch.setattr(pipeline, "load_config", lambda *a, **k: loaded.append(out.parent.is_dir()) or real(*a, **k))
     quantize_recipe("gptq", _tiny(folders["llama"], str(out)))
     assert loaded == [True] and (out / "model.safetensors").is_file()
     (tmp_path / "file").write_text("x")
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(pipeline, "load_config", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(InputError, match="is not a folder"):
         quantize_recipe("gptq", _tiny(folders["llama"], str(tmp_path / "file" / "out")))
     with pytest.raises(InputError, match="exists and is not empty"):

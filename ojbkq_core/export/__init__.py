@@ -16,13 +16,14 @@ import torch
 
 from ..errors import InputError
 from ..grid import QuantSpec
-from .base import (Format, check_target, extra_path, layer_shape, publish, read_config, read_tensors,
-                   remove_leftovers, temporary_folder, write_safetensors)
+from .base import (MAX_SHARD_BYTES, Format, ShardWriter, check_target, extra_path, layer_shape, publish, read_config,
+                   read_tensors, remove_leftovers, temporary_folder, write_safetensors)
 from .gptq import GPTQ_BITS, check_packable, dequantize, pack, pack_dim0, quantization_config, unpack, unpack_dim0
 
 log = logging.getLogger("ojbkq")
 
-__all__ = ["Format", "GPTQ_BITS", "as_quant", "check_packable", "dequantize", "find_format", "get_format", "layer_shape",
+__all__ = ["Format", "GPTQ_BITS", "MAX_SHARD_BYTES", "ShardWriter", "as_quant", "check_packable", "dequantize",
+           "find_format", "get_format", "layer_shape",
            "load_quantized", "pack", "pack_dim0", "quantization_config", "read_tensors", "save_quantized", "unpack",
            "unpack_dim0", "write_safetensors"]
 
@@ -58,7 +59,7 @@ def as_quant(quant: Union[None, QuantSpec, Mapping]) -> tuple[QuantSpec, dict]:
 
 def save_quantized(model, layers: dict, out_dir: str, fmt: str = "gptq", quant: Union[None, QuantSpec, Mapping] = None,
                    tokenizer=None, extra_files: Optional[dict[str, Union[str, bytes]]] = None,
-                   overwrite: bool = False, max_shard_size: int = 4 * 2**30, provenance: Optional[dict] = None) -> str:
+                   overwrite: bool = False, max_shard_size: int = MAX_SHARD_BYTES, provenance: Optional[dict] = None) -> str:
     """Write a quantized checkpoint to `out_dir` and return its path.
 
     `model`: the transformers model; `layers`: module name (from `model.named_modules()`) →
@@ -86,19 +87,24 @@ def save_quantized(model, layers: dict, out_dir: str, fmt: str = "gptq", quant: 
     tmp = temporary_folder(out_dir)
     try:
         form.save(model, layers, tmp, quant, max_shard_size, provenance)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for rel, content in sorted((extra_files or {}).items()):
-            path = extra_path(tmp, rel)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(content.encode("utf-8") if isinstance(content, str) else bytes(content))
+        write_extra(tmp, tokenizer, extra_files)
         publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("saved %s checkpoint with %d quantized layers to %s", fmt, len(layers), out_dir)
     return out_dir
+
+
+def write_extra(folder: str, tokenizer=None, extra_files: Optional[dict[str, Union[str, bytes]]] = None) -> None:
+    """The files beside the weights: the tokenizer's, and `extra_files` (relative name → text or bytes)."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    for rel, content in sorted((extra_files or {}).items()):
+        path = extra_path(folder, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else bytes(content))
 
 
 def load_quantized(path: str, device: str = "cpu", dtype: Optional[torch.dtype] = None):

@@ -25,10 +25,12 @@ BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 class Format:
     """A checkpoint format, registered by name through the `register_formats` hook.
 
-    `check` refuses, before any calibration, what the format cannot store; `save` writes the tensors
-    and configuration files into a folder (publishing the folder is the caller's); `detect` says
-    whether a checkpoint's `config.json` (as a dict) is in this format; `load` reads one back as a
-    transformers model with dequantized weights.
+    `check` refuses, before any calibration, what the format cannot store. Writing goes in three
+    steps, which `save` runs for a model in memory and a streamed run (`streaming.py`) runs block by
+    block: `begin` (what the format needs to know of the whole run), `layer_tensors` (the stored
+    tensors of one quantized module, replacing its weight) and `write_config` (config.json and the
+    format's own files). `detect` says whether a checkpoint's `config.json` (as a dict) is in this
+    format; `load` reads one back as a transformers model with dequantized weights.
     """
 
     name: str = ""
@@ -45,11 +47,35 @@ class Format:
                 raise InputError(f"layer '{name}' is not a module of {type(model).__name__}")
             layer_shape(name, modules[name])
 
-    def save(self, model, layers: dict, folder: str, quant, max_shard_size: int, provenance: dict) -> None:
-        """Write `model` with the quantized `layers` (module name → `LayerResult`) into `folder`; `quant`
-        is the run's `QuantSpec`, `provenance` what to record of how the codes were found (the
-        objective and decoder, as text)."""
+    def begin(self, model, quantized: set, quant) -> None:
+        """Before the first module's tensors: `quantized` names every module that will be stored
+        quantized, `quant` is the run's `QuantSpec`. `model` may hold its weights on the meta device."""
+        self.quantized, self.quant = set(quantized), quant
+
+    def layer_tensors(self, name: str, module, res) -> dict[str, torch.Tensor]:
+        """The tensors (CPU) that store module `name` of the model, quantized as `res` (`LayerResult`),
+        in place of its `weight`."""
         raise NotImplementedError
+
+    def write_config(self, model, folder: str, untie: bool, provenance: dict) -> None:
+        """`config.json` and the format's other files; `untie`: a quantized weight was tied to one that
+        stays in full precision, so the checkpoint stores both; `provenance`: what to record of how the
+        codes were found (the objective and decoder, as text)."""
+        raise NotImplementedError
+
+    def save(self, model, layers: dict, folder: str, quant, max_shard_size: int, provenance: dict) -> None:
+        """Write `model` with the quantized `layers` (module name → `LayerResult`) into `folder`: every
+        other tensor of the model as it is, each layer's `layer_tensors`, then `write_config`
+        (publishing the folder is the caller's)."""
+        self.begin(model, set(layers), quant)
+        modules = dict(model.named_modules())
+        untie = quantized_tied(model, layers)
+        tensors = {k: v for k, v in state_dict(model).items()
+                   if not (k.endswith(".weight") and k[: -len(".weight")] in layers)}
+        for name in sorted(layers):
+            tensors.update(self.layer_tensors(name, modules[name], layers[name]))
+        write_safetensors(tensors, folder, max_shard_size)
+        self.write_config(model, folder, untie, provenance)
 
     def detect(self, config: dict) -> bool:
         """Whether `config` (a checkpoint's parsed config.json) is written in this format."""
@@ -112,29 +138,86 @@ def quantized_tied(model, layers) -> bool:
                if k.endswith(".weight") and k[: -len(".weight")] not in layers)
 
 
+MAX_SHARD_BYTES = 2 * 2**30     # a safetensors file holds at most this much (one tensor larger gets a file alone)
+
+
+class ShardWriter:
+    """Safetensors files written as tensors arrive: `add` appends a dict of tensors (its names sorted)
+    to the current shard, which is written once the next tensor would take it past `max_shard_size`;
+    `close` writes the last one and names them: `model.safetensors` when there is one,
+    `model-0000i-of-0000N.safetensors` with `model.safetensors.index.json` otherwise. Given the whole
+    model in one `add`, the files are those of one sorted pass over its names.
+
+    Only the shard being filled is held in memory. `written` (file names in order, each with its tensor
+    names) and `pending` (the tensors not yet written) are what a resumed run needs to continue
+    (`state`, `restore`)."""
+
+    def __init__(self, folder: str, max_shard_size: Optional[int] = None):
+        self.folder = folder
+        self.max_shard_size = MAX_SHARD_BYTES if max_shard_size is None else max_shard_size
+        self.written: list[tuple[str, list[str]]] = []
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.total = 0
+
+    @staticmethod
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k in sorted(tensors):
+            if k in self.pending or any(k in names for _, names in self.written):
+                raise ValueError(f"tensor {k!r} written twice")
+            size = self.nbytes(tensors[k])
+            if self.pending and self.pending_bytes + size > self.max_shard_size:
+                self._flush()
+            self.pending[k] = tensors[k].detach().cpu().contiguous()
+            self.pending_bytes += size
+            self.total += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+        name = f"model-{len(self.written) + 1:05d}.safetensors.part"
+        save_file(self.pending, os.path.join(self.folder, name), metadata=SAFETENSORS_METADATA)
+        self.written.append((name, sorted(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write the last shard and give every shard its final name; returns the file names."""
+        if self.pending or not self.written:
+            self._flush()
+        if len(self.written) == 1:
+            os.replace(os.path.join(self.folder, self.written[0][0]), os.path.join(self.folder, WEIGHTS_NAME))
+            return [WEIGHTS_NAME]
+        weight_map, files = {}, []
+        for i, (part, names) in enumerate(self.written):
+            fname = f"model-{i + 1:05d}-of-{len(self.written):05d}.safetensors"
+            os.replace(os.path.join(self.folder, part), os.path.join(self.folder, fname))
+            weight_map.update({k: fname for k in names})
+            files.append(fname)
+        write_json(os.path.join(self.folder, INDEX_NAME), {"metadata": {"total_size": self.total}, "weight_map": weight_map})
+        return files
+
+    def state(self) -> dict:
+        """What `restore` needs, beside the pending tensors (saved by the caller)."""
+        return {"written": [[f, names] for f, names in self.written], "total": self.total,
+                "max_shard_size": self.max_shard_size}
+
+    def restore(self, state: dict, pending: dict[str, torch.Tensor]) -> None:
+        for f, _ in state["written"]:
+            if not os.path.isfile(os.path.join(self.folder, f)):
+                raise InputError(f"{os.path.join(self.folder, f)}: a shard of the saved run is missing")
+        self.written = [(f, list(names)) for f, names in state["written"]]
+        self.total, self.max_shard_size = state["total"], state["max_shard_size"]
+        self.pending = dict(pending)
+        self.pending_bytes = sum(self.nbytes(t) for t in pending.values())
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], folder: str, max_shard_size: int) -> None:
     """`model.safetensors`, or shards `model-0000i-of-0000N.safetensors` with an index, names sorted."""
-    from safetensors.torch import save_file
-    names = sorted(tensors)
-    size = lambda k: tensors[k].numel() * tensors[k].element_size()  # noqa: E731
-    shards, cur, cur_size = [], [], 0
-    for k in names:
-        if cur and cur_size + size(k) > max_shard_size:
-            shards.append(cur)
-            cur, cur_size = [], 0
-        cur.append(k)
-        cur_size += size(k)
-    shards.append(cur)
-    if len(shards) == 1:
-        save_file({k: tensors[k] for k in names}, os.path.join(folder, WEIGHTS_NAME), metadata=SAFETENSORS_METADATA)
-        return
-    weight_map = {}
-    for i, keys in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: tensors[k] for k in keys}, os.path.join(folder, fname), metadata=SAFETENSORS_METADATA)
-        weight_map.update({k: fname for k in keys})
-    index = {"metadata": {"total_size": sum(size(k) for k in names)}, "weight_map": weight_map}
-    write_json(os.path.join(folder, INDEX_NAME), index)
+    writer = ShardWriter(folder, max_shard_size)
+    writer.add(tensors)
+    writer.close()
 
 
 def write_json(path: str, obj: Any) -> None:

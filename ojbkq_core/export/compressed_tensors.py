@@ -28,8 +28,7 @@ import torch
 
 from ..errors import InputError
 from ..grid import QuantSpec
-from .base import (Format, as_module_weight, is_conv1d, layer_shape, load_packed, quantized_tied, save_config,
-                   state_dict, write_safetensors)
+from .base import Format, as_module_weight, is_conv1d, layer_shape, load_packed, save_config
 
 PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
@@ -125,17 +124,16 @@ class CompressedTensors(Format):
                                  f"which the compressed-tensors format needs; choose a group size dividing {n}, "
                                  f"or add the layer to quant.skip")
 
-    def save(self, model, layers: dict, folder: str, quant: QuantSpec, max_shard_size: int, provenance: dict) -> None:
-        ignore = _ignored(model, set(layers))
-        scheme_ = scheme(quant, ignore).config_groups["group_0"]
-        modules = dict(model.named_modules())
-        untie = quantized_tied(model, layers)
-        tensors = {k: v for k, v in state_dict(model).items()
-                   if not (k.endswith(".weight") and k[: -len(".weight")] in layers)}
-        for name in sorted(layers):
-            tensors.update(_compressed(name, modules[name], layers[name], scheme_, quant))
-        write_safetensors(tensors, folder, max_shard_size)
-        save_config(model, folder, quantization_config(quant, ignore), untie)
+    def begin(self, model, quantized: set, quant: QuantSpec) -> None:
+        super().begin(model, quantized, quant)
+        self.ignore = _ignored(model, self.quantized)
+        self.scheme = scheme(quant, self.ignore).config_groups["group_0"]
+
+    def layer_tensors(self, name: str, module, res) -> dict[str, torch.Tensor]:
+        return _compressed(name, module, res, self.scheme, self.quant)
+
+    def write_config(self, model, folder: str, untie: bool, provenance: dict) -> None:
+        save_config(model, folder, quantization_config(self.quant, self.ignore), untie)
 
     def detect(self, config: dict) -> bool:
         return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"

@@ -7,24 +7,20 @@ from typing import Optional
 import torch
 
 from ..errors import InputError
-from .base import (Format, as_module_weight, empty_model, layer_shape, load_state, quantized_tied, read_tensors,
-                   save_config, state_dict, write_safetensors)
+from .base import Format, as_module_weight, empty_model, layer_shape, load_state, read_tensors, save_config
 
 
 class Fake(Format):
     name = "fake"
 
-    def save(self, model, layers: dict, folder: str, quant, max_shard_size: int, provenance: dict) -> None:
-        modules = dict(model.named_modules())
-        sd = state_dict(model)
-        untie = quantized_tied(model, layers)
-        for name, res in layers.items():
-            m, n = layer_shape(name, modules[name])
-            Q = res.qweight.detach().cpu()
-            if tuple(Q.shape) != (m, n):
-                raise InputError(f"layer '{name}': qweight {tuple(Q.shape)} does not match (out, in) = {(m, n)}")
-            sd[f"{name}.weight"] = as_module_weight(modules[name], Q)
-        write_safetensors(sd, folder, max_shard_size)
+    def layer_tensors(self, name: str, module, res) -> dict[str, torch.Tensor]:
+        m, n = layer_shape(name, module)
+        Q = res.qweight.detach().cpu()
+        if tuple(Q.shape) != (m, n):
+            raise InputError(f"layer '{name}': qweight {tuple(Q.shape)} does not match (out, in) = {(m, n)}")
+        return {f"{name}.weight": as_module_weight(module, Q)}
+
+    def write_config(self, model, folder: str, untie: bool, provenance: dict) -> None:
         save_config(model, folder, None, untie)
 
     def detect(self, config: dict) -> bool:

@@ -31,8 +31,7 @@ import torch
 
 from ..errors import InputError
 from ..grid import QuantSpec
-from .base import (Format, as_module_weight, is_conv1d, layer_shape, load_packed, quantized_tied, save_config,
-                   state_dict, write_json, write_safetensors)
+from .base import Format, as_module_weight, is_conv1d, layer_shape, load_packed, save_config, write_json
 
 log = logging.getLogger("ojbkq")
 
@@ -310,19 +309,11 @@ class GPTQ(Format):
         super().check(model, layer_names, quant)
         check_packable(model, layer_names, quant.bits)
 
-    def save(self, model, layers: dict, folder: str, quant: QuantSpec, max_shard_size: int, provenance: dict) -> None:
-        bits, group_size = quant.bits, quant.group_size
-        modules = dict(model.named_modules())
-        untie = quantized_tied(model, layers)
-        tensors = {k: v for k, v in state_dict(model).items()
-                   if not (k.endswith(".weight") and k[: -len(".weight")] in layers)}
-        if untie:  # the full-precision twin of a quantized tied weight
-            for n in layers:
-                tensors.pop(f"{n}.weight", None)
-        for name in sorted(layers):
-            tensors.update(_gptq_tensors(name, modules[name], layers[name], bits, group_size))
-        write_safetensors(tensors, folder, max_shard_size)
-        qc = quantization_config(quant, model, set(layers), provenance)
+    def layer_tensors(self, name: str, module, res) -> dict[str, torch.Tensor]:
+        return _gptq_tensors(name, module, res, self.quant.bits, self.quant.group_size)
+
+    def write_config(self, model, folder: str, untie: bool, provenance: dict) -> None:
+        qc = quantization_config(self.quant, model, self.quantized, provenance)
         save_config(model, folder, qc, untie)
         write_json(os.path.join(folder, "quantize_config.json"), qc)
 

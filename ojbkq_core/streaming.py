@@ -1,0 +1,536 @@
+"""Models larger than host memory: read the checkpoint one block at a time, write the quantized
+checkpoint one block at a time, and save what a killed run needs to continue.
+
+A streamed run (`model.stream`, pipeline.py) builds the model with its parameters on the meta device
+(`empty_model`) and hands the engine a `Streamed` set of events around its usual ones:
+
+- `block_start(i)`: block `i`'s parameters are read from the checkpoint's safetensors files, on the
+  calibration device (`Weights.load`); the model's front (embeddings) was read for the capture and is
+  dropped here;
+- `block_done(i)`: the block's stored tensors (the format's `layer_tensors` for its quantized modules,
+  every other tensor as it is) go to the `ShardWriter`, which writes a shard whenever one is full; the
+  block's parameters go back to the meta device; every `output.checkpoint_every` the state to resume
+  from is saved (`Saved`).
+
+Everything is written into the output's partial sibling `.NAME.partial` (`Partial`): the finished
+shards, and in its `resume/` folder the inputs of the next block in both streams, the tensors of the
+shard being filled, the report rows so far and the RNG states. The folder holds no `config.json` until
+the run ends, when the rest of the model (embeddings, final norm, head: read from the checkpoint) is
+written and the folder is published in one rename, as `save_quantized` does.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .calibrate import Events, Progress, host_resident_bytes
+from .errors import InputError
+from .export.base import INDEX_NAME, WEIGHTS_NAME, Format, ShardWriter, read_json, weight_files
+from .model import Model
+
+log = logging.getLogger("ojbkq")
+
+RESUME = "resume"
+STATE_FILE = "state.json"
+
+
+# --- reading the checkpoint -------------------------------------------------------------------------
+
+class Checkpoint:
+    """The safetensors files of a model folder, read tensor by tensor: each `read` opens the files it
+    needs and closes them again, so no mapping outlives it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        files = weight_files(path)
+        if not all(f.endswith(".safetensors") for f in files):
+            raise InputError(f"{path}: the weights are torch .bin files; a streamed run reads safetensors "
+                             f"(save the model with save_pretrained, or set model.stream: false)")
+        index = os.path.join(path, INDEX_NAME)
+        if os.path.isfile(index):
+            self.file_of = {k: os.path.join(path, v) for k, v in read_json(index)["weight_map"].items()}
+        else:
+            from safetensors import safe_open
+            single = os.path.join(path, WEIGHTS_NAME)
+            with safe_open(single, framework="pt") as f:
+                self.file_of = {k: single for k in f.keys()}
+
+    def fingerprint(self) -> list:
+        """Name, size and modification time of each weight file: a resumed run reads the same ones."""
+        return [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))]
+                for f in sorted(set(self.file_of.values()))]
+
+    def read(self, names: dict[str, str], device, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+        """`{key: tensor}` for `names` (key → checkpoint name), each cast to `dtypes[key]` on `device`."""
+        from safetensors import safe_open
+        by_file: dict[str, list[str]] = {}
+        for key, name in names.items():
+            by_file.setdefault(self.file_of[name], []).append(key)
+        out = {}
+        for file, keys in sorted(by_file.items()):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in keys:
+                    out[key] = f.get_tensor(names[key]).to(device=device, dtype=dtypes[key])
+        return out
+
+
+def empty_model(config, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The transformers model of `config` with its parameters on the meta device (its buffers, e.g. the
+    rotary tables, computed as usual): nothing of the checkpoint is read."""
+    import transformers
+    from accelerate import init_empty_weights
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    causal = any(s in archs for s in ("ForCausalLM", "LMHeadModel")) or (
+        not archs and getattr(config, "is_decoder", False))
+    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()                    # as from_pretrained does: tied parameters are one object
+    return model.eval()
+
+
+def materialized(model: nn.Module) -> int:
+    """Parameters of `model` that hold data (not on the meta device), counted once each."""
+    return sum(p.numel() for p in model.parameters() if p.device.type != "meta")
+
+
+class Weights:
+    """Where a streamed model's parameters come from: `load` reads a module's parameters from the
+    checkpoint, `release` puts them back on the meta device; `peak` is the most parameters the model
+    held at once (counted at every load)."""
+
+    def __init__(self, model: nn.Module, adapter: Model, checkpoint: Checkpoint, device):
+        self.model, self.adapter, self.checkpoint, self.device = model, adapter, checkpoint, torch.device(device)
+        self.source = self._names()
+        first: dict[int, str] = {}
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        self.canonical = {}                 # state_dict name → the first name of the same tensor (ties)
+        for key in self.model.state_dict():
+            t = params.get(key)
+            self.canonical[key] = key if t is None else first.setdefault(id(t), key)
+        self.quantized_tied = None
+        self.peak = 0
+
+    def _names(self) -> dict[str, str]:
+        """Model tensor name → checkpoint name, for every persistent tensor; tied parameters are found
+        under any of their names. A tensor the checkpoint lacks is an `InputError`."""
+        have = self.checkpoint.file_of
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+        found, missing = {}, []
+        aliases: dict[int, list[str]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+        names_of = {n: aliases[id(p)] for n, p in self.model.named_parameters(remove_duplicate=False)}
+        for key in self.model.state_dict():
+            cands = []
+            for n in names_of.get(key, [key]):
+                cands += [n, f"{prefix}.{n}", n.removeprefix(f"{prefix}.")]
+            hit = next((c for c in cands if c in have), None)
+            if hit is None:
+                missing.append(key)
+            else:
+                found[key] = hit
+        buffers = {n for n, _ in self.model.named_buffers()}
+        missing = [k for k in missing if k not in buffers]
+        if missing:
+            raise InputError(f"{self.checkpoint.path}: the checkpoint has no tensor for {', '.join(missing[:3])}"
+                             f"{' …' if len(missing) > 3 else ''} under the model's names; set model.stream: false "
+                             f"to load it through transformers")
+        return found
+
+    def load(self, module: nn.Module, prefix: str, device=None) -> None:
+        """Read the parameters (and stored buffers) of `module`, named `prefix` in the model, onto `device`."""
+        device = self.device if device is None else device
+        want, dtypes, slots = {}, {}, {}
+        for kind, items in (("p", module.named_parameters(remove_duplicate=False)), ("b", module.named_buffers())):
+            for rel, t in items:
+                full = f"{prefix}.{rel}" if prefix else rel
+                if full in self.source and (kind == "p" and t.device.type == "meta" or kind == "b"):
+                    want[full], dtypes[full], slots[full] = self.source[full], t.dtype, (kind, rel)
+        tensors = self.checkpoint.read(want, device, dtypes)
+        for full, (kind, rel) in slots.items():
+            owner, _, leaf = rel.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            if kind == "p":
+                sub._parameters[leaf] = nn.Parameter(tensors[full], requires_grad=False)
+            else:
+                sub._buffers[leaf] = tensors[full]
+        self.peak = max(self.peak, materialized(self.model))
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        """`module`'s parameters back on the meta device (their memory freed)."""
+        for sub in module.modules():
+            for leaf, p in list(sub._parameters.items()):
+                if p is not None and p.device.type != "meta":
+                    sub._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+    def front(self) -> list[nn.Module]:
+        """Read every module outside the blocks except the output head: what the forward runs before the
+        first block, for the capture. Returns them, to `release` once the capture is done."""
+        path = self.adapter.blocks_path()
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        skip = {id(m) for m in head.modules()} if head is not None else set()
+        out = []
+        for name, sub in self.model.named_modules():
+            if name == path or name.startswith(path + ".") or id(sub) in skip:
+                continue
+            if any(p is not None for p in sub._parameters.values()):
+                self.load_own(sub, name)
+                out.append(sub)
+        self.peak = max(self.peak, materialized(self.model))
+        return out
+
+    def load_own(self, module: nn.Module, name: str) -> None:
+        """Read the parameters `module` holds itself (not its children's)."""
+        want, dtypes = {}, {}
+        for leaf, p in module._parameters.items():
+            full = f"{name}.{leaf}" if name else leaf
+            if p is not None and p.device.type == "meta" and full in self.source:
+                want[leaf], dtypes[leaf] = self.source[full], p.dtype
+        for leaf, t in self.checkpoint.read(want, self.device, dtypes).items():
+            module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+
+    def rest(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor outside the blocks, on the CPU in the model's dtypes, one name per tied
+        parameter (the first in `state_dict` order, as `export.base.state_dict` keeps)."""
+        path = self.adapter.blocks_path() + "."
+        want, dtypes, out = {}, {}, {}
+        tensors = {**dict(self.model.named_parameters(remove_duplicate=False)), **dict(self.model.named_buffers())}
+        for key in self.model.state_dict():
+            if key.startswith(path) or self.canonical[key] != key:
+                continue
+            if key in self.source:
+                want[key], dtypes[key] = self.source[key], tensors[key].dtype
+            else:                                        # a buffer the checkpoint does not store
+                out[key] = tensors[key].detach().cpu().contiguous()
+        out.update(self.checkpoint.read(want, "cpu", dtypes))
+        return out
+
+
+def untied(model: nn.Module, quantized: set) -> bool:
+    """Whether a quantized module's weight is one parameter with a tensor that stays in full precision
+    (by identity: the weights may be on the meta device)."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    for group in names.values():
+        q = [n for n in group if n.endswith(".weight") and n[: -len(".weight")] in quantized]
+        if q and len(q) < len(group):
+            return True
+    return False
+
+
+# --- the partial output folder and the saved state ---------------------------------------------------
+
+class Partial:
+    """The output's partial sibling `.NAME.partial`, locked by this run while it writes (a second run on
+    the same output is refused), published over `out_dir` when the run ends."""
+
+    def __init__(self, out_dir: str, main: bool = True):
+        target = os.path.abspath(out_dir)
+        self.out_dir = out_dir
+        self.path = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial")
+        self.main = main
+        self._lock = None
+
+    @property
+    def resume_dir(self) -> str:
+        return os.path.join(self.path, RESUME)
+
+    def saved(self) -> Optional[dict]:
+        """The saved state (`state.json`), or None when no checkpoint was saved."""
+        f = os.path.join(self.resume_dir, STATE_FILE)
+        return read_json(f) if os.path.isfile(f) else None
+
+    def open(self, resume: bool) -> Optional[dict]:
+        """Create or take over the folder (rank 0) and lock it; returns the saved state when `resume`.
+        A saved state without `resume` is refused (it would be lost), so is a folder another live run
+        holds."""
+        if self.main:
+            os.makedirs(self.path, exist_ok=True)
+            self._lock = open(os.path.join(self.path, ".lock"), "w")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InputError(f"output.dir={self.out_dir!r}: another run is writing {self.path}; wait for it "
+                                 f"or stop it") from None
+        state = self.saved()
+        if state is not None and not resume:
+            raise InputError(f"output.dir={self.out_dir!r}: a run that stopped saved its state at block "
+                             f"{state['progress']['block']}/{state['blocks']} in {self.path}; continue it with "
+                             f"--resume, or remove that folder to start again")
+        if state is None and self.main:                  # a run killed before its first checkpoint
+            for name in os.listdir(self.path):
+                if name != ".lock":
+                    p = os.path.join(self.path, name)
+                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        return state
+
+    def publish(self) -> None:
+        from .export.base import publish
+        shutil.rmtree(self.resume_dir, ignore_errors=True)
+        self.close()
+        os.remove(os.path.join(self.path, ".lock"))
+        publish(self.path, self.out_dir)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def discard(self) -> None:
+        """Remove the folder, unless it holds a saved state to resume from or another run holds it."""
+        if self._lock is None:
+            return
+        self.close()
+        if self.main and self.saved() is None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def fingerprint(spec_yaml: str, checkpoint: Checkpoint, world_size: int) -> dict:
+    """What a resumed run must share with the one that saved: the resolved recipe (less
+    `output.overwrite`), the checkpoint's files and the number of processes."""
+    import yaml
+    cfg = yaml.safe_load(spec_yaml)
+    cfg.get("output", {}).pop("overwrite", None)
+    return {"config": cfg, "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest(),
+            "weights": checkpoint.fingerprint(), "world_size": world_size}
+
+
+def _flat(d, prefix="") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def check_same(saved: dict, now: dict, where: str) -> None:
+    """One line refusing a resume whose recipe, weights or process count differ from the saved run's."""
+    if saved["config_sha256"] != now["config_sha256"]:
+        a, b = _flat(saved["config"]), _flat(now["config"])
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        shown = ", ".join(f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in diff[:3])
+        raise InputError(f"--resume: the run saved in {where} used another config ({shown}); rerun with its "
+                         f"config, or remove {where} to start again")
+    if saved["weights"] != now["weights"]:
+        raise InputError(f"--resume: the model's weight files changed since the run saved in {where}; remove "
+                         f"{where} to start again")
+    if saved["world_size"] != now["world_size"]:
+        raise InputError(f"--resume: the run saved in {where} had {saved['world_size']} processes, this one "
+                         f"{now['world_size']}; rerun with --nproc {saved['world_size']}")
+
+
+class Saved:
+    """The state a run saves every `every` (blocks, or seconds when `seconds` is set) and a resumed run
+    starts from: `resume/` holds `state.json` (progress, report rows, writer, RNG states), the streams
+    (`streams-r<rank>-<batch>.safetensors`) and the tensors of the shard being filled
+    (`pending.safetensors`). Written into `resume.tmp/` and renamed into place, so a kill while saving
+    leaves the previous state."""
+
+    def __init__(self, partial: Partial, stamp: dict, blocks: int, rank: int, every: int = 0, seconds: float = 0.0):
+        self.partial, self.stamp, self.blocks, self.rank = partial, stamp, blocks, rank
+        self.every, self.seconds = every, seconds
+        self.last = time.monotonic()
+        self.saves, self.save_seconds = 0, 0.0
+
+    def due(self, done_blocks: int) -> bool:
+        if done_blocks >= self.blocks:
+            return False
+        if self.every:
+            return done_blocks % self.every == 0
+        return bool(self.seconds) and time.monotonic() - self.last >= self.seconds
+
+    def save(self, progress: Progress, writer: Optional[ShardWriter], world=None) -> None:
+        from safetensors.torch import save_file
+        t0 = time.perf_counter()
+        tmp = self.partial.resume_dir + ".tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier(world)
+        for b, x in enumerate(progress.X):
+            tensors = {"X": x.detach().cpu().contiguous()}
+            if progress.X_fp is not None:
+                tensors["X_fp"] = progress.X_fp[b].detach().cpu().contiguous()
+            save_file(tensors, os.path.join(tmp, f"streams-r{self.rank}-{b:05d}.safetensors"))
+        _barrier(world)
+        if self.rank == 0:
+            if writer is not None and writer.pending:
+                save_file(writer.pending, os.path.join(tmp, "pending.safetensors"))
+            state = {"blocks": self.blocks, "stamp": self.stamp,
+                     "progress": {"block": progress.block, "index": progress.index, "batches": len(progress.X),
+                                  "full_precision": progress.X_fp is not None},
+                     "rows": progress.rows, "skipped": progress.skipped,
+                     "writer": writer.state() if writer is not None else None, "rng": rng_state()}
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(state, f)
+            old = self.partial.resume_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            if os.path.isdir(self.partial.resume_dir):
+                os.replace(self.partial.resume_dir, old)
+            os.replace(tmp, self.partial.resume_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        _barrier(world)
+        self.last = time.monotonic()
+        self.saves += 1
+        self.save_seconds += time.perf_counter() - t0
+        log.info("saved the state to resume from at block %d/%d in %s (%.1fs)", progress.block, self.blocks,
+                 self.partial.resume_dir, time.perf_counter() - t0)
+
+
+def _barrier(world) -> None:
+    if world is not None:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def load_start(partial: Partial, state: dict, rank: int) -> tuple[Progress, dict[str, torch.Tensor]]:
+    """The `Progress` a resumed run starts from (this rank's streams) and the pending shard tensors."""
+    from safetensors.torch import load_file
+    p = state["progress"]
+    X, X_fp = [], [] if p["full_precision"] else None
+    for b in range(p["batches"]):
+        f = os.path.join(partial.resume_dir, f"streams-r{rank}-{b:05d}.safetensors")
+        if not os.path.isfile(f):
+            raise InputError(f"{f}: missing from the saved state; remove {partial.path} to start again")
+        t = load_file(f)
+        X.append(t["X"])
+        if X_fp is not None:
+            X_fp.append(t["X_fp"])
+    pending_file = os.path.join(partial.resume_dir, "pending.safetensors")
+    pending = load_file(pending_file) if os.path.isfile(pending_file) else {}
+    set_rng_state(state["rng"])
+    return Progress(p["block"], p["index"], X, X_fp, state["rows"], state["skipped"]), pending
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state().tolist(), "numpy": _jsonable(np.random.get_state()),
+            "python": _jsonable(random.getstate())}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (tuple, list)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# --- the events of a streamed run ------------------------------------------------------------------------
+
+class Streamed(Events):
+    """The events of `inner` (the defaults, or a distributed `Engine`) plus streaming: each block's weights
+    read in `block_start`, its tensors written (`writer`, rank 0 only) and its weights dropped in
+    `block_done`, the state saved when `saved.due`."""
+
+    def __init__(self, weights: Weights, fmt: Optional[Format], writer: Optional[ShardWriter],
+                 saved: Optional[Saved], world=None):
+        self.inner: Events = Events()
+        self.weights, self.fmt, self.writer, self.saved, self.world = weights, fmt, writer, saved, world
+        self.front: list[nn.Module] = []
+        self.seconds = {"read": 0.0, "write": 0.0}
+        self.host_peak = 0
+
+    def around(self, inner: Optional[Events]) -> "Streamed":
+        """These events around `inner` (the engine's defaults when None); returns self."""
+        self.inner = inner if inner is not None else Events()
+        return self
+
+    def block_start(self, index: int, block: nn.Module) -> None:
+        for m in self.front:                            # the capture is over
+            self.weights.release(m)
+        self.front = []
+        t0 = time.perf_counter()
+        self.weights.load(block, f"{self.weights.adapter.blocks_path()}.{index}")
+        self.seconds["read"] += time.perf_counter() - t0
+        self.inner.block_start(index, block)
+
+    def statistics_ready(self, group):
+        return self.inner.statistics_ready(group)
+
+    def decode_group(self, group):
+        return self.inner.decode_group(group)
+
+    def group_decoded(self, group, results) -> None:
+        self.inner.group_decoded(group, results)
+
+    def layer_done(self, group, task, row) -> None:
+        self.inner.layer_done(group, task, row)
+
+    def block_done(self, index: int, block: nn.Module, progress: Progress) -> None:
+        self.inner.block_done(index, block, progress)
+        self.weights.peak = max(self.weights.peak, materialized(self.weights.model))
+        t0 = time.perf_counter()
+        if self.writer is not None:
+            self.writer.add(block_tensors(self.fmt, block, f"{self.weights.adapter.blocks_path()}.{index}",
+                                          progress.layers))
+        self.weights.release(block)
+        self.seconds["write"] += time.perf_counter() - t0
+        self.host_peak = max(self.host_peak, host_resident_bytes())
+        if self.saved is not None and self._due(progress.block):
+            self.saved.save(progress, self.writer, self.world)
+
+    def _due(self, done_blocks: int) -> bool:
+        due = self.saved.due(done_blocks)
+        if self.world is not None:                       # every rank saves at the same block
+            import torch.distributed as dist
+            flag = [due]
+            dist.broadcast_object_list(flag, src=0)
+            due = bool(flag[0])
+        return due
+
+    def stop_requested(self) -> bool:
+        return self.inner.stop_requested()
+
+
+def block_tensors(fmt: Format, block: nn.Module, prefix: str, layers: dict) -> dict[str, torch.Tensor]:
+    """The stored tensors of block `prefix` once quantized: the format's tensors for each module in
+    `layers` (full name → `LayerResult`), every other tensor of the block as it is (CPU)."""
+    out = {}
+    quantized = {name[len(prefix) + 1:] for name in layers}
+    for rel, t in block.state_dict().items():
+        if rel.endswith(".weight") and rel[: -len(".weight")] in quantized:
+            continue
+        out[f"{prefix}.{rel}"] = t.detach().cpu().contiguous()
+    for name in sorted(layers):
+        out.update(fmt.layer_tensors(name, block.get_submodule(name[len(prefix) + 1:]), layers[name]))
+    return out
+
+
+CHECKPOINT_EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)\s*$")
+
+
+def checkpoint_policy(value) -> tuple[int, float]:
+    """`(blocks, seconds)` from `output.checkpoint_every`: an integer counts blocks (0: never), a string
+    such as `5m`, `300s` or `1h` is a time."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, 0.0
+    m = CHECKPOINT_EVERY.match(str(value))
+    scale = {"s": 1, "m": 60, "min": 60, "h": 3600}[m.group(2)]
+    return 0, float(m.group(1)) * scale
+
+
+__all__ = ["Checkpoint", "Partial", "Saved", "Streamed", "Weights", "block_tensors", "check_same",
+           "checkpoint_policy", "empty_model", "fingerprint", "load_start", "materialized", "untied"]
