@@ -49,37 +49,25 @@ def build(args, folder: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _status_bytes(key: str) -> int:
-    """A memory line of /proc/self/status in bytes (`VmRSS` now, `VmHWM` the peak of this process image)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _resident_bytes() -> int:
-    return _status_bytes("VmRSS")
-
-
 def child(argv) -> int:
     """`ojbkq quantize` with this tree's plugins registered; writes the GPU peak and the resident host
     memory sampled every second (seconds since start, bytes) to `$OJBKQ_RUN_STATS`."""
     import threading
     from ojbkq_core import registry
+    from ojbkq_core.calibrate import host_memory_bytes
     from ojbkq_core.cli import main
     t0, samples, done = time.perf_counter(), [], threading.Event()
 
     def sample():
         while not done.is_set():
-            samples.append((round(time.perf_counter() - t0, 1), _resident_bytes()))
+            samples.append((round(time.perf_counter() - t0, 1), host_memory_bytes()))
             done.wait(1.0)
     threading.Thread(target=sample, daemon=True).start()
     registry._REGISTRY = registry.load(extra_plugins=("ojbkq_hf.plugin", "ojbkq_cuda.plugin"))
     rc = main(argv)
     done.set()
     stats = {"gpu_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
-             "resident_bytes": samples, "host_hwm_bytes": _status_bytes("VmHWM")}
+             "resident_bytes": samples, "host_hwm_bytes": host_memory_bytes("VmHWM")}
     Path(os.environ["OJBKQ_RUN_STATS"]).write_text(json.dumps(stats))
     return rc
 

@@ -120,12 +120,13 @@ def stream_home(adapter: Model, samples: int, seqlen: int, streams: int, device:
     return device if need <= share * free else "pinned"
 
 
-def host_resident_bytes() -> int:
-    """This process's resident host memory now (Linux `VmRSS`; 0 where the system does not say)."""
+def host_memory_bytes(key: str = "VmRSS") -> int:
+    """This process's host memory from Linux's /proc/self/status: `VmRSS` resident now, `VmHWM` its peak
+    (0 where the system does not say)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -135,7 +136,7 @@ def host_resident_bytes() -> int:
 def memory_line(device: torch.device) -> str:
     """`host 3.1 GiB, device 12.0 GiB (peak 20.5 GiB)`: resident host memory and, on CUDA, the memory
     torch holds on `device` now and at its peak."""
-    text = f"host {host_resident_bytes() / 2**30:.1f} GiB"
+    text = f"host {host_memory_bytes() / 2**30:.1f} GiB"
     if device.type == "cuda":
         text += (f", device {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB "
                  f"(peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB)")
@@ -714,6 +715,7 @@ def calibrate(
             if not true_sequential:
                 groups = [[n for g in groups for n in g]]
             streams.plan_full_precision(block, [n for g in groups for n in g], FULL_PRECISION_PASS_BYTES)
+            done: dict[str, LayerResult] = {}               # this block's results
             for gi, names in enumerate(groups):
                 tasks = layer_tasks(objective, f"{path}.{i}", names, index, seed, skip)
                 index += len(names)
@@ -738,7 +740,9 @@ def calibrate(
                     if not res.decoded_here:             # its codes are kept by another process
                         continue
                     rows[t.full] = _row(t, res.codes.shape, res)
-                    layers[t.full] = res
+                    done[t.full] = res
+                    if keep_layers:
+                        layers[t.full] = res
                     seconds["quantize"] += res.report["seconds"]
                     extra = "".join(f" {key}={v:.3f}" for key, v in t.draws.items())
                     log.info("%s: %s loss=%.6g%s (%.2fs)", t.full, t.objective.describe(), res.loss, extra,
@@ -759,11 +763,6 @@ def calibrate(
                 torch.cuda.empty_cache()
             if stopped is not None:
                 break
-            prefix = f"{path}.{i}."
-            done = {k: layers[k] for k in layers if k.startswith(prefix)}
-            if not keep_layers:
-                for k in done:
-                    del layers[k]
             events.block_done(i, block, Progress(i + 1, index, streams.X, streams.X_fp, rows, skipped, done))
             del done
             log.info("block %d/%d done (%.1fs since the start; %s)", i + 1, len(blocks),

@@ -203,14 +203,15 @@ def run(spec: RunSpec, resume: bool = False) -> dict:
     if resume and not stream:
         raise InputError("--resume: this run loads the model whole and saves no state to resume from "
                          f"({_why_whole(spec)}); run it without --resume")
-    quantize = _quantize_streamed if stream else _quantize
+    def quantize(world):
+        return _quantize_streamed(spec, world, resume) if stream else _quantize(spec, world)
     if not distributed.launched():
-        return quantize(spec, None, resume) if stream else quantize(spec, None)
+        return quantize(None)
     world = distributed.init(spec.target)
     if not world.main:
         log.setLevel(logging.WARNING)
     try:
-        return quantize(spec, world, resume) if stream else quantize(spec, world)
+        return quantize(world)
     finally:
         distributed.close()
 
@@ -311,12 +312,10 @@ def _quantize_streamed(spec: RunSpec, world: Optional[distributed.World], resume
     """`_quantize` for a streamed run: the model on the meta device, each block read when it is
     calibrated and written when it is done (`streaming.Streamed`), into the output's partial sibling,
     which is published when the last tensors and files are written."""
-    import resource
-
+    from .calibrate import host_memory_bytes
     from .export import get_format, write_extra
-    from .export.base import ShardWriter
-    from .streaming import (Checkpoint, Partial, Saved, Streamed, Weights, check_same, checkpoint_policy,
-                            fingerprint, load_start, untied)
+    from .export.base import quantized_tied
+    from .streaming import Checkpoint, Partial, Saved, Streamed, Weights, checkpoint_policy, fingerprint, restore
     t0 = time.perf_counter()
     main = world is None or world.main
     rank = 0 if world is None else world.rank
@@ -337,35 +336,14 @@ def _quantize_streamed(spec: RunSpec, world: Optional[distributed.World], resume
     fmt = get_format(out.format)
     quantized = set(quantized_names(adapter, spec.quant.skip))
     fmt.begin(model, quantized, spec.quant)
-    untie = untied(model, quantized)
+    untie = quantized_tied(model, quantized)
     log.info("%s: %s streamed with adapter %s, %d quantized layers, device %s", m.path, type(model).__name__,
              adapter.name, len(quantized), device)
 
     partial = Partial(out.dir, main)
     try:
-        state = partial.open(resume) if main else None
-        if world is not None:
-            import torch.distributed as dist
-            box = [state]
-            dist.broadcast_object_list(box, src=0)
-            state = box[0]
         stamp = fingerprint(spec.to_yaml(), weights.checkpoint, 1 if world is None else world.size)
-        start, pending = None, {}
-        if state is not None:
-            check_same(state["stamp"], stamp, partial.path)
-            start, pending = load_start(partial, state, rank)
-            log.info("resuming at block %d/%d from %s", start.block, state["blocks"], partial.resume_dir)
-        elif resume:
-            log.info("--resume: no saved state in %s; starting at block 0", partial.path)
-        writer = None
-        if main:
-            writer = ShardWriter(partial.path)
-            if state is not None:
-                writer.restore(state["writer"], pending)
-                kept = {f for f, _ in writer.written}
-                for name in os.listdir(partial.path):      # shards written after the saved state
-                    if name.endswith(".safetensors.part") and name not in kept:
-                        os.remove(os.path.join(partial.path, name))
+        start, writer = restore(partial, resume, stamp, world, main)
         every, seconds = checkpoint_policy(out.checkpoint_every)
         saved = Saved(partial, stamp, len(adapter.blocks()), rank, every, seconds) if every or seconds else None
         events = Streamed(weights, fmt if main else None, writer, saved, world)
@@ -384,7 +362,7 @@ def _quantize_streamed(spec: RunSpec, world: Optional[distributed.World], resume
             "peak_parameters": weights.peak, "model_parameters": total, "seconds": events.seconds,
             "checkpoint_every": out.checkpoint_every, "checkpoints": saved.saves if saved else 0,
             "checkpoint_seconds": saved.save_seconds if saved else 0.0}
-        report["host_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        report["host_peak_bytes"] = host_memory_bytes("VmHWM")
         report["seconds"]["run"] = time.perf_counter() - t0
         if not main:
             partial.close()

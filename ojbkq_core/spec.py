@@ -427,7 +427,7 @@ def model_section(sec: dict) -> ModelSpec:
     _choice(sec, "model", "dtype", DTYPES)
     _str(sec, "model", "adapter")
     _bool(sec, "model", "trust_remote_code")
-    if sec["stream"] not in ("auto", True, False):
+    if not (isinstance(sec["stream"], bool) or sec["stream"] == "auto"):
         raise InputError(f"model.stream={sec['stream']!r}: choose auto, true or false")
     if sec["adapter"] != "auto":
         from .registry import get_registry

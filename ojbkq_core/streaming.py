@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibrate import Events, Progress, host_resident_bytes
+from .calibrate import Events, Progress
 from .errors import InputError
 from .export.base import INDEX_NAME, WEIGHTS_NAME, Format, ShardWriter, read_json, weight_files
 from .model import Model
@@ -113,53 +113,47 @@ class Weights:
 
     def __init__(self, model: nn.Module, adapter: Model, checkpoint: Checkpoint, device):
         self.model, self.adapter, self.checkpoint, self.device = model, adapter, checkpoint, torch.device(device)
-        self.source = self._names()
-        first: dict[int, str] = {}
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        self.canonical = {}                 # state_dict name → the first name of the same tensor (ties)
-        for key in self.model.state_dict():
-            t = params.get(key)
-            self.canonical[key] = key if t is None else first.setdefault(id(t), key)
-        self.quantized_tied = None
+        params = dict(model.named_parameters(remove_duplicate=False))
+        aliases: dict[int, list[str]] = {}                 # a tied parameter's names, in model order
+        for name, p in params.items():
+            aliases.setdefault(id(p), []).append(name)
+        names = {key: aliases[id(params[key])] if key in params else [key] for key in model.state_dict()}
+        self.canonical = {key: names[key][0] for key in names}      # the name a tied tensor is stored under
+        self.source = self._find(names)
         self.peak = 0
 
-    def _names(self) -> dict[str, str]:
-        """Model tensor name → checkpoint name, for every persistent tensor; tied parameters are found
-        under any of their names. A tensor the checkpoint lacks is an `InputError`."""
+    def _find(self, names: dict[str, list[str]]) -> dict[str, str]:
+        """Model tensor name → checkpoint name, for every stored tensor; a tied parameter is found under any
+        of its `names`, with or without the model's base prefix. A parameter the checkpoint lacks is an
+        `InputError` (a buffer it lacks keeps the model's value)."""
         have = self.checkpoint.file_of
         prefix = getattr(self.model, "base_model_prefix", "") or ""
-        found, missing = {}, []
-        aliases: dict[int, list[str]] = {}
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(p), []).append(name)
-        names_of = {n: aliases[id(p)] for n, p in self.model.named_parameters(remove_duplicate=False)}
-        for key in self.model.state_dict():
-            cands = []
-            for n in names_of.get(key, [key]):
-                cands += [n, f"{prefix}.{n}", n.removeprefix(f"{prefix}.")]
-            hit = next((c for c in cands if c in have), None)
-            if hit is None:
-                missing.append(key)
-            else:
-                found[key] = hit
         buffers = {n for n, _ in self.model.named_buffers()}
-        missing = [k for k in missing if k not in buffers]
+        found, missing = {}, []
+        for key, aliases in names.items():
+            cands = [c for n in aliases for c in (n, f"{prefix}.{n}", n.removeprefix(f"{prefix}."))]
+            hit = next((c for c in cands if c in have), None)
+            if hit is not None:
+                found[key] = hit
+            elif key not in buffers:
+                missing.append(key)
         if missing:
             raise InputError(f"{self.checkpoint.path}: the checkpoint has no tensor for {', '.join(missing[:3])}"
                              f"{' …' if len(missing) > 3 else ''} under the model's names; set model.stream: false "
                              f"to load it through transformers")
         return found
 
-    def load(self, module: nn.Module, prefix: str, device=None) -> None:
-        """Read the parameters (and stored buffers) of `module`, named `prefix` in the model, onto `device`."""
-        device = self.device if device is None else device
+    def load(self, module: nn.Module, prefix: str, recurse: bool = True) -> None:
+        """Read the parameters (and stored buffers) of `module`, named `prefix` in the model, onto the
+        calibration device; with `recurse=False` only those it holds itself."""
         want, dtypes, slots = {}, {}, {}
-        for kind, items in (("p", module.named_parameters(remove_duplicate=False)), ("b", module.named_buffers())):
+        for kind, items in (("p", module.named_parameters(recurse=recurse, remove_duplicate=False)),
+                            ("b", module.named_buffers(recurse=recurse))):
             for rel, t in items:
                 full = f"{prefix}.{rel}" if prefix else rel
-                if full in self.source and (kind == "p" and t.device.type == "meta" or kind == "b"):
+                if full in self.source and (kind == "b" or t.device.type == "meta"):
                     want[full], dtypes[full], slots[full] = self.source[full], t.dtype, (kind, rel)
-        tensors = self.checkpoint.read(want, device, dtypes)
+        tensors = self.checkpoint.read(want, self.device, dtypes)
         for full, (kind, rel) in slots.items():
             owner, _, leaf = rel.rpartition(".")
             sub = module.get_submodule(owner) if owner else module
@@ -188,20 +182,9 @@ class Weights:
             if name == path or name.startswith(path + ".") or id(sub) in skip:
                 continue
             if any(p is not None for p in sub._parameters.values()):
-                self.load_own(sub, name)
+                self.load(sub, name, recurse=False)
                 out.append(sub)
-        self.peak = max(self.peak, materialized(self.model))
         return out
-
-    def load_own(self, module: nn.Module, name: str) -> None:
-        """Read the parameters `module` holds itself (not its children's)."""
-        want, dtypes = {}, {}
-        for leaf, p in module._parameters.items():
-            full = f"{name}.{leaf}" if name else leaf
-            if p is not None and p.device.type == "meta" and full in self.source:
-                want[leaf], dtypes[leaf] = self.source[full], p.dtype
-        for leaf, t in self.checkpoint.read(want, self.device, dtypes).items():
-            module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
 
     def rest(self) -> dict[str, torch.Tensor]:
         """Every stored tensor outside the blocks, on the CPU in the model's dtypes, one name per tied
@@ -218,19 +201,6 @@ class Weights:
                 out[key] = tensors[key].detach().cpu().contiguous()
         out.update(self.checkpoint.read(want, "cpu", dtypes))
         return out
-
-
-def untied(model: nn.Module, quantized: set) -> bool:
-    """Whether a quantized module's weight is one parameter with a tensor that stays in full precision
-    (by identity: the weights may be on the meta device)."""
-    names: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
-    for group in names.values():
-        q = [n for n in group if n.endswith(".weight") and n[: -len(".weight")] in quantized]
-        if q and len(q) < len(group):
-            return True
-    return False
 
 
 # --- the partial output folder and the saved state ---------------------------------------------------
@@ -398,6 +368,37 @@ def _barrier(world) -> None:
         dist.barrier()
 
 
+def restore(partial: Partial, resume: bool, stamp: dict, world, main: bool
+            ) -> tuple[Optional[Progress], Optional[ShardWriter]]:
+    """Open `partial` for this run and return `(start, writer)`: where the run starts (None: block 0) and
+    the shard writer (rank 0 only; with the saved shards and the tensors of the shard being filled).
+    Every rank gets rank 0's view of the saved state; one saved by another config,
+    other weights or another process count is refused (`check_same`)."""
+    state = partial.open(resume) if main else None
+    if world is not None:
+        import torch.distributed as dist
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    start, pending = None, {}
+    if state is not None:
+        check_same(state["stamp"], stamp, partial.path)
+        start, pending = load_start(partial, state, 0 if world is None else world.rank)
+        log.info("resuming at block %d/%d from %s", start.block, state["blocks"], partial.resume_dir)
+    elif resume:
+        log.info("--resume: no saved state in %s; starting at block 0", partial.path)
+    if not main:
+        return start, None
+    writer = ShardWriter(partial.path)
+    if state is not None:
+        writer.restore(state["writer"], pending)
+        kept = {f for f, _ in writer.written}
+        for name in os.listdir(partial.path):              # shards written after the saved state
+            if name.endswith(".safetensors.part") and name not in kept:
+                os.remove(os.path.join(partial.path, name))
+    return start, writer
+
+
 def load_start(partial: Partial, state: dict, rank: int) -> tuple[Progress, dict[str, torch.Tensor]]:
     """The `Progress` a resumed run starts from (this rank's streams) and the pending shard tensors."""
     from safetensors.torch import load_file
@@ -451,7 +452,6 @@ class Streamed(Events):
         self.weights, self.fmt, self.writer, self.saved, self.world = weights, fmt, writer, saved, world
         self.front: list[nn.Module] = []
         self.seconds = {"read": 0.0, "write": 0.0}
-        self.host_peak = 0
 
     def around(self, inner: Optional[Events]) -> "Streamed":
         """These events around `inner` (the engine's defaults when None); returns self."""
@@ -488,7 +488,6 @@ class Streamed(Events):
                                           progress.layers))
         self.weights.release(block)
         self.seconds["write"] += time.perf_counter() - t0
-        self.host_peak = max(self.host_peak, host_resident_bytes())
         if self.saved is not None and self._due(progress.block):
             self.saved.save(progress, self.writer, self.world)
 
@@ -530,7 +529,3 @@ def checkpoint_policy(value) -> tuple[int, float]:
     m = CHECKPOINT_EVERY.match(str(value))
     scale = {"s": 1, "m": 60, "min": 60, "h": 3600}[m.group(2)]
     return 0, float(m.group(1)) * scale
-
-
-__all__ = ["Checkpoint", "Partial", "Saved", "Streamed", "Weights", "block_tensors", "check_same",
-           "checkpoint_policy", "empty_model", "fingerprint", "load_start", "materialized", "untied"]

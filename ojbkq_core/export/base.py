@@ -131,11 +131,14 @@ def state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def quantized_tied(model, layers) -> bool:
-    """Whether a quantized module's weight shares storage with a tensor that stays in full precision."""
-    sd = model.state_dict()
-    qptr = {sd[f"{n}.weight"].untyped_storage().data_ptr() for n in layers if f"{n}.weight" in sd}
-    return any(v.untyped_storage().data_ptr() in qptr for k, v in sd.items()
-               if k.endswith(".weight") and k[: -len(".weight")] not in layers)
+    """Whether a quantized module's weight is also a weight that stays in full precision: the same
+    storage, or, for weights on the meta device (a streamed run), the same parameter."""
+    def key(p):
+        return id(p) if p.device.type == "meta" else p.untyped_storage().data_ptr()
+    params = [(n[: -len(".weight")], p) for n, p in model.named_parameters(remove_duplicate=False)
+              if n.endswith(".weight")]
+    quantized = {key(p) for n, p in params if n in layers}
+    return any(key(p) in quantized for n, p in params if n not in layers)
 
 
 MAX_SHARD_BYTES = 2 * 2**30     # a safetensors file holds at most this much (one tensor larger gets a file alone)
