@@ -33,6 +33,7 @@ import copy
 import fnmatch
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -46,6 +47,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .decoders.base import Decoder
 from .decoders.rtn import RTN
 from .errors import InputError, NonFiniteError
+from .experts import sparse_blocks
 from .grid import GridSpec, QuantSpec
 from .layer import LayerResult, quantize_layer
 from .model import Model
@@ -54,6 +56,7 @@ from .stats import Statistics
 
 log = logging.getLogger("ojbkq")
 
+MOE_FALLBACKS = ("rtn", "all_tokens")   # what an expert with too few routed tokens is quantized with
 SYMMETRIC = (Term(1, 0, 0),)        # ‖W X − Q X‖²: the objective is the symmetric loss itself
 
 
@@ -196,6 +199,26 @@ def capture_block_inputs(adapter: Model, input_ids: torch.Tensor, batch_size: in
     return out
 
 
+class Inputs(dict):
+    """Module name → its input in one forward (`module_inputs`), and `tokens`: module name → the token
+    positions `(N,)` of its input's rows, for a module called on routed tokens only (an expert)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens: dict[str, torch.Tensor] = {}
+
+
+def paired(x: torch.Tensor, tokens: torch.Tensor, x_fp: torch.Tensor, tokens_fp: torch.Tensor):
+    """`(x, x_fp)` restricted to the tokens routed to an expert in both streams, row `r` of each the same
+    token (in increasing position): the rows `(N, n)`, `(N_fp, n)` with their token positions `(N,)`, `(N_fp,)`."""
+    size = int(max(tokens.max(), tokens_fp.max())) + 1 if tokens.numel() and tokens_fp.numel() else 0
+    row = torch.full((2, size), -1, dtype=torch.long, device=tokens.device)
+    row[0, tokens] = torch.arange(tokens.numel(), device=tokens.device)
+    row[1, tokens_fp.to(tokens.device)] = torch.arange(tokens_fp.numel(), device=tokens.device)
+    both = (row >= 0).all(0).nonzero()[:, 0]
+    return x[row[0, both].to(x.device)], x_fp[row[1, both].to(x_fp.device)]
+
+
 def _run(block: nn.Module, hidden: torch.Tensor, b: BlockInputs, device) -> torch.Tensor:
     return _first_tensor(block(hidden.to(device, non_blocking=True), *to_device(b.args, device),
                                **to_device(b.kwargs, device)))
@@ -206,17 +229,21 @@ def module_inputs(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, 
     """The input of each named submodule of `block` when it runs on `hidden`; the forward stops as
     soon as all of them were seen, unless `finish`: then it runs to the end and `(inputs, output)` is
     returned. Modules called with the same tensor get the same object; a module the forward never
-    calls (an expert no token is routed to) is absent."""
+    calls (an expert no token is routed to) is absent. A module called with `tokens=` (a routed
+    expert's `RoutedLinear`) has its rows' token positions in `got.tokens`. Only a module's first call
+    in the forward counts."""
     want = set(names)
-    got: dict[str, torch.Tensor] = {}
+    got = Inputs()
     same: dict[int, tuple] = {}                   # id of an input tensor → (it, its detached view)
     handles = []
 
     def make(name):
         def hook(module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
+            x = args[0] if args else kwargs.get("input", next(iter(kwargs.values())))
             if name not in got:
                 got[name] = same.setdefault(id(x), (x, x.detach()))[1]
+                if kwargs.get("tokens") is not None:
+                    got.tokens[name] = kwargs["tokens"]
             if not finish and want <= got.keys():
                 raise _Stop
         return hook
@@ -320,7 +347,9 @@ class Streams:
                 self.fp_pass[b] = module_inputs(orig, self.fp_modules, self.X_fp[b], self.batches[b], device,
                                                 finish=True)
             got, out = self.fp_pass[b]
-            x_fp = {n: got[n] for n in names if n in got}
+            x_fp = Inputs()
+            x_fp.update((n, got[n]) for n in names if n in got)
+            x_fp.tokens.update((n, got.tokens[n]) for n in names if n in got.tokens)
             if propagate_fp:
                 self.store(self.X_fp, b, out)
         elif self.full_precision and propagate_fp:
@@ -373,7 +402,9 @@ def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set
     `X_fp`. Modules called with the same input tensor in both streams (q, k, v) share one
     `Statistics` object, accumulating the union of their needs, in `dtype`. A module that runs in no
     batch (in both streams: an expert no token is routed to) gets a `Statistics` of zero sums and
-    `count == 0`. `propagate_fp` (the block's last group): `orig` runs to its end and `X_fp`
+    `count == 0`. An expert's rows are the tokens its router sends to it; with the full-precision
+    stream, those that both streams' routers send to it (`paired`), so that `C` pairs each token's two
+    inputs. `propagate_fp` (the block's last group): `orig` runs to its end and `X_fp`
     becomes the next block's inputs in the same pass."""
     names = list(needs)
     owner: dict[str, str] = {}                    # module → the first module reading the same input
@@ -388,7 +419,10 @@ def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set
             if o not in stats:
                 need = set().union(*(needs[n] for n in names if owner.get(n) == o))
                 stats[o] = Statistics(x[o].shape[-1], needs=need, device=device, dtype=dtype)
-            stats[o].add(x[o], None if x_fp is None else x_fp[o])
+            rows, rows_fp = x[o], None if x_fp is None else x_fp[o]
+            if rows_fp is not None and o in x.tokens:     # an expert: the tokens both routers sent to it
+                rows, rows_fp = paired(rows, x.tokens[o], rows_fp, x_fp.tokens[o])
+            stats[o].add(rows, rows_fp)
     streams.fp_propagated = streams.fp_propagated or (propagate_fp and streams.full_precision)
     for n in names:                               # no calibration token reached it: zero sums
         if n not in owner:
@@ -408,13 +442,17 @@ def shared(stats: dict[str, Statistics]) -> list[Statistics]:
 @dataclass
 class LayerTask:
     """One module to quantize: `name` in its block, `full` name in the model, `index` in quantization
-    order, its `objective` (sampled parameters already drawn) and the `draws`."""
+    order, its `objective` (sampled parameters already drawn) and the `draws`. `fallback`: set by the
+    engine for an expert with too few routed tokens whose statistics come from every calibration token
+    (`"all_tokens"`), with its `routed_tokens`."""
 
     name: str
     full: str
     index: int
     objective: Objective
     draws: dict
+    fallback: Optional[str] = None
+    routed_tokens: Optional[int] = None
 
 
 @dataclass
@@ -426,6 +464,13 @@ class Settings:
     damp: float = QuantSpec.damp
     seed: int = 0
     score_objective: Optional[Objective] = None
+    moe_min_tokens: int = 0
+    moe_fallback: str = "rtn"
+
+    def too_few(self, module: nn.Module, stats: Statistics) -> bool:
+        """Whether `module` is an expert (a `RoutedLinear`) whose statistics hold fewer than
+        `moe_min_tokens` tokens."""
+        return getattr(module, "routed", False) and stats.count < self.moe_min_tokens
 
 
 def layer_tasks(objective: Union[ObjectiveSpec, Objective], prefix: str, group: Sequence[str], first: int,
@@ -461,13 +506,23 @@ def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTa
                     task.full, stats.count)
         res = rounded(W, settings.grid)
         res.report["fallback"] = "rtn"
+    elif settings.too_few(module, stats):
+        log.info("%s: %d routed tokens, fewer than quant.moe_min_tokens=%d; rounded to nearest", task.full,
+                 stats.count, settings.moe_min_tokens)
+        res = rounded(W, settings.grid)
+        res.row_loss = task.objective.value(W, res.qweight, stats)
+        res.loss = float(res.row_loss.sum())
+        res.report["fallback"] = "rtn"
     else:
         res = quantize_layer(W, stats, task.objective, settings.grid, settings.decoder, damp=settings.damp,
                              seed=layer_seed(settings.seed, task.index), score_objective=settings.score_objective,
                              row0=r0, shared=shared)
     res.report["seconds"] = time.perf_counter() - t0
     res.report["draws"] = task.draws
-    if "fallback" in res.report:
+    res.report["tokens"] = stats.count
+    if task.fallback is not None:
+        res.report["fallback"], res.report["routed_tokens"] = task.fallback, task.routed_tokens
+    if res.report.get("fallback") == "rtn":
         res.report["sym_loss"] = None
     else:
         res.report["sym_loss"] = res.loss if task.objective.terms == SYMMETRIC else _sym_loss(W, res.qweight, stats)
@@ -545,8 +600,10 @@ def _row(task: LayerTask, W_shape, res: LayerResult) -> dict:
     }
     if "candidate_histogram" in res.report:
         row["candidate_histogram"] = res.report["candidate_histogram"]
-    if "fallback" in res.report:
-        row["fallback"] = res.report["fallback"]
+    row["tokens"] = res.report["tokens"]
+    for key in ("fallback", "routed_tokens"):
+        if res.report.get(key) is not None:
+            row[key] = res.report[key]
     return row
 
 
@@ -650,6 +707,8 @@ def calibrate(
     stats_dtype: torch.dtype = torch.float32,
     keep_layers: bool = True,
     start: Optional[Progress] = None,
+    moe_min_tokens: int = 0,
+    moe_fallback: str = "rtn",
 ) -> CalibrationResult:
     """Quantize every listed linear module of `adapter.model` in place on calibration `input_ids`
     `(S, L)` int64.
@@ -663,7 +722,9 @@ def calibrate(
     report. `stats_dtype`: the accumulation dtype of the statistics. `keep_layers=False`: each block's
     results go to `Events.block_done` only, and the result's `layers` stays empty (a streamed run writes
     them as blocks finish). `start`: continue a run at `start.block` with its saved streams and rows
-    (`Progress`); the blocks before it are not touched.
+    (`Progress`); the blocks before it are not touched. `moe_min_tokens`: an expert whose statistics
+    hold fewer tokens is rounded to nearest (`moe_fallback="rtn"`) or calibrated on every calibration
+    token sent through it (`"all_tokens"`).
     """
     t_start = time.perf_counter()
     events = events if events is not None else Events()
@@ -673,7 +734,9 @@ def calibrate(
     adapter.model.eval()
     S, L = input_ids.shape
     batch_size = batch_size or default_batch_size(L, device)
-    settings = Settings(grid, decoder, damp, seed, score_objective)
+    if moe_fallback not in MOE_FALLBACKS:
+        raise InputError(f"moe_fallback={moe_fallback!r}: choose one of {', '.join(MOE_FALLBACKS)}")
+    settings = Settings(grid, decoder, damp, seed, score_objective, moe_min_tokens, moe_fallback)
     probe = objective if isinstance(objective, Objective) else objective.build(np.random.default_rng([seed, 0]))[0]
     needs = set(probe.needs) | (set(score_objective.needs) if score_objective is not None else set())
     sampled = isinstance(objective, ObjectiveSpec) and bool(objective.sampled)
@@ -712,6 +775,7 @@ def calibrate(
             block.to(device)
             orig = streams.original(block)
             groups = adapter.groups(block)
+            all_tokens = moe_fallback == "all_tokens" and moe_min_tokens > 0 and bool(sparse_blocks(block))
             if not true_sequential:
                 groups = [[n for g in groups for n in g]]
             streams.plan_full_precision(block, [n for g in groups for n in g], FULL_PRECISION_PASS_BYTES)
@@ -725,9 +789,13 @@ def calibrate(
                     continue
                 group = Group(adapter, block, i, tasks, settings, device)
                 t0 = time.perf_counter()
-                group.stats = statistics(block, orig, {t.name: needs | t.objective.needs for t in tasks}, streams,
-                                         device, stats_dtype, propagate_fp=gi == len(groups) - 1)
+                wants = {t.name: needs | t.objective.needs for t in tasks}
+                group.stats = statistics(block, orig, wants, streams, device, stats_dtype,
+                                         propagate_fp=gi == len(groups) - 1 and not all_tokens)
                 group.stats = events.statistics_ready(group)
+                few = [t for t in tasks if settings.too_few(block.get_submodule(t.name), group.stats[t.name])]
+                if few and all_tokens:
+                    group.stats.update(statistics_of_all_tokens(group, few, orig, wants, streams, events, stats_dtype))
                 if device.type == "cuda":                 # the products queued above count here
                     torch.cuda.synchronize(device)
                 seconds["statistics"] += time.perf_counter() - t0
@@ -786,18 +854,67 @@ def calibrate(
         "sym_loss_sum": float(sum(r["sym_loss"] or 0.0 for r in rows.values())),
         "layers": rows,
         "skipped": skipped,
-        "rounded_without_tokens": [k for k, r in rows.items() if r.get("fallback")],
+        "rounded_without_tokens": [k for k, r in rows.items() if r.get("fallback") == "rtn"],
         "seconds": seconds,
         "statistics_dtype": str(stats_dtype).removeprefix("torch."),
         "streams": "pinned" if streams.home == "pinned" else str(streams.home),
         "batch_size": batch_size,
         "device_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
+    experts = tokens_per_expert(rows)
+    if experts:
+        report["experts"] = {"min_tokens": moe_min_tokens, "fallback": moe_fallback, "tokens": experts,
+                             "fallbacks": {k: {"fallback": r["fallback"], "tokens": r.get("routed_tokens", r["tokens"])}
+                                           for k, r in rows.items() if r.get("fallback")}}
     if stopped is not None:
         report["stopped_after_block"] = stopped
     if start is not None:
         report["resumed_at_block"] = start.block
     return CalibrationResult(layers, report, kept)
+
+
+EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.[^.]+$")
+
+
+def tokens_per_expert(rows: dict) -> dict[str, list]:
+    """`experts module → [tokens of expert 0, 1, …]` from the report's rows (the tokens its statistics
+    hold, before any fallback; `None` for an expert left out)."""
+    out: dict[str, dict] = {}
+    for name, row in rows.items():
+        m = EXPERT.match(name)
+        if m and "tokens" in row:
+            e = out.setdefault(m.group(1), {})
+            e[int(m.group(2))] = max(e.get(int(m.group(2)), 0), row.get("routed_tokens", row["tokens"]))
+    return {k: [v.get(e) for e in range(max(v) + 1)] for k, v in out.items()}
+
+
+@torch.no_grad()
+def statistics_of_all_tokens(group: Group, few: list, orig, wants: dict, streams: Streams, events: Events,
+                             dtype: torch.dtype) -> dict[str, Statistics]:
+    """The statistics of the experts in `few` (`LayerTask`s) from every calibration token sent through
+    them (`Experts.capture_all`, in both streams), summed by `events.statistics_ready`; each task is
+    marked `fallback="all_tokens"` with its routed token count."""
+    names = [t.name for t in few]
+    marked = []
+    for model in (group.block, orig):
+        for name, experts in sparse_blocks(model) if model is not None else ():
+            chosen = {int(n[len(name) + 1:].split(".")[0]) for n in names if n.startswith(name + ".")}
+            experts.capture_all = frozenset(chosen)
+            marked.append(experts)
+    streams.fp_pass = {}
+    try:
+        sub = Group(group.adapter, group.block, group.block_index, few, group.settings, group.device)
+        sub.stats = statistics(group.block, orig, {n: wants[n] for n in names}, streams, group.device, dtype)
+        sub.stats = events.statistics_ready(sub)
+    finally:
+        for experts in marked:
+            experts.capture_all = frozenset()
+        streams.fp_pass = {}
+    for t in few:
+        t.fallback, t.routed_tokens = "all_tokens", group.stats[t.name].count
+        log.info("%s: %d routed tokens, fewer than quant.moe_min_tokens=%d; calibrated on all %d tokens", t.full,
+                 t.routed_tokens, group.settings.moe_min_tokens, sub.stats[t.name].count)
+    return sub.stats
 
 
 def describe_objective(spec: ObjectiveSpec) -> str:

@@ -62,15 +62,19 @@ class GridSpec:
 @dataclass(frozen=True)
 class QuantSpec(GridSpec):
     """The `quant` section of a run: the grid, the damping of `H` (a fraction of its mean diagonal),
-    the calibration order (true-sequential groups, or a block's modules all at once) and the module-name
-    patterns left in full precision (`skip`, fnmatch on full or block-relative names)."""
+    the calibration order (true-sequential groups, or a block's modules all at once), the module-name
+    patterns left in full precision (`skip`, fnmatch on full or block-relative names), and what an
+    expert of a mixture-of-experts block routed fewer than `moe_min_tokens` calibration tokens is
+    quantized with (`moe_fallback`: `rtn`, or `all_tokens` sent through it)."""
 
     damp: float = 0.01
     true_sequential: bool = True
     skip: tuple[str, ...] = ()
+    moe_min_tokens: int = 32
+    moe_fallback: str = "rtn"
 
     KEYS = ("bits", "group_size", "sym", "act_order", "static_groups", "damp", "scale_method", "true_sequential",
-            "skip")
+            "skip", "moe_min_tokens", "moe_fallback")
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,6 +82,12 @@ class QuantSpec(GridSpec):
             raise InputError(f"quant.damp={self.damp!r}: must be a number ≥ 0 (fraction of mean diag H, e.g. 0.01)")
         if isinstance(self.skip, str) or not all(isinstance(p, str) and p for p in self.skip):
             raise InputError(f"quant.skip={self.skip!r}: must be a list of module-name patterns")
+        if isinstance(self.moe_min_tokens, bool) or not isinstance(self.moe_min_tokens, int) or self.moe_min_tokens < 0:
+            raise InputError(f"quant.moe_min_tokens={self.moe_min_tokens!r}: must be an integer ≥ 0 (experts with "
+                             f"fewer routed calibration tokens fall back to quant.moe_fallback)")
+        if self.moe_fallback not in ("rtn", "all_tokens"):
+            raise InputError(f"quant.moe_fallback={self.moe_fallback!r}: choose rtn (round to nearest) or all_tokens "
+                             f"(calibrate the expert on every calibration token)")
         object.__setattr__(self, "damp", float(self.damp))
         object.__setattr__(self, "skip", tuple(self.skip))
 

@@ -167,7 +167,8 @@ def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.T
                     true_sequential=q.true_sequential, skip=q.skip, batch_size=batch_size,
                     progress=progress and (world is None or world.main), events=events,
                     stats_dtype=spec.calibration.accumulation_dtype(world is not None),
-                    keep_layers=stream is None, start=start)
+                    keep_layers=stream is None, start=start, moe_min_tokens=q.moe_min_tokens,
+                    moe_fallback=q.moe_fallback)
     res.report["world_size"] = 1
     if world is not None:
         engine.annotate(res.report, samples)

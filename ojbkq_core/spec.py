@@ -9,7 +9,8 @@ loads. The result is a `RunSpec` of typed sections:
       model        ModelSpec         path, dtype, adapter, trust_remote_code
       calibration  CalibrationSpec   dataset, path, samples, seqlen, seed, text_field, stats_dtype
       quant        QuantSpec         the grid (bits, group_size, sym, act_order, static_groups,
-                                     scale_method), damp, true_sequential, skip
+                                     scale_method), damp, true_sequential, skip, moe_min_tokens,
+                                     moe_fallback
       objective    ObjectiveChoice   the decoded objective (sampled parameters drawn per layer) and
                                      the one candidates are scored by
       decoder      DecoderSpec       name, seed, options and the backend, resolved to one implementation

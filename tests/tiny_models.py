@@ -38,6 +38,31 @@ def tiny_bert(seed: int = 0, layers: int = 2):
     return BertModel(cfg).eval()
 
 
+MOE = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe")
+
+
+def tiny_moe(family: str = "qwen3_moe", seed: int = 0, layers: int = 2, experts: int = 8, top_k: int = 2):
+    """A tiny random mixture-of-experts model of `family` (fused experts, as transformers builds them)."""
+    import transformers
+    torch.manual_seed(seed)
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                  num_experts_per_tok=top_k)
+    if family == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32, head_dim=16,
+                                          num_experts=experts, mlp_only_layers=[layers - 1] if layers > 2 else [])
+    elif family == "mixtral":
+        cfg = transformers.MixtralConfig(**common, intermediate_size=32, num_local_experts=experts)
+    elif family == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=64, num_experts=experts)
+    elif family == "olmoe":
+        cfg = transformers.OlmoeConfig(**common, intermediate_size=32, num_experts=experts)
+    else:
+        raise ValueError(family)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
 def token_ids(samples: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     """`(samples, seqlen)` windows of the calibration text's bytes."""
     data = torch.tensor(list(open(CALIB_TXT, "rb").read()), dtype=torch.long)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import InputError
+from ..experts import unfuse
 
 SAFETENSORS_METADATA = {"format": "pt"}
 WEIGHTS_NAME = "model.safetensors"
@@ -432,7 +433,8 @@ def _model_class(config):
 
 def empty_model(path: str, dtype: Optional[torch.dtype] = None):
     """`(model, quantization_config)`: the transformers model of the checkpoint in `path`, built from its
-    config with freshly initialised weights; `dtype` defaults to the config's, else float32."""
+    config with freshly initialised weights, fused experts split into one module per expert
+    (`experts.unfuse`); `dtype` defaults to the config's, else float32."""
     import transformers
     path = os.fspath(path)
     read_config(path)
@@ -454,6 +456,7 @@ def empty_model(path: str, dtype: Optional[torch.dtype] = None):
     cls = _model_class(config)
     model = (cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config")
              else cls.from_config(config, dtype=dtype))
+    unfuse(model)                                  # experts stored one module each, as ojbkq writes them
     return model, qc
 
 
