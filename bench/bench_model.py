@@ -46,18 +46,30 @@ PRESETS = {     # hidden, intermediate, heads, key/value heads
 
 
 def build(args, dev, home=None):
-    """The model with random bf16 weights, initialised on `dev` and kept on `home` (default `dev`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.blocks, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=8192, rope_theta=500000.0,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16")
+    """The model with random bf16 weights, initialised on `dev` and kept on `home` (default `dev`): a Llama,
+    or with `args.experts` a Qwen3-MoE (`args.top_k` experts per token of width `args.moe_intermediate`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    if getattr(args, "experts", 0):
+        cls = Qwen3MoeForCausalLM
+        cfg = Qwen3MoeConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                             moe_intermediate_size=args.moe_intermediate, num_experts=args.experts,
+                             num_experts_per_tok=args.top_k, num_hidden_layers=args.blocks,
+                             num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                             head_dim=args.head_dim or args.hidden // args.heads, max_position_embeddings=8192,
+                             rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                             torch_dtype="bfloat16")
+    else:
+        cls = LlamaForCausalLM
+        cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                          num_hidden_layers=args.blocks, num_attention_heads=args.heads,
+                          num_key_value_heads=args.kv_heads, max_position_embeddings=8192, rope_theta=500000.0,
+                          rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16")
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(dev):
-            model = LlamaForCausalLM(cfg)
+            model = cls(cfg)
     finally:
         torch.set_default_dtype(old)
     return model.to(home or dev).eval()

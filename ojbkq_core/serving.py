@@ -17,9 +17,16 @@ GPTQ_CONFIGS = {(4, True), (8, True)}         # (bits, sym) vLLM's GPTQ configur
 CPU_BITS = (4,)                               # what vLLM's CPU kernels for packed int weights run (uint4, uint4b8)
 
 
-def vllm_refusal(fmt: str, quant: QuantSpec) -> Optional[str]:
+# the CPU build runs no quantized (WNA16) mixture-of-experts kernel; the dequantized export is served
+MOE_CPU = "No WNA16 MoE backend supports the deployment configuration."
+
+
+def vllm_refusal(fmt: str, quant: QuantSpec, experts: bool = False) -> Optional[str]:
     """vLLM's reason for refusing a checkpoint written in `fmt` with `quant` (the start of its message), or
-    None when it serves it. Measured for 4 and 8 bits (other widths: None, not measured)."""
+    None when it serves it; `experts`: the model has mixture-of-experts blocks. Measured for 4 and 8 bits
+    (other widths: None, not measured)."""
+    if experts and fmt in ("gptq", "compressed-tensors"):
+        return MOE_CPU
     if quant.bits not in (4, 8):
         return None
     if fmt == "gptq":
@@ -35,8 +42,11 @@ def vllm_refusal(fmt: str, quant: QuantSpec) -> Optional[str]:
     return None
 
 
-def suggestion(fmt: str, quant: QuantSpec) -> str:
+def suggestion(fmt: str, quant: QuantSpec, experts: bool = False) -> str:
     """What to change so that vLLM serves the checkpoint."""
+    if experts and fmt in ("gptq", "compressed-tensors"):
+        return ("vLLM's GPU build has quantized mixture-of-experts kernels (not measured here); on the CPU, "
+                "serve output.format=fake")
     if quant.act_order and not quant.static_groups:
         return "set quant.static_groups=true (act-order with consecutive groups is served)"
     if quant.bits == 8:

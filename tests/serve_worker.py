@@ -34,17 +34,22 @@ def reason_of(exc: BaseException, log: str) -> str:
 
 @contextlib.contextmanager
 def captured_stderr():
-    """The process's standard error (and that of the engine processes it starts) into a temporary file."""
+    """The process's standard error and output (and those of the engine processes it starts, whose
+    loggers write to standard output) into a temporary file."""
     with tempfile.TemporaryFile(mode="w+") as f:
+        sys.stdout.flush()
         sys.stderr.flush()
-        saved = os.dup(2)
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
             yield f
         finally:
+            sys.stdout.flush()
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
 
 
 def serve(case: dict) -> dict:

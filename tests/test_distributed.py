@@ -166,6 +166,26 @@ def test_two_ranks_write_the_one_process_checkpoint(llama, tmp_path, monkeypatch
     assert sorted(os.listdir(tmp_path)) == ["one", "two"]                 # nothing else written
 
 
+@pytest.mark.parametrize("fallback", ["rtn", "all_tokens"])
+def test_two_ranks_quantize_a_mixture_of_experts_as_one_process(tmp_path, fallback):
+    """Experts' statistics (the tokens both streams route to them, paired) and the fallback decisions
+    (on the token counts summed over ranks) are those of one process."""
+    from tiny_models import tiny_moe
+    src = save(tiny_moe("qwen3_moe", layers=2), str(tmp_path / "moe"))
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    extra = ["decoder.k=4", "quant.moe_min_tokens=24", f"quant.moe_fallback={fallback}"]
+    ref = quantize_recipe("ojbkq", _tiny(src, one, *extra, "calibration.stats_dtype=float64", "model.stream=false"))
+    r = subprocess.run([sys.executable, "-m", "ojbkq_core.cli", "quantize", "ojbkq", "--nproc", "2",
+                        *(f"--set={s}" for s in _tiny(src, two, *extra))],
+                       capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ("model.safetensors", "config.json"):
+        assert open(os.path.join(one, f), "rb").read() == open(os.path.join(two, f), "rb").read(), f
+    rep = json.load(open(os.path.join(two, REPORT_FILE)))
+    assert rep["experts"] == ref["experts"] and rep["experts"]["fallbacks"]
+    assert {f["fallback"] for f in rep["experts"]["fallbacks"].values()} == {fallback}
+
+
 @pytest.mark.parametrize("step", ["statistics", pytest.param("quantize", marks=pytest.mark.slow)])
 def test_a_failing_rank_ends_the_run_with_exit_1_and_no_output(llama, tmp_path, step):
     """Rank 1 raises while rank 0 waits in a collective (the all-reduce of the statistics, the broadcast

@@ -16,6 +16,7 @@ from ojbkq_core.errors import InputError
 from ojbkq_core.export import load_quantized
 from ojbkq_core.model import find_adapter
 from ojbkq_core.pipeline import REPORT_FILE, run
+from ojbkq_core.serving import MOE_CPU
 from ojbkq_core.spec import load_spec
 from ojbkq_core.stats import gram
 from tiny_models import CALIB_TXT, MOE, offline, one_thread, save, tiny_moe, token_ids  # noqa: F401 (autouse)
@@ -148,6 +149,7 @@ def _post_attention(block, streams, fp=False):
 def test_every_expert_is_quantized_or_listed_as_a_fallback(folders, tmp_path, family, recipe):
     out = str(tmp_path / "out")
     report = _run(recipe, folders[family], out, "output.format=gptq", "quant.moe_min_tokens=64")
+    assert report["serving"]["reason"] == MOE_CPU                   # vLLM's CPU build has no MoE kernel for it
     adapter = find_adapter(tiny_moe(family, layers=3))
     names = adapter.layer_names()
     assert sorted(report["layers"]) == sorted(names)                 # every module has its row
@@ -166,6 +168,9 @@ def test_every_expert_is_quantized_or_listed_as_a_fallback(folders, tmp_path, fa
         keys = set(f.keys())
     stored = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".qweight")}
     assert stored == set(names)
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert {p for p in qc["dynamic"] if p.endswith(r"gate$")} == {                # vLLM skips them
+        f"-:^model\\.layers\\.{b}\\.{'mlp' if family == 'qwen3_moe' else 'block_sparse_moe'}\\.gate$" for b in range(sparse)}
     routers = sorted(k for k in keys if k.endswith(".gate.weight"))
     assert len(routers) == sparse and not any(k.endswith(".gate.qweight") for k in keys)
     src = os.path.join(folders[family], "model.safetensors")
@@ -204,7 +209,7 @@ def test_compressed_tensors_export_reads_back(folders, tmp_path):
     _run("gptq", folders["qwen3_moe"], out, "output.format=compressed-tensors", "quant.moe_min_tokens=64")
     model, info = load_quantized(out)
     qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
-    assert "lm_head" in qc["ignore"] and not any(".experts." in n for n in qc["ignore"])
+    assert qc["ignore"] == ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]     # routers listed
     fake = str(tmp_path / "fake")
     _run("gptq", folders["qwen3_moe"], fake, "output.format=fake", "quant.moe_min_tokens=64")
     ids = token_ids(2, 32, seed=5)

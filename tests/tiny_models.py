@@ -41,23 +41,26 @@ def tiny_bert(seed: int = 0, layers: int = 2):
 MOE = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe")
 
 
-def tiny_moe(family: str = "qwen3_moe", seed: int = 0, layers: int = 2, experts: int = 8, top_k: int = 2):
-    """A tiny random mixture-of-experts model of `family` (fused experts, as transformers builds them)."""
+def tiny_moe(family: str = "qwen3_moe", seed: int = 0, layers: int = 2, experts: int = 8, top_k: int = 2,
+             hidden: int = 64):
+    """A tiny random mixture-of-experts model of `family` (fused experts, as transformers builds them);
+    expert widths are `hidden / 2`, dense widths `1.5 hidden`."""
     import transformers
     torch.manual_seed(seed)
-    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+    small, dense = hidden // 2, hidden * 3 // 2
+    common = dict(vocab_size=256, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
                   num_experts_per_tok=top_k)
     if family == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32, head_dim=16,
+        cfg = transformers.Qwen3MoeConfig(**common, intermediate_size=dense, moe_intermediate_size=small, head_dim=hidden // 4,
                                           num_experts=experts, mlp_only_layers=[layers - 1] if layers > 2 else [])
     elif family == "mixtral":
-        cfg = transformers.MixtralConfig(**common, intermediate_size=32, num_local_experts=experts)
+        cfg = transformers.MixtralConfig(**common, intermediate_size=small, num_local_experts=experts)
     elif family == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32,
-                                          shared_expert_intermediate_size=64, num_experts=experts)
+        cfg = transformers.Qwen2MoeConfig(**common, intermediate_size=dense, moe_intermediate_size=small,
+                                          shared_expert_intermediate_size=hidden, num_experts=experts)
     elif family == "olmoe":
-        cfg = transformers.OlmoeConfig(**common, intermediate_size=32, num_experts=experts)
+        cfg = transformers.OlmoeConfig(**common, intermediate_size=small, num_experts=experts)
     else:
         raise ValueError(family)
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from ..errors import InputError
+from ..experts import routers
 from ..grid import QuantSpec
 from .base import Format, as_module_weight, is_conv1d, layer_shape, load_packed, save_config
 
@@ -70,9 +71,11 @@ def quantization_config(quant: QuantSpec, ignore: list[str]) -> dict:
 
 
 def _ignored(model, quantized) -> list[str]:
-    """The linear modules that stay in full precision (the library's targets are all `Linear`)."""
+    """The linear modules that stay in full precision (the library's targets are all `Linear`), and the
+    routers of mixture-of-experts blocks, which vLLM builds as linear layers too."""
+    linear = routers(model)
     return sorted(name for name, mod in model.named_modules()
-                  if isinstance(mod, torch.nn.Linear) and name not in quantized)
+                  if (isinstance(mod, torch.nn.Linear) or name in linear) and name not in quantized)
 
 
 def _compressed(name: str, module, res, scheme_, quant: QuantSpec) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import InputError
+from ..experts import routers
 from ..grid import QuantSpec
 from .base import Format, as_module_weight, is_conv1d, layer_shape, load_packed, save_config, write_json
 
@@ -230,8 +231,9 @@ def _block_layout(model, quantized: set[str]) -> dict:
     pat = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
     blocks: dict[str, dict[str, set]] = {}
     skipped = []
+    linear = routers(model)                       # mixture-of-experts routers: linear layers in vLLM
     for name, mod in model.named_modules():
-        if not (isinstance(mod, torch.nn.Linear) or is_conv1d(mod)):
+        if not (isinstance(mod, torch.nn.Linear) or is_conv1d(mod) or name in linear):
             continue
         mt = pat.match(name)
         if not mt:
