@@ -120,16 +120,16 @@ def test_expert_statistics_come_from_the_tokens_its_router_sends(full_precision)
     st = stats["mlp.experts.3.gate_proj"]
     assert stats["mlp.experts.3.up_proj"] is st                   # gate and up read one input
     with torch.no_grad():
-        mask = lambda blk: torch.zeros(ids.numel(), dtype=torch.bool).index_fill_(  # noqa: E731
-            0, blk.mlp.gate(_post_attention(blk, streams))[2].eq(3).any(-1).nonzero()[:, 0], True)
-        want = mask(block) & (mask(orig) if full_precision else True)
+        mask = lambda blk, fp=False: torch.zeros(ids.numel(), dtype=torch.bool).index_fill_(  # noqa: E731
+            0, blk.mlp.gate(_post_attention(blk, streams, fp))[2].eq(3).any(-1).nonzero()[:, 0], True)
+        want = mask(block) & (mask(orig, fp=True) if full_precision else True)
         X = _post_attention(block, streams)[want]
     assert st.count == int(want.sum()) > 0
     torch.testing.assert_close(st.H, gram(X, X) / X.shape[0], rtol=1e-5, atol=1e-6)
     if full_precision:
         X_fp = _post_attention(orig, streams, fp=True)[want]
         torch.testing.assert_close(st.C, gram(X_fp, X) / X.shape[0], rtol=1e-5, atol=1e-6)
-        assert int(want.sum()) < int(mask(block).sum()) or int(want.sum()) < int(mask(orig).sum())
+        assert int(want.sum()) < int(mask(block).sum()) or int(want.sum()) < int(mask(orig, fp=True).sum())
 
 
 def _post_attention(block, streams, fp=False):
