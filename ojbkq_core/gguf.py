@@ -25,6 +25,21 @@ log = logging.getLogger("ojbkq")
 MARKER = "gguf_source.txt"
 
 
+SAMPLE = "The quick brown fox jumps over the lazy dog, then it walks back to the forest before the night."
+
+
+def check_tokenizer(tokenizer, where: str) -> None:
+    """`InputError` when a tokenizer of a large vocabulary (> 1000 tokens) splits plain English into
+    single characters: transformers 5.17 builds Gemma 3's SentencePiece tokenizer from the GGUF file that
+    way (5.25 reads it right), which would quadruple the token counts and wreck every perplexity."""
+    n = len(tokenizer(SAMPLE, add_special_tokens=False)["input_ids"])
+    if len(tokenizer) > 1000 and n >= 0.8 * len(SAMPLE):
+        import transformers
+        raise InputError(f"{where}: transformers {transformers.__version__} reads the file's tokenizer as one that "
+                         f"splits text into characters ({n} tokens for {len(SAMPLE)} characters of English); "
+                         f"convert it with the transformers this project pins (5.25 reads it right)")
+
+
 def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
     """Save the model in the GGUF file `gguf_path` as a transformers folder `out_dir` (weights in
     `dtype`). A folder already converted from the same file (same name and size) is reused.
@@ -47,6 +62,7 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"{gguf_path}: transformers cannot read it as a GGUF checkpoint "
                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    check_tokenizer(tokenizer, gguf_path)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

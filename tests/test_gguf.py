@@ -207,3 +207,23 @@ def test_convert_gemma3_gguf_gives_the_same_model_and_it_quantizes(tmp_path):
     with torch.no_grad():
         assert not torch.allclose(back(ids).logits, ref(ids).logits)
         assert (back(ids).logits - q.model(ids).logits).abs().max() < 1e-2
+
+
+def test_a_tokenizer_that_splits_english_into_characters_is_refused():
+    """What transformers 5.17 made of Gemma 3's GGUF tokenizer: a large vocabulary, one token per character."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ojbkq_core.gguf import SAMPLE, check_tokenizer
+    chars = {chr(i): i - 32 for i in range(32, 127)}
+    vocab = {**chars, **{f"<x{i}>": 95 + i for i in range(2000)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<x0>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    split = PreTrainedTokenizerFast(tokenizer_object=tok)
+    assert len(split(SAMPLE)["input_ids"]) == len(SAMPLE)
+    with pytest.raises(InputError, match="splits text into characters"):
+        check_tokenizer(split, "x.gguf")
+    words = Tokenizer(models.WordLevel(vocab={**{w: i for i, w in enumerate(sorted(set(SAMPLE.split())))},
+                                              **{f"<x{i}>": 100 + i for i in range(2000)}}, unk_token="<x0>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    check_tokenizer(PreTrainedTokenizerFast(tokenizer_object=words), "x.gguf")       # a word per token passes
