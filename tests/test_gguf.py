@@ -56,12 +56,16 @@ def write_gguf(model, path: str) -> None:
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    for i in range(LAYERS):
-        for hf, name in TENSORS.items():
-            t = sd[f"model.layers.{i}.{hf}.weight"]
-            if name in ("attn_q", "attn_k"):
-                t = rope_rows(t, HEADS if name == "attn_q" else KV_HEADS)
-            w.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(t))
+    blocks_and_file(w, sd, LAYERS, TENSORS, lambda name, t: rope_rows(t, HEADS if name == "attn_q" else KV_HEADS)
+                    if name in ("attn_q", "attn_k") else t)
+
+
+def blocks_and_file(w, sd: dict, layers: int, names: dict, stored) -> None:
+    """Each block's tensors under their GGUF names (`names`: module → GGUF name), as `stored(gguf name,
+    array)` gives them, then the file written and closed."""
+    for i in range(layers):
+        for hf, name in names.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(stored(name, sd[f"model.layers.{i}.{hf}.weight"])))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -172,14 +176,7 @@ def write_gemma3_gguf(model, path: str) -> None:
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"] + 1)
-    for i in range(c.num_hidden_layers):
-        for hf, name in GEMMA3.items():
-            t = sd[f"model.layers.{i}.{hf}.weight"]
-            w.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(t + 1 if "norm" in name else t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    blocks_and_file(w, sd, c.num_hidden_layers, GEMMA3, lambda name, t: t + 1 if "norm" in name else t)
 
 
 def test_convert_gemma3_gguf_gives_the_same_model_and_it_quantizes(tmp_path):
