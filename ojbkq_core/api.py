@@ -39,7 +39,8 @@ class Quantized:
         `ojbkq quantize` does: atomically, refusing a non-empty folder unless `overwrite`. Returns `path`."""
         from .export import save_quantized
         from .model import find_adapter
-        from .pipeline import check_format, has_experts, provenance, run_files, serving
+        from .experts import has_experts
+        from .pipeline import check_format, provenance, run_files, serving
         spec = self.spec.with_overrides({"output.dir": str(path), "output.format": format or self.spec.output.format,
                                          "output.overwrite": bool(overwrite)})
         spec.output.prepare()

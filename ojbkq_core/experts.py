@@ -156,6 +156,11 @@ def unfuse(model: nn.Module) -> int:
     return len(found)
 
 
+def has_experts(model: nn.Module) -> bool:
+    """Whether `model` has mixture-of-experts blocks split by `unfuse`."""
+    return any(isinstance(m, Experts) for m in model.modules())
+
+
 def sparse_blocks(block: nn.Module) -> list[tuple[str, Experts]]:
     """`(name, experts)` for each `Experts` inside `block` (names relative to it)."""
     return [(name, m) for name, m in block.named_modules() if isinstance(m, Experts)]

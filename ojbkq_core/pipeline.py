@@ -22,6 +22,7 @@ import torch
 from . import distributed
 from .calibrate import CalibrationResult, Events, calibrate, default_batch_size, quantized_names
 from .errors import InputError
+from .experts import has_experts
 from .model import Model, find_adapter
 from .spec import EvalSpec, RunSpec
 
@@ -258,12 +259,6 @@ def serving(spec: RunSpec, warn: bool = False, experts: bool = False) -> Optiona
     return {"vllm": VLLM_VERSION, "served": reason is None, "reason": reason}
 
 
-def has_experts(model) -> bool:
-    """Whether `model` has mixture-of-experts blocks (split by its adapter, `experts.Experts`)."""
-    from .experts import Experts
-    return any(isinstance(m, Experts) for m in model.modules())
-
-
 def check_format(spec: RunSpec, model, adapter: Model) -> None:
     """`InputError` before any calibration when the output format cannot store a module of `model`."""
     from .export import get_format
@@ -299,7 +294,7 @@ def _quantize(spec: RunSpec, world: Optional[distributed.World]) -> dict:
 
     _, res = calibrate_model(model, tokenizer, spec, world=world)
     report = {"model": m.path, "architecture": type(model).__name__, **res.report,
-                  "serving": serving(spec, experts=has_experts(model))}
+              "serving": serving(spec, experts=has_experts(model))}
     if evaluate:
         ppl_q = perplexities(model, tokenizer, spec.eval, device, tokens_cache)
         report["perplexity"] = {k: {"fp": ppl_fp[k]["perplexity"], "quantized": ppl_q[k]["perplexity"],
