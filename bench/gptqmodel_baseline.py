@@ -92,7 +92,7 @@ def parse_args(argv=None):
     if args.eval_seqlen is None:
         args.eval_seqlen = args.seqlen
     if args.eval_windows is None:                     # ojbkq compare's --eval-tokens
-        args.eval_windows = -(-compare.EVAL_TOKENS // args.eval_seqlen)
+        args.eval_windows = compare.eval_windows(compare.EVAL_TOKENS, args.eval_seqlen)
     args.out = args.out or os.path.join(common.RESULTS, "gptqmodel_baseline" + ("_cuda" if args.device.startswith("cuda")
                                                                         else "") + ".json")
     for k in ("samples", "seqlen", "eval_windows", "eval_seqlen"):

@@ -52,6 +52,11 @@ SAMPLES = {"cuda": 128, "cpu": 16}
 # held-out tokens per evaluation domain: enough that recipes 1% apart in perplexity are told apart
 # (intervals.py), where the domain's text has them
 EVAL_TOKENS = 32768
+
+
+def eval_windows(tokens: int, seqlen: int) -> int:
+    """The evaluation windows of `seqlen` tokens that cover `tokens` held-out tokens (`--eval-tokens`)."""
+    return -(-tokens // seqlen)
 ENCODER_SIZES = (128, 128)               # samples, seqlen for an encoder (sentences are short)
 
 
@@ -229,7 +234,7 @@ def check_args(args) -> None:
     if args.eval_seqlen is None:
         args.eval_seqlen = args.seqlen
     if args.eval_windows is None:
-        args.eval_windows = -(-args.eval_tokens // args.eval_seqlen)
+        args.eval_windows = eval_windows(args.eval_tokens, args.eval_seqlen)
     if args.eval_batch is None:
         args.eval_batch = 4 if gpu else 1
     args.domains = list(args.domains or DEFAULT_DOMAINS)

@@ -144,7 +144,6 @@ def unfuse(model: nn.Module) -> int:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         parent._modules[attr] = unfused(fused, names)
-        del fused
         if block_name is None or not parent_name:
             continue
         owner_name, _, sparse = parent_name.rpartition(".")
