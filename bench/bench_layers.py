@@ -302,6 +302,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default=",".join(f"{m}x{n}" for m, n in LLAMA3_8B))
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--static-groups", action="store_true",
+                    help="groups' scales fitted once before decoding (the recipes' quant.static_groups) instead of during the walk")
     ap.add_argument("--tokens", type=int, default=128 * 2048)
     ap.add_argument("--decoders", default=DECODERS)
     ap.add_argument("--no-checks", action="store_true")
@@ -368,7 +370,7 @@ def main(argv=None):
 
     if args.profile:
         profile(reg, dev, shapes[0], W_of[shapes[0]], stats_of[shapes[0][1]], spec,
-                GridSpec(bits=bits_list[0], group_size=args.group_size), parse_decoders(args.profile),
+                GridSpec(bits=bits_list[0], group_size=args.group_size, static_groups=args.static_groups), parse_decoders(args.profile),
                 out.parent / "profile.txt")
     runs = [(nm, p, False) for nm, p in decoders if nm]
     if args.tf32:
@@ -377,9 +379,9 @@ def main(argv=None):
         W, st, H = W_of[(m, n)], stats_of[n], H_of[n]
         babai_codes = {}
         for bi, bits in enumerate(bits_list):
-            grid = GridSpec(bits=bits, group_size=args.group_size)
+            grid = GridSpec(bits=bits, group_size=args.group_size, static_groups=args.static_groups)
             for dname, params, tf32 in runs:
-                rec = {"shape": [m, n], "bits": bits, "group_size": args.group_size, "decoder": dname,
+                rec = {"shape": [m, n], "bits": bits, "group_size": args.group_size, "static_groups": args.static_groups, "decoder": dname,
                        "params": params, "objective": "symmetric", "device": name, "tokens": args.tokens,
                        "matmul": "tf32" if tf32 else "fp32"}
                 torch.backends.cuda.matmul.allow_tf32 = tf32

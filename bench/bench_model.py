@@ -18,6 +18,7 @@ and the engine's own split of the time (`engine_seconds`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -104,6 +105,21 @@ def forward_seconds(adapter, ids, batch_size, dev, need_fp, true_sequential=True
     return dt
 
 
+@contextlib.contextmanager
+def profiled(path, title: str, append: bool = False, rows: int = 30):
+    """Run the body under torch.profiler (CPU and CUDA) when `path` is given and write its operators and
+    kernels by total CUDA time there (appended after the first recipe)."""
+    if not path:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        yield
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60)
+    with open(path, "a" if append else "w") as f:
+        f.write(f"== {title}\n{table}\n\n")
+
+
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """The model, calibration and recipe options (`build` reads the model's)."""
     ap.add_argument("--device", default="cuda")
@@ -123,7 +139,11 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--static-groups", action="store_true",
+                    help="groups' scales fitted once before decoding (the recipes' quant.static_groups)")
     ap.add_argument("--recipes", default="gptq,ojbkq")
+    ap.add_argument("--profile", default=None, metavar="TXT",
+                    help="run each recipe's calibration under torch.profiler and write its kernels by CUDA time here")
 
 
 def main(argv=None):
@@ -140,7 +160,7 @@ def main(argv=None):
     reg = load(extra_plugins=("ojbkq_hf.plugin", "ojbkq_cuda.plugin"))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.samples, args.seqlen), generator=g)
-    grid = GridSpec(bits=args.bits, group_size=args.group_size)
+    grid = GridSpec(bits=args.bits, group_size=args.group_size, static_groups=args.static_groups)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     records = json.loads(out.read_text()) if args.append and out.exists() else []
@@ -155,8 +175,10 @@ def main(argv=None):
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
-        res = calibrate(adapter, ids, objective, grid, decoder, damp=0.01, seed=dec_params.get("seed", 0),
-                        device=dev, batch_size=args.batch_size, progress=False)
+        with profiled(args.profile, f"{recipe}: {args.blocks} blocks {args.hidden}x{args.intermediate}, "
+                      f"{args.samples}x{args.seqlen} tokens, {name}, tf32 {tf32}", append=recipe != args.recipes.split(",")[0]):
+            res = calibrate(adapter, ids, objective, grid, decoder, damp=0.01, seed=dec_params.get("seed", 0),
+                            device=dev, batch_size=args.batch_size, progress=False)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         total = time.perf_counter() - t0
@@ -170,7 +192,7 @@ def main(argv=None):
             "heads": [args.heads, args.kv_heads], "dtype": "bfloat16", "tf32": tf32,
             "model_device": str(model_home), "streams": res.report["streams"],
             "batch_size": res.report["batch_size"],
-            "bits": args.bits, "group_size": args.group_size, "decoder": dec_name, "params": params,
+            "bits": args.bits, "group_size": args.group_size, "static_groups": args.static_groups, "decoder": dec_name, "params": params,
             "implementation": type(decoder).__name__, "objective": res.report["objective"],
             "samples": args.samples, "seqlen": args.seqlen, "device": name,
             "seconds": total, "seconds_per_block": per_block,

@@ -139,6 +139,38 @@ def test_klein_kernel_draws_the_reference_numbers(objective):
 
 
 @interpreted
+@pytest.mark.parametrize("grid", ["static-groups", "per-row"])
+def test_klein_kernel_on_a_static_grid_draws_only_within_reach_and_picks_the_same_codes(grid):
+    """With scales known beforehand each block weighs only the codes a draw can reach (`column_reach`):
+    fewer draws, the reference's codes, and the walk's paths equal to those of the whole window."""
+    from ojbkq_core.decoders.klein import column_reach
+    from ojbkq_cuda.walk import walk
+    spec_grid = {"static-groups": GridSpec(bits=3, group_size=16, static_groups=True),
+                 "per-row": GridSpec(bits=3, group_size=-1)}[grid]
+    W, st = layer(5, 32, seed=12)
+    a, b = both("klein", {"k": 3}, W, st, objective="jta", grid=spec_grid)
+    assert torch.equal(a.codes, b.codes)
+    assert a.report["candidate_histogram"] == b.report["candidate_histogram"]
+    # the same walk with and without the bound, on the problem the decoder sees
+    captured = {}
+
+    class Spy(CudaKlein):
+        def decode(self, problem, seed=0, row0=0):
+            captured["problem"] = problem
+            return super().decode(problem, seed, row0)
+
+    quantize_layer(W, st, preset("jta", *PRESETS["jta"]), spec_grid, Spy(k=3), seed=3)
+    pr = captured["problem"]
+    dec = CudaKlein(k=3)
+    beta = dec.beta(pr)
+    reach = column_reach(pr, beta, 4)
+    assert len(reach) == pr.n and max(reach) <= 4 and min(reach) < 4
+    full = walk(pr, 3, beta=beta, window=4, seed=3)
+    bounded = walk(pr, 3, beta=beta, window=4, seed=3, reach=reach)
+    assert torch.equal(full.codes, bounded.codes) and torch.equal(full.score, bounded.score)
+
+
+@interpreted
 def test_klein_kernel_is_independent_of_row_chunks_and_never_worse_than_babai():
     W, st = layer(6, 32, seed=7)
     spec = preset("symmetric", *PRESETS["symmetric"])

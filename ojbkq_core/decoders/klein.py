@@ -19,6 +19,7 @@ on MiniLM block 3's intermediate.dense (1536×384) and 9.3% on its query (384×3
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -65,6 +66,18 @@ def reach(kappa_min: float, window: int, spread: float) -> int:
     while W > 1 and kappa_min * (W * W - W) * (1 - 1e-3) > spread + 1.0:
         W -= 1
     return W
+
+
+def column_reach(problem: WorkingProblem, beta: torch.Tensor, window: int) -> Optional[list[int]]:
+    """`reach` of every column for the draws of all rows, `n` ints `≤ window`, with `κ_j = min_i β_i s_ij² /
+    U_jj²` (`beta` `(m,)`); None for a grid fitted during the walk, whose scales are not known beforehand.
+    A kernel that weighs only the codes within a column's reach picks the winners of the whole window."""
+    grid = problem.grid
+    if grid.dynamic:
+        return None
+    kappa = (beta.view(-1, 1) * (grid.scale / problem.U.diagonal()) ** 2).amin(0)
+    spread = gumbel_spread(problem.T.dtype)
+    return [reach(k, window, spread) for k in kappa.tolist()]
 
 
 def select(problem: WorkingProblem, codes, scale, zero, score):

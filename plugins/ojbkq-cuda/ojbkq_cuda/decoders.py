@@ -11,6 +11,7 @@ import torch
 
 from ojbkq_core.decoders import Babai, Beam, Klein, Successive
 from ojbkq_core.decoders.base import DecodeResult
+from ojbkq_core.decoders.klein import column_reach
 from ojbkq_core.problem import WorkingProblem
 
 from . import runtime
@@ -74,7 +75,8 @@ class CudaKlein(_Device, Klein):
         K, w = self.options["k"], self.options["window"]
 
         def run(pr, r0):
-            paths = walk(pr, K, beta=self.beta(pr), window=w, seed=seed, row0=r0)
+            beta = self.beta(pr)
+            paths = walk(pr, K, beta=beta, window=w, seed=seed, row0=r0, reach=column_reach(pr, beta, w))
             return select(pr, paths, K)
         return chunked(problem, row0, K, run)
 

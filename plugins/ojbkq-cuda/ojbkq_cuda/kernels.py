@@ -102,11 +102,12 @@ def _residual(t, s, c, z, d, EXACT: tl.constexpr):
 def gumbel_kernel(
     hash_ptr,                        # (R,) per-path-row hash state (ojbkq_core.rng.path_row_state)
     out_ptr,                         # ((R − m)·bs·SLOTS,) float32: noise of row r ≥ m, column i1 + jj, slot o
-    R, m, i1, bs,
+    R, m, i1, bs, slot0,
     SLOTS: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr,
 ):
     """`−log(−log(u))` for the sampled rows (`r ≥ m`) of one block: `u` is `ojbkq_core.rng.uniform` of
-    (seed, path, row, column, slot), at `((r − m)·bs + jj)·SLOTS + o`."""
+    (seed, path, row, column, slot `slot0 + o`), at `((r − m)·bs + jj)·SLOTS + o`. A block whose draws
+    reach fewer codes than the decoder's window draws only the middle `SLOTS` of its slots (`slot0 > 0`)."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < (R - m) * bs
     r = m + idx // bs
@@ -114,7 +115,7 @@ def gumbel_kernel(
     h = tl.load(hash_ptr + r, mask=mask, other=0).to(tl.uint32)
     hc = _mix(h + ((i1 + jj).to(tl.uint32) * _COLUMN))
     for o in tl.static_range(SLOTS):
-        x = _mix(hc + o * _SLOT)
+        x = _mix(hc + (slot0 + o).to(tl.uint32) * _SLOT)
         un = tl.minimum(((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08, 0.99999994039535522)  # < 1
         tl.store(out_ptr + idx * SLOTS + o, -_log(-_log(un, EXACT), EXACT), mask=mask)
 
@@ -181,12 +182,19 @@ def walk_block_kernel(
         if HAS_INJECT:
             fb = e - g
         tile = tile - _mul(fb[:, None], u_row[None, :], EXACT)
-        at = cols[None, :] == jj
-        code_tile = tl.where(at, c[:, None], code_tile)
-        err_tile = tl.where(at, fb[:, None], err_tile)
-    tl.store(codes_ptr + rows64[:, None] * stride_c + (i1 + cols)[None, :],
-             code_tile.to(codes_ptr.dtype.element_ty), mask=mask2)
-    tl.store(err_ptr + rows64[:, None] * stride_e + cols[None, :], err_tile, mask=mask2)
+        if SAMPLE:
+            # collected in the tile and written once per block (measured faster when sampling, H200)
+            at = cols[None, :] == jj
+            code_tile = tl.where(at, c[:, None], code_tile)
+            err_tile = tl.where(at, fb[:, None], err_tile)
+        else:
+            # written as decided: no tile-wide select per column (babai's decode 0.100 → 0.046 s, 4096×14336)
+            tl.store(codes_ptr + rows64 * stride_c + j, c.to(codes_ptr.dtype.element_ty), mask=rmask)
+            tl.store(err_ptr + rows64 * stride_e + jj, fb, mask=rmask)
+    if SAMPLE:
+        tl.store(codes_ptr + rows64[:, None] * stride_c + (i1 + cols)[None, :],
+                 code_tile.to(codes_ptr.dtype.element_ty), mask=mask2)
+        tl.store(err_ptr + rows64[:, None] * stride_e + cols[None, :], err_tile, mask=mask2)
     tl.store(score_ptr + rows, score, mask=rmask)
 
 

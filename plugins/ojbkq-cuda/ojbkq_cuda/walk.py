@@ -12,7 +12,7 @@ block of Gumbel noise `((P − 1)·m, bs, 2·window + 1)`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -58,10 +58,13 @@ def code_dtype(lower: torch.Tensor, upper: torch.Tensor) -> torch.dtype:
 
 
 def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Optional[torch.Tensor] = None,
-         window: int = 4, seed: int = 0, row0: int = 0, block: int = 128) -> Paths:
+         window: int = 4, seed: int = 0, row0: int = 0, block: int = 128,
+         reach: Optional[Sequence[int]] = None) -> Paths:
     """Run `paths` candidate paths per row. Path 0 rounds to nearest (babai); with `beta` `(m,)` the paths
     `p ≥ 1` sample each code (klein). `inject` runs successive rounding from `problem.base` with
-    `problem.inject`. All tensors float32 on one device."""
+    `problem.inject`. `reach` (klein, `n` ints `≤ window`, `ojbkq_core.decoders.klein.column_reach`):
+    how far from the nearest code a draw can land in each column; a block draws and weighs only the codes
+    within its columns' largest reach (the same winners, fewer draws). All tensors float32 on one device."""
     U, grid = problem.U, problem.grid
     start = problem.base if inject else problem.T
     m, n = start.shape
@@ -111,17 +114,19 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
             srow_mod, stride_sr, stride_sc = R, gscale.stride(0), 0
         else:
             srow_mod, stride_sr, stride_sc = m, S.stride(0), 1
+        W = window if reach is None else max(reach[i1:i2])
         if sample:
             items = (R - m) * (i2 - i1)
             runtime.kernels().gumbel_kernel[(triton_cdiv(items, NOISE_BLOCK),)](
-                hstate, noise, R, m, i1, i2 - i1, SLOTS=slots, BLOCK=NOISE_BLOCK, EXACT=runtime.exact())
+                hstate, noise, R, m, i1, i2 - i1, window - W,
+                SLOTS=2 * W + 1, BLOCK=NOISE_BLOCK, EXACT=runtime.exact())
         kernel[launch](
             T, T.stride(0), U, U.stride(0), lower, upper,
             S, Z, stride_sr, stride_sc, srow_mod,
             G, G.stride(0), beta_t, noise,
             codes, codes.stride(0), Err, Err.stride(0), score,
             R, m, i1,
-            bs=i2 - i1, BLOCK_M=BLOCK_M, BS=BS, HAS_INJECT=inject, SAMPLE=sample, WINDOW=window,
+            bs=i2 - i1, BLOCK_M=BLOCK_M, BS=BS, HAS_INJECT=inject, SAMPLE=sample, WINDOW=W,
             EXACT=runtime.exact(), num_warps=runtime.warps(BLOCK_M, BS),
         )
         if i2 < n:
