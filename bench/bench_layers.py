@@ -399,7 +399,7 @@ def main(argv=None):
                             rec["differing_codes_vs_babai"] = float((codes.long() != babai_codes["babai"][bits]).float().mean())
                     else:
                         dec = reg.decoder(dname, params, device=str(dev))
-                        rec["implementation"] = type(dec).__name__
+                        rec["implementation"] = (", ".join(dec.primitives.plugins) or "reference")
                         if bi == 0:          # warm-up: compile the kernels for these rows on 256 columns
                             k = min(n, 256)
                             quantize_layer(W[:, :k].contiguous(), sub_statistics(st, k), spec, grid, dec, seed=0)

@@ -193,7 +193,7 @@ def main(argv=None):
             "model_device": str(model_home), "streams": res.report["streams"],
             "batch_size": res.report["batch_size"],
             "bits": args.bits, "group_size": args.group_size, "static_groups": args.static_groups, "decoder": dec_name, "params": params,
-            "implementation": type(decoder).__name__, "objective": res.report["objective"],
+            "implementation": (", ".join(decoder.primitives.plugins) or "reference"), "objective": res.report["objective"],
             "samples": args.samples, "seqlen": args.seqlen, "device": name,
             "seconds": total, "seconds_per_block": per_block,
             "projected_seconds": sec["capture"] + FULL_BLOCKS * per_block, "projected_blocks": FULL_BLOCKS,

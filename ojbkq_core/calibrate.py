@@ -596,6 +596,7 @@ def _row(task: LayerTask, W_shape, res: LayerResult) -> dict:
     row = {
         "index": task.index, "shape": list(W_shape), "loss": res.loss, "sym_loss": res.report["sym_loss"],
         "draws": task.draws, "seconds": res.report["seconds"], "damp": res.report["damp"],
+        "backend": res.report.get("backend", "reference"),
         "damp_steps": res.report["damp_steps"], "dead_columns": res.report["dead_columns"],
     }
     if "candidate_histogram" in res.report:
@@ -847,6 +848,7 @@ def calibrate(
         "objective": probe.describe() if not isinstance(objective, ObjectiveSpec) else describe_objective(objective),
         "score_objective": None if score_objective is None else score_objective.describe(),
         "decoder": repr(decoder),
+        "backends": sorted({r.get("backend", "reference") for r in rows.values()}),
         "grid": {"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym, "act_order": grid.act_order,
                  "static_groups": grid.static_groups, "scale_method": grid.scale_method},
         "full_precision_stream": streams.full_precision,

@@ -61,6 +61,9 @@ def cmd_plugins(args) -> int:
             "recipes": {k: e.plugin for k, e in reg.recipes.items()},
             "backends": [{"decoder": b.name, "device": b.extra["device"], "priority": b.extra["priority"],
                           "implementation": b.obj.__name__, "plugin": b.plugin} for b in reg.backends],
+            "primitives": [{"primitive": i.name, "device": i.device, "priority": i.priority,
+                            "implementation": f"{i.fn.__module__}.{i.fn.__name__}", "plugin": i.plugin}
+                           for i in reg.primitives],
             "failures": reg.failures, "conflicts": reg.conflicts,
         }
         print(json.dumps(out, indent=2))
@@ -81,10 +84,12 @@ def cmd_plugins(args) -> int:
     print("recipes:")
     for k, e in reg.recipes.items():
         print(f"  {k:<24} {e.plugin}")
-    print("backends:")
+    print("backends (primitives the decoders call, then whole decoders):")
+    for i in sorted(reg.primitives, key=lambda i: (i.name, -i.priority)):
+        print(f"  {i.name:<14} {i.plugin:<22} device={i.device} priority={i.priority} ({i.fn.__module__}.{i.fn.__name__})")
     for b in sorted(reg.backends, key=lambda b: (b.name, -b.extra["priority"])):
         print(f"  {b.name:<14} {b.plugin:<22} device={b.extra['device']} priority={b.extra['priority']} ({b.obj.__name__})")
-    if not reg.backends:
+    if not reg.backends and not reg.primitives:
         print("  (reference implementations only)")
     for name, err in reg.failures.items():
         print(f"failed plugin: {name}: {err}")

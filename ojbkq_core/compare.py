@@ -367,6 +367,7 @@ def compare(args, t_job: float, c_job: float) -> dict:
         row = {**common, "recipe": name, "bits": bits, "group_size": group, "seconds": seconds,
                "cpu_seconds": cpu_seconds, "sym": q.sym, "act_order": q.act_order, "static_groups": q.static_groups,
                "damp": q.damp, "objective": res.report["objective"], "decoder": res.report["decoder"],
+               "backends": res.report["backends"],
                "objective_sum": res.report["objective_sum"], "sym_loss_sum": res.report["sym_loss_sum"],
                "layer_objective": {k: v["loss"] for k, v in res.report["layers"].items()},
                "draws": {k: v["draws"] for k, v in res.report["layers"].items() if v["draws"]},

@@ -34,6 +34,14 @@ def register_backends(register):
 
 
 @hookspec
+def register_primitives(register):
+    """`register(name, device, fn, priority, accepts)`: an implementation of the decoders' primitive `name`
+    (`walk`, `beam` or `rows`, ojbkq_core.decoders.primitives) for a device type, called for a problem when
+    `accepts(problem)` holds. Every decoder built for that device under `backend: auto` (or under the
+    plugin's name) calls it, the built-in ones and any plugin's decoder that calls `self.primitives`."""
+
+
+@hookspec
 def register_formats(register):
     """`register(cls)` for each checkpoint `Format` subclass (ojbkq_core.export.base); `cls.name` is
     the `output.format` users give, and `load_quantized` asks each format's `detect`."""

@@ -235,6 +235,7 @@ def quantize_layer(
     report = {
         "objective": objective.describe(),
         "decoder": repr(decoder),
+        "backend": parts[0].info.get("backend", "reference"),
         "draws": draws,
         "damp": f.delta,
         "damp_steps": f.damp_steps,

@@ -31,6 +31,7 @@ class Registry:
     objectives: dict[str, Entry] = field(default_factory=dict)
     adapters: dict[str, Entry] = field(default_factory=dict)
     backends: list[Entry] = field(default_factory=list)
+    primitives: list = field(default_factory=list)              # primitives.Impl, as registered
     formats: dict[str, Entry] = field(default_factory=dict)
     recipes: dict[str, Entry] = field(default_factory=dict)      # name -> Entry(obj=path of the recipe file)
     failures: dict[str, str] = field(default_factory=dict)      # plugin -> error
@@ -45,13 +46,16 @@ class Registry:
         return self.decoders[name].obj
 
     def decoder(self, name: str, params: Optional[dict] = None, device: str = "cpu", backend: str = "auto"):
-        """An instance of decoder `name` for `device`: the registered backend of highest priority for
-        that device type (`backend="auto"`), the one whose plugin or class is named `backend`, or the
-        reference implementation (`backend="reference"`)."""
+        """An instance of decoder `name` for `device`, calling the primitives (walk, beam, row budget) of
+        the backends registered for that device type: under `backend="auto"` those of priority above 0,
+        highest first; under a plugin's name only that plugin's; under `"reference"` none. A whole decoder
+        class registered with `register_backends` replaces the reference class the same way."""
+        from .decoders.primitives import choose
         params = params or {}
         ref = self.decoder_class(name)
         dtype = str(device).split(":")[0]
         impls = [b for b in self.backends if b.name == name and b.extra["device"] in (dtype, "any")]
+        prims = [i for i in self.primitives if i.device in (dtype, "any")]
         if backend == "reference":
             cls = ref
         elif backend == "auto":
@@ -59,12 +63,12 @@ class Registry:
             cls = impls[0].obj if impls and impls[0].extra["priority"] > 0 else ref
         else:
             named = [b for b in impls if backend in (b.plugin, b.obj.__name__)]
-            if not named:
-                have = sorted({b.plugin for b in impls}) + ["reference", "auto"]
-                raise InputError(f"backend '{backend}' has no implementation of decoder '{name}' for device "
+            if not named and not any(i.plugin == backend for i in prims):
+                have = sorted({b.plugin for b in impls} | {i.plugin for i in prims}) + ["reference", "auto"]
+                raise InputError(f"backend '{backend}' has no implementation for decoder '{name}' on device "
                                  f"'{dtype}'; available: {', '.join(have)}")
-            cls = named[0].obj
-        return cls(**params)
+            cls = named[0].obj if named else ref
+        return cls(**params).use(choose(prims, dtype, backend))
 
     def objective(self, name: str, params: Optional[dict] = None):
         """An `ObjectiveSpec` for a registered objective name with its parameters checked."""
@@ -111,6 +115,16 @@ def _collect(pm: pluggy.PluginManager, reg: Registry) -> None:
     run("register_recipes", lambda p: lambda name, path: add(reg.recipes, name, Entry(name, str(path), p)))
     run("register_backends", lambda p: lambda decoder, device, cls, priority=1:
         reg.backends.append(Entry(decoder, cls, p, {"device": device, "priority": priority})))
+
+    from .decoders.primitives import NAMES, Impl
+
+    def primitive(p):
+        def register(name, device, fn, priority=1, accepts=lambda problem: True):
+            if name not in NAMES:
+                raise ValueError(f"unknown primitive {name!r} (known: {', '.join(NAMES)})")
+            reg.primitives.append(Impl(name, device, fn, priority, accepts, p))
+        return register
+    run("register_primitives", primitive)
 
 
 def load(extra_plugins: tuple = ()) -> Registry:

@@ -540,7 +540,8 @@ def decoder_section(sec: dict, backend, device: str) -> DecoderSpec:
     if not isinstance(backend, str) or not backend:
         raise InputError(f"backend={backend!r}: must be 'auto', 'reference' or the name of a registered backend")
     if backend not in ("auto", "reference"):
-        known = sorted({b.plugin for b in reg.backends} | {b.obj.__name__ for b in reg.backends})
+        known = sorted({b.plugin for b in reg.backends} | {b.obj.__name__ for b in reg.backends}
+                       | {i.plugin for i in reg.primitives})
         if backend not in known:
             raise InputError(f"backend={backend!r}: no such registered backend{_suggest(backend, known)}; "
                              f"available: {', '.join(['auto', 'reference', *known])}")

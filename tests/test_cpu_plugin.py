@@ -1,5 +1,6 @@
-"""The CPU plugin `plugins/ojbkq-cpu`: its hook registers the CPU backends, and its numba kernels take the
-reference decoders' decisions exactly (same codes, grids and objectives, bit for bit)."""
+"""The CPU plugin `plugins/ojbkq-cpu`: its hook registers the CPU primitives (walk, beam), the decoders built
+for the CPU call them, and its numba kernels take the reference decoders' decisions exactly (same codes,
+grids and objectives, bit for bit)."""
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ if str(PLUGIN) not in sys.path:
     sys.path.insert(0, str(PLUGIN))
 
 from ojbkq_core.decoders import Babai, Beam, Klein, Successive  # noqa: E402
-from ojbkq_core.decoders.beam import smallest  # noqa: E402
+from ojbkq_core.decoders.search import smallest  # noqa: E402
 from ojbkq_core.grid import GridSpec  # noqa: E402
 from ojbkq_core.layer import quantize_layer  # noqa: E402
 from ojbkq_core.objectives import PRESETS, preset  # noqa: E402
@@ -22,12 +23,18 @@ from ojbkq_core.problem import BILSProblem  # noqa: E402
 from ojbkq_core.registry import load  # noqa: E402
 from ojbkq_core.rng import to_unit  # noqa: E402
 from ojbkq_cpu import plugin  # noqa: E402
-from ojbkq_cpu.decoders import CpuBabai, CpuBeam, CpuKlein, CpuSuccessive  # noqa: E402
+from ojbkq_core.decoders.primitives import REFERENCE  # noqa: E402
 from ojbkq_cpu.kernels import _BUCKET_SHIFT, gumbel_bucket_bounds  # noqa: E402
 from layer_problems import synthetic_layer as layer  # noqa: E402
 
-PAIRS = {"babai": (Babai, CpuBabai), "klein": (Klein, CpuKlein), "successive": (Successive, CpuSuccessive),
-         "beam": (Beam, CpuBeam)}
+PAIRS = {"babai": Babai, "klein": Klein, "successive": Successive, "beam": Beam}
+CPU = load(extra_plugins=(plugin,)).decoder("babai", device="cpu").primitives    # the CPU plugin's primitives
+
+
+def on_cpu(cls, **params):
+    """The decoder `cls(**params)` calling the CPU plugin's primitives."""
+    return cls(**params).use(CPU)
+
 
 GRIDS = {
     "groups-inside-blocks": GridSpec(bits=4, group_size=16),
@@ -39,11 +46,12 @@ GRIDS = {
 
 
 def both(name, params, W, st, objective="symmetric", grid=None, seed=3, **kw):
-    ref_cls, cpu_cls = PAIRS[name]
+    cls = PAIRS[name]
     spec = preset(objective, *PRESETS[objective])
     grid = grid or GridSpec(bits=4, group_size=16)
-    a = quantize_layer(W, st, spec, grid, ref_cls(**params), seed=seed, **kw)
-    b = quantize_layer(W, st, spec, grid, cpu_cls(**params), seed=seed, **kw)
+    a = quantize_layer(W, st, spec, grid, cls(**params), seed=seed, **kw)
+    b = quantize_layer(W, st, spec, grid, on_cpu(cls, **params), seed=seed, **kw)
+    assert a.report["backend"] == "reference" and b.report["backend"] == "ojbkq-cpu"
     return a, b
 
 
@@ -53,17 +61,42 @@ def same(a, b):
     assert b.loss == a.loss
 
 
-def test_the_hook_registers_a_cpu_backend_for_each_decoder():
+def test_the_hook_registers_the_cpu_primitives_and_cpu_decoders_call_them():
     reg = load(extra_plugins=(plugin,))
-    mine = {b.name: b for b in reg.backends if b.obj.__module__ == "ojbkq_cpu.decoders"}
-    assert set(mine) == set(PAIRS)
-    for name, (ref_cls, cpu_cls) in PAIRS.items():
-        assert mine[name].extra == {"device": "cpu", "priority": plugin.PRIORITY}
-        assert issubclass(cpu_cls, ref_cls)
-        assert type(reg.decoder(name, {}, device="cpu")) is cpu_cls
-        assert type(reg.decoder(name, {}, device="cpu", backend="reference")) is ref_cls
-        assert type(reg.decoder(name, {}, device="cpu", backend="cpu")) is cpu_cls
-        assert not isinstance(reg.decoder(name, {}, device="cuda"), cpu_cls)
+    mine = [i for i in reg.primitives if i.fn.__module__ == "ojbkq_cpu.primitives"]
+    assert {i.name for i in mine} == {"walk", "beam"}
+    assert all(i.device == "cpu" and i.priority == plugin.PRIORITY for i in mine)
+    for name, cls in PAIRS.items():
+        d = reg.decoder(name, {}, device="cpu")
+        assert type(d) is cls                              # the reference class, calling the CPU primitives
+        assert {i.fn.__module__ for v in d.primitives.impls.values() for i in v} == {"ojbkq_cpu.primitives"}
+        assert reg.decoder(name, {}, device="cpu", backend="reference").primitives is REFERENCE
+        assert reg.decoder(name, {}, device="cpu", backend=mine[0].plugin).primitives.impls
+        assert not any(i.fn.__module__ == "ojbkq_cpu.primitives"
+                       for v in reg.decoder(name, {}, device="cuda").primitives.impls.values() for i in v)
+
+
+def test_a_plugin_decoder_that_calls_the_primitives_runs_on_the_cpu_kernels():
+    """A decoder outside the project (here: the two best of Klein's candidates, by the walk primitive) gets
+    the CPU kernels through `self.primitives`, with the reference's results."""
+    from ojbkq_core.decoders import Decoder
+    from ojbkq_core.decoders.primitives import Sampling
+
+    class Twice(Decoder):
+        name = "twice"
+
+        def decode(self, problem, seed=0, row0=0):
+            beta = torch.full((problem.m,), 50.0)
+            paths = self.primitives.walk(problem, 4, sampling=Sampling(beta, 2, seed, row0))
+            return paths.best(problem)
+
+    W, st = layer(6, 96, seed=13)
+    spec = preset("symmetric", *PRESETS["symmetric"])
+    grid = GridSpec(bits=3, group_size=16)
+    a = quantize_layer(W, st, spec, grid, Twice(), seed=2)
+    b = quantize_layer(W, st, spec, grid, Twice().use(CPU), seed=2)
+    assert (a.report["backend"], b.report["backend"]) == ("reference", "ojbkq-cpu")
+    same(a, b)
 
 
 def test_float64_problems_go_to_the_reference_unchanged():
@@ -72,9 +105,10 @@ def test_float64_problems_go_to_the_reference_unchanged():
     y = torch.randn(6, 3, generator=g, dtype=torch.float64).numpy() * 3
     wp, _, _ = BILSProblem.create(y, -2, 2, A=A).working()
     for name, params in [("babai", {}), ("klein", {"k": 4}), ("beam", {"width": 3})]:
-        ref_cls, cpu_cls = PAIRS[name]
-        a, b = ref_cls(**params).decode(wp, seed=5), cpu_cls(**params).decode(wp, seed=5)
+        cls = PAIRS[name]
+        a, b = cls(**params).decode(wp, seed=5), on_cpu(cls, **params).decode(wp, seed=5)
         assert torch.equal(a.codes, b.codes) and torch.equal(a.objective, b.objective)
+        assert b.info["backend"] == "reference"
 
 
 @pytest.mark.parametrize("grid", list(GRIDS))
@@ -88,7 +122,6 @@ def test_babai_takes_the_reference_decisions(grid):
 def test_successive_carries_the_injection_like_the_reference():
     W, st = layer(8, 160, seed=5)
     a, b = both("successive", {}, W, st, objective="regularized")
-    assert b.report["decoder"].startswith("CpuSuccessive")
     same(a, b)
 
 
@@ -113,10 +146,10 @@ def test_klein_is_independent_of_row_chunks_and_never_worse_than_babai():
     W, st = layer(6, 64, seed=7)
     spec = preset("symmetric", *PRESETS["symmetric"])
     grid = GridSpec(bits=3, group_size=16)
-    whole = quantize_layer(W, st, spec, grid, CpuKlein(k=3, window=1), seed=11)
-    parts = quantize_layer(W, st, spec, grid, CpuKlein(k=3, window=1), seed=11, max_rows=4)
+    whole = quantize_layer(W, st, spec, grid, on_cpu(Klein, k=3, window=1), seed=11)
+    parts = quantize_layer(W, st, spec, grid, on_cpu(Klein, k=3, window=1), seed=11, max_rows=4)
     assert torch.equal(whole.codes, parts.codes)
-    babai = quantize_layer(W, st, spec, grid, CpuBabai(), seed=11)
+    babai = quantize_layer(W, st, spec, grid, on_cpu(Babai), seed=11)
     assert (whole.row_loss <= babai.row_loss * (1 + 1e-9) + 1e-12).all()
 
 
@@ -137,9 +170,9 @@ def test_beam_on_a_lattice_problem_with_ties():
     y = torch.randint(-6, 7, (10, 5), generator=g).double().numpy()
     wp, _, _ = BILSProblem.create(y, -3, 2, A=A).working(dtype=torch.float32)
     for width, expand in [(2, 1), (4, 2), (5, 3)]:
-        a, b = Beam(width=width, expand=expand).decode(wp), CpuBeam(width=width, expand=expand).decode(wp)
+        a, b = Beam(width=width, expand=expand).decode(wp), on_cpu(Beam, width=width, expand=expand).decode(wp)
         assert torch.equal(a.codes, b.codes) and torch.equal(a.objective, b.objective)
-        bab = CpuBabai().decode(wp)
+        bab = on_cpu(Babai).decode(wp)
         assert torch.equal(bab.codes, Babai().decode(wp).codes)
         assert (b.objective <= bab.objective + 1e-5).all()
         assert ((b.codes >= -3) & (b.codes <= 2)).all()

@@ -1,5 +1,5 @@
-"""The GPU plugin `plugins/ojbkq-cuda`: its hook registers the device backends, and its kernels take the same
-decisions as the reference decoders.
+"""The GPU plugin `plugins/ojbkq-cuda`: its hook registers the device primitives (walk, beam, row budget), the
+decoders built for a CUDA device call them, and its kernels take the same decisions as the reference decoders.
 
 Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (`TRITON_INTERPRET=1`, set here
 before the kernels are first imported), so the comparisons with the reference run on any machine with
@@ -27,11 +27,17 @@ from ojbkq_core.objectives import PRESETS, preset  # noqa: E402
 from ojbkq_core.problem import BILSProblem  # noqa: E402
 from ojbkq_core.registry import load  # noqa: E402
 from ojbkq_cuda import plugin, runtime  # noqa: E402
-from ojbkq_cuda.decoders import CudaBabai, CudaBeam, CudaKlein, CudaSuccessive  # noqa: E402
+from ojbkq_core.decoders.primitives import REFERENCE  # noqa: E402
 from layer_problems import synthetic_layer as layer  # noqa: E402
 
-PAIRS = {"babai": (Babai, CudaBabai), "klein": (Klein, CudaKlein), "successive": (Successive, CudaSuccessive),
-         "beam": (Beam, CudaBeam)}
+PAIRS = {"babai": Babai, "klein": Klein, "successive": Successive, "beam": Beam}
+DEVICE = load(extra_plugins=(plugin,)).decoder("babai", device="cuda").primitives   # the plugin's primitives
+
+
+def on_device(cls, **params):
+    """The decoder `cls(**params)` calling the GPU plugin's primitives."""
+    return cls(**params).use(DEVICE)
+
 
 interpreted = pytest.mark.skipif(not runtime.interpreted(),
                                  reason="needs Triton's interpreter (Triton installed, no GPU)")
@@ -40,29 +46,33 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and runtime.triton_avai
 
 
 def both(name, params, W, st, objective="symmetric", grid=None, seed=3, **kw):
-    ref_cls, dev_cls = PAIRS[name]
+    cls = PAIRS[name]
     spec = preset(objective, *PRESETS[objective])
     grid = grid or GridSpec(bits=4, group_size=16)
-    a = quantize_layer(W, st, spec, grid, ref_cls(**params), seed=seed, **kw)
-    b = quantize_layer(W, st, spec, grid, dev_cls(**params), seed=seed, **kw)
+    a = quantize_layer(W, st, spec, grid, cls(**params), seed=seed, **kw)
+    b = quantize_layer(W, st, spec, grid, on_device(cls, **params), seed=seed, **kw)
+    assert a.report["backend"] == "reference" and b.report["backend"] == "ojbkq-cuda"
     return a, b
 
 
 # --- registration (no Triton needed) -------------------------------------------------------------
 
-def test_the_hook_registers_a_cuda_backend_for_each_device_decoder():
+def test_the_hook_registers_the_device_primitives_and_cuda_decoders_call_them():
     reg = load(extra_plugins=(plugin,))
-    mine = {b.name: b for b in reg.backends if b.obj.__module__ == "ojbkq_cuda.decoders"}
-    assert set(mine) == set(PAIRS)
-    for name, (ref_cls, dev_cls) in PAIRS.items():
-        entry = mine[name]
-        assert entry.extra["device"] == "cuda" and entry.extra["priority"] > 0
-        assert entry.obj is dev_cls and issubclass(dev_cls, ref_cls)
-        assert type(reg.decoder(name, {}, device="cuda")) is dev_cls
-        assert type(reg.decoder(name, {}, device="cuda:1")) is dev_cls
-        assert not isinstance(reg.decoder(name, {}, device="cpu"), dev_cls)
-        assert type(reg.decoder(name, {}, device="cuda", backend="reference")) is ref_cls
-        assert type(reg.decoder(name, {}, device="cuda", backend="CudaBabai" if name == "babai" else dev_cls.__name__)) is dev_cls
+    mine = [i for i in reg.primitives if i.fn.__module__ == "ojbkq_cuda.primitives"]
+    assert {i.name for i in mine} == {"walk", "beam", "rows"}
+    assert all(i.device == "cuda" and i.priority > 0 for i in mine)
+    for name, cls in PAIRS.items():
+        for device in ("cuda", "cuda:1"):
+            d = reg.decoder(name, {}, device=device)
+            assert type(d) is cls
+            assert {i.fn.__module__ for v in d.primitives.impls.values() for i in v} == {"ojbkq_cuda.primitives"}
+        assert not any(i.fn.__module__ == "ojbkq_cuda.primitives"
+                       for v in reg.decoder(name, {}, device="cpu").primitives.impls.values() for i in v)
+        assert reg.decoder(name, {}, device="cuda", backend="reference").primitives is REFERENCE
+        assert reg.decoder(name, {}, device="cuda", backend=mine[0].plugin).primitives.impls
+    with pytest.raises(InputError, match="backend 'turbo'"):
+        reg.decoder("klein", {}, device="cuda", backend="turbo")
 
 
 def test_parameters_are_checked_as_by_the_reference():
@@ -81,8 +91,9 @@ def test_float64_problems_go_to_the_reference_unchanged():
     y = torch.randn(6, 3, generator=g, dtype=torch.float64).numpy() * 3
     wp, _, _ = BILSProblem.create(y, -2, 2, A=A).working()
     for name, params in [("babai", {}), ("klein", {"k": 4}), ("beam", {"width": 3})]:
-        ref_cls, dev_cls = PAIRS[name]
-        a, b = ref_cls(**params).decode(wp, seed=5), dev_cls(**params).decode(wp, seed=5)
+        cls = PAIRS[name]
+        a, b = cls(**params).decode(wp, seed=5), on_device(cls, **params).decode(wp, seed=5)
+        assert b.info["backend"] == "reference"
         assert torch.equal(a.codes, b.codes) and torch.equal(a.objective, b.objective)
 
 
@@ -122,7 +133,6 @@ def test_babai_kernel_on_rows_chunked_by_the_memory_budget(monkeypatch):
 def test_successive_kernel_carries_the_injection_like_the_reference():
     W, st = layer(8, 32, seed=5)
     a, b = both("successive", {}, W, st, objective="regularized")
-    assert a.report["decoder"].startswith("Successive") and b.report["decoder"].startswith("CudaSuccessive")
     assert torch.equal(a.codes, b.codes)
     assert b.loss == pytest.approx(a.loss, rel=1e-6)
 
@@ -143,7 +153,7 @@ def test_klein_kernel_draws_the_reference_numbers(objective):
 def test_klein_kernel_on_a_static_grid_draws_only_within_reach_and_picks_the_same_codes(grid):
     """With scales known beforehand each block weighs only the codes a draw can reach (`column_reach`):
     fewer draws, the reference's codes, and the walk's paths equal to those of the whole window."""
-    from ojbkq_core.decoders.klein import column_reach
+    from ojbkq_core.decoders.sampling import column_reach
     from ojbkq_cuda.walk import walk
     spec_grid = {"static-groups": GridSpec(bits=3, group_size=16, static_groups=True),
                  "per-row": GridSpec(bits=3, group_size=-1)}[grid]
@@ -154,14 +164,14 @@ def test_klein_kernel_on_a_static_grid_draws_only_within_reach_and_picks_the_sam
     # the same walk with and without the bound, on the problem the decoder sees
     captured = {}
 
-    class Spy(CudaKlein):
+    class Spy(Klein):
         def decode(self, problem, seed=0, row0=0):
             captured["problem"] = problem
             return super().decode(problem, seed, row0)
 
-    quantize_layer(W, st, preset("jta", *PRESETS["jta"]), spec_grid, Spy(k=3), seed=3)
+    quantize_layer(W, st, preset("jta", *PRESETS["jta"]), spec_grid, Spy(k=3).use(DEVICE), seed=3)
     pr = captured["problem"]
-    dec = CudaKlein(k=3)
+    dec = Klein(k=3)
     beta = dec.beta(pr)
     reach = column_reach(pr, beta, 4)
     assert len(reach) == pr.n and max(reach) <= 4 and min(reach) < 4
@@ -175,10 +185,10 @@ def test_klein_kernel_is_independent_of_row_chunks_and_never_worse_than_babai():
     W, st = layer(6, 32, seed=7)
     spec = preset("symmetric", *PRESETS["symmetric"])
     grid = GridSpec(bits=3, group_size=16)
-    whole = quantize_layer(W, st, spec, grid, CudaKlein(k=3, window=1), seed=11)
-    parts = quantize_layer(W, st, spec, grid, CudaKlein(k=3, window=1), seed=11, max_rows=4)
+    whole = quantize_layer(W, st, spec, grid, on_device(Klein, k=3, window=1), seed=11)
+    parts = quantize_layer(W, st, spec, grid, on_device(Klein, k=3, window=1), seed=11, max_rows=4)
     assert torch.equal(whole.codes, parts.codes)
-    babai = quantize_layer(W, st, spec, grid, CudaBabai(), seed=11)
+    babai = quantize_layer(W, st, spec, grid, on_device(Babai), seed=11)
     assert (whole.row_loss <= babai.row_loss * (1 + 1e-9) + 1e-12).all()
 
 
@@ -199,9 +209,9 @@ def test_beam_kernel_on_a_lattice_problem_chooses_by_the_path_objective():
     A = torch.randn(10, 10, generator=g, dtype=torch.float64).numpy()
     y = torch.randn(10, 4, generator=g, dtype=torch.float64).numpy() * 4
     wp, _, _ = BILSProblem.create(y, -3, 2, A=A).working(dtype=torch.float32)
-    a, b = Beam(width=4).decode(wp), CudaBeam(width=4).decode(wp)
+    a, b = Beam(width=4).decode(wp), on_device(Beam, width=4).decode(wp)
     assert torch.equal(a.codes, b.codes)
-    bab = CudaBabai().decode(wp)
+    bab = on_device(Babai).decode(wp)
     assert torch.equal(bab.codes, Babai().decode(wp).codes)
     assert (b.objective <= bab.objective + 1e-5).all()
     assert ((b.codes >= -3) & (b.codes <= 2)).all()
@@ -222,5 +232,5 @@ def test_on_the_gpu_every_device_decoder_matches_the_reference():
         assert (a.codes != b.codes).float().mean().item() < 0.05
         assert b.loss == pytest.approx(a.loss, rel=5e-3)
     spec = preset("symmetric", *PRESETS["symmetric"])
-    runs = [quantize_layer(W, st, spec, GridSpec(bits=3, group_size=128), CudaKlein(k=8), seed=2) for _ in range(2)]
+    runs = [quantize_layer(W, st, spec, GridSpec(bits=3, group_size=128), on_device(Klein, k=8), seed=2) for _ in range(2)]
     assert torch.equal(runs[0].codes, runs[1].codes)

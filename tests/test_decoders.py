@@ -152,17 +152,17 @@ def test_klein_limits_of_beta_and_k():
 def test_klein_noise_only_where_a_draw_can_land_changes_nothing(monkeypatch, kw, shape):
     """On the CPU Klein draws noise only for the codes within `reach` of the nearest one; with the whole
     window drawn (the GPU's way) every candidate, score and winner is the same."""
-    from ojbkq_core.decoders import klein as klein_mod
+    from ojbkq_core.decoders import sampling as sampling_mod
     reached = []
-    real_reach = klein_mod.reach
-    monkeypatch.setattr(klein_mod, "reach", lambda *a: reached.append(real_reach(*a)) or reached[-1])
+    real_reach = sampling_mod.reach
+    monkeypatch.setattr(sampling_mod, "reach", lambda *a: reached.append(real_reach(*a)) or reached[-1])
     for seed in range(3):
         wp = layer_problem(seed=10 + seed, **shape)
         wp.T = wp.T * 1.3                                    # some targets beyond the box: clamped codes
         pruned = Klein(k=8, **kw).decode(wp, seed=seed)
-        monkeypatch.setattr(klein_mod, "reach", lambda kappa, w, spread: w)
+        monkeypatch.setattr(sampling_mod, "reach", lambda kappa, w, spread: w)
         full = Klein(k=8, **kw).decode(wp, seed=seed)
-        monkeypatch.setattr(klein_mod, "reach", lambda *a: reached.append(real_reach(*a)) or reached[-1])
+        monkeypatch.setattr(sampling_mod, "reach", lambda *a: reached.append(real_reach(*a)) or reached[-1])
         assert torch.equal(pruned.codes, full.codes)
         assert torch.equal(pruned.info["candidate_scores"], full.info["candidate_scores"])
     if "beta" not in kw and kw.get("rel_beta", 4.0) >= 4.0:
@@ -170,7 +170,7 @@ def test_klein_noise_only_where_a_draw_can_land_changes_nothing(monkeypatch, kw,
 
 
 def test_klein_reach_bound():
-    from ojbkq_core.decoders.klein import gumbel_spread, reach
+    from ojbkq_core.decoders.sampling import gumbel_spread, reach
     spread = gumbel_spread()
     assert 19 < spread < 20                                 # −log(−log u) over u in [2⁻²⁵, 1 − 2⁻²⁴]
     assert reach(4.0, 4, spread) == 2                      # κ (o² − |o|) = 24 > spread at o = 3, 8 at o = 2

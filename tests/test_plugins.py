@@ -195,6 +195,53 @@ def test_a_name_conflict_is_reported_and_the_first_registration_kept(entry_point
     assert not reg.failures
 
 
+def test_a_backend_plugin_registers_a_primitive_and_every_decoder_on_its_device_calls_it(entry_points, capsys):
+    """A third-party backend registers a `walk` for the CPU (here the reference's, counting its calls):
+    babai, klein and the colreorder plugin's sorted-babai all walk through it under `backend: auto` and
+    under its name, not under `reference`; a primitive of an unknown name is a reported failure."""
+    entry_points("colreorder", "ojbkq_colreorder")
+    entry_points("counting", "ojbkq_test_plugin_counting", """
+        from ojbkq_core.decoders.primitives import reference_walk
+        from ojbkq_core.hookspecs import hookimpl
+
+        CALLS = []
+
+        def walk(problem, paths=1, **kw):
+            CALLS.append(paths)
+            return reference_walk(problem, paths, **kw)
+
+        @hookimpl
+        def register_primitives(register):
+            register("walk", "cpu", walk, 50, lambda problem: problem.T.dtype.is_floating_point)
+    """)
+    entry_points("typo", "ojbkq_test_plugin_typo", """
+        from ojbkq_core.hookspecs import hookimpl
+
+        @hookimpl
+        def register_primitives(register):
+            register("wlak", "cpu", lambda *a: None)
+    """)
+    import ojbkq_test_plugin_counting as counting
+    reg = registry.get_registry()
+    assert "unknown primitive 'wlak'" in reg.failures["typo"]
+    from layer_problems import synthetic_layer
+    W, st_ = synthetic_layer(5, 24, seed=3)
+    spec = preset("symmetric", *PRESETS["symmetric"])
+    grid = GridSpec(bits=3, group_size=-1)
+    for name, params, paths in [("babai", {}, 1), ("klein", {"k": 3}, 3), ("sorted-babai", {}, 1)]:
+        counting.CALLS.clear()
+        res = quantize_layer(W, st_, spec, grid, reg.decoder(name, params, device="cpu"), seed=1)
+        assert counting.CALLS and counting.CALLS[0] == paths and res.report["backend"] == "reference"
+        counting.CALLS.clear()
+        quantize_layer(W, st_, spec, grid, reg.decoder(name, params, device="cpu", backend="counting"), seed=1)
+        assert counting.CALLS
+        counting.CALLS.clear()
+        quantize_layer(W, st_, spec, grid, reg.decoder(name, params, device="cpu", backend="reference"), seed=1)
+        assert not counting.CALLS
+    assert main(["plugins"]) == 0
+    assert "walk           counting" in capsys.readouterr().out
+
+
 # --- the decoder itself ---------------------------------------------------------------------------
 
 @st.composite

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from ..problem import WorkingProblem
 from .base import DecodeResult, Decoder
-from .walk import nearest, walk
 
 
 class Babai(Decoder):
@@ -14,5 +13,4 @@ class Babai(Decoder):
     description = "nearest plane with error feedback (GPTQ on a layer)"
 
     def decode(self, problem: WorkingProblem, seed: int = 0, row0: int = 0) -> DecodeResult:
-        codes, scale, zero, score = walk(problem, 1, lambda t, s, z, lo, hi, d, j: nearest(t, s, z, lo, hi))
-        return DecodeResult(codes[0], scale[0], zero[0], score[0])
+        return self.by_rows(problem, 1, row0, lambda pr, r0: self.primitives.walk(pr, 1).single(pr))

@@ -2,39 +2,18 @@
 
 A decoder turns a `WorkingProblem` (docs/formulation.md §4, decoding order) into integer codes, one row per
 right-hand side. Every decoder is vectorised over rows in torch and runs on whatever device the
-problem's tensors live on.
+problem's tensors live on; the built-in ones are made of the primitives of `primitives.py` (the walk, the
+beam, the row budget), which a backend plugin may replace for its device.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
-
-import torch
 
 from ..errors import InputError
 from ..problem import WorkingProblem
-
-
-@dataclass
-class DecodeResult:
-    """Codes and the grid they were decoded on, in decoding order.
-
-    `codes`: `(m, n)` float tensor holding integers; `scale`, `zero`: `(m, n)`;
-    `objective`: `(m,)` the path objective `Σ e_j² = (t − q)ᵀ H (t − q)` of the chosen codes;
-    `info`: decoder-specific facts (e.g. the chosen candidate per row).
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    objective: torch.Tensor
-    info: dict = field(default_factory=dict)
-
-    @property
-    def values(self) -> torch.Tensor:
-        """Dequantized values `scale · (codes − zero)` `(m, n)`."""
-        return self.scale * (self.codes - self.zero)
+from .primitives import REFERENCE, Primitives
+from .result import DecodeResult, joined
 
 
 class Decoder(ABC):
@@ -49,6 +28,8 @@ class Decoder(ABC):
     randomized: ClassVar[bool] = False
     progressive: ClassVar[bool] = False   # reads WorkingProblem.base / .inject (successive rounding)
     description: ClassVar[str] = ""
+
+    primitives: Primitives = REFERENCE   # the walk, beam and row budget it calls (`use` sets a backend's)
 
     def __init__(self, **params):
         unknown = sorted(set(params) - set(self.params))
@@ -67,6 +48,20 @@ class Decoder(ABC):
             raise InputError(f"decoder '{self.name}': parameter {key}={v!r} must be a positive integer")
         return v
 
+    def use(self, primitives: Primitives) -> "Decoder":
+        """Call `primitives` (a backend's walk, beam, row budget) from now on; returns the decoder."""
+        self.primitives = primitives
+        return self
+
+    def by_rows(self, problem: WorkingProblem, paths: int, row0: int, run) -> DecodeResult:
+        """`run(rows, row0)` on chunks of rows small enough for `paths` candidate paths each
+        (`primitives.rows`), the results joined in row order. Rows are independent problems sharing `U`."""
+        m = problem.m
+        step = max(1, min(m, self.primitives.rows(problem, paths)))
+        if step >= m:
+            return run(problem, row0)
+        return joined([run(problem.rows(slice(i, i + step)), row0 + i) for i in range(0, m, step)])
+
     @abstractmethod
     def decode(self, problem: WorkingProblem, seed: int = 0, row0: int = 0) -> DecodeResult:
         """Decode all rows. `row0` is the index of the first row in the whole problem (so that a
@@ -75,3 +70,4 @@ class Decoder(ABC):
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({args})"
+

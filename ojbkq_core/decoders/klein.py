@@ -19,15 +19,13 @@ on MiniLM block 3's intermediate.dense (1536×384) and 9.3% on its query (384×3
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
 from ..errors import InputError
 from ..problem import WorkingProblem
-from ..rng import to_unit, uniform
 from .base import DecodeResult, Decoder
-from .walk import nearest, walk
+from .sampling import Sampling
 
 
 def klein_rho(k: int, n: int) -> float:
@@ -43,55 +41,6 @@ def klein_rho(k: int, n: int) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
     return hi
-
-
-def gumbel_spread(dtype=torch.float32) -> float:
-    """The largest minus the smallest Gumbel draw `−log(−log u)` over every uniform `rng.to_unit` can
-    give (about 19.5 in float32)."""
-    u = to_unit(torch.tensor([0, 0xFFFFFFFF]), dtype)
-    g = -torch.log(-torch.log(u))
-    return float(g[1] - g[0])
-
-
-def reach(kappa_min: float, window: int, spread: float) -> int:
-    """How many steps from the nearest code a draw can still land, `≤ window`.
-
-    With `κ = β s² / U_jj²` (`s` the grid step), the nearest code's logit is at least `−κ/4` and the code
-    `o` steps away has at most `−κ (|o| − ½)²` (both hold when the nearest code is clamped to the box,
-    which only widens the gap), so it trails by at least `κ (o² − |o|)`. Once that exceeds the spread
-    of the Gumbel draws it can never win the argmax. A 0.1% and one-unit margin covers float rounding;
-    a NaN `kappa_min` keeps the whole window.
-    """
-    W = window
-    while W > 1 and kappa_min * (W * W - W) * (1 - 1e-3) > spread + 1.0:
-        W -= 1
-    return W
-
-
-def column_reach(problem: WorkingProblem, beta: torch.Tensor, window: int) -> Optional[list[int]]:
-    """`reach` of every column for the draws of all rows, `n` ints `≤ window`, with `κ_j = min_i β_i s_ij² /
-    U_jj²` (`beta` `(m,)`); None for a grid fitted during the walk, whose scales are not known beforehand.
-    A kernel that weighs only the codes within a column's reach picks the winners of the whole window."""
-    grid = problem.grid
-    if grid.dynamic:
-        return None
-    kappa = (beta.view(-1, 1) * (grid.scale / problem.U.diagonal()) ** 2).amin(0)
-    spread = gumbel_spread(problem.T.dtype)
-    return [reach(k, window, spread) for k in kappa.tolist()]
-
-
-def select(problem: WorkingProblem, codes, scale, zero, score):
-    """Per-row best candidate. `codes`, `scale`, `zero` `(P, m, n)`, `score` `(P, m)`."""
-    if problem.score is not None:
-        rank = problem.score(scale * (codes - zero), score).masked_fill(~torch.isfinite(score), float("inf"))
-    else:
-        rank = score
-    best = rank.argmin(0)                                     # (m,)
-    idx = best.view(1, -1, 1).expand(1, *codes.shape[1:])
-    pick = lambda x: x.gather(0, idx)[0]                      # noqa: E731
-    return DecodeResult(pick(codes), pick(scale), pick(zero),
-                        score.gather(0, best.view(1, -1))[0],
-                        {"candidate": best, "candidate_scores": rank})
 
 
 class Klein(Decoder):
@@ -119,31 +68,10 @@ class Klein(Decoder):
 
     def decode(self, problem: WorkingProblem, seed: int = 0, row0: int = 0) -> DecodeResult:
         K, w = self.options["k"], self.options["window"]
-        T = problem.T
-        m, dev = T.shape[0], T.device
-        beta = self.beta(problem).unsqueeze(-1)                  # (m, 1)
-        path = torch.arange(1, K, device=dev).view(-1, 1, 1)     # (K-1, 1, 1): path 0 is Babai
-        row = (torch.arange(m, device=dev) + row0).view(1, -1, 1)
-        offs = torch.arange(-w, w + 1, device=dev, dtype=T.dtype)  # (2w+1,)
-        slot = torch.arange(2 * w + 1, device=dev).view(1, 1, -1)
-        # on the CPU only the codes a draw can reach get noise (the same draws, the same winner); on a
-        # GPU the bound would cost a device sync per column, so the whole window is drawn
-        spread = gumbel_spread(T.dtype) if dev.type == "cpu" else None
 
-        def choose(t, s, z, lo, hi, d, j):
-            c0 = nearest(t, s, z, lo, hi)                        # (K, m)
-            if K == 1:
-                return c0
-            W = w if spread is None else reach((beta.view(1, -1) * (s[1:] / d) ** 2).amin().item(), w, spread)
-            offs_W, slot_W = offs[w - W:w + W + 1], slot[..., w - W:w + W + 1]
-            cc = c0[1:].unsqueeze(-1) + offs_W                   # (K-1, m, 2W+1)
-            dist = (t[1:].unsqueeze(-1) - s[1:].unsqueeze(-1) * (cc - z[1:].unsqueeze(-1))) / d
-            logit = -beta * dist * dist
-            logit = logit.masked_fill((cc < lo) | (cc > hi), -math.inf)
-            u = uniform(seed, path, row, j, slot_W, dtype=T.dtype)
-            g = -torch.log(-torch.log(u))
-            pick = (logit + g).argmax(-1, keepdim=True)
-            return torch.cat([c0[:1], cc.gather(-1, pick).squeeze(-1)], 0)
+        def run(pr: WorkingProblem, r0: int) -> DecodeResult:
+            sampling = Sampling(self.beta(pr), w, seed, r0)
+            return self.primitives.walk(pr, K, sampling=sampling).best(pr)
+        return self.by_rows(problem, K, row0, run)
 
-        codes, scale, zero, score = walk(problem, K, choose)
-        return select(problem, codes, scale, zero, score)
+

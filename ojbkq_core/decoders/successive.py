@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from ..problem import WorkingProblem
 from .base import DecodeResult, Decoder
-from .walk import nearest, walk
 
 
 class Successive(Decoder):
@@ -21,6 +20,5 @@ class Successive(Decoder):
 
     def decode(self, problem: WorkingProblem, seed: int = 0, row0: int = 0) -> DecodeResult:
         inject = problem.base is not None and problem.inject is not None
-        codes, scale, zero, score = walk(problem, 1, lambda t, s, z, lo, hi, d, j: nearest(t, s, z, lo, hi),
-                                         inject=inject)
-        return DecodeResult(codes[0], scale[0], zero[0], score[0], {"progressive": inject})
+        return self.by_rows(problem, 1, row0, lambda pr, r0: self.primitives.walk(pr, 1, inject=inject)
+                            .single(pr, {"progressive": inject}))

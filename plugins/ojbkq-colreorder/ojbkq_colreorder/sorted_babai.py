@@ -2,7 +2,7 @@
 
 The objective of a row, `(t − q)ᵀ H (t − q)`, does not depend on the order in which the columns are
 decoded, but the Babai path does. This decoder picks an order from the problem, permutes the working
-problem into it, runs the built-in babai walk and puts the codes back in the problem's order.
+problem into it, runs the babai walk of the run's backend (`self.primitives`) and puts the codes back in the problem's order.
 
 Orders (`order=`), computed from `P = H⁻¹ = Uᵀ U` and the grid steps `s_j` (mean of `s_ij²` over the rows,
 all ones in lattice form):
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ojbkq_core.decoders import Babai, DecodeResult, Decoder
-from ojbkq_core.decoders.klein import select
+from ojbkq_core.decoders import DecodeResult, Decoder
+from ojbkq_core.decoders.select import select
 from ojbkq_core.errors import InputError
 from ojbkq_core.grid import Grid
 from ojbkq_core.problem import WorkingProblem
@@ -97,11 +97,12 @@ class SortedBabai(Decoder):
                              "quant.group_size=-1, or use babai")
         perm = self.order(problem)
         inv = torch.argsort(perm)
-        res = Babai().decode(permute(problem, perm))
+        permuted = permute(problem, perm)            # the walk of the backend the run chose (`primitives`)
+        res = self.primitives.walk(permuted, 1).single(permuted)
         codes, scale, zero = res.codes[:, inv], res.scale[:, inv], res.zero[:, inv]
         if not self.options["keep_natural"]:
             return DecodeResult(codes, scale, zero, res.objective, {"order": perm})
-        nat = Babai().decode(problem)
+        nat = self.primitives.walk(problem, 1).single(problem)
         out = select(problem, torch.stack([codes, nat.codes]), torch.stack([scale, nat.scale]),
                      torch.stack([zero, nat.zero]), torch.stack([res.objective, nat.objective]))
         out.info["order"] = perm

@@ -71,7 +71,7 @@ def _subtract_scaled(x, u, a):
 
 @njit(inline="always")
 def _reach(kappa, window, spread):
-    """`ojbkq_core.decoders.klein.reach` for one target."""
+    """`ojbkq_core.decoders.sampling.reach` for one target."""
     W = window
     while W > 1 and kappa * (W * W - W) * (1 - 1e-3) > spread + 1.0:
         W -= 1

@@ -14,7 +14,7 @@ from typing import Optional
 import numba
 import torch
 
-from ojbkq_core.decoders.klein import gumbel_spread
+from ojbkq_core.decoders.sampling import gumbel_spread
 from ojbkq_core.grid import block_size_for
 from ojbkq_core.problem import WorkingProblem
 from ojbkq_core.rng import path_row_state

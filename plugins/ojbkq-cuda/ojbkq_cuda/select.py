@@ -1,6 +1,6 @@
 """Choosing among candidate paths per row, one candidate at a time (memory: a few `(m, n)` buffers).
 
-The rule is the reference's (`ojbkq_core.decoders.klein.select`): per row the candidate with the least
+The rule is the reference's (`ojbkq_core.decoders.select.select`): per row the candidate with the least
 score, where the score is the problem's scoring objective when it has one and the path objective
 `Σ e²` otherwise, and a candidate whose path objective is not finite never wins.
 
@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 
-from ojbkq_core.decoders.base import DecodeResult
+from ojbkq_core.decoders.result import DecodeResult
 from ojbkq_core.objectives import RowScore
 from ojbkq_core.problem import WorkingProblem
 

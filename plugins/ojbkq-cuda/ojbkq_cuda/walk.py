@@ -22,6 +22,8 @@ from ojbkq_core.rng import path_row_state
 
 from . import runtime
 
+BACKEND = "ojbkq-cuda"
+
 
 @dataclass
 class Paths:
@@ -36,6 +38,24 @@ class Paths:
     zero: Optional[torch.Tensor]
     score: torch.Tensor
     group_size: int
+
+    def best(self, problem: WorkingProblem):
+        """Per row the candidate with the least score (`select.select`)."""
+        from .select import select
+        res = select(problem, self, self.codes.shape[0] // problem.m)
+        res.info["backend"] = BACKEND
+        return res
+
+    def single(self, problem: WorkingProblem, info=None):
+        """The one path of a one-path walk (`select.single`)."""
+        from .select import single
+        return single(problem, self, {**(info or {}), "backend": BACKEND})
+
+    def then(self, other: "Paths") -> "Paths":
+        """These candidates followed by `other`'s (same problem, same grid kind)."""
+        cat = lambda x, y: None if x is None else torch.cat([x, y])  # noqa: E731
+        return Paths(torch.cat([self.codes, other.codes.to(self.codes.dtype)]), cat(self.scale, other.scale),
+                     cat(self.zero, other.zero), torch.cat([self.score, other.score]), self.group_size)
 
     def grid_of(self, problem: WorkingProblem, rows: torch.Tensor):
         """Scale and zero `(len(rows), n)` per column for the given path-rows."""
@@ -62,7 +82,7 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
          reach: Optional[Sequence[int]] = None) -> Paths:
     """Run `paths` candidate paths per row. Path 0 rounds to nearest (babai); with `beta` `(m,)` the paths
     `p ≥ 1` sample each code (klein). `inject` runs successive rounding from `problem.base` with
-    `problem.inject`. `reach` (klein, `n` ints `≤ window`, `ojbkq_core.decoders.klein.column_reach`):
+    `problem.inject`. `reach` (klein, `n` ints `≤ window`, `ojbkq_core.decoders.sampling.column_reach`):
     how far from the nearest code a draw can land in each column; a block draws and weighs only the codes
     within its columns' largest reach (the same winners, fewer draws). All tensors float32 on one device."""
     U, grid = problem.U, problem.grid
