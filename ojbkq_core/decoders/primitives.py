@@ -15,8 +15,10 @@
 
 A decoder calls them through its `primitives` (a `Primitives`, chosen for the run's device and `backend`
 by `choose`): for each call the implementation of highest priority whose `accepts(problem)` holds (e.g.
-float32 tensors where its kernels run), else the reference below. A backend plugin registers implementations with the `register_primitives` hook;
-a third-party decoder that calls `self.primitives.walk(...)` runs on every backend the built-ins run on.
+float32 tensors where its kernels run), else the reference below. A backend plugin registers
+implementations with the `register_primitives` hook; a third-party decoder that calls
+`self.primitives.walk(...)` runs on every backend the built-ins run on. What `walk` and `beam` return is
+the backend's own layout of the candidates (`Dense` here), which chooses among them itself.
 """
 from __future__ import annotations
 
