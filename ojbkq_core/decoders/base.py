@@ -70,4 +70,3 @@ class Decoder(ABC):
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({args})"
-

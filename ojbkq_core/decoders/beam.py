@@ -25,4 +25,3 @@ class Beam(Decoder):
         # the Babai path joins the survivors as a candidate, so the result is never worse than babai
         return self.by_rows(problem, B + 1, row0,
                             lambda pr, r0: self.primitives.beam(pr, B, E, block=block).best(pr))
-

@@ -73,5 +73,3 @@ class Klein(Decoder):
             sampling = Sampling(self.beta(pr), w, seed, r0)
             return self.primitives.walk(pr, K, sampling=sampling).best(pr)
         return self.by_rows(problem, K, row0, run)
-
-
