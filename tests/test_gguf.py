@@ -224,3 +224,14 @@ def test_a_tokenizer_that_splits_english_into_characters_is_refused():
                                               **{f"<x{i}>": 100 + i for i in range(2000)}}, unk_token="<x0>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     check_tokenizer(PreTrainedTokenizerFast(tokenizer_object=words), "x.gguf")       # a word per token passes
+
+
+def test_a_converted_built_in_model_is_known_by_its_folder(tmp_path):
+    """`ojbkq compare` says it converts a built-in GGUF model only when its folder is not there yet."""
+    from ojbkq_core.assets import CONVERTED, converted
+    for name, folder in CONVERTED.items():
+        assert not converted(name, str(tmp_path))
+        (tmp_path / folder).mkdir()
+        assert not converted(name, str(tmp_path))            # a folder without config.json is not a model
+        (tmp_path / folder / "config.json").write_text("{}")
+        assert converted(name, str(tmp_path))
