@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,9 +80,11 @@ def build(args, dev, home=None):
 @torch.no_grad()
 def forward_seconds(adapter, ids, batch_size, dev, need_fp, true_sequential=True) -> float:
     """The bare block forwards the engine runs for one block (block 0, on its captured inputs): per
-    stream, one forward up to each group's modules and one whole forward; the full-precision stream's
-    last group and its propagation are one forward."""
-    from ojbkq_core.calibrate import capture_block_inputs, module_inputs, _run
+    stream, one forward up to each group's modules and one whole forward, the runtime stream's reusing
+    the outputs of its final modules as the engine's do (`ojbkq_core.reuse`); the full-precision
+    stream's last group and its propagation are one forward."""
+    from ojbkq_core.calibrate import capture_block_inputs, module_inputs, reuse_budget, _run
+    from ojbkq_core.reuse import Reuse
     block = adapter.blocks()[0]
     home = next(block.parameters()).device
     block.to(dev)
@@ -93,10 +96,19 @@ def forward_seconds(adapter, ids, batch_size, dev, need_fp, true_sequential=True
     for _ in range(2):                                     # the first round warms up
         torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        for names in partial:
-            for b in X:
-                module_inputs(block, names, b.hidden, b, dev)
-        for _ in range(2 if need_fp else 1):
+        reuse = Reuse(block, [n for g in groups for n in g], reuse_budget(torch.device(dev)))
+        for gi, names in enumerate(partial):
+            pending = [n for g in groups[gi:] for n in g] if gi < len(groups) else None
+            for i, b in enumerate(X):
+                if pending is None:                            # the full-precision stream
+                    module_inputs(block, names, b.hidden, b, dev)
+                    continue
+                with reuse.around(block, i, pending):
+                    module_inputs(block, names, b.hidden, b, dev)
+        for i, b in enumerate(X):
+            with reuse.around(block, i, ()):
+                _run(block, b.hidden, b, dev)
+        if need_fp:
             for b in X:
                 _run(block, b.hidden, b, dev)
         torch.cuda.synchronize(dev)
@@ -190,6 +202,7 @@ def main(argv=None):
         rec = {
             "recipe": recipe, "shape": [args.hidden, args.intermediate], "blocks": args.blocks,
             "heads": [args.heads, args.kv_heads], "dtype": "bfloat16", "tf32": tf32,
+            "trailing_products": os.environ.get("OJBKQ_CUDA_PRODUCTS", "fp32"),
             "model_device": str(model_home), "streams": res.report["streams"],
             "batch_size": res.report["batch_size"],
             "bits": args.bits, "group_size": args.group_size, "static_groups": args.static_groups, "decoder": dec_name, "params": params,

@@ -25,10 +25,13 @@ analysis, stop early — it does at the engine's named points, the methods of an
 Only the current block (and its full-precision copy) sits on `device`, every other block stays where
 the model is. The streams live on `device` when they fit (`stream_home`), else in pinned host memory
 with asynchronous copies; each stream runs one forward per group for the statistics and one to
-propagate, except the full-precision stream, whose last statistics pass also propagates it.
+propagate, except the full-precision stream, whose last statistics pass also propagates it. The runtime
+stream's passes take the kept outputs of the block's final modules instead of running them again
+(`reuse.py`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import logging
@@ -52,6 +55,7 @@ from .grid import GridSpec, QuantSpec
 from .layer import LayerResult, quantize_layer
 from .model import Model
 from .objectives import Objective, ObjectiveSpec, Term
+from .reuse import Reuse
 from .stats import Statistics
 
 log = logging.getLogger("ojbkq")
@@ -286,6 +290,16 @@ def quantized_names(adapter: Model, skip: Sequence[str] = ()) -> list[str]:
 # --- the two streams ------------------------------------------------------------------------------
 
 FULL_PRECISION_PASS_BYTES = 1 << 30   # a block's full-precision module inputs kept for one pass (Streams)
+REUSE_BYTES = 1 << 30                 # outputs of a block's final modules kept across its passes (reuse.py) …
+REUSE_SHARE = 0.25                    # … or on a CUDA device this share of its free memory
+
+
+def reuse_budget(device: torch.device) -> int:
+    """Bytes of kept outputs a block's passes may hold (`Streams.plan_reuse`): `REUSE_SHARE` of the free
+    memory of a CUDA device, `REUSE_BYTES` elsewhere (0: none anywhere)."""
+    if device.type == "cuda" and REUSE_BYTES:
+        return int(REUSE_SHARE * torch.cuda.mem_get_info(device)[0])
+    return REUSE_BYTES
 
 
 @dataclass
@@ -298,7 +312,10 @@ class Streams:
 
     `fp_modules`: when set (`plan_full_precision`), the full-precision block is run once per batch to its
     end with the inputs of all these modules kept (`fp_pass`, batch → (inputs, output)), instead of once
-    per group up to the group's modules: the full-precision block never changes within a block."""
+    per group up to the group's modules: the full-precision block never changes within a block.
+
+    `reuse`: when set (`plan_reuse`), the runtime stream's passes of the current block take the kept
+    outputs of its finished children instead of running them again (`reuse.Reuse`)."""
 
     batches: list[BlockInputs]
     X: list[torch.Tensor]
@@ -307,6 +324,7 @@ class Streams:
     fp_propagated: bool = False
     fp_modules: Optional[list[str]] = None
     fp_pass: dict = field(default_factory=dict)
+    reuse: Optional[Reuse] = None
 
     def store(self, X: list, b: int, out: torch.Tensor) -> None:
         """`X[b] ← out` for one of the two lists: replaced where the stream lives on a device or the CPU,
@@ -336,11 +354,13 @@ class Streams:
         return copy.deepcopy(block) if self.full_precision else None
 
     def module_inputs(self, block: nn.Module, orig: Optional[nn.Module], names: Sequence[str], b: int, device,
-                      propagate_fp: bool = False):
+                      propagate_fp: bool = False, pending: Sequence[str] = ()):
         """`(x, x_fp)`: the inputs of the named modules for batch `b` in each stream (`x_fp` None
         without the full-precision stream). With `propagate_fp` the full-precision block runs to its
-        end and its output replaces `X_fp[b]` (the caller then sets `fp_propagated`)."""
-        x = module_inputs(block, names, self.X[b], self.batches[b], device)
+        end and its output replaces `X_fp[b]` (the caller then sets `fp_propagated`). `pending`: the
+        block's modules not quantized yet (for `reuse`; the named modules among them)."""
+        with self.reusing(block, b, pending):
+            x = module_inputs(block, names, self.X[b], self.batches[b], device)
         x_fp = None
         if self.full_precision and self.fp_modules:
             if b not in self.fp_pass:
@@ -358,6 +378,16 @@ class Streams:
         elif self.full_precision:
             x_fp = module_inputs(orig, names, self.X_fp[b], self.batches[b], device)
         return x, x_fp
+
+    def reusing(self, block: nn.Module, b: int, pending: Sequence[str]):
+        """The context of one runtime-stream pass of `block` on batch `b` (`Reuse.around`; none without
+        `reuse`)."""
+        return self.reuse.around(block, b, pending) if self.reuse is not None else contextlib.nullcontext()
+
+    def plan_reuse(self, block: nn.Module, names: Sequence[str], budget: int) -> None:
+        """Keep the outputs of `block`'s children that hold one of `names` (its quantized modules) once
+        they are final, within `budget` bytes, until the block is propagated."""
+        self.reuse = Reuse(block, names, budget) if names else None
 
     def plan_full_precision(self, block: nn.Module, names: Sequence[str], budget: int) -> None:
         """Run the full-precision block once per batch for all of `names` (the block's modules, in every
@@ -396,7 +426,8 @@ def capture(adapter: Model, input_ids: torch.Tensor, batch_size: int, full_preci
 
 @torch.no_grad()
 def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set], streams: Streams, device,
-               dtype: torch.dtype = torch.float32, propagate_fp: bool = False) -> dict[str, Statistics]:
+               dtype: torch.dtype = torch.float32, propagate_fp: bool = False,
+               pending: Sequence[str] = ()) -> dict[str, Statistics]:
     """Step 2: the `Statistics` of each module named in `needs` (block-relative name → the statistics
     it needs, of `H`, `C`, `G`) over every batch of `streams`, running `block` on `X` and `orig` on
     `X_fp`. Modules called with the same input tensor in both streams (q, k, v) share one
@@ -405,12 +436,13 @@ def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set
     `count == 0`. An expert's rows are the tokens its router sends to it; with the full-precision
     stream, those that both streams' routers send to it (`paired`), so that `C` pairs each token's two
     inputs. `propagate_fp` (the block's last group): `orig` runs to its end and `X_fp`
-    becomes the next block's inputs in the same pass."""
+    becomes the next block's inputs in the same pass. `pending`: the block's modules not quantized yet
+    (this group's and the later groups'), for `streams.reuse`."""
     names = list(needs)
     owner: dict[str, str] = {}                    # module → the first module reading the same input
     stats: dict[str, Statistics] = {}
     for b in range(len(streams)):
-        x, x_fp = streams.module_inputs(block, orig, names, b, device, propagate_fp)
+        x, x_fp = streams.module_inputs(block, orig, names, b, device, propagate_fp, pending)
         ran = [n for n in names if n in x and (x_fp is None or n in x_fp)]
         for n in ran:
             if n not in owner:
@@ -569,13 +601,16 @@ def propagate(block: nn.Module, orig: Optional[nn.Module], streams: Streams, dev
     """Step 5: the next block's inputs, `X ← block(X)` and `X̃ ← orig(X̃)` (unless the statistics
     pass did it), batch by batch in place where the streams live."""
     for b, batch in enumerate(streams.batches):
-        streams.store(streams.X, b, _run(block, streams.X[b], batch, device))
+        with streams.reusing(block, b, ()):
+            out = _run(block, streams.X[b], batch, device)
+        streams.store(streams.X, b, out)
         if streams.full_precision and not streams.fp_propagated:
             streams.store(streams.X_fp, b, _run(orig, streams.X_fp[b], batch, device))
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     streams.fp_propagated = False
     streams.fp_pass = {}
+    streams.reuse = None
     return streams
 
 
@@ -780,6 +815,7 @@ def calibrate(
             if not true_sequential:
                 groups = [[n for g in groups for n in g]]
             streams.plan_full_precision(block, [n for g in groups for n in g], FULL_PRECISION_PASS_BYTES)
+            streams.plan_reuse(block, [n for g in groups for n in g], reuse_budget(device))
             done: dict[str, LayerResult] = {}               # this block's results
             for gi, names in enumerate(groups):
                 tasks = layer_tasks(objective, f"{path}.{i}", names, index, seed, skip)
@@ -792,7 +828,8 @@ def calibrate(
                 t0 = time.perf_counter()
                 wants = {t.name: needs | t.objective.needs for t in tasks}
                 group.stats = statistics(block, orig, wants, streams, device, stats_dtype,
-                                         propagate_fp=gi == len(groups) - 1 and not all_tokens)
+                                         propagate_fp=gi == len(groups) - 1 and not all_tokens,
+                                         pending=[n for g in groups[gi:] for n in g])
                 group.stats = events.statistics_ready(group)
                 few = [t for t in tasks if settings.too_few(block.get_submodule(t.name), group.stats[t.name])]
                 if few and all_tokens:
@@ -904,6 +941,7 @@ def statistics_of_all_tokens(group: Group, few: list, orig, wants: dict, streams
             experts.capture_all = frozenset(chosen)
             marked.append(experts)
     streams.fp_pass = {}
+    reuse, streams.reuse = streams.reuse, None          # the experts run differently in this pass
     try:
         sub = Group(group.adapter, group.block, group.block_index, few, group.settings, group.device)
         sub.stats = statistics(group.block, orig, {n: wants[n] for n in names}, streams, group.device, dtype)
@@ -912,6 +950,7 @@ def statistics_of_all_tokens(group: Group, few: list, orig, wants: dict, streams
         for experts in marked:
             experts.capture_all = frozenset()
         streams.fp_pass = {}
+        streams.reuse = reuse
     for t in few:
         t.fallback, t.routed_tokens = "all_tokens", group.stats[t.name].count
         log.info("%s: %d routed tokens, fewer than quant.moe_min_tokens=%d; calibrated on all %d tokens", t.full,
