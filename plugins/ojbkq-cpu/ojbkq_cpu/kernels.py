@@ -62,7 +62,7 @@ def _insert(order, key, p):
     order[q] = p
 
 
-@njit
+@njit(inline="always")
 def _subtract_scaled(x, u, a):
     """`x −= a · u` elementwise (each product rounded on its own); a loop LLVM vectorizes."""
     for k in range(x.shape[0]):
@@ -89,14 +89,17 @@ def walk_stretch(T, U, lower, upper, S, Z, s_rows, G, inject, beta, hstate, samp
     hash bucket. Writes `codes[r, j]`, `Err[r, j − i1]`, adds to `score[r]`.
     """
     R = T.shape[0]
+    slots = 2 * window + 1 if sample else 1
+    opens_o = np.empty((R, slots), np.int64)               # per row: the codes that may win, in slot order
+    opens_v = np.empty((R, slots), np.float32)
+    opens_x = np.empty((R, slots), np.int64)
     for r in prange(R):
         i = r % m
         sr = r % s_rows
         draw = sample and r >= m
         b = beta[i]
-        open_o = np.empty(2 * window + 1, np.int64)        # the codes that may win, in slot order
-        open_v = np.empty(2 * window + 1, np.float32)
-        open_x = np.empty(2 * window + 1, np.int64)
+        open_o, open_v, open_x = opens_o[r], opens_v[r], opens_x[r]
+        total = score[r]
         for j in range(j0, j1):
             d = U[j, j]
             lo, hi = lower[j], upper[j]
@@ -139,13 +142,14 @@ def walk_stretch(T, U, lower, upper, S, Z, s_rows, G, inject, beta, hstate, samp
                             best_v, best_o = v, o
                     c = c + np.float32(best_o)
             e = (t - s * (c - z)) / d
-            score[r] += e * e
+            total += e * e
             fb = e
             if inject:
                 fb = e - G[i, j]
             codes[r, j] = c
             Err[r, j - i1] = fb
             _subtract_scaled(T[r, j + 1:i2], U[j, j + 1:i2], fb)
+        score[r] = total
 
 
 @njit(parallel=True, cache=True)
