@@ -6,6 +6,7 @@ Triton is imported on first use, so `ojbkq plugins` and the reference path work 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional
@@ -79,3 +80,14 @@ def memory_budget(device: torch.device, fraction: float = 0.5, cap: int = 4 << 3
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return min(int(free * fraction), cap)
+
+
+@contextlib.contextmanager
+def tf32(allowed: bool):
+    """torch's float32 matrix products with TF32 `allowed` or not inside the block, as before after it."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

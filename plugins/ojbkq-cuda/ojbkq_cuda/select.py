@@ -16,25 +16,14 @@ its damping correction), computed one candidate at a time by the same call as th
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ojbkq_core.decoders.result import DecodeResult
 from ojbkq_core.objectives import RowScore
 from ojbkq_core.problem import WorkingProblem
 
+from . import runtime
 from .walk import Paths
-
-
-@contextlib.contextmanager
-def full_fp32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def values(problem: WorkingProblem, paths: Paths, p: int):
@@ -57,7 +46,7 @@ def rank(problem: WorkingProblem, paths: Paths, P: int) -> tuple[torch.Tensor, t
         c, s, z = values(problem, paths, 0)
         q0 = s * (c - z)
         J0 = sc(q0)
-        with full_fp32():
+        with runtime.tf32(False):
             g0 = q0 @ sc.H - sc.WM
         key = torch.zeros(P, m, dtype=J0.dtype, device=J0.device)
         for p in range(1, P):

@@ -16,11 +16,12 @@ Two ways (`OJBKQ_CUDA_PRODUCTS`):
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Optional
 
 import torch
+
+from . import runtime
 
 MODES = ("fp32", "tf32x3")
 
@@ -39,16 +40,6 @@ def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, x - hi
 
 
-@contextlib.contextmanager
-def tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
 class Trailing:
     """`update(T_rest, Err, i1, i2)`: `T_rest −= Err @ U[i1:i2, i2:]` for `T_rest` `(R, n − i2)`, `Err`
     `(R, i2 − i1)`, all float32 on one device."""
@@ -65,5 +56,5 @@ class Trailing:
         e_hi, e_lo = tf32_split(Err)
         A = torch.cat([e_hi, e_hi, e_lo], 1)
         B = torch.cat([self.U_hi[i1:i2, i2:], self.U_lo[i1:i2, i2:], self.U_hi[i1:i2, i2:]], 0)
-        with tf32():
+        with runtime.tf32(True):
             T_rest.addmm_(A, B, alpha=-1.0)
