@@ -315,7 +315,7 @@ class Streams:
     per group up to the group's modules: the full-precision block never changes within a block.
 
     `reuse`: when set (`plan_reuse`), the runtime stream's passes of the current block take the kept
-    outputs of its finished children instead of running them again (`reuse.Reuse`)."""
+    outputs of its final modules instead of running them again (`reuse.Reuse`)."""
 
     batches: list[BlockInputs]
     X: list[torch.Tensor]
@@ -385,8 +385,8 @@ class Streams:
         return self.reuse.around(block, b, pending) if self.reuse is not None else contextlib.nullcontext()
 
     def plan_reuse(self, block: nn.Module, names: Sequence[str], budget: int) -> None:
-        """Keep the outputs of `block`'s children that hold one of `names` (its quantized modules) once
-        they are final, within `budget` bytes, until the block is propagated."""
+        """Keep the outputs of `names` (`block`'s quantized modules) and of the submodules holding them
+        once they are final, within `budget` bytes, until the block is propagated."""
         self.reuse = Reuse(block, names, budget) if names else None
 
     def plan_full_precision(self, block: nn.Module, names: Sequence[str], budget: int) -> None:

@@ -55,12 +55,12 @@ class Reuse:
         self.candidates = sorted(parts)                   # outer before inner
         self.kept: dict[int, dict[str, Any]] = {}
         self.bytes, self.budget = 0, budget
-        self.reused = 0                                   # child calls answered from `kept`
+        self.reused = 0                                   # module calls answered from `kept`
 
     @contextlib.contextmanager
     def around(self, block: nn.Module, b: int, pending: Iterable[str]):
         """Run one pass of `block` on batch `b` inside this context: kept outputs stand in for their
-        children, and the children that end before any of `pending` runs are kept."""
+        modules' first calls, and the candidate modules that end before any of `pending` runs are kept."""
         kept = self.kept.setdefault(b, {})
         state = {"dirty": False}
         calls: Counter = Counter()
