@@ -353,7 +353,8 @@ def compare(args, t_job: float, c_job: float) -> dict:
 
     t0 = time.perf_counter()
     rows = [fp_row(common, evaluate(fp_model))]
-    progress(f"  full precision evaluated ({time.perf_counter() - t0:.0f}s): {metric(rows[0])}")
+    rows[0]["eval_seconds"] = time.perf_counter() - t0
+    progress(f"  full precision evaluated ({rows[0]['eval_seconds']:.0f}s): {metric(rows[0])}")
     plan = [(bits, r) for bits in args.bits for r in recipes(args.recipes)]
     specs = [load_spec(recipe, recipe_overrides(folder, args, cal, bits, group, extra))   # every recipe checked
              for bits, (_, recipe, extra) in plan]                                          # before the first runs
@@ -372,10 +373,11 @@ def compare(args, t_job: float, c_job: float) -> dict:
                "layer_objective": {k: v["loss"] for k, v in res.report["layers"].items()},
                "draws": {k: v["draws"] for k, v in res.report["layers"].items() if v["draws"]},
                **evaluate(model)}
+        row["eval_seconds"] = time.perf_counter() - t1
         rows.append(row)
         write_text(args.out, json.dumps(snapshot(rows, complete=False), indent=2) + "\n")   # kept if interrupted
         progress(f"  [{i + 1}/{len(plan)}] {name:<24} {bits} bits: calibrated {seconds:6.1f}s, evaluated "
-                 f"{time.perf_counter() - t1:5.1f}s, objective {row['objective_sum']:.5g}, {metric(row)}")
+                 f"{row['eval_seconds']:5.1f}s, objective {row['objective_sum']:.5g}, {metric(row)}")
         del model
     return snapshot(rows, complete=True)
 

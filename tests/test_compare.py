@@ -325,6 +325,7 @@ def test_compare_runs_every_recipe_and_writes_the_four_files(tiny_folder, tmp_pa
     by = {(r["recipe"], r["bits"]): r for r in res["rows"]}
     assert "RTN" in by[("rtn", 3)]["decoder"] and "Klein" in by[("ojbkq", 3)]["decoder"]
     assert by[("gptq", 3)]["objective_sum"] < by[("rtn", 3)]["objective_sum"]     # GPTQ beats rounding on its objective
+    assert all(r["eval_seconds"] > 0 for r in res["rows"])                       # the evaluation's share of the time
     for suffix in (".txt", ".png", ".md"):
         assert os.path.isfile(out[:-5] + suffix)
     table = open(out[:-5] + ".txt").read()
