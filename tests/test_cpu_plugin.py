@@ -119,8 +119,9 @@ def test_babai_takes_the_reference_decisions(grid):
     assert b.report["path_objective"] == a.report["path_objective"]
 
 
-def test_successive_carries_the_injection_like_the_reference():
-    W, st = layer(8, 160, seed=5)
+@pytest.mark.parametrize("rows", [8, 37])                       # within one program's rows, and over three
+def test_successive_carries_the_injection_like_the_reference(rows):
+    W, st = layer(rows, 160, seed=5)
     a, b = both("successive", {}, W, st, objective="regularized")
     same(a, b)
 
