@@ -381,7 +381,7 @@ def main(argv=None):
         runs += [("babai", {}, "tf32x3"), ("klein", {"k": 16}, "tf32x3"), ("beam", {"width": 4}, "tf32x3")]
     for (m, n) in shapes:
         W, st, H = W_of[(m, n)], stats_of[n], H_of[n]
-        babai_codes, fp32_runs = {}, {}
+        fp32_runs = {}                                   # (decoder, params, bits) → its float32 result
         for bi, bits in enumerate(bits_list):
             grid = GridSpec(bits=bits, group_size=args.group_size, static_groups=args.static_groups)
             for dname, params, matmul in runs:
@@ -389,8 +389,9 @@ def main(argv=None):
                        "params": params, "objective": "symmetric", "device": name, "tokens": args.tokens,
                        "matmul": matmul, "tf32": matmul == "tf32"}
                 torch.backends.cuda.matmul.allow_tf32 = matmul == "tf32"
+                products = os.environ.get("OJBKQ_CUDA_PRODUCTS")
                 os.environ["OJBKQ_CUDA_PRODUCTS"] = "tf32x3" if matmul == "tf32x3" else "fp32"
-                key = (dname, json.dumps(params, sort_keys=True))
+                key = (dname, json.dumps(params, sort_keys=True), bits)
                 try:
                     if dname == "baseline":
                         def go():
@@ -401,8 +402,9 @@ def main(argv=None):
                         rec["objective_value"] = objective_value(W, Q, H)
                         stages = {"factorization": {"seconds": tm["factorization"]},
                                   "decode": {"seconds": tm["decode"]}, "layer": {"seconds": dt, "peak_bytes": peak}}
-                        if "babai" in babai_codes and bits in babai_codes["babai"]:
-                            rec["differing_codes_vs_babai"] = float((codes.long() != babai_codes["babai"][bits]).float().mean())
+                        babai = fp32_runs.get(("babai", "{}", bits))
+                        if babai is not None:
+                            rec["differing_codes_vs_babai"] = float((codes.long() != babai.codes).float().mean())
                     else:
                         dec = reg.decoder(dname, params, device=str(dev))
                         rec["implementation"] = (", ".join(dec.primitives.plugins) or "reference")
@@ -412,8 +414,6 @@ def main(argv=None):
                         timed = Timed(dec, dev)
                         res, dt, peak = measure(lambda: quantize_layer(W, st, spec, grid, timed, seed=0), dev)
                         rec["objective_value"] = res.loss
-                        if dname == "babai" and matmul == "fp32":
-                            babai_codes.setdefault("babai", {})[bits] = res.codes
                         if matmul == "fp32":
                             fp32_runs[key] = res
                         elif key in fp32_runs:
@@ -435,7 +435,10 @@ def main(argv=None):
                     continue
                 finally:
                     torch.backends.cuda.matmul.allow_tf32 = False
-                    os.environ.pop("OJBKQ_CUDA_PRODUCTS", None)
+                    if products is None:
+                        os.environ.pop("OJBKQ_CUDA_PRODUCTS", None)
+                    else:
+                        os.environ["OJBKQ_CUDA_PRODUCTS"] = products
                 stages["statistics"] = dict(stage_of[n]["statistics"])
                 fl, by, unit = work("decode", m, n, 0, dname if dname != "baseline" else "babai", params)
                 stages["decode"].update(flops=fl, bytes=by, floor_seconds=floor(fl, by, unit, ceil))
