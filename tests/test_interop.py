@@ -348,10 +348,10 @@ def test_smollm2_checkpoints_load_in_transformers(tmp_path_factory, tmp_path, fm
     over 30 blocks: its logits must differ from the project's by less than a quarter of what quantization
     itself changes (a misread zero point or group changes them by as much). Through GPTQModel's float32 torch
     kernel they must agree within TOL, as the compressed-tensors load does."""
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig, GPTQConfig
     if fmt == "gptq":
         _gptqmodel()
+        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
     src = smollm2_source(tmp_path_factory.mktemp("smollm2"))
     out = quantize(src, str(tmp_path / "q"), 4, 64, False, True, True, fmt=fmt)
     extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if fmt == "compressed-tensors" else {}
