@@ -63,6 +63,13 @@ def _gptqmodel():
     return pytest.importorskip("gptqmodel")
 
 
+def load_with_torch_kernel(out, bits):
+    """`out` loaded by transformers with GPTQModel's float32 torch kernel instead of its default choice."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
+    return AutoModelForCausalLM.from_pretrained(out, device_map="cpu",
+                                                quantization_config=GPTQConfig(bits=bits, backend="torch"))
+
+
 # (bits, group_size, sym, act_order, static_groups)
 GPTQ_CASES = [(bits, gs, sym, False, False) for bits in (4, 8, 3, 2) for sym in (False, True) for gs in (128, -1)] + \
              [(bits, 128, sym, True, static) for bits in (4, 8, 3, 2) for sym in (False, True) for static in (False, True)]
@@ -91,7 +98,7 @@ def test_transformers_loads_gptq_through_gptqmodel(source, tmp_path, case, recor
     to float16's bound through GPTQModel's float32 torch kernel, so that the checkpoint itself is checked."""
     gptqmodel = _gptqmodel()
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    from transformers import AutoModelForCausalLM
     out = quantize(source, str(tmp_path / "q"), *case)
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     linears = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, BaseQuantLinear)}
@@ -102,10 +109,10 @@ def test_transformers_loads_gptq_through_gptqmodel(source, tmp_path, case, recor
     record_property("kernel", kernels)
     print(f"\n{_case_id(case)}: kernel {kernels}, max |Δ logit| {diff:.3g} of {scale:.3g} "
           f"(gptqmodel {gptqmodel.__version__})")
-    assert diff <= (BF16_TOL if BF16_KERNELS & set(kernels) else TOL) * scale
-    if BF16_KERNELS & set(kernels):
-        model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu",
-                                                     quantization_config=GPTQConfig(bits=case[0], backend="torch"))
+    bf16 = bool(BF16_KERNELS & set(kernels))
+    assert diff <= (BF16_TOL if bf16 else TOL) * scale
+    if bf16:
+        model = load_with_torch_kernel(out, case[0])
         assert {type(m).__name__ for m in model.modules() if isinstance(m, BaseQuantLinear)} == {"TorchLinear"}
         diff, scale = max_diff(out, model)
         print(f"{_case_id(case)}: kernel TorchLinear, max |Δ logit| {diff:.3g} of {scale:.3g}")
@@ -117,9 +124,8 @@ def test_transformers_loads_gptq_through_gptqmodel(source, tmp_path, case, recor
 def test_gptq_4bit_per_channel_loads_with_the_torch_kernel(source, tmp_path, sym):
     """The per-channel 4-bit checkpoint is right: GPTQModel's pure-torch kernel reads it."""
     _gptqmodel()
-    from transformers import AutoModelForCausalLM, GPTQConfig
     out = quantize(source, str(tmp_path / "q"), 4, -1, sym, False, False)
-    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", quantization_config=GPTQConfig(bits=4, backend="torch"))
+    model = load_with_torch_kernel(out, 4)
     diff, scale = max_diff(out, model)
     print(f"\n4bit-g-1-{'sym' if sym else 'asym'} (backend torch): max |Δ logit| {diff:.3g} of {scale:.3g}")
     assert diff <= TOL * scale
@@ -348,7 +354,7 @@ def test_smollm2_checkpoints_load_in_transformers(tmp_path_factory, tmp_path, fm
     over 30 blocks: its logits must differ from the project's by less than a quarter of what quantization
     itself changes (a misread zero point or group changes them by as much). Through GPTQModel's float32 torch
     kernel they must agree within TOL, as the compressed-tensors load does."""
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig, GPTQConfig
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
     if fmt == "gptq":
         _gptqmodel()
         from gptqmodel.nn_modules.qlinear import BaseQuantLinear
@@ -369,8 +375,7 @@ def test_smollm2_checkpoints_load_in_transformers(tmp_path_factory, tmp_path, fm
         print(f"\nquantization moves the logits by up to {moved:.3g}; GPTQModel's {kernels}: max |Δ logit| "
               f"{diff:.3g} of {scale:.3g}")
         assert diff <= 0.25 * moved
-        model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu",
-                                                     quantization_config=GPTQConfig(bits=4, backend="torch"))
+        model = load_with_torch_kernel(out, 4)
         with torch.no_grad():
             diff = float((model(ids).logits.float() - a).abs().max())
     print(f"\nSmolLM2-135M {fmt} 4bit-g64-asym-act-static: max |Δ logit| {diff:.3g} of {scale:.3g}")
