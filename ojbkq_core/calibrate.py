@@ -51,6 +51,7 @@ from .decoders.base import Decoder
 from .decoders.rtn import RTN
 from .errors import InputError, NonFiniteError
 from .experts import sparse_blocks
+from .fullprecision import FullPrecisionCache
 from .grid import GridSpec, QuantSpec
 from .layer import LayerResult, quantize_layer
 from .model import Model
@@ -427,7 +428,7 @@ def capture(adapter: Model, input_ids: torch.Tensor, batch_size: int, full_preci
 @torch.no_grad()
 def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set], streams: Streams, device,
                dtype: torch.dtype = torch.float32, propagate_fp: bool = False,
-               pending: Sequence[str] = ()) -> dict[str, Statistics]:
+               pending: Sequence[str] = (), given=None) -> dict[str, Statistics]:
     """Step 2: the `Statistics` of each module named in `needs` (block-relative name → the statistics
     it needs, of `H`, `C`, `G`) over every batch of `streams`, running `block` on `X` and `orig` on
     `X_fp`. Modules called with the same input tensor in both streams (q, k, v) share one
@@ -437,7 +438,8 @@ def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set
     stream, those that both streams' routers send to it (`paired`), so that `C` pairs each token's two
     inputs. `propagate_fp` (the block's last group): `orig` runs to its end and `X_fp`
     becomes the next block's inputs in the same pass. `pending`: the block's modules not quantized yet
-    (this group's and the later groups'), for `streams.reuse`."""
+    (this group's and the later groups'), for `streams.reuse`. `given`: module name → sums already
+    known for its inputs (`Statistics(given=)`, e.g. `FullPrecisionCache.sums_of`), or None."""
     names = list(needs)
     owner: dict[str, str] = {}                    # module → the first module reading the same input
     stats: dict[str, Statistics] = {}
@@ -450,7 +452,8 @@ def statistics(block: nn.Module, orig: Optional[nn.Module], needs: dict[str, set
         for o in dict.fromkeys(owner[n] for n in ran if owner[n] in ran):
             if o not in stats:
                 need = set().union(*(needs[n] for n in names if owner.get(n) == o))
-                stats[o] = Statistics(x[o].shape[-1], needs=need, device=device, dtype=dtype)
+                stats[o] = Statistics(x[o].shape[-1], needs=need, device=device, dtype=dtype,
+                                      given=None if given is None else given(o))
             rows, rows_fp = x[o], None if x_fp is None else x_fp[o]
             if rows_fp is not None and o in x.tokens:     # an expert: the tokens both routers sent to it
                 rows, rows_fp = paired(rows, x.tokens[o], rows_fp, x_fp.tokens[o])
@@ -745,6 +748,7 @@ def calibrate(
     start: Optional[Progress] = None,
     moe_min_tokens: int = 0,
     moe_fallback: str = "rtn",
+    fp_cache: Optional[FullPrecisionCache] = None,
 ) -> CalibrationResult:
     """Quantize every listed linear module of `adapter.model` in place on calibration `input_ids`
     `(S, L)` int64.
@@ -760,7 +764,9 @@ def calibrate(
     them as blocks finish). `start`: continue a run at `start.block` with its saved streams and rows
     (`Progress`); the blocks before it are not touched. `moe_min_tokens`: an expert whose statistics
     hold fewer tokens is rounded to nearest (`moe_fallback="rtn"`) or calibrated on every calibration
-    token sent through it (`"all_tokens"`).
+    token sent through it (`"all_tokens"`). `fp_cache`: full-precision passes and `G` sums kept across
+    runs of this model on these tokens (`fullprecision.py`): the run takes the blocks' passes kept there
+    and keeps those it computes; taken on the CPU for dense models only (`FullPrecisionCache.accepts`).
     """
     t_start = time.perf_counter()
     events = events if events is not None else Events()
@@ -778,6 +784,9 @@ def calibrate(
     sampled = isinstance(objective, ObjectiveSpec) and bool(objective.sampled)
 
     full_precision = Streams.full_precision_needed(needs, sampled)
+    cache = fp_cache if full_precision and fp_cache is not None and fp_cache.accepts(adapter, device) else None
+    if cache is not None:
+        cache.bind(adapter, input_ids, batch_size, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -815,6 +824,9 @@ def calibrate(
             if not true_sequential:
                 groups = [[n for g in groups for n in g]]
             streams.plan_full_precision(block, [n for g in groups for n in g], FULL_PRECISION_PASS_BYTES)
+            kept_pass = cache.pass_of(i) if cache is not None and streams.fp_modules else None
+            if kept_pass is not None:
+                streams.fp_pass = kept_pass
             streams.plan_reuse(block, [n for g in groups for n in g], reuse_budget(device))
             done: dict[str, LayerResult] = {}               # this block's results
             for gi, names in enumerate(groups):
@@ -829,8 +841,11 @@ def calibrate(
                 wants = {t.name: needs | t.objective.needs for t in tasks}
                 group.stats = statistics(block, orig, wants, streams, device, stats_dtype,
                                          propagate_fp=gi == len(groups) - 1 and not all_tokens,
-                                         pending=[n for g in groups[gi:] for n in g])
+                                         pending=[n for g in groups[gi:] for n in g],
+                                         given=None if cache is None else (lambda n: cache.sums_of(i, n, stats_dtype)))
                 group.stats = events.statistics_ready(group)
+                if cache is not None:
+                    cache.keep_sums(i, group.stats)
                 few = [t for t in tasks if settings.too_few(block.get_submodule(t.name), group.stats[t.name])]
                 if few and all_tokens:
                     group.stats.update(statistics_of_all_tokens(group, few, orig, wants, streams, events, stats_dtype))
@@ -858,6 +873,8 @@ def calibrate(
                 if events.stop_requested():
                     stopped = i
                     break
+            if cache is not None and streams.fp_modules and len(streams.fp_pass) == len(streams):
+                cache.keep_pass(i, streams.fp_pass)
             if stopped is None:
                 t0 = time.perf_counter()
                 streams = propagate(block, orig, streams, device)
@@ -905,6 +922,8 @@ def calibrate(
         report["experts"] = {"min_tokens": moe_min_tokens, "fallback": moe_fallback, "tokens": experts,
                              "fallbacks": {k: {"fallback": r["fallback"], "tokens": r.get("routed_tokens", r["tokens"])}
                                            for k, r in rows.items() if r.get("fallback")}}
+    if cache is not None:
+        report["full_precision_cache"] = cache.describe()
     if stopped is not None:
         report["stopped_after_block"] = stopped
     if start is not None:

@@ -310,6 +310,7 @@ def compare(args, t_job: float, c_job: float) -> dict:
     (marked incomplete) after each row so that an interrupted run keeps what it measured."""
     from .data import play_texts, speeches
     from .fidelity import batches, compare as fidelity, encode
+    from .fullprecision import FullPrecisionCache
     from .model import find_adapter
     from .perplexity import perplexity
     from .pipeline import calibrate_model
@@ -358,10 +359,11 @@ def compare(args, t_job: float, c_job: float) -> dict:
     plan = [(bits, r) for bits in args.bits for r in recipes(args.recipes)]
     specs = [load_spec(recipe, recipe_overrides(folder, args, cal, bits, group, extra))   # every recipe checked
              for bits, (_, recipe, extra) in plan]                                          # before the first runs
+    fp_cache = FullPrecisionCache()                   # the rows share one full-precision stream (CPU)
     for i, ((bits, (name, _, _)), spec) in enumerate(zip(plan, specs)):
         model = copy.deepcopy(fp_model)
         t0, c0 = time.perf_counter(), time.process_time()
-        _, res = calibrate_model(model, tok, spec, input_ids=ids, progress=False)
+        _, res = calibrate_model(model, tok, spec, input_ids=ids, progress=False, fp_cache=fp_cache)
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         t1 = time.perf_counter()
         q = spec.quant

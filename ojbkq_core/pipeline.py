@@ -142,16 +142,21 @@ def load_empty(path: str, dtype: str = "bfloat16", trust_remote_code: bool = Fal
 
 def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.Tensor] = None,
                     progress: bool = True, world: Optional[distributed.World] = None,
-                    events: Optional[Events] = None, stream=None, start=None) -> tuple[Model, CalibrationResult]:
+                    events: Optional[Events] = None, stream=None, start=None,
+                    fp_cache=None) -> tuple[Model, CalibrationResult]:
     """Quantize `model` in place as `spec` says; returns its adapter and the result. `input_ids`
     `(samples, seqlen)` replaces the calibration text when given. `world`: this process's place in a
     distributed run: it calibrates its shard of the samples with the events of `distributed.Engine`
     (statistics in float64 unless `calibration.stats_dtype` says otherwise); rank 0's report gains
     `world_size` and `ranks`. `events`: the engine's events for a single-process run (`Events`).
     `stream`: a streamed run's events (`streaming.Streamed`), put around the others; each block's
-    results then go to it alone. `start`: where a resumed run continues (`calibrate.Progress`)."""
+    results then go to it alone. `start`: where a resumed run continues (`calibrate.Progress`). `fp_cache`:
+    a `fullprecision.FullPrecisionCache` shared by the runs of one model on one calibration (single-process
+    runs only)."""
     if world is not None and events is not None:
         raise ValueError("calibrate_model: a distributed run brings its own events")
+    if world is not None and fp_cache is not None:
+        raise ValueError("calibrate_model: a distributed run sums its statistics over ranks; it takes no fp_cache")
     device = spec.target if world is None else world.device
     adapter = find_adapter(model, spec.model.adapter)
     if input_ids is None:
@@ -169,7 +174,7 @@ def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.T
                     progress=progress and (world is None or world.main), events=events,
                     stats_dtype=spec.calibration.accumulation_dtype(world is not None),
                     keep_layers=stream is None, start=start, moe_min_tokens=q.moe_min_tokens,
-                    moe_fallback=q.moe_fallback)
+                    moe_fallback=q.moe_fallback, fp_cache=fp_cache)
     res.report["world_size"] = 1
     if world is not None:
         engine.annotate(res.report, samples)

@@ -47,14 +47,24 @@ def symmetric_gram(A: torch.Tensor, band: int = 0) -> torch.Tensor:
 
 
 class Statistics:
-    def __init__(self, n: int, needs: Iterable[str] = ("H",), device=None, dtype=torch.float32):
+    """Running sums of the statistics in `needs` over the batches `add`ed. `given`: sums already known
+    for the same inputs (statistic → `(n, n)` sum over the batches to come, e.g. `G` of the full-precision
+    stream from an earlier run, `fullprecision.py`); those are taken as they are and not accumulated."""
+
+    def __init__(self, n: int, needs: Iterable[str] = ("H",), device=None, dtype=torch.float32,
+                 given: Optional[dict[str, torch.Tensor]] = None):
         needs = frozenset(needs)
         bad = needs - {"H", "C", "G"}
         if bad:
             raise InputError(f"unknown statistic(s) {sorted(bad)}; known: H, C, G")
+        given = {k: v for k, v in (given or {}).items() if k in needs}
+        for k, v in given.items():
+            if v.shape != (n, n) or v.dtype != dtype:
+                raise InputError(f"given sum {k} is {tuple(v.shape)} {v.dtype}; the statistics are ({n}, {n}) {dtype}")
         self.n, self.needs, self.dtype, self.device = n, needs, dtype, device
         self.count = 0
-        self._sum: dict[str, torch.Tensor] = {}
+        self.given = frozenset(given)
+        self._sum: dict[str, torch.Tensor] = dict(given)
 
     def add(self, X: torch.Tensor, X_fp: Optional[torch.Tensor] = None) -> None:
         """Add a batch: runtime inputs `X` and full-precision inputs `X_fp`, both `(..., n)`."""
@@ -71,12 +81,13 @@ class Statistics:
         X = X.to(device=dev)
         if X_fp is not None:
             X_fp = X_fp.to(device=dev)
+        todo = self.needs - self.given
         parts = {}
-        if "H" in self.needs:
+        if "H" in todo:
             parts["H"] = gram(X, X, self.dtype)
-        if "C" in self.needs:
+        if "C" in todo:
             parts["C"] = gram(X_fp, X, self.dtype)
-        if "G" in self.needs:
+        if "G" in todo:
             parts["G"] = gram(X_fp, X_fp, self.dtype)
         for k, v in parts.items():
             if k in self._sum:
