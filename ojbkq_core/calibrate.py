@@ -787,6 +787,7 @@ def calibrate(
     cache = fp_cache if full_precision and fp_cache is not None and fp_cache.accepts(adapter, device) else None
     if cache is not None:
         cache.bind(adapter, input_ids, batch_size, device)
+        taken_before = cache.taken
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -923,7 +924,7 @@ def calibrate(
                              "fallbacks": {k: {"fallback": r["fallback"], "tokens": r.get("routed_tokens", r["tokens"])}
                                            for k, r in rows.items() if r.get("fallback")}}
     if cache is not None:
-        report["full_precision_cache"] = cache.describe()
+        report["full_precision_cache"] = {**cache.describe(), "blocks_taken": cache.taken - taken_before}
     if stopped is not None:
         report["stopped_after_block"] = stopped
     if start is not None:

@@ -99,5 +99,6 @@ class FullPrecisionCache:
                 self.bytes += size
 
     def describe(self) -> dict:
+        """What is kept, and how many block passes runs have taken from it in all."""
         return {"blocks_kept": len(self.passes), "sums_kept": len(self.sums), "bytes": self.bytes,
                 "blocks_taken": self.taken}

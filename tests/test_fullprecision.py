@@ -70,6 +70,9 @@ def test_a_later_run_takes_the_kept_stream_and_gives_the_same_result(later, monk
     # Gram products: G was not computed again, H was
     assert calls["linear"] - taken["linear"] == 3 * 7 * 3
     assert taken["gram_fp"] < calls["gram_fp"]
+    again = run(copy.deepcopy(model), later, Klein(k=4), ids, cache)     # a report counts its own run's blocks
+    assert again.report["full_precision_cache"]["blocks_taken"] == 3 and cache.describe()["blocks_taken"] == 6
+    assert again.report["objective_sum"] == plain.report["objective_sum"]
 
 
 def test_runs_that_need_no_full_precision_stream_leave_the_cache_alone():
