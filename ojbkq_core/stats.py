@@ -78,9 +78,9 @@ class Statistics:
                 raise InputError(f"full-precision inputs {tuple(X_fp.shape)} do not match runtime inputs {tuple(X.shape)}")
             X_fp = X_fp.reshape(-1, self.n)
         dev = self.device if self.device is not None else X.device
-        X = X.to(device=dev)
+        X = self._operand(X, dev)
         if X_fp is not None:
-            X_fp = X_fp.to(device=dev)
+            X_fp = self._operand(X_fp, dev)
         todo = self.needs - self.given
         parts = {}
         if "H" in todo:
@@ -95,6 +95,12 @@ class Statistics:
             else:
                 self._sum[k] = v
         self.count += X.shape[0]
+
+    def _operand(self, X: torch.Tensor, device) -> torch.Tensor:
+        """`X` on `device`, converted to the statistics' dtype once for all its products, except bf16/fp16
+        inputs on a CUDA device, which `gram` multiplies as they are."""
+        X = X.to(device=device)
+        return X if X.is_cuda and X.dtype in (torch.bfloat16, torch.float16) else X.to(self.dtype)
 
     @property
     def sums(self) -> dict[str, torch.Tensor]:
