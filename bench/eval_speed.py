@@ -5,9 +5,11 @@ dtype and batch size, on the device and threads given.
 costs, and so the floor that evaluation puts under a table's wall time (rows × windows × seconds).
 
     python bench/eval_speed.py [--device cpu] [--threads 2] [--windows 16] [--batches 1 4] \
-                               [--dtypes bfloat16 float32] [--out bench/results/eval_speed_cpu.json]
+                               [--dtypes bfloat16 float32] [--out bench/results/eval_speed_cpu.json] \
+                               [--profile bench/results/speed_cpu/eval_profile.txt]
 
 Prints a table and writes JSON records naming the device, dtype, TF32 setting, threads and batch size.
+`--profile FILE` also writes torch.profiler's table of three forwards of one window in the first dtype.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     p.add_argument("--cache-dir", default=common.CACHE, help="where SmolLM2 is converted once")
     p.add_argument("--out", default=None, help="JSON records (default: bench/results/eval_speed_<device>.json)")
+    p.add_argument("--profile", default=None, help="write torch.profiler's operator table here")
     args = p.parse_args(argv)
     if args.windows < 1 or any(b < 1 for b in args.batches):
         raise InputError("--windows and --batches must be positive")
@@ -69,11 +72,33 @@ def main(argv=None) -> int:
     print(f"{'dtype':<9} {'batch':>5} {'windows':>7} {'s/window':>9} {'perplexity':>10}")
     for r in records:
         print(f"{r['dtype']:<9} {r['batch_size']:>5} {r['windows']:>7} {r['seconds_per_window']:9.3f} {r['perplexity']:10.3f}")
+    if args.profile:
+        write_profile(model.to(getattr(torch, args.dtypes[0])), tokens, seqlen, args)
     out = args.out or f"{common.RESULTS}/eval_speed_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
     with open(out, "w") as f:
         json.dump(records, f, indent=1)
     print(f"-> {out}")
     return 0
+
+
+@torch.no_grad()
+def write_profile(model, tokens, seqlen: int, args) -> None:
+    """torch.profiler's operators, by their own time, over three forwards of the first window."""
+    from torch.profiler import ProfilerActivity, profile
+    x = tokens[:seqlen].view(1, seqlen).to(args.device)
+    model.to(args.device)
+    model(input_ids=x, use_cache=False)                                       # warm-up
+    cuda = args.device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(3):
+            model(input_ids=x, use_cache=False)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    head = (f"SmolLM2-135M, one {seqlen}-token window, 3 forwards, {next(model.parameters()).dtype}, device "
+            f"{args.device}, {torch.get_num_threads()} threads\n"
+            f"command: python bench/eval_speed.py {' '.join(sys.argv[1:])}\n\n")
+    with open(args.profile, "w") as f:
+        f.write(head + prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
+    print(f"-> {args.profile}")
 
 
 if __name__ == "__main__":
