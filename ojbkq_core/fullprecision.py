@@ -8,8 +8,9 @@ module's input and the block's output, `Streams.fp_pass`) and the `G` sum of eac
 later run takes them instead of computing them again. They are the same tensors, so every statistic, code
 and objective is the same bit for bit.
 
-What is kept holds host memory: at most `budget` bytes (`FULL_PRECISION_CACHE_BYTES` by default); a block
-that no longer fits is computed again by every run. The cache is taken on the CPU only (on a CUDA device
+What is kept holds host memory: at most `budget` bytes (by default `FULL_PRECISION_CACHE_BYTES`, or a quarter
+of the memory the host has available when the cache is made, if that is less); a block that no longer fits
+is computed again by every run. The cache is taken on the CPU only (on a CUDA device
 the passes would hold device memory the engine sizes for its own work) and for dense models only (an
 expert's `G` sums only the tokens that both streams' routers send to it, which depend on the recipe).
 """
@@ -27,6 +28,24 @@ from .stats import Statistics
 FULL_PRECISION_CACHE_BYTES = 4 << 30
 
 
+def available_memory() -> int:
+    """The host memory available now (Linux's `MemAvailable`), or 0 where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def default_budget() -> int:
+    """`FULL_PRECISION_CACHE_BYTES`, or a quarter of the available host memory where that is less."""
+    available = available_memory()
+    return min(FULL_PRECISION_CACHE_BYTES, available // 4) if available else FULL_PRECISION_CACHE_BYTES
+
+
 def _tensor_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
@@ -40,8 +59,8 @@ class FullPrecisionCache:
     """Full-precision passes (block index → batch → `(inputs, output)`) and `G` sums (block index, module
     name, dtype → the `(n, n)` sum over all batches) of one model on one set of calibration tokens."""
 
-    def __init__(self, budget: int = FULL_PRECISION_CACHE_BYTES):
-        self.budget = budget
+    def __init__(self, budget: Optional[int] = None):
+        self.budget = default_budget() if budget is None else budget
         self.bytes = 0
         self.passes: dict[int, dict] = {}
         self.sums: dict[tuple, torch.Tensor] = {}

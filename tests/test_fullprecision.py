@@ -102,6 +102,17 @@ def test_without_budget_nothing_is_kept_and_the_run_is_unchanged():
     assert a.report["objective_sum"] == b.report["objective_sum"]
 
 
+def test_the_default_budget_is_a_quarter_of_the_available_memory_where_that_is_less(monkeypatch):
+    import ojbkq_core.fullprecision as fp
+    assert fp.available_memory() >= 0
+    monkeypatch.setattr(fp, "available_memory", lambda: 1 << 30)
+    assert FullPrecisionCache().budget == 1 << 28
+    monkeypatch.setattr(fp, "available_memory", lambda: 64 << 30)
+    assert FullPrecisionCache().budget == fp.FULL_PRECISION_CACHE_BYTES
+    monkeypatch.setattr(fp, "available_memory", lambda: 0)       # the system does not say
+    assert FullPrecisionCache().budget == fp.FULL_PRECISION_CACHE_BYTES
+
+
 def test_models_with_experts_compute_their_stream_in_every_run():
     """An expert's G sums the tokens both streams' routers send to it: it depends on the recipe."""
     model, ids = tiny_moe(), token_ids(4, 32)
