@@ -29,10 +29,10 @@ def beam(problem: WorkingProblem, width: int, expand: int, block: int = 128):
     T = T0.unsqueeze(0).expand(B, m, n).clone()
     score = torch.zeros(B, m, dtype=dt)
     score[1:] = math.inf                                   # start from one path
-    hist_code = torch.empty(n, B, m, dtype=dt)
-    hist_parent = torch.empty(n, B, m, dtype=torch.long)
-    hist_scale = torch.empty(n, B, m, dtype=dt)
-    hist_zero = torch.empty(n, B, m, dtype=dt)
+    hist_code = torch.empty(m, n, B, dtype=dt)                # per row, column and beam
+    hist_parent = torch.empty(m, n, B, dtype=torch.long)
+    hist_scale = torch.empty(m, n, B, dtype=dt)
+    hist_zero = torch.empty(m, n, B, dtype=dt)
     lower = grid.lower.to(dt).contiguous().numpy()
     upper = grid.upper.to(dt).contiguous().numpy()
     g = grid.group_size

@@ -161,7 +161,8 @@ def beam_stretch(Tb, Err, score, anc, S, Z, dynamic, U, lower, upper, E,
     the accumulated `Σ e²`; `anc` `(B, m)` int64 each beam's beam at the block start. Grid: `S[b, i]` per
     beam (`dynamic`, carried to the survivors) or `S[i, j]`. Every beam expands to its `E` cheapest codes
     among the `2E+1` around its nearest one and the `B` cheapest partial paths survive, ascending (ties:
-    lower beam, then lower code first). Writes `hist_*[j, b, i]` (code, parent, scale, zero).
+    lower beam, then lower code first). Writes `hist_*[i, j, b]` (code, parent, scale, zero): each row's
+    history is its own contiguous block.
     """
     B, m, bs = Tb.shape
     n_off = 2 * E + 1
@@ -235,10 +236,10 @@ def beam_stretch(Tb, Err, score, anc, S, Z, dynamic, U, lower, upper, E,
                     s, z = sc[par], zc[par]
                 else:
                     s, z = S[i, j], Z[i, j]
-                hist_code[j, nb, i] = keep_c[f]
-                hist_parent[j, nb, i] = par
-                hist_scale[j, nb, i] = s
-                hist_zero[j, nb, i] = z
+                hist_code[i, j, nb] = keep_c[f]
+                hist_parent[i, j, nb] = par
+                hist_scale[i, j, nb] = s
+                hist_zero[i, j, nb] = z
                 _subtract_scaled(new_tile[nb, jj + 1:bs], U[j, j + 1:i1 + bs], e)
             for nb in range(B):
                 tot[nb] = keep_tot[pick[nb]]
@@ -262,13 +263,13 @@ def beam_stretch(Tb, Err, score, anc, S, Z, dynamic, U, lower, upper, E,
 @njit(parallel=True, cache=True)
 def backtrack(hist_code, hist_parent, hist_scale, hist_zero, codes, scale, zero):
     """Follow each final beam back from the last column: `codes[b, i, j]` (and its grid) of the beam alive
-    at the end in slot `b`, from the per-column histories `hist_*[j, b, i]`."""
-    n, B, m = hist_code.shape
+    at the end in slot `b`, from the per-column histories `hist_*[i, j, b]`."""
+    m, n, B = hist_code.shape
     for i in prange(m):
         for b in range(B):
             cur = b
             for j in range(n - 1, -1, -1):
-                codes[b, i, j] = hist_code[j, cur, i]
-                scale[b, i, j] = hist_scale[j, cur, i]
-                zero[b, i, j] = hist_zero[j, cur, i]
-                cur = hist_parent[j, cur, i]
+                codes[b, i, j] = hist_code[i, j, cur]
+                scale[b, i, j] = hist_scale[i, j, cur]
+                zero[b, i, j] = hist_zero[i, j, cur]
+                cur = hist_parent[i, j, cur]
