@@ -465,34 +465,42 @@ def main(argv=None):
 
 
 def ratios(records) -> str:
-    """Ratios to babai: whole `quantize_layer` of klein k=16 and beam B=4; decode times of the baseline,
-    klein k=16 and beam B=4."""
+    """Ratios to babai of what was measured (nothing without a babai run): whole `quantize_layer` of klein
+    k=16 and beam B=4; decode times of the baseline, klein k=16 and beam B=4."""
     def t(shape, bits, dec, params, mm="fp32", key="decode"):
         for r in records:
             if (r["shape"] == list(shape) and r["bits"] == bits and r["decoder"] == dec and r["params"] == params
                     and r.get("matmul") == mm and "error" not in r):
                 return r["stages"][key]["seconds"]
         return float("nan")
+
+    def line(head, parts):
+        kept = [f"{label} {num / den:5.2f}x" for label, num, den in parts if num == num and den == den]
+        return f"{head} " + ", ".join(kept) if kept else None
+
+    klein, beam = ("klein", {"k": 16}), ("beam", {"width": 4})
     lines = []
     for shape in sorted({tuple(r["shape"]) for r in records}):
         for bits in sorted({r["bits"] for r in records}):
+            name = f"{shape[0]}x{shape[1]} {bits}b"
             b = t(shape, bits, "babai", {})
             bl = t(shape, bits, "babai", {}, key="layer")
-            lines.append(f"{shape[0]}x{shape[1]} {bits}b whole quantize_layer: klein16/babai "
-                         f"{t(shape, bits, 'klein', {'k': 16}, key='layer') / bl:5.2f}x "
-                         f"(tf32 {t(shape, bits, 'klein', {'k': 16}, 'tf32', key='layer') / bl:5.2f}x, "
-                         f"tf32x3 {t(shape, bits, 'klein', {'k': 16}, 'tf32x3', key='layer') / bl:5.2f}x, "
-                         f"over babai tf32x3 {t(shape, bits, 'klein', {'k': 16}, 'tf32x3', key='layer') / t(shape, bits, 'babai', {}, 'tf32x3', key='layer'):5.2f}x); beam4/babai "
-                         f"{t(shape, bits, 'beam', {'width': 4}, key='layer') / bl:5.2f}x "
-                         f"(tf32 {t(shape, bits, 'beam', {'width': 4}, 'tf32', key='layer') / bl:5.2f}x)")
-            line = (f"{shape[0]}x{shape[1]} {bits}b: baseline/babai decode {t(shape, bits, 'baseline', {}) / b:6.1f}x, "
-                    f"layer {t(shape, bits, 'baseline', {}, key='layer') / t(shape, bits, 'babai', {}, key='layer'):5.1f}x; "
-                    f"klein16/babai {t(shape, bits, 'klein', {'k': 16}) / b:5.1f}x "
-                    f"(tf32 {t(shape, bits, 'klein', {'k': 16}, 'tf32') / b:5.1f}x); "
-                    f"beam4/babai {t(shape, bits, 'beam', {'width': 4}) / b:5.1f}x "
-                    f"(tf32 {t(shape, bits, 'beam', {'width': 4}, 'tf32') / b:5.1f}x)")
-            lines.append(line)
-    return "\n".join(lines)
+            lines.append(line(f"{name} whole quantize_layer:", [
+                ("klein16/babai", t(shape, bits, *klein, key="layer"), bl),
+                ("klein16 tf32/babai", t(shape, bits, *klein, "tf32", key="layer"), bl),
+                ("klein16 tf32x3/babai", t(shape, bits, *klein, "tf32x3", key="layer"), bl),
+                ("klein16 tf32x3/babai tf32x3", t(shape, bits, *klein, "tf32x3", key="layer"),
+                 t(shape, bits, "babai", {}, "tf32x3", key="layer")),
+                ("beam4/babai", t(shape, bits, *beam, key="layer"), bl),
+                ("beam4 tf32/babai", t(shape, bits, *beam, "tf32", key="layer"), bl)]))
+            lines.append(line(f"{name} decode:", [
+                ("baseline/babai", t(shape, bits, "baseline", {}), b),
+                ("baseline/babai whole layer", t(shape, bits, "baseline", {}, key="layer"), bl),
+                ("klein16/babai", t(shape, bits, *klein), b),
+                ("klein16 tf32/babai", t(shape, bits, *klein, "tf32"), b),
+                ("beam4/babai", t(shape, bits, *beam), b),
+                ("beam4 tf32/babai", t(shape, bits, *beam, "tf32"), b)]))
+    return "\n".join(x for x in lines if x)
 
 
 def profile(reg, dev, shape, W, st, spec, grid, decoders, path):
