@@ -148,9 +148,9 @@ def load(extra_plugins: tuple = ()) -> Registry:
         pm.register(builtin, name="builtin")
     for p in extra_plugins:
         mod = importlib.import_module(p) if isinstance(p, str) else p
-        name = mod if isinstance(p, str) else getattr(p, "__name__", repr(p))
-        if pm.get_plugin(str(name)) is None and not pm.is_registered(mod):   # not already found by its entry point
-            pm.register(mod, name=str(name))
+        name = p if isinstance(p, str) else getattr(p, "__name__", repr(p))
+        if pm.get_plugin(name) is None and not pm.is_registered(mod):   # not already found by its entry point
+            pm.register(mod, name=name)
     _collect(pm, reg)
     for name, err in reg.failures.items():
         log.warning("plugin %s failed: %s", name, err)

@@ -331,3 +331,17 @@ def test_sorted_babai_on_a_layer():
         quantize_layer(W, stats, spec, GridSpec(bits=3, group_size=4), sorted_babai(), dtype=torch.float64)
     with pytest.raises(InputError, match="order='sorted'.*vblast, diag"):
         sorted_babai(order="sorted")
+
+
+def test_a_plugin_given_by_its_dotted_name_is_registered_under_that_name(tmp_path, monkeypatch):
+    (tmp_path / "dotted_backend.py").write_text(textwrap.dedent("""
+        from ojbkq_core.hookspecs import hookimpl
+
+        @hookimpl
+        def register_primitives(register):
+            register("rows", "cpu", lambda problem, paths: 1, priority=0)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = registry.load(extra_plugins=("dotted_backend",))
+    assert [i.plugin for i in reg.primitives if i.name == "rows" and i.priority == 0] == ["dotted_backend"]
+    assert reg.pm.get_plugin("dotted_backend") is not None
