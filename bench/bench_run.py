@@ -57,7 +57,7 @@ def child(argv) -> int:
     memory sampled every second (seconds since start, bytes) to `$OJBKQ_RUN_STATS`."""
     import threading
     from ojbkq_core import registry
-    from ojbkq_core.calibrate import host_memory_bytes
+    from ojbkq_core.hostmemory import host_memory_bytes
     from ojbkq_core.cli import main
     t0, samples, done = time.perf_counter(), [], threading.Event()
 

@@ -53,6 +53,7 @@ from .errors import InputError, NonFiniteError
 from .experts import sparse_blocks
 from .fullprecision import FullPrecisionCache
 from .grid import GridSpec, QuantSpec
+from .hostmemory import host_memory_bytes
 from .layer import LayerResult, quantize_layer
 from .model import Model
 from .objectives import Objective, ObjectiveSpec, Term
@@ -126,19 +127,6 @@ def stream_home(adapter: Model, samples: int, seqlen: int, streams: int, device:
     need = streams * samples * seqlen * hidden * p.element_size()
     free, _ = torch.cuda.mem_get_info(device)
     return device if need <= share * free else "pinned"
-
-
-def host_memory_bytes(key: str = "VmRSS") -> int:
-    """This process's host memory from Linux's /proc/self/status: `VmRSS` resident now, `VmHWM` its peak
-    (0 where the system does not say)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def memory_line(device: torch.device) -> str:

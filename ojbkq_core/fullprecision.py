@@ -22,22 +22,11 @@ import torch
 
 from .errors import InputError
 from .experts import sparse_blocks
+from .hostmemory import available_memory
 from .model import Model
 from .stats import Statistics
 
 FULL_PRECISION_CACHE_BYTES = 4 << 30
-
-
-def available_memory() -> int:
-    """The host memory available now (Linux's `MemAvailable`), or 0 where the system does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def default_budget() -> int:

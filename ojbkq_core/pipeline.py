@@ -323,7 +323,7 @@ def _quantize_streamed(spec: RunSpec, world: Optional[distributed.World], resume
     """`_quantize` for a streamed run: the model on the meta device, each block read when it is
     calibrated and written when it is done (`streaming.Streamed`), into the output's partial sibling,
     which is published when the last tensors and files are written."""
-    from .calibrate import host_memory_bytes
+    from .hostmemory import host_memory_bytes
     from .export import get_format, write_extra
     from .export.base import quantized_tied
     from .streaming import Checkpoint, Partial, Saved, Streamed, Weights, checkpoint_policy, fingerprint, restore
