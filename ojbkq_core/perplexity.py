@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +33,10 @@ def windows(tokens: torch.Tensor, seqlen: int, samples: Optional[int] = None) ->
 
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seqlen: int, samples: Optional[int] = None,
-               device: str = "cpu", batch_size: int = 1, progress: bool = False) -> dict:
+               device: str = "cpu", batch_size: int = 1, progress: bool = False,
+               on_window: Optional[Callable[[int, int], None]] = None) -> dict:
     """Perplexity of a causal LM on `tokens` `(N,)`. The model is moved to `device` for the run and
-    back afterwards. Returns `{"perplexity", "nll", "window_nll", "tokens", "windows", "seqlen", "seconds"}`
+    back afterwards; `on_window(done, total)` is called after each batch of windows. Returns `{"perplexity", "nll", "window_nll", "tokens", "windows", "seqlen", "seconds"}`
     with `nll` the mean negative log-likelihood (nats per predicted token, accumulated in float64) and
     `window_nll` each window's (whose mean is `nll`; `intervals.py` resamples them)."""
     t0 = time.perf_counter()
@@ -54,6 +55,8 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, samples: Optional[int] 
             per_window += (nll.sum(1) / nll.shape[1]).tolist()
             total += float(nll.sum())
             count += x[:, 1:].numel()
+            if on_window is not None:
+                on_window(len(per_window), ids.shape[0])
     finally:
         model.to(home)
     nll = total / count

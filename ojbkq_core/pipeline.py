@@ -24,6 +24,7 @@ from .calibrate import CalibrationResult, Events, calibrate, default_batch_size,
 from .errors import InputError
 from .experts import has_experts
 from .model import Model, find_adapter
+from .precision import device_record, dtype_line, warn_if_emulated
 from .spec import EvalSpec, RunSpec
 
 log = logging.getLogger("ojbkq")
@@ -167,6 +168,8 @@ def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.T
         engine = distributed.Engine(world)
         input_ids = engine.shard(input_ids, batch_size)
     events = engine if stream is None else stream.around(engine)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    warn_if_emulated(dtype, str(device))
     q = spec.quant
     res = calibrate(adapter, input_ids, spec.objective.decoded, q.grid, spec.decoder.decoder, damp=q.damp,
                     seed=spec.decoder.seed, device=device, score_objective=spec.objective.scoring(),
@@ -176,6 +179,7 @@ def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.T
                     keep_layers=stream is None, start=start, moe_min_tokens=q.moe_min_tokens,
                     moe_fallback=q.moe_fallback, fp_cache=fp_cache)
     res.report["world_size"] = 1
+    res.report.update(dtype=dtype, **device_record(str(device)))
     if world is not None:
         engine.annotate(res.report, samples)
     return adapter, res
@@ -281,13 +285,13 @@ def _quantize(spec: RunSpec, world: Optional[distributed.World]) -> dict:
     main = world is None or world.main
     device = spec.target if world is None else str(world.device)
     m = spec.model
-    model, tokenizer = load_model(m.path, m.dtype, m.trust_remote_code)
+    model, tokenizer = load_model(m.path, spec.dtype, m.trust_remote_code)
     adapter = find_adapter(model, m.adapter)
     check_format(spec, model, adapter)
     if main and has_experts(model):
         serving(spec, warn=True, experts=True)
-    log.info("%s: %s with adapter %s, %d quantized layers, device %s", m.path, type(model).__name__, adapter.name,
-             len(adapter.layer_names()), device)
+    log.info("%s: %s with adapter %s, %d quantized layers, device %s, %s", m.path, type(model).__name__, adapter.name,
+             len(adapter.layer_names()), device, dtype_line(spec.dtype, device))
 
     ppl_fp, tokens_cache = {}, {}
     evaluate = main and bool(spec.eval.sources())
@@ -332,7 +336,7 @@ def _quantize_streamed(spec: RunSpec, world: Optional[distributed.World], resume
     rank = 0 if world is None else world.rank
     device = spec.target if world is None else str(world.device)
     m, out = spec.model, spec.output
-    model, tokenizer = load_empty(m.path, m.dtype, m.trust_remote_code)
+    model, tokenizer = load_empty(m.path, spec.dtype, m.trust_remote_code)
     adapter = find_adapter(model, m.adapter)
     check_format(spec, model, adapter)
     if main and has_experts(model):
@@ -350,8 +354,8 @@ def _quantize_streamed(spec: RunSpec, world: Optional[distributed.World], resume
     quantized = set(quantized_names(adapter, spec.quant.skip))
     fmt.begin(model, quantized, spec.quant)
     untie = quantized_tied(model, quantized)
-    log.info("%s: %s streamed with adapter %s, %d quantized layers, device %s", m.path, type(model).__name__,
-             adapter.name, len(quantized), device)
+    log.info("%s: %s streamed with adapter %s, %d quantized layers, device %s, %s", m.path, type(model).__name__,
+             adapter.name, len(quantized), device, dtype_line(spec.dtype, device))
 
     partial = Partial(out.dir, main)
     try:

@@ -298,11 +298,42 @@ def merge(paths: list[str]) -> dict:
     return merge_results(read_results(paths, "--merge"), paths)
 
 
+# what two results must share to sit in one table
+SETUP = ("model", "device", "dtype", "group_size", "calibration", "overrides")
+
+
+def fit_baseline(run: dict, base: dict) -> tuple[dict | None, str]:
+    """`base` (e.g. GPTQModel's rows, `bench/gptqmodel_baseline.py`) fitted to the comparison `run`: its
+    rows at `run`'s bit widths, each domain's scores cut to `run`'s first windows (windows are consecutive
+    from the start of the text, so these are the windows `run` scored) with the perplexity and its interval
+    recomputed from them. `(None, why)` when its setup (`SETUP`) or evaluation differs, or it scored fewer
+    windows."""
+    from .intervals import interval
+    for k in SETUP:
+        if base.get(k) != run.get(k):
+            return None, f"its {k} is {json.dumps(base.get(k))}, this run's {json.dumps(run.get(k))}"
+    bits = {r["bits"] for r in run["rows"] if r["recipe"] != "fp"}
+    ev = run["evaluation"]
+    for d, e in ev.items():
+        b = (base.get("evaluation") or {}).get(d)
+        if b is None or any(b.get(x) != e.get(x) for x in ("dataset", "seqlen", "text_tokens")):
+            return None, f"it does not score {d} as this run does"
+        if b["windows"] < e["windows"]:
+            return None, f"it scored {b['windows']} windows of {d}, this run {e['windows']}"
+    rows = []
+    for r in base["rows"]:
+        if r["recipe"] == "fp" or r["bits"] not in bits:
+            continue
+        nll = {d: list(r["window_nll"][d][:e["windows"]]) for d, e in ev.items()}
+        rows.append({**r, "window_nll": nll, "perplexity": {d: float(np.exp(np.mean(v))) for d, v in nll.items()},
+                     "perplexity_interval": {d: interval(v) for d, v in nll.items()}})
+    return {**base, "evaluation": ev, "domains": run.get("domains"), "rows": rows}, ""
+
+
 def merge_results(parts: list[dict], paths: list[str]) -> dict:
     """`merge` of results in memory; `paths` names each (a file name, or a label for a run not written)."""
-    keys = ("model", "device", "dtype", "group_size", "calibration", "evaluation", "overrides")
     for p, part in zip(paths[1:], parts[1:]):
-        for k in keys:
+        for k in (*SETUP, "evaluation"):
             if part.get(k) != parts[0].get(k):
                 raise InputError(f"--merge {p}: {k} differs from {paths[0]}'s; merge runs of the same setup only")
     result = {k: v for k, v in parts[0].items() if k not in ("rows", "ordering", "layer_ratios")}

@@ -39,7 +39,8 @@ from .errors import suggest as _suggest
 from .grid import SCALE_METHODS, QuantSpec
 from .objectives import Objective, ObjectiveSpec, from_terms
 
-DTYPES = ("bfloat16", "float16", "float32", "auto")
+# device: bfloat16 on a GPU or a CPU that computes it natively, else float32 (precision.py); auto: the checkpoint's
+DTYPES = ("device", "bfloat16", "float16", "float32", "auto")
 # accumulation dtype of the calibration statistics; auto: float64 in a distributed run, else float32
 STATS_DTYPES = ("auto", "float32", "float64")
 
@@ -49,13 +50,14 @@ STATS_DTYPES = ("auto", "float32", "float64")
 @dataclass(frozen=True)
 class ModelSpec:
     """The model to quantize: a local folder or hub name, the dtype it runs in during calibration
-    (`auto`: the checkpoint's), the adapter (`auto`: recognised by module structure). `stream`: read
+    (`device`: bfloat16 on a GPU or a CPU with native bfloat16, else float32, `precision.resolve_dtype`;
+    `auto`: the checkpoint's), the adapter (`auto`: recognised by module structure). `stream`: read
     the weights one block at a time and write the checkpoint as blocks finish (streaming.py); `auto`
     streams a local safetensors folder unless the run evaluates perplexity (which needs the whole
     model)."""
 
     path: Optional[str] = None
-    dtype: str = "bfloat16"
+    dtype: str = "device"
     adapter: str = "auto"
     trust_remote_code: bool = False
     stream: Union[str, bool] = "auto"
@@ -219,6 +221,12 @@ class RunSpec:
     eval: EvalSpec
     target: str = "cpu"
     source: str = field(default="", compare=False)
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the model runs in on `target`: `model.dtype` with `device` resolved (precision.py)."""
+        from .precision import resolve_dtype
+        return resolve_dtype(self.model.dtype, self.target)
 
     def to_dict(self) -> dict:
         """The resolved recipe (sections in `DEFAULTS` order); `spec_from_dict` reads it back."""

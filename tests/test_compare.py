@@ -3,6 +3,7 @@
 merge), and the sweeps of bench/ that build on it."""
 import importlib.util
 import json
+import math
 import os
 import sys
 import types
@@ -341,8 +342,9 @@ def test_compare_merges_the_baseline_row(tiny_folder, tmp_path):
     gptq3 = next(r for r in res["rows"] if r["recipe"] == "gptq")
     base = {**{k: v for k, v in res.items() if k not in ("rows", "ordering", "layer_ratios", "against_baseline")},
             "command": "bench/gptqmodel_baseline.py",
-            "rows": [res["rows"][0], {**gptq3, "recipe": "gptqmodel-gptq",
-                                      "perplexity": {d: v * 1.5 for d, v in gptq3["perplexity"].items()}}]}
+            "rows": [res["rows"][0], {**gptq3, "recipe": "gptqmodel-gptq",        # perplexity × 1.5 on every window
+                                      "window_nll": {d: [x + math.log(1.5) for x in v]
+                                                     for d, v in gptq3["window_nll"].items()}}]}
     (tmp_path / "base.json").write_text(json.dumps(base))
     out2 = str(tmp_path / "r2.json")
     assert cli.main(tiny_args(tiny_folder, out2, "--baseline", str(tmp_path / "base.json"), recipes=["gptq"],
@@ -352,6 +354,38 @@ def test_compare_merges_the_baseline_row(tiny_folder, tmp_path):
     assert merged["against_baseline"] and all(o["beats"] for o in merged["against_baseline"])
     assert [p["file"] for p in merged["parts"]] == ["r2.json", "base.json"]
     assert "does not beat it" not in open(out2[:-5] + ".md").read()
+
+
+def test_a_baseline_is_cut_to_the_runs_windows_and_one_of_another_setup_left_out(tiny_folder, tmp_path, capsys):
+    """`--baseline` takes several files: the one whose setup is the run's is merged, its scores cut to the
+    run's first windows (perplexity and interval recomputed from them); one of another dtype is named in
+    one line and left out."""
+    out = str(tmp_path / "r.json")
+    assert cli.main(tiny_args(tiny_folder, out, recipes=["gptq"], bits=["3"])) == 0
+    res = json.load(open(out))
+    gptq3 = next(r for r in res["rows"] if r["recipe"] == "gptq")
+    extra = [1.0, 2.0, 3.0]                          # the baseline scored three more windows of each domain
+    long = {d: [*v, *extra] for d, v in gptq3["window_nll"].items()}
+    ev = {d: {**e, "windows": e["windows"] + len(extra)} for d, e in res["evaluation"].items()}
+    keep = {k: v for k, v in res.items() if k not in ("rows", "ordering", "layer_ratios", "against_baseline")}
+    base = {**keep, "evaluation": ev, "rows": [res["rows"][0], {**gptq3, "recipe": "gptqmodel-gptq", "window_nll": long,
+                                                                "perplexity": {d: 99.0 for d in long}}]}
+    other = {**base, "dtype": "bfloat16" if res["dtype"] != "bfloat16" else "float32"}
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    out2 = str(tmp_path / "r2.json")
+    assert cli.main(tiny_args(tiny_folder, out2, "--baseline", str(tmp_path / "other.json"), str(tmp_path / "base.json"),
+                              recipes=["gptq"], bits=["3"])) == 0
+    err = capsys.readouterr().err
+    assert f"--baseline {tmp_path / 'other.json'}: not merged: its dtype is" in err
+    merged = json.load(open(out2))
+    row = merged["rows"][-1]
+    assert row["recipe"] == "gptqmodel-gptq" and [p["file"] for p in merged["parts"]] == ["r2.json", "base.json"]
+    for d in res["domains"]:
+        assert row["window_nll"][d] == gptq3["window_nll"][d]
+        assert row["perplexity"][d] == pytest.approx(gptq3["perplexity"][d], rel=1e-9)
+        assert row["perplexity_interval"][d] == pytest.approx(gptq3["perplexity_interval"][d], rel=1e-9)
+    assert all(o["verdict"] is not None for o in merged["against_baseline"])
 
 
 @pytest.mark.parametrize("extra,needle", [
