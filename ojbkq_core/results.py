@@ -177,7 +177,8 @@ def report_markdown(result: dict, plot_name: str | None) -> str:
     cal, ev = result["calibration"], result["evaluation"]
     fp = next(r for r in rows if r["recipe"] == "fp")
     lines = [f"# {result['model']}: perplexity by recipe and bit width", "",
-             f"Device {result['device']}, {result['dtype']}, {result['torch_threads']} torch threads; "
+             f"Device {result['device']}{_cpu_said(result.get('cpu'))}, {result['dtype']}, "
+             f"{result['torch_threads']} torch threads; "
              f"whole job {result['seconds']:.0f} s wall, {result.get('cpu_seconds', 0):.0f} s CPU"
              + ("" if result.get("complete", True) else "; **incomplete: the run stopped before every row**")
              + ".", "",
@@ -229,6 +230,13 @@ VERDICT_NOTE = ("Each comparison is paired: the mean difference of the two rows'
                 "windows, with a 95% bootstrap interval over the windows. *holds*: the interval lies on the "
                 "claimed side; *misses*: it lies on the other side; *within noise*: it contains no "
                 "difference. The ratio is the first perplexity over the second.")
+
+
+def _cpu_said(cpu: dict | None) -> str:
+    """` (torch AVX2, bfloat16 not native)` for a record's `cpu` (`precision.cpu_capability`); '' without one."""
+    if not cpu:
+        return ""
+    return f" (torch {cpu['capability']}, bfloat16 {'native' if cpu['bf16_native'] else 'not native'})"
 
 
 def _said(o: dict) -> str:

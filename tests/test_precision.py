@@ -100,6 +100,7 @@ def test_compare_records_name_the_resolved_dtype_and_the_cpu(monkeypatch, tmp_pa
     cpu = {"capability": "AVX2", "avx512_bf16": False, "amx": False, "bf16_native": False}
     assert res["dtype"] == "float32" and res["cpu"] == cpu
     assert all(r["dtype"] == "float32" and r["cpu"] == cpu for r in res["rows"])
+    assert "Device cpu (torch AVX2, bfloat16 not native), float32," in open(out[:-5] + ".md").read()
 
 
 def test_the_table_shows_each_rows_progress_and_time_left(monkeypatch):

