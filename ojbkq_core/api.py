@@ -45,7 +45,8 @@ class Quantized:
                                          "output.overwrite": bool(overwrite)})
         spec.output.prepare()
         check_format(spec, self.model, find_adapter(self.model, spec.model.adapter))
-        serving(spec, warn=True, experts=has_experts(self.model))
+        # `quantize` warned already for the recipe's own format
+        serving(spec, warn=spec.output.format != self.spec.output.format, experts=has_experts(self.model))
         out = spec.output
         return save_quantized(self.model, self.layers, out.dir, out.format, quant=spec.quant, tokenizer=self.tokenizer,
                               extra_files=run_files(spec, self.report), overwrite=out.overwrite,
@@ -65,7 +66,9 @@ def quantize(model, tokenizer=None, recipe: str = "ojbkq", overrides: Union[None
     seeded starts), token ids (`(samples, seqlen)` int tensor or list of equal-length lists), or None
     for the recipe's calibration section.
     """
-    from .pipeline import calibrate_model, load_model
+    from .experts import has_experts
+    from .model import find_adapter
+    from .pipeline import calibrate_model, check_format, load_model, serving
     t0 = time.perf_counter()
     overrides = _as_mapping(overrides)
     in_memory = not isinstance(model, (str, bytes)) and not hasattr(model, "__fspath__")
@@ -81,8 +84,13 @@ def quantize(model, tokenizer=None, recipe: str = "ojbkq", overrides: Union[None
     if ids is None and tokenizer is None:
         raise InputError("quantize: calibration text needs a tokenizer; pass tokenizer=..., or calibration as "
                          "token ids")
+    adapter = find_adapter(model, spec.model.adapter)
+    check_format(spec, model, adapter)                  # what `ojbkq quantize` checks, before any calibration
+    experts = has_experts(model)
+    serving(spec, warn=True, experts=experts)
     _, res = calibrate_model(model, tokenizer, spec, input_ids=ids, progress=progress)
-    report = {"model": spec.model.path, "architecture": type(model).__name__, **res.report}
+    report = {"model": spec.model.path, "architecture": type(model).__name__, **res.report,
+              "serving": serving(spec, experts=experts)}
     report["seconds"]["run"] = time.perf_counter() - t0
     return Quantized(model, tokenizer, spec, report, res.layers)
 

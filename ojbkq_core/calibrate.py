@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import fnmatch
 import logging
 import os
@@ -274,6 +275,24 @@ def quantized_names(adapter: Model, skip: Sequence[str] = ()) -> list[str]:
     path = adapter.blocks_path()
     return [f"{path}.{i}.{n}" for i, block in enumerate(adapter.blocks()) for n in adapter.modules(block)
             if not _skipped(f"{path}.{i}.{n}", n, skip)]
+
+
+def check_skip(adapter: Model, skip: Sequence[str]) -> None:
+    """`InputError` for a `quant.skip` pattern (fnmatch) that matches no module of the model, by its full
+    name or by a quantized module's name within its block; it names the nearest names."""
+    if not skip:
+        return
+    within = sorted({n for block in adapter.blocks() for n in adapter.modules(block)})
+    full = [name for name, _ in adapter.model.named_modules() if name]
+    for p in skip:
+        if any(fnmatch.fnmatchcase(n, p) for n in within) or any(fnmatch.fnmatchcase(n, p) for n in full):
+            continue
+        near = difflib.get_close_matches(p, within + full, n=3, cutoff=0.5)
+        example = f"{adapter.blocks_path()}.0.{within[0]}" if within else "a module's full name"
+        raise InputError(f"quant.skip: {p!r} matches no module of {type(adapter.model).__name__}"
+                         + (f" (nearest: {', '.join(near)})" if near else "")
+                         + f"; a pattern (with * and ?) matches full names ({example}) or names within a block"
+                         + (f" ({within[0]})" if within else ""))
 
 
 # --- the two streams ------------------------------------------------------------------------------
@@ -813,6 +832,8 @@ def calibrate(
             if not true_sequential:
                 groups = [[n for g in groups for n in g]]
             streams.plan_full_precision(block, [n for g in groups for n in g], FULL_PRECISION_PASS_BYTES)
+            if cache is not None:
+                cache.check_block(i, block)
             kept_pass = cache.pass_of(i) if cache is not None and streams.fp_modules else None
             if kept_pass is not None:
                 streams.fp_pass = kept_pass

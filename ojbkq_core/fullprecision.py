@@ -16,9 +16,11 @@ expert's `G` sums only the tokens that both streams' routers send to it, which d
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
+from torch import nn
 
 from .errors import InputError
 from .experts import sparse_blocks
@@ -33,6 +35,16 @@ def default_budget() -> int:
     """`FULL_PRECISION_CACHE_BYTES`, or a quarter of the available host memory where that is less."""
     available = available_memory()
     return min(FULL_PRECISION_CACHE_BYTES, available // 4) if available else FULL_PRECISION_CACHE_BYTES
+
+
+def block_digest(block: nn.Module) -> str:
+    """A digest of a block's weights (names, dtypes, shapes and bytes of its state), on the CPU."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(block.state_dict().items()):
+        t = t.detach().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _tensor_bytes(tensors) -> int:
@@ -56,6 +68,7 @@ class FullPrecisionCache:
         self.taken = 0                               # blocks whose pass a run took from here
         self._key: Optional[tuple] = None
         self._ids: Optional[torch.Tensor] = None
+        self.digests: dict[int, str] = {}            # block index → `block_digest` of the weights it was kept for
 
     @staticmethod
     def accepts(adapter: Model, device: torch.device) -> bool:
@@ -71,6 +84,15 @@ class FullPrecisionCache:
         elif key != self._key or not torch.equal(input_ids, self._ids):
             raise InputError(f"full-precision cache: this run's calibration {key[:4]} differs from the one its "
                              f"passes were kept for {self._key[:4]}; give each model and calibration its own cache")
+
+    def check_block(self, index: int, block: nn.Module) -> None:
+        """Check, before block `index` is calibrated, that its weights are those the kept passes and sums of
+        that block were made from (the first run records them)."""
+        digest = block_digest(block)
+        kept = self.digests.setdefault(index, digest)
+        if kept != digest:
+            raise InputError(f"full-precision cache: block {index}'s weights differ from those its passes were "
+                             f"kept for (digest {digest[:12]} against {kept[:12]}); give each model its own cache")
 
     def pass_of(self, block: int) -> Optional[dict]:
         """The kept full-precision pass of `block` (batch → `(inputs, output)`), or None."""

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import distributed
-from .calibrate import CalibrationResult, Events, calibrate, default_batch_size, quantized_names
+from .calibrate import CalibrationResult, Events, calibrate, check_skip, default_batch_size, quantized_names
 from .errors import InputError
 from .experts import has_experts
 from .model import Model, find_adapter
@@ -256,12 +256,19 @@ def streamed(spec: RunSpec) -> bool:
 
 def serving(spec: RunSpec, warn: bool = False, experts: bool = False) -> Optional[dict]:
     """Whether vLLM serves the checkpoint `spec` writes (`serving.vllm_refusal`; `experts`: the model has
-    mixture-of-experts blocks), as the report records it under `serving` (None for the fake format); with
-    `warn`, one warning line when it would refuse it."""
-    from .serving import VLLM_VERSION, suggestion, vllm_refusal
+    mixture-of-experts blocks), as the report records it under `serving` (None for the fake format;
+    `served: None` where the serving tests never measured it); with `warn`, one warning line when it would
+    refuse it or was never measured."""
+    from .serving import VLLM_VERSION, measured, suggestion, vllm_refusal
     if spec.output.format == "fake":
         return None
     reason = vllm_refusal(spec.output.format, spec.quant, experts)
+    if reason is None and not measured(spec.output.format, spec.quant, experts):
+        if warn:
+            log.warning("warning: whether vLLM %s serves a %d-bit %s checkpoint was never measured (its serving "
+                        "tests measure 4 and 8 bits); it may refuse it", VLLM_VERSION, spec.quant.bits,
+                        spec.output.format)
+        return {"vllm": VLLM_VERSION, "served": None, "reason": f"not measured: {spec.quant.bits}-bit checkpoints"}
     if reason is not None and warn:
         log.warning("warning: vLLM %s will not serve this %s checkpoint (%s); %s", VLLM_VERSION, spec.output.format,
                     reason, suggestion(spec.output.format, spec.quant, experts))
@@ -269,8 +276,10 @@ def serving(spec: RunSpec, warn: bool = False, experts: bool = False) -> Optiona
 
 
 def check_format(spec: RunSpec, model, adapter: Model) -> None:
-    """`InputError` before any calibration when the output format cannot store a module of `model`."""
+    """`InputError` before any calibration when a `quant.skip` pattern matches no module, or the output
+    format cannot store a module of `model`."""
     from .export import get_format
+    check_skip(adapter, spec.quant.skip)
     get_format(spec.output.format).check(model, quantized_names(adapter, spec.quant.skip), spec.quant)
 
 

@@ -15,6 +15,7 @@ from .grid import QuantSpec
 VLLM_VERSION = "0.32.0"
 GPTQ_CONFIGS = {(4, True), (8, True)}         # (bits, sym) vLLM's GPTQ configuration accepts
 CPU_BITS = (4,)                               # what vLLM's CPU kernels for packed int weights run (uint4, uint4b8)
+MEASURED_BITS = (4, 8)                        # the bit widths tests/test_serving.py serves or sees refused
 
 
 # the CPU build runs no quantized (WNA16) mixture-of-experts kernel; the dequantized export is served
@@ -23,8 +24,8 @@ MOE_CPU = "No WNA16 MoE backend supports the deployment configuration."
 
 def vllm_refusal(fmt: str, quant: QuantSpec, experts: bool = False) -> Optional[str]:
     """vLLM's reason for refusing a checkpoint written in `fmt` with `quant` (the start of its message), or
-    None when it serves it; `experts`: the model has mixture-of-experts blocks. Measured for 4 and 8 bits
-    (other widths: None, not measured)."""
+    None when it serves it or was never measured (`measured`); `experts`: the model has mixture-of-experts
+    blocks. Measured for 4 and 8 bits."""
     if experts and fmt in ("gptq", "compressed-tensors"):
         return MOE_CPU
     if quant.bits not in (4, 8):
@@ -40,6 +41,12 @@ def vllm_refusal(fmt: str, quant: QuantSpec, experts: bool = False) -> Optional[
     elif fmt == "compressed-tensors" and quant.bits not in CPU_BITS:
         return "Failed to find a kernel that can implement the WNA16 linear layer"
     return None
+
+
+def measured(fmt: str, quant: QuantSpec, experts: bool = False) -> bool:
+    """Whether the serving tests measured what vLLM does with this checkpoint (`vllm_refusal` is then its
+    answer; otherwise None from it means "not measured", not "served")."""
+    return (experts and fmt in ("gptq", "compressed-tensors")) or quant.bits in MEASURED_BITS
 
 
 def suggestion(fmt: str, quant: QuantSpec, experts: bool = False) -> str:

@@ -106,3 +106,32 @@ def test_the_readme_snippet_runs(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), scope)
     assert os.path.isfile(os.path.join("my-llama-ojbkq-3bit", "model.safetensors"))
     assert isinstance(scope["q"], oq.Quantized) and scope["q"].spec.quant.bits == 3
+
+
+def test_the_api_checks_what_the_cli_checks_before_calibrating(folder, monkeypatch, caplog):
+    """The default format (compressed-tensors) cannot store groups of 128 on the tiny model's 64-wide layers:
+    `quantize` refuses before any calibration, as `ojbkq quantize` does; a `quant.skip` pattern that matches
+    nothing is refused naming the nearest names; a passing run's report carries the CLI's `serving`."""
+    from ojbkq_core import pipeline
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated before the checks")
+    monkeypatch.setattr(pipeline, "calibrate_model", no_calibration)
+    sets = {k: v for k, v in GPTQ_SETS.items() if k != "quant.group_size"}
+    with pytest.raises(InputError, match="not a multiple of quant.group_size=128"):
+        oq.quantize(folder, recipe="gptq", overrides=sets, progress=False)
+    with pytest.raises(InputError, match=r"quant.skip: 'mlp.dwn_proj' matches no module .*nearest: mlp.down_proj"):
+        oq.quantize(folder, recipe="gptq", overrides={**GPTQ_SETS, "quant.skip": ["mlp.dwn_proj"]}, progress=False)
+    monkeypatch.undo()
+    q = oq.quantize(folder, recipe="gptq", overrides={**GPTQ_SETS, "quant.skip": ["lm_head", "*.0.mlp.down_proj"]},
+                    progress=False)
+    assert q.report["serving"] == {"vllm": "0.32.0", "served": None, "reason": "not measured: 3-bit checkpoints"}
+    assert "model.layers.0.mlp.down_proj" in q.report["skipped"]
+
+
+def test_a_skip_pattern_that_matches_nothing_ends_the_cli_in_one_line(folder, tmp_path, capsys):
+    sets = [f"{k}={v}" for k, v in {**GPTQ_SETS, "model.path": folder, "output.dir": str(tmp_path / "q")}.items()]
+    rc = cli.main(["quantize", "gptq", *sum((["--set", s] for s in sets), []), "--set", "quant.skip=model.layer.*.o_proj"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "quant.skip: 'model.layer.*.o_proj' matches no module" in err[-1], err
+    assert not (tmp_path / "q").exists()

@@ -356,6 +356,26 @@ def test_compare_merges_the_baseline_row(tiny_folder, tmp_path):
     assert "does not beat it" not in open(out2[:-5] + ".md").read()
 
 
+def test_set_reaches_the_calibration_and_rows_record_what_their_spec_ran(tiny_folder, tmp_path, monkeypatch):
+    """`--set calibration.samples=2` calibrates every row on 2 windows (not --samples' 4), and
+    `--set quant.group_size=16` is the group each row records."""
+    from ojbkq_core import pipeline
+    shapes = []
+    real = pipeline.calibrate_model
+
+    def spy(model, tok, spec, input_ids=None, **kw):
+        shapes.append((tuple(input_ids.shape), spec.calibration.samples))
+        return real(model, tok, spec, input_ids=input_ids, **kw)
+    monkeypatch.setattr(pipeline, "calibrate_model", spy)
+    out = str(tmp_path / "r.json")
+    assert cli.main(tiny_args(tiny_folder, out, "--set", "calibration.samples=2", "--set", "quant.group_size=16",
+                              recipes=["gptq"], bits=["3"])) == 0
+    res = json.load(open(out))
+    assert shapes == [((2, 64), 2)]
+    assert res["calibration"]["samples"] == 2 and res["rows"][0]["data"]["calibration"]["samples"] == 2
+    assert res["rows"][1]["group_size"] == 16 and res["rows"][1]["bits"] == 3
+
+
 def test_a_baseline_is_cut_to_the_runs_windows_and_one_of_another_setup_left_out(tiny_folder, tmp_path, capsys):
     """`--baseline` takes several files: the one whose setup is the run's is merged, its scores cut to the
     run's first windows (perplexity and interval recomputed from them); one of another dtype is named in
@@ -395,6 +415,9 @@ def test_a_baseline_is_cut_to_the_runs_windows_and_one_of_another_setup_left_out
     (["--bits", "9"], "--bits 9"),
     (["--set", "quant.bitz=3"], "did you mean 'quant.bits'"),
     (["--baseline", "missing.json"], "--baseline missing.json: no such file"),
+    (["--set", "model.dtype=bfloat16"], "--set model.dtype=bfloat16: compare sets model.dtype itself; use --dtype"),
+    (["--set", "eval.perplexity=[wikitext2]"], "compare sets eval.perplexity itself; use --domains"),
+    (["--set", "calibration.samplez=2"], "did you mean 'calibration.samples'"),
 ])
 def test_compare_refuses_bad_input_in_one_line(tiny_folder, tmp_path, capsys, monkeypatch, extra, needle):
     monkeypatch.chdir(tmp_path)

@@ -93,6 +93,17 @@ def test_another_calibration_is_refused_where_it_enters():
         run(copy.deepcopy(model), ("jta",), Babai(), token_ids(4, 16), cache)
 
 
+def test_a_model_with_other_weights_is_refused_where_it_enters():
+    """Two models of one class, shapes and calibration but other weights: the second is refused at its
+    first block, before it takes a pass made from the first model's weights."""
+    ids = token_ids(4, 32)
+    cache = FullPrecisionCache()
+    run(tiny_llama(seed=0), ("jta",), Babai(), ids, cache)
+    with pytest.raises(InputError, match="block 0's weights differ from those its passes were kept for"):
+        run(tiny_llama(seed=1), ("jta",), Babai(), ids, cache)
+    assert cache.taken == 0
+
+
 def test_without_budget_nothing_is_kept_and_the_run_is_unchanged():
     model, ids = tiny_llama(), token_ids(4, 32)
     cache = FullPrecisionCache(budget=0)

@@ -237,6 +237,18 @@ def test_a_checkpoint_vllm_refuses_is_named_in_one_warning_before_calibration(fo
     assert "desc_act=True" in vllm_refusal("gptq", QuantSpec(sym=True, act_order=True))
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_a_bit_width_the_serving_tests_never_measured_is_said_so(folders, tmp_path, caplog, bits):
+    """2 and 3 bits: no serving test saw vLLM serve or refuse them, so the report says `served: None` (not
+    measured) and one warning line says so, instead of promising that vLLM serves them."""
+    with caplog.at_level("WARNING", logger="ojbkq"):
+        report = quantize_recipe("gptq", _tiny(folders["llama"], str(tmp_path / "a"), "quant.sym=true",
+                                               f"quant.bits={bits}"))
+    lines = [r.getMessage() for r in caplog.records if "never measured" in r.getMessage()]
+    assert len(lines) == 1 and f"{bits}-bit gptq checkpoint" in lines[0], lines
+    assert report["serving"] == {"vllm": "0.32.0", "served": None, "reason": f"not measured: {bits}-bit checkpoints"}
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_writes_a_checkpoint_vllm_serves_by_default(folders, tmp_path, recipe):
     """The recipes as they ship (their format and order): compressed-tensors, asymmetric, act-order with
