@@ -300,8 +300,9 @@ def run(args) -> int:
             else:
                 parts.append(fitted)
                 names.append(path)
-        if parts:
-            result = merge_results([result, *parts], [os.path.basename(args.out), *names])
+        if parts:                                     # the job's times stay this run's own (`parts` lists each)
+            own = {k: result[k] for k in ("seconds", "cpu_seconds")}
+            result = {**merge_results([result, *parts], [os.path.basename(args.out), *names]), **own}
     write_results(result, args.out)
     return 0
 

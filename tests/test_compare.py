@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from ojbkq_core import cli, compare, results
+from ojbkq_core import cli, compare, precision, results
 from ojbkq_core.errors import InputError
 from tiny_models import CALIB_TXT, EVAL_TXT, offline, one_thread, save, tiny_llama  # noqa: F401 (autouse)
 
@@ -157,7 +157,8 @@ def test_report_without_matplotlib_says_so(job):
 
 def test_default_sizes_follow_the_device(job):
     cpu = job.parse_args(["--device", "cpu"])
-    assert (cpu.samples, cpu.seqlen, cpu.eval_windows, cpu.dtype) == (16, 512, 64, "bfloat16")   # 32768 tokens
+    native = precision.cpu_capability()["bf16_native"]               # the dtype rule (docs/which-cpu.md)
+    assert (cpu.samples, cpu.seqlen, cpu.eval_windows, cpu.dtype) == (16, 512, 64, "bfloat16" if native else "float32")
     assert cpu.out == os.path.join("compare", "results.json")           # under the working folder, never the repo's
     assert cpu.domains == ["shakespeare", "python-docs"]
     assert job.parse_args(["--device", "cpu", "--samples", "64"]).samples == 64
@@ -388,8 +389,9 @@ def test_a_baseline_is_cut_to_the_runs_windows_and_one_of_another_setup_left_out
     long = {d: [*v, *extra] for d, v in gptq3["window_nll"].items()}
     ev = {d: {**e, "windows": e["windows"] + len(extra)} for d, e in res["evaluation"].items()}
     keep = {k: v for k, v in res.items() if k not in ("rows", "ordering", "layer_ratios", "against_baseline")}
-    base = {**keep, "evaluation": ev, "rows": [res["rows"][0], {**gptq3, "recipe": "gptqmodel-gptq", "window_nll": long,
-                                                                "perplexity": {d: 99.0 for d in long}}]}
+    base = {**keep, "evaluation": ev, "seconds": 1000.0,
+            "rows": [res["rows"][0], {**gptq3, "recipe": "gptqmodel-gptq", "window_nll": long,
+                                      "perplexity": {d: 99.0 for d in long}}]}
     other = {**base, "dtype": "bfloat16" if res["dtype"] != "bfloat16" else "float32"}
     (tmp_path / "base.json").write_text(json.dumps(base))
     (tmp_path / "other.json").write_text(json.dumps(other))
@@ -401,6 +403,7 @@ def test_a_baseline_is_cut_to_the_runs_windows_and_one_of_another_setup_left_out
     merged = json.load(open(out2))
     row = merged["rows"][-1]
     assert row["recipe"] == "gptqmodel-gptq" and [p["file"] for p in merged["parts"]] == ["r2.json", "base.json"]
+    assert merged["seconds"] < 1000.0 and merged["parts"][1]["seconds"] == 1000.0     # the job's time is its own
     for d in res["domains"]:
         assert row["window_nll"][d] == gptq3["window_nll"][d]
         assert row["perplexity"][d] == pytest.approx(gptq3["perplexity"][d], rel=1e-9)

@@ -367,3 +367,14 @@ def test_cli_quantize_reports_config_errors(tmp_path, capsys):
         pytest.skip("the model pipeline is not present")
     assert main(["quantize", path, "--set", "quant.bitz=3"]) == 2
     assert "did you mean 'quant.bits'" in capsys.readouterr().err
+
+
+def test_the_defaults_block_of_the_interfaces_doc_is_the_specs():
+    """docs/interfaces.md's defaults block, read as YAML, is `spec.DEFAULTS` key for key."""
+    import re
+    import yaml
+    from ojbkq_core.spec import DEFAULTS
+    doc = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "interfaces.md"),
+               encoding="utf-8").read()
+    block = re.search(r"```yaml\n(model: .*?)```", doc, re.S).group(1)
+    assert yaml.safe_load(block) == DEFAULTS
