@@ -20,13 +20,16 @@ SBIN := $(SERVE)/bin
 
 # EMULATE=avx2: run as on an AVX2-only CPU (no AVX-512, no native bfloat16) on an AVX-512 host: torch's
 # kernels at AVX2, the numba kernels built for AVX2, and torch reporting no AVX-512 to every process (vLLM's
-# engine included: tests/avx2/sitecustomize.py), e.g. `make main EMULATE=avx2`, `make test EMULATE=avx2`
+# engine included: tests/avx2/sitecustomize.py), e.g. `make main EMULATE=avx2`, `make test EMULATE=avx2`.
+# torch.compile's kernels (GPTQModel's CPU path) get a cache of their own: those compiled for AVX-512 and
+# found again in the shared cache fail their bounds checks at AVX2.
 ifeq ($(EMULATE),avx2)
 export OJBKQ_EMULATE_AVX2 := 1
 export ATEN_CPU_CAPABILITY := avx2
 export ONEDNN_MAX_CPU_ISA := AVX2
 export NUMBA_CPU_NAME := haswell
 export PYTHONPATH := $(CURDIR)/tests/avx2$(if $(PYTHONPATH),:$(PYTHONPATH))
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/runs/torchinductor-avx2
 else ifneq ($(EMULATE),)
 $(error EMULATE=$(EMULATE): the one emulation is EMULATE=avx2)
 endif
@@ -78,7 +81,7 @@ test-thorough: setup
 
 # The recipe comparison on the embedded default (SmolLM2-135M), into the untracked runs/main/.
 # `make main`: every built-in recipe and RTN at 3 bits, 8,192 held-out tokens a domain, GPTQModel's committed
-# GPTQ row of the same dtype beside them (within 15 minutes on two cores, AVX2 or AVX-512: docs/which-cpu.md).
+# GPTQ row of the same dtype beside them where one is committed (7-10 minutes on two cores: docs/which-cpu.md).
 # `make table`: the full committed table (4 and 3 bits, 32,768 tokens a domain), into runs/table/.
 # Committed results are refreshed on purpose:
 #   $(BIN)/ojbkq compare --cache-dir runs/cache --out bench/results/main_job.json

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     data["runs"][label] = {"device": "cpu", "cpu": cpu_name(), "torch": torch.__version__, "capability": caps,
                            "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
                            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "tf32": None,
-                           "shape": list(SHAPE), "records": records}
+                           "shape": list(SHAPE), "repeats": args.repeats, "records": records}
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)

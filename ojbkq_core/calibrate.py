@@ -278,15 +278,21 @@ def quantized_names(adapter: Model, skip: Sequence[str] = ()) -> list[str]:
 
 
 def check_skip(adapter: Model, skip: Sequence[str]) -> None:
-    """`InputError` for a `quant.skip` pattern (fnmatch) that matches no module of the model, by its full
-    name or by a quantized module's name within its block; it names the nearest names."""
+    """`InputError` for a `quant.skip` pattern (fnmatch) that names no layer: none of the quantized layers
+    by its full name or its name within a block, and no other leaf module (e.g. `lm_head`, never quantized);
+    a pattern that matches only containers (`model.layers.0.mlp`) skips nothing and is refused too. The
+    message names the nearest names."""
     if not skip:
         return
     within = sorted({n for block in adapter.blocks() for n in adapter.modules(block)})
     full = [name for name, _ in adapter.model.named_modules() if name]
+    leaves = [name for name, m in adapter.model.named_modules() if name and not any(True for _ in m.children())]
     for p in skip:
-        if any(fnmatch.fnmatchcase(n, p) for n in within) or any(fnmatch.fnmatchcase(n, p) for n in full):
+        if any(fnmatch.fnmatchcase(n, p) for n in within) or any(fnmatch.fnmatchcase(n, p) for n in leaves):
             continue
+        if any(fnmatch.fnmatchcase(n, p) for n in full):
+            raise InputError(f"quant.skip: {p!r} matches only modules that hold layers, and skips nothing; name "
+                             f"the layers, e.g. {p}.*")
         near = difflib.get_close_matches(p, within + full, n=3, cutoff=0.5)
         example = f"{adapter.blocks_path()}.0.{within[0]}" if within else "a module's full name"
         raise InputError(f"quant.skip: {p!r} matches no module of {type(adapter.model).__name__}"

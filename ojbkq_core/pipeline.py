@@ -295,6 +295,7 @@ def _quantize(spec: RunSpec, world: Optional[distributed.World]) -> dict:
     device = spec.target if world is None else str(world.device)
     m = spec.model
     model, tokenizer = load_model(m.path, spec.dtype, m.trust_remote_code)
+    warn_if_emulated(spec.dtype, device)             # before the full-precision evaluation, the first long step
     adapter = find_adapter(model, m.adapter)
     check_format(spec, model, adapter)
     if main and has_experts(model):

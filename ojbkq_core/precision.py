@@ -1,7 +1,8 @@
 """The dtype a model runs in, chosen for the device: `model.dtype: device` and `ojbkq compare --dtype device`.
 
-    device  →  bfloat16 on a GPU, and on a CPU that computes bfloat16 natively (AVX512_BF16 or AMX);
-               float32 on any other CPU (AVX2 only, or AVX-512 without bfloat16)
+    device  →  bfloat16 on a GPU that computes it (compute capability 8.0 and later), and on a CPU that
+               computes it natively (AVX512_BF16 or AMX); float32 on any other CPU (AVX2 only, or AVX-512
+               without bfloat16) or GPU
 
 A CPU without native bfloat16 runs bfloat16 matrix products in emulation, tens of times slower than
 float32 (`bench/results/cpu_dtype.json`). `cpu_capability()` is what torch reports of the CPU, and so
@@ -39,9 +40,14 @@ def resolve_dtype(dtype: str, device: str) -> str:
     (module docstring); any other name (bfloat16, float16, float32, auto: the checkpoint's) is kept."""
     if dtype != DEVICE:
         return dtype
-    if str(device).startswith("cuda") or cpu_capability()["bf16_native"]:
-        return "bfloat16"
-    return "float32"
+    if str(device).startswith("cuda"):
+        return "bfloat16" if cuda_bf16(str(device)) else "float32"
+    return "bfloat16" if cpu_capability()["bf16_native"] else "float32"
+
+
+def cuda_bf16(device: str) -> bool:
+    """Whether the CUDA device computes bfloat16 (compute capability 8.0 and later)."""
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= 8
 
 
 def device_record(device: str) -> dict:

@@ -326,15 +326,21 @@ def fit_baseline(run: dict, base: dict) -> tuple[dict | None, str]:
         b = (base.get("evaluation") or {}).get(d)
         if b is None or any(b.get(x) != e.get(x) for x in ("dataset", "seqlen", "text_tokens")):
             return None, f"it does not score {d} as this run does"
-        if b["windows"] < e["windows"]:
-            return None, f"it scored {b['windows']} windows of {d}, this run {e['windows']}"
+        if b.get("windows", 0) < e.get("windows", 0):
+            return None, f"it scored {b.get('windows')} windows of {d}, this run {e.get('windows')}"
     rows = []
-    for r in base["rows"]:
+    for r in base.get("rows", []):
         if r["recipe"] == "fp" or r["bits"] not in bits:
             continue
+        if any(len((r.get("window_nll") or {}).get(d) or []) < e["windows"] for d, e in ev.items()):
+            return None, f"its {r['recipe']} row at {r['bits']} bits keeps no per-window scores to cut"
         nll = {d: list(r["window_nll"][d][:e["windows"]]) for d, e in ev.items()}
-        rows.append({**r, "window_nll": nll, "perplexity": {d: float(np.exp(np.mean(v))) for d, v in nll.items()},
+        data = {**r.get("data", {}), "evaluation": ev}
+        rows.append({**r, "data": data, "window_nll": nll,
+                     "perplexity": {d: float(np.exp(np.mean(v))) for d, v in nll.items()},
                      "perplexity_interval": {d: interval(v) for d, v in nll.items()}})
+    if not rows:
+        return None, f"it has no rows at {', '.join(map(str, sorted(bits)))} bits"
     return {**base, "evaluation": ev, "domains": run.get("domains"), "rows": rows}, ""
 
 

@@ -67,9 +67,10 @@ def redirected(f):
             os.close(old)
 
 
-def read_log(f) -> str:
+def read_log(f, start: int = 0) -> str:
+    """What the file `f` holds from offset `start` on."""
     f.flush()
-    f.seek(0)
+    f.seek(start)
     return f.read()
 
 
@@ -90,6 +91,8 @@ def serve(case: dict) -> dict:
             return {"served": False, "reason": reason_of(exc, read_log(log)), "seconds": time.perf_counter() - t0}
         try:
             ids = case["prompt"]
+            log.seek(0, os.SEEK_END)               # a failure is read from what serving logged, not start-up
+            start = log.tell()
             with redirected(log):                  # an engine that dies while serving logs why here
                 try:
                     out = llm.generate([{"prompt_token_ids": ids}],
@@ -98,7 +101,8 @@ def serve(case: dict) -> dict:
                 except Exception as e:
                     exc = e
             if exc is not None:
-                return {"served": False, "reason": reason_of(exc, read_log(log)), "seconds": time.perf_counter() - t0}
+                return {"served": False, "reason": reason_of(exc, read_log(log, start)),
+                        "seconds": time.perf_counter() - t0}
             per = out[0].prompt_logprobs
             logprobs = [per[i][ids[i]].logprob for i in range(1, len(ids))]
             return {"served": True, "logprobs": logprobs, "seconds": time.perf_counter() - t0}

@@ -122,6 +122,9 @@ def test_the_api_checks_what_the_cli_checks_before_calibrating(folder, monkeypat
         oq.quantize(folder, recipe="gptq", overrides=sets, progress=False)
     with pytest.raises(InputError, match=r"quant.skip: 'mlp.dwn_proj' matches no module .*nearest: mlp.down_proj"):
         oq.quantize(folder, recipe="gptq", overrides={**GPTQ_SETS, "quant.skip": ["mlp.dwn_proj"]}, progress=False)
+    with pytest.raises(InputError, match=r"'model.layers.0.mlp' matches only modules that hold layers"):
+        oq.quantize(folder, recipe="gptq", overrides={**GPTQ_SETS, "quant.skip": ["model.layers.0.mlp"]},
+                    progress=False)
     monkeypatch.undo()
     q = oq.quantize(folder, recipe="gptq", overrides={**GPTQ_SETS, "quant.skip": ["lm_head", "*.0.mlp.down_proj"]},
                     progress=False)

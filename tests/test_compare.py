@@ -358,8 +358,8 @@ def test_compare_merges_the_baseline_row(tiny_folder, tmp_path):
 
 
 def test_set_reaches_the_calibration_and_rows_record_what_their_spec_ran(tiny_folder, tmp_path, monkeypatch):
-    """`--set calibration.samples=2` calibrates every row on 2 windows (not --samples' 4), and
-    `--set quant.group_size=16` is the group each row records."""
+    """`--set calibration.samples=2` calibrates every row on 2 windows (not --samples' 4), and each row
+    records the group its spec ran (`--group-size 16`)."""
     from ojbkq_core import pipeline
     shapes = []
     real = pipeline.calibrate_model
@@ -369,12 +369,12 @@ def test_set_reaches_the_calibration_and_rows_record_what_their_spec_ran(tiny_fo
         return real(model, tok, spec, input_ids=input_ids, **kw)
     monkeypatch.setattr(pipeline, "calibrate_model", spy)
     out = str(tmp_path / "r.json")
-    assert cli.main(tiny_args(tiny_folder, out, "--set", "calibration.samples=2", "--set", "quant.group_size=16",
+    assert cli.main(tiny_args(tiny_folder, out, "--set", "calibration.samples=2", "--group-size", "16",
                               recipes=["gptq"], bits=["3"])) == 0
     res = json.load(open(out))
     assert shapes == [((2, 64), 2)]
     assert res["calibration"]["samples"] == 2 and res["rows"][0]["data"]["calibration"]["samples"] == 2
-    assert res["rows"][1]["group_size"] == 16 and res["rows"][1]["bits"] == 3
+    assert res["rows"][1]["group_size"] == res["group_size"] == 16 and res["rows"][1]["bits"] == 3
 
 
 def test_a_baseline_is_cut_to_the_runs_windows_and_one_of_another_setup_left_out(tiny_folder, tmp_path, capsys):
@@ -404,6 +404,11 @@ def test_a_baseline_is_cut_to_the_runs_windows_and_one_of_another_setup_left_out
     row = merged["rows"][-1]
     assert row["recipe"] == "gptqmodel-gptq" and [p["file"] for p in merged["parts"]] == ["r2.json", "base.json"]
     assert merged["seconds"] < 1000.0 and merged["parts"][1]["seconds"] == 1000.0     # the job's time is its own
+    assert row["data"]["evaluation"] == res["evaluation"]                              # what the cut row scored
+    no_windows = {**base, "rows": [base["rows"][0], {k: v for k, v in base["rows"][1].items() if k != "window_nll"}]}
+    assert results.fit_baseline(res, no_windows)[1] == "its gptqmodel-gptq row at 3 bits keeps no per-window scores to cut"
+    assert results.fit_baseline(res, {**base, "rows": [base["rows"][0], {**base["rows"][1], "bits": 4}]})[1] == (
+        "it has no rows at 3 bits")
     for d in res["domains"]:
         assert row["window_nll"][d] == gptq3["window_nll"][d]
         assert row["perplexity"][d] == pytest.approx(gptq3["perplexity"][d], rel=1e-9)
@@ -421,6 +426,7 @@ def test_a_baseline_is_cut_to_the_runs_windows_and_one_of_another_setup_left_out
     (["--set", "model.dtype=bfloat16"], "--set model.dtype=bfloat16: compare sets model.dtype itself; use --dtype"),
     (["--set", "eval.perplexity=[wikitext2]"], "compare sets eval.perplexity itself; use --domains"),
     (["--set", "calibration.samplez=2"], "did you mean 'calibration.samples'"),
+    (["--set", "quant.group_size=16"], "compare sets quant.group_size itself; use --group-size"),
 ])
 def test_compare_refuses_bad_input_in_one_line(tiny_folder, tmp_path, capsys, monkeypatch, extra, needle):
     monkeypatch.chdir(tmp_path)

@@ -16,6 +16,7 @@ def fake_cpu(monkeypatch, capability: str, bf16: bool, amx: bool = False) -> Non
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(precision, "cuda_bf16", lambda device: True)      # an Ampere-or-later GPU
     precision.cpu_capability.cache_clear()
     monkeypatch.setattr(precision, "_warned", [])
 
@@ -42,6 +43,13 @@ def test_device_resolves_by_the_cpus_capability(monkeypatch, capability, bf16, a
         assert precision.resolve_dtype(explicit, "cpu") == explicit
     assert precision.cpu_capability() == {"capability": capability, "avx512_bf16": bf16, "amx": amx,
                                           "bf16_native": cpu_dtype == "bfloat16"}
+
+
+def test_a_gpu_without_bfloat16_runs_float32(monkeypatch):
+    fake_cpu(monkeypatch, "AVX512", True)
+    monkeypatch.setattr(precision, "cuda_bf16", lambda device: device == "cuda:1")   # cuda:0 older than Ampere
+    assert precision.resolve_dtype("device", "cuda") == "float32"
+    assert precision.resolve_dtype("device", "cuda:1") == "bfloat16"
 
 
 def test_every_builtin_recipe_and_the_defaults_choose_by_device(monkeypatch):
@@ -71,9 +79,17 @@ def test_an_explicit_bfloat16_on_a_cpu_without_it_warns_once_with_the_measured_c
     assert not caplog.records
 
 
-def test_the_slowdown_is_measured_not_assumed():
-    x = precision.emulated_slowdown(64)
-    assert x > 0 and x == precision.emulated_slowdown(64)          # measured once per process
+def test_the_slowdown_is_measured_not_assumed(monkeypatch):
+    """The warning's figure is the best of three bfloat16 products over the best of three float32 ones, as
+    timed (a clock that gives float32 products 1-3 s and bfloat16 ones 40-42 s gives 40), once per process."""
+    ticks = iter([0, 2, 2, 3, 3, 6,  10, 52, 52, 92, 92, 133])   # float32: 2, 1, 3 s; bfloat16: 42, 40, 41 s
+    monkeypatch.setattr(precision.time, "perf_counter", lambda: next(ticks))
+    precision.emulated_slowdown.cache_clear()
+    try:
+        assert precision.emulated_slowdown(8) == 40.0
+        assert precision.emulated_slowdown(8) == 40.0                 # cached: the clock is not read again
+    finally:
+        precision.emulated_slowdown.cache_clear()
 
 
 def test_the_run_report_names_dtype_and_cpu(monkeypatch, tmp_path):
