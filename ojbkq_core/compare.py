@@ -250,7 +250,7 @@ def check_args(args) -> None:
         key = parse_override(text)[0]
         if key in OWN_FLAGS or key.startswith("eval."):
             raise InputError(f"--set {text}: compare sets {key} itself; use {OWN_FLAGS.get(key, '--domains, --eval-tokens')}")
-    cal = shared_calibration(args)                    # --set calibration.* included
+    args.cal = cal = shared_calibration(args)         # --set calibration.* included; the rows' calibration
     args.samples, args.seqlen = cal.samples, cal.seqlen
     if args.eval_seqlen is None:
         args.eval_seqlen = args.seqlen
@@ -350,7 +350,7 @@ def compare(args, t_job: float, c_job: float) -> dict:
     fp_model, tok, label, folder = load(args)
     adapter = find_adapter(fp_model)
     group = group_size_for(adapter, args.group_size)
-    cal = shared_calibration(args)
+    cal = args.cal                                    # check_args built it
     ids = cal.ids(tok)
     domains = args.domains if adapter.causal else []
 
