@@ -23,7 +23,7 @@ import torch
 import common
 from ojbkq_core import compare
 from ojbkq_core.assets import smollm2_folder
-from ojbkq_core.data import evaluation_ids
+from ojbkq_core.data import bos_id, evaluation_ids
 from ojbkq_core.errors import InputError
 from ojbkq_core.perplexity import perplexity
 from ojbkq_core.pipeline import load_model
@@ -51,12 +51,13 @@ def main(argv=None) -> int:
     records = []
     for dtype in args.dtypes:
         m = model.to(getattr(torch, dtype))
-        perplexity(m, tokens, seqlen, samples=1, device=args.device)          # warm-up
+        perplexity(m, tokens, seqlen, samples=1, device=args.device, bos=bos_id(tok))          # warm-up
         for batch in args.batches:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            r = perplexity(m, tokens, seqlen, samples=args.windows, device=args.device, batch_size=batch)
+            r = perplexity(m, tokens, seqlen, samples=args.windows, device=args.device, batch_size=batch,
+                           bos=bos_id(tok))
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             sec = time.perf_counter() - t0

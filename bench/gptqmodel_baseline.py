@@ -10,8 +10,10 @@ the comparison's format (recipe `gptqmodel-gptq`), so `ojbkq compare --baseline`
 beside its rows.
 
 GPTQModel settings: asymmetric grid, the comparison's group size (64 on SmolLM2: 576 is no multiple of 128)
-and act-order (`desc_act=True`, as the project's recipes default to; GPTQModel's own default is its
-group-aware reordering, `--order group-aware`); everything else at GPTQModel's defaults (damping 5% of
+act-order (`desc_act=True`, as the project's recipes default to; GPTQModel's own default is its
+group-aware reordering, `--order group-aware`) and static groups (`static_groups=True`: each group's scale and
+zero point fixed from the weights before the columns are reordered and quantized, as every recipe sets
+`quant.static_groups: true`; `--no-static-groups` for GPTQModel's default); everything else at GPTQModel's defaults (damping 5% of
 the mean diagonal, raised by 1% when the Cholesky factorisation fails; true-sequential; no MSE grid search).
 
 Runs in the interop environment (`make setup-interop`: GPTQModel 7.6 and optimum):
@@ -70,6 +72,8 @@ def parse_args(argv=None):
                    help="the model's dtype for GPTQModel and for the evaluation (ojbkq compare: bfloat16)")
     p.add_argument("--order", choices=list(ORDERS), default="desc-act",
                    help="GPTQModel's column order: desc-act (act-order), group-aware (its default) or none")
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQModel's static_groups (default: on, as the recipes set quant.static_groups)")
     p.add_argument("--damp", type=float, default=None, help="GPTQModel's damp_percent (default: GPTQModel's, 0.05)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
@@ -136,7 +140,7 @@ def quantize(gptqmodel, folder: str, out: str, ids: torch.Tensor, bits: int, gro
     """GPTQModel's GPTQ of the model in `folder` on the windows `ids` `(samples, seqlen)`, saved as a
     GPTQ checkpoint `out` (written beside it, then renamed into place). Returns its settings and times."""
     from gptqmodel import GPTQModel, QuantizeConfig
-    settings = {"bits": bits, "group_size": group, "sym": False, **ORDERS[args.order],
+    settings = {"bits": bits, "group_size": group, "sym": False, **ORDERS[args.order], "static_groups": args.static_groups,
                 "device": "cuda" if args.device.startswith("cuda") else "cpu"}
     if args.damp is not None:
         settings["damp_percent"] = args.damp
@@ -200,8 +204,8 @@ def main(argv=None) -> int:
     tokens, evaluation = compare.perplexity_setup(tok, domains, cal, args.eval_seqlen, args.eval_windows)
 
     def evaluate(m):
-        return compare.scores({d: perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows, device=args.device)
-                               for d in domains})
+        return compare.scores({d: perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows, device=args.device,
+                                             bos=evaluation[d].get("bos")) for d in domains})
 
     data = {"calibration": {"samples": args.samples, "seqlen": args.seqlen}, "evaluation": evaluation}
     shared = {"model": label, "device": args.device, "dtype": args.dtype, "data": data}

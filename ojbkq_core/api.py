@@ -104,7 +104,7 @@ def load(path: str, device: str = "cpu"):
 
 def calibration_ids(calibration, tokenizer, spec: RunSpec) -> torch.Tensor:
     """Calibration windows int64 `(samples, seqlen)` from texts or token ids (see `quantize`)."""
-    from .data import random_windows, tokenize
+    from .data import bos_id, random_windows, tokenize
     if isinstance(calibration, str):
         calibration = [calibration]
     if isinstance(calibration, torch.Tensor):
@@ -113,7 +113,8 @@ def calibration_ids(calibration, tokenizer, spec: RunSpec) -> torch.Tensor:
         if tokenizer is None:
             raise InputError("quantize: calibration texts need a tokenizer; pass tokenizer=...")
         cal = spec.calibration
-        return random_windows(tokenize(tokenizer, calibration), cal.samples, cal.seqlen, cal.seed)
+        return random_windows(tokenize(tokenizer, calibration), cal.samples, cal.seqlen, cal.seed,
+                              bos=bos_id(tokenizer))
     elif isinstance(calibration, (list, tuple)) and calibration and all(isinstance(t, (list, tuple)) for t in calibration):
         if len({len(t) for t in calibration}) != 1:
             raise InputError("quantize: calibration token ids must be lists of one length (samples, seqlen)")

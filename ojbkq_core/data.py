@@ -218,28 +218,54 @@ def load_texts(dataset: Optional[str] = None, path=None, split: str = "calibrati
 
 # --- tokens --------------------------------------------------------------------------------------
 
+SAMPLE_TEXT = "A plain sentence."
+
+
+def bos_id(tokenizer) -> Optional[int]:
+    """The BOS token id when the model's tokenizer starts every sequence with it (its `add_bos_token`, or a
+    post-processor that adds it, as Gemma's and Llama 3's do), else None. Windows of such a model begin with
+    it (`random_windows`, `perplexity.windows`): that is the regime it was trained in."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    if getattr(tokenizer, "add_bos_token", False) is True:
+        return int(bos)
+    ids = tokenizer(SAMPLE_TEXT, return_attention_mask=False)["input_ids"]
+    return int(bos) if ids and ids[0] == bos else None
+
+
 def tokenize(tokenizer, texts: Sequence[str], sep: str = "\n\n") -> torch.Tensor:
-    """All documents joined by `sep` and tokenized at once (the usual perplexity protocol): int64 `(N,)`."""
+    """All documents joined by `sep` and tokenized at once (the usual perplexity protocol), without special
+    tokens (a BOS is put at the start of each window instead, `bos_id`): int64 `(N,)`."""
     import transformers
     text = sep.join(texts)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()            # no "longer than the model's maximum" notice
     try:
-        ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+        ids = tokenizer(text, return_attention_mask=False, add_special_tokens=False)["input_ids"]
     finally:
         transformers.logging.set_verbosity(verbosity)
     return torch.tensor(ids, dtype=torch.long)
 
 
 def random_windows(tokens: torch.Tensor, samples: int, seqlen: int, seed: int = 0,
-                   key: str = "calibration") -> torch.Tensor:
-    """`samples` windows of `seqlen` consecutive tokens at seeded random starts: int64 `(samples, seqlen)`."""
+                   key: str = "calibration", bos: Optional[int] = None) -> torch.Tensor:
+    """`samples` windows of `seqlen` consecutive tokens at seeded random starts: int64 `(samples, seqlen)`.
+    With `bos` (`bos_id`), each window is `bos` and the first `seqlen − 1` tokens from its start."""
     tokens = tokens.reshape(-1)
     N = tokens.numel()
     if N < seqlen:
         raise InputError(f"{key}: the text has only {N} tokens, fewer than {key}.seqlen={seqlen}; "
                          f"give more text or lower the seqlen")
-    return torch.stack([tokens[s:s + seqlen] for s in window_starts(N, samples, seqlen, seed).tolist()])
+    text = seqlen if bos is None else seqlen - 1
+    return with_bos(torch.stack([tokens[s:s + text] for s in window_starts(N, samples, seqlen, seed).tolist()]), bos)
+
+
+def with_bos(ids: torch.Tensor, bos: Optional[int]) -> torch.Tensor:
+    """Windows `(W, L)` of text tokens with a column of `bos` in front `(W, L + 1)`; unchanged without `bos`."""
+    if bos is None:
+        return ids
+    return torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids], dim=1)
 
 
 def window_starts(N: int, samples: int, seqlen: int, seed: int = 0) -> np.ndarray:
@@ -252,7 +278,7 @@ def calibration_ids(tokenizer, cal) -> torch.Tensor:
     """Calibration windows `(samples, seqlen)` as a `CalibrationSpec` (spec.py) says."""
     texts = load_texts(cal.dataset, cal.path, "calibration", cal.text_field)
     tokens = tokenize(tokenizer, texts)
-    return random_windows(tokens, cal.samples, cal.seqlen, cal.seed)
+    return random_windows(tokens, cal.samples, cal.seqlen, cal.seed, bos=bos_id(tokenizer))
 
 
 VALIDATION_GUARD = 256
@@ -263,7 +289,8 @@ def validation_ids(tokenizer, cal, windows: int, seqlen: int) -> torch.Tensor:
     `k · seqlen`, in a seeded order, each overlapping none of the first `max(samples, VALIDATION_GUARD)`
     windows that `calibration_ids` draws with the same seed and seqlen. So it holds no calibration token
     of any run with up to VALIDATION_GUARD samples, and is the same text for all of them: settings are
-    compared on it, never on the evaluation text."""
+    compared on it, never on the evaluation text. For a model that needs BOS (`bos_id`) each window is BOS
+    and the first `seqlen − 1` tokens of its place on the grid."""
     texts = load_texts(cal.dataset, cal.path, "calibration", cal.text_field)
     tokens = tokenize(tokenizer, texts).reshape(-1)
     N, L = tokens.numel(), cal.seqlen
@@ -275,7 +302,9 @@ def validation_ids(tokenizer, cal, windows: int, seqlen: int) -> torch.Tensor:
     if len(free) < windows:
         raise InputError(f"calibration: the text leaves only {len(free)} validation windows of {seqlen} tokens "
                          f"beside the calibration windows; ask for fewer or give more text")
-    return torch.stack([tokens[s:s + seqlen] for s in free])
+    bos = bos_id(tokenizer)
+    text = seqlen if bos is None else seqlen - 1
+    return with_bos(torch.stack([tokens[s:s + text] for s in free]), bos)
 
 
 def evaluation_ids(tokenizer, dataset: Optional[str], path=None, text_field: str = "text") -> torch.Tensor:

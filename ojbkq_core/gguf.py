@@ -23,6 +23,7 @@ from .errors import InputError
 log = logging.getLogger("ojbkq")
 
 MARKER = "gguf_source.txt"
+CONVERSION = 2          # the marker names it: a folder converted by an earlier rule is converted again
 
 
 SAMPLE = "The quick brown fox jumps over the lazy dog, then it walks back to the forest before the night."
@@ -40,13 +41,42 @@ def check_tokenizer(tokenizer, where: str) -> None:
                          f"convert it with the transformers this project pins (5.25 reads it right)")
 
 
+def special_tokens_rule(gguf_path: str) -> dict:
+    """The file's `tokenizer.ggml.add_bos_token` / `add_eos_token` flags as tokenizer_config.json keys
+    (`add_bos_token`, `add_eos_token`); the keys the file does not hold are left out."""
+    from gguf import GGUFReader
+    fields = GGUFReader(gguf_path).fields
+    out = {}
+    for key in ("add_bos_token", "add_eos_token"):
+        f = fields.get(f"tokenizer.ggml.{key}")
+        if f is not None and f.data:
+            out[key] = bool(f.parts[f.data[0]][0])
+    return out
+
+
+def keep_special_tokens(gguf_path: str, config_path: str) -> None:
+    """Write the file's BOS/EOS rule (`special_tokens_rule`) into the saved tokenizer_config.json, which
+    transformers' GGUF reader leaves without it: Gemma's file says `add_bos_token: true`, and calibration and
+    evaluation windows start with BOS for such a model (`data.bos_id`)."""
+    import json
+    rule = special_tokens_rule(gguf_path)
+    if not rule:
+        return
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config.update(rule)
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
 def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
     """Save the model in the GGUF file `gguf_path` as a transformers folder `out_dir` (weights in
     `dtype`). A folder already converted from the same file (same name and size) is reused.
     Returns `out_dir`."""
     if not os.path.isfile(gguf_path):
         raise InputError(f"{gguf_path}: no such GGUF file")
-    source = f"{os.path.basename(gguf_path)} {os.path.getsize(gguf_path)}\n"
+    source = f"{os.path.basename(gguf_path)} {os.path.getsize(gguf_path)} conversion {CONVERSION}\n"
     marker = os.path.join(out_dir, MARKER)
     if os.path.isfile(marker) and open(marker, encoding="utf-8").read() == source:
         return out_dir
@@ -80,6 +110,7 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        keep_special_tokens(gguf_path, os.path.join(tmp, "tokenizer_config.json"))
         with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
             f.write(source)
         if os.path.isdir(out_dir):
