@@ -83,7 +83,8 @@ def forward_seconds(adapter, ids, batch_size, dev, need_fp, true_sequential=True
     stream, one forward up to each group's modules and one whole forward, the runtime stream's reusing
     the outputs of its final modules as the engine's do (`ojbkq_core.reuse`); the full-precision
     stream's last group and its propagation are one forward."""
-    from ojbkq_core.calibrate import capture_block_inputs, module_inputs, reuse_budget, _run
+    from ojbkq_core.blocks import capture_block_inputs, module_inputs, run_block
+    from ojbkq_core.calibrate import reuse_budget
     from ojbkq_core.reuse import Reuse
     block = adapter.blocks()[0]
     home = next(block.parameters()).device
@@ -107,10 +108,10 @@ def forward_seconds(adapter, ids, batch_size, dev, need_fp, true_sequential=True
                     module_inputs(block, names, b.hidden, b, dev)
         for i, b in enumerate(X):
             with reuse.around(block, i, ()):
-                _run(block, b.hidden, b, dev)
+                run_block(block, b.hidden, b, dev)
         if need_fp:
             for b in X:
-                _run(block, b.hidden, b, dev)
+                run_block(block, b.hidden, b, dev)
         torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0
     block.to(home)

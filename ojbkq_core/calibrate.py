@@ -48,9 +48,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .blocks import BlockInputs, Inputs, capture_block_inputs, model_device, module_inputs, run_block, to_home
 from .decoders.base import Decoder
 from .decoders.rtn import RTN
 from .errors import InputError, NonFiniteError
+from .evaluation import EvalStreams, head_on
 from .experts import sparse_blocks
 from .fullprecision import FullPrecisionCache
 from .grid import GridSpec, QuantSpec
@@ -67,22 +69,6 @@ MOE_FALLBACKS = ("rtn", "all_tokens")   # what an expert with too few routed tok
 SYMMETRIC = (Term(1, 0, 0),)        # ‖W X − Q X‖²: the objective is the symmetric loss itself
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once every input it wanted was seen."""
-
-
-@dataclass
-class BlockInputs:
-    """One calibration batch at the input of a block: `hidden` `(b, L, d)` where the streams live
-    (`capture` moves it into its `Streams` and leaves `None`), plus the other positional and keyword
-    arguments the model passed to its first block (attention mask, position ids, position embeddings,
-    …), on the calibration device, shared by every block and both streams."""
-
-    hidden: torch.Tensor
-    args: tuple
-    kwargs: dict
-
-
 @dataclass
 class CalibrationResult:
     """`layers`: full module name → `LayerResult`; `report`: per-layer losses, draws and timings."""
@@ -92,30 +78,12 @@ class CalibrationResult:
     streams: dict = field(default_factory=dict)     # block index → {"X": [...], "X_fp": [...]} when kept
 
 
-def to_device(obj: Any, device) -> Any:
-    """Tensors inside (nested tuples, lists, dicts) moved to `device`; everything else unchanged."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def to_home(x: torch.Tensor, home) -> torch.Tensor:
-    """`x` where a stream lives: a device, or `"pinned"` (page-locked host memory, copied asynchronously)."""
-    if home == "pinned":
-        return x.cpu().pin_memory()
-    return x.to(home)
-
-
-def stream_home(adapter: Model, samples: int, seqlen: int, streams: int, device: torch.device, share: float = 0.25):
-    """Where the activation streams live: on `device` when all of them (`streams × samples × seqlen ×
-    hidden` in the model's dtype) take at most `share` of its free memory, else pinned host memory
-    (CUDA) or the CPU. `OJBKQ_STREAMS=device` or `pinned` decides instead."""
+def stream_home(adapter: Model, samples: int, seqlen: int, streams: int, device: torch.device, share: float = 0.25,
+                extra_tokens: int = 0):
+    """Where the activation streams live: on `device` when all of them (`streams × samples × seqlen +
+    extra_tokens` rows of `hidden` values in the model's dtype; `extra_tokens`: the evaluation's rows, two
+    streams of its windows) take at most `share` of its free memory, else pinned host memory (CUDA) or the CPU.
+    `OJBKQ_STREAMS=device` or `pinned` decides instead."""
     if device.type != "cuda":
         return torch.device("cpu")
     forced = os.environ.get("OJBKQ_STREAMS")
@@ -125,7 +93,7 @@ def stream_home(adapter: Model, samples: int, seqlen: int, streams: int, device:
     first = block.get_submodule(adapter.groups(block)[0][0])
     hidden = adapter.weight(first).shape[1]
     p = next(adapter.model.parameters())
-    need = streams * samples * seqlen * hidden * p.element_size()
+    need = (streams * samples * seqlen + extra_tokens) * hidden * p.element_size()
     free, _ = torch.cuda.mem_get_info(device)
     return device if need <= share * free else "pinned"
 
@@ -140,68 +108,6 @@ def memory_line(device: torch.device) -> str:
     return text
 
 
-def _first_tensor(out) -> torch.Tensor:
-    """A block's output hidden states (blocks return a tensor or a tuple starting with it)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def capture_block_inputs(adapter: Model, input_ids: torch.Tensor, batch_size: int, home="cpu",
-                         device="cpu") -> list[BlockInputs]:
-    """Run the model on `input_ids` `(S, L)` in batches up to its first block and keep that block's
-    inputs: the hidden states on `home` (a device, or `"pinned"` host memory), the other arguments on
-    `device`. The model's front (embeddings, rotary tables) runs where the model is."""
-    block0 = adapter.blocks()[0]
-    seen: list = []
-
-    def hook(module, args, kwargs):
-        seen.append((args, kwargs))
-        raise _Stop
-
-    model = adapter.model
-    dev = model_device(model)
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
-    out = []
-    try:
-        for i in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[i:i + batch_size].to(dev)
-            seen.clear()
-            try:
-                model(input_ids=ids, **adapter.call_kwargs())
-            except _Stop:
-                pass
-            if not seen:
-                raise RuntimeError(f"{type(model).__name__}'s forward never reached {adapter.blocks_path()}.0")
-            args, kwargs = seen[0]
-            kwargs = dict(kwargs)
-            if args:
-                hidden, args = args[0], tuple(args[1:])
-            else:
-                hidden = kwargs.pop("hidden_states")
-            for k in ("past_key_values", "past_key_value", "layer_past"):
-                if k in kwargs:
-                    kwargs[k] = None
-            out.append(BlockInputs(to_home(hidden.detach(), home), to_device(args, device), to_device(kwargs, device)))
-    finally:
-        handle.remove()
-    return out
-
-
-class Inputs(dict):
-    """Module name → its input in one forward (`module_inputs`), and `tokens`: module name → the token
-    positions `(N,)` of its input's rows, for a module called on routed tokens only (an expert)."""
-
-    def __init__(self):
-        super().__init__()
-        self.tokens: dict[str, torch.Tensor] = {}
-
-
 def paired(x: torch.Tensor, tokens: torch.Tensor, x_fp: torch.Tensor, tokens_fp: torch.Tensor):
     """`(x, x_fp)` restricted to the tokens routed to an expert in both streams, row `r` of each the same
     token (in increasing position): the rows `(N, n)`, `(N_fp, n)` with their token positions `(N,)`, `(N_fp,)`."""
@@ -211,48 +117,6 @@ def paired(x: torch.Tensor, tokens: torch.Tensor, x_fp: torch.Tensor, tokens_fp:
     row[1, tokens_fp.to(tokens.device)] = torch.arange(tokens_fp.numel(), device=tokens.device)
     both = (row >= 0).all(0).nonzero()[:, 0]
     return x[row[0, both].to(x.device)], x_fp[row[1, both].to(x_fp.device)]
-
-
-def _run(block: nn.Module, hidden: torch.Tensor, b: BlockInputs, device) -> torch.Tensor:
-    return _first_tensor(block(hidden.to(device, non_blocking=True), *to_device(b.args, device),
-                               **to_device(b.kwargs, device)))
-
-
-def module_inputs(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, b: BlockInputs, device,
-                  finish: bool = False):
-    """The input of each named submodule of `block` when it runs on `hidden`; the forward stops as
-    soon as all of them were seen, unless `finish`: then it runs to the end and `(inputs, output)` is
-    returned. Modules called with the same tensor get the same object; a module the forward never
-    calls (an expert no token is routed to) is absent. A module called with `tokens=` (a routed
-    expert's `RoutedLinear`) has its rows' token positions in `got.tokens`. Only a module's first call
-    in the forward counts."""
-    want = set(names)
-    got = Inputs()
-    same: dict[int, tuple] = {}                   # id of an input tensor → (it, its detached view)
-    handles = []
-
-    def make(name):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs.get("input", next(iter(kwargs.values())))
-            if name not in got:
-                got[name] = same.setdefault(id(x), (x, x.detach()))[1]
-                if kwargs.get("tokens") is not None:
-                    got.tokens[name] = kwargs["tokens"]
-            if not finish and want <= got.keys():
-                raise _Stop
-        return hook
-
-    for name in names:
-        handles.append(block.get_submodule(name).register_forward_pre_hook(make(name), with_kwargs=True))
-    out = None
-    try:
-        out = _run(block, hidden, b, device)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return (got, out) if finish else got
 
 
 def default_batch_size(seqlen: int, device="cpu") -> int:
@@ -618,10 +482,10 @@ def propagate(block: nn.Module, orig: Optional[nn.Module], streams: Streams, dev
     pass did it), batch by batch in place where the streams live."""
     for b, batch in enumerate(streams.batches):
         with streams.reusing(block, b, ()):
-            out = _run(block, streams.X[b], batch, device)
+            out = run_block(block, streams.X[b], batch, device)
         streams.store(streams.X, b, out)
         if streams.full_precision and not streams.fp_propagated:
-            streams.store(streams.X_fp, b, _run(orig, streams.X_fp[b], batch, device))
+            streams.store(streams.X_fp, b, run_block(orig, streams.X_fp[b], batch, device))
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     streams.fp_propagated = False
@@ -669,7 +533,8 @@ class Progress:
     `block`: the next block; `index`: the quantization index of its first module; `X`, `X_fp`: the
     inputs of block `block` in both streams (as `Streams` holds them); `rows`, `skipped`: the report's
     per-layer rows and skipped names so far; `layers`: the block just done, full name → `LayerResult`
-    (codes on the CPU; a run with `keep_layers=False` holds no others)."""
+    (codes on the CPU; a run with `keep_layers=False` holds no others); `evaluation`: the evaluation's two
+    streams at block `block` (`EvalStreams.state`), None without evaluation."""
 
     block: int
     index: int
@@ -678,6 +543,7 @@ class Progress:
     rows: dict
     skipped: list
     layers: dict = field(default_factory=dict)
+    evaluation: Optional[dict] = None
 
 
 @dataclass
@@ -707,6 +573,7 @@ class Events:
                 stop_requested()               → True ends the run after this group
             block_done(i, block, progress)     (the block quantized, the streams propagated: `Progress`)
             stop_requested()                   → True ends the run after this block
+        head(adapter, device)                  the context the evaluation is scored in (with evaluation)
 
     A distributed run (distributed.py) sums the statistics over ranks in `statistics_ready` and shares a
     group's modules out in `decode_group`; `ojbkq gaps` keeps sub-problems in `group_decoded` and stops
@@ -738,6 +605,11 @@ class Events:
     def stop_requested(self) -> bool:
         return False
 
+    def head(self, adapter: Model, device: torch.device):
+        """The context in which the evaluation is scored: the modules outside the blocks on `device`
+        (`evaluation.head_on`; a streamed run reads them there)."""
+        return head_on(adapter, device)
+
 
 @torch.no_grad()
 def calibrate(
@@ -762,6 +634,8 @@ def calibrate(
     moe_min_tokens: int = 0,
     moe_fallback: str = "rtn",
     fp_cache: Optional[FullPrecisionCache] = None,
+    evaluation: Optional[dict[str, torch.Tensor]] = None,
+    eval_batch_size: Optional[int] = None,
 ) -> CalibrationResult:
     """Quantize every listed linear module of `adapter.model` in place on calibration `input_ids`
     `(S, L)` int64.
@@ -780,171 +654,270 @@ def calibrate(
     token sent through it (`"all_tokens"`). `fp_cache`: full-precision passes and `G` sums kept across
     runs of this model on these tokens (`fullprecision.py`): the run takes the blocks' passes kept there
     and keeps those it computes; taken on the CPU for dense models only (`FullPrecisionCache.accepts`).
+    `evaluation`: source name → evaluation windows `(W, L′)` int64 (`perplexity.windows`), scored before and
+    after quantizing in this same pass (`evaluation.EvalStreams`, in batches of `eval_batch_size` windows);
+    the report's `perplexity` holds both.
+
+    The run is a loop over the phases of a `Run`:
+
+        run = Run.begin(...)                capture both streams (and the evaluation's)
+        for each block i from the start:
+            run.open_block(i, block)        read it, put it on the device, plan its passes
+            for each group of its modules:
+                run.quantize_group(names)   statistics → decode → replace → report rows
+            run.close_block()               propagate the streams, hand the block on
+        run.finish()                        score the evaluation, the report
     """
-    t_start = time.perf_counter()
-    events = events if events is not None else Events()
-    if input_ids.ndim != 2 or input_ids.numel() == 0:
-        raise InputError(f"calibration input_ids must be a non-empty (samples, seqlen) tensor, got {tuple(input_ids.shape)}")
-    device = torch.device(device)
-    adapter.model.eval()
-    S, L = input_ids.shape
-    batch_size = batch_size or default_batch_size(L, device)
-    if moe_fallback not in MOE_FALLBACKS:
-        raise InputError(f"moe_fallback={moe_fallback!r}: choose one of {', '.join(MOE_FALLBACKS)}")
-    settings = Settings(grid, decoder, damp, seed, score_objective, moe_min_tokens, moe_fallback)
-    probe = objective if isinstance(objective, Objective) else objective.build(np.random.default_rng([seed, 0]))[0]
-    needs = set(probe.needs) | (set(score_objective.needs) if score_objective is not None else set())
-    sampled = isinstance(objective, ObjectiveSpec) and bool(objective.sampled)
-
-    full_precision = Streams.full_precision_needed(needs, sampled)
-    cache = fp_cache if full_precision and fp_cache is not None and fp_cache.accepts(adapter, device) else None
-    if cache is not None:
-        cache.bind(adapter, input_ids, batch_size, device)
-        taken_before = cache.taken
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    place = stream_home(adapter, S, L, 2 if full_precision else 1, device)
-    streams = capture(adapter, input_ids, batch_size, full_precision, place, device)
-    if start is not None:
-        streams.X = [to_home(x, place) for x in start.X]
-        streams.X_fp = None if start.X_fp is None else [to_home(x, place) for x in start.X_fp]
-    first = 0 if start is None else start.block
-    check_finite(streams, f"inputs of {adapter.blocks_path()}.{first} (block {first})")
-    seconds = {"capture": time.perf_counter() - t0, "statistics": 0.0, "quantize": 0.0, "propagate": 0.0}
-
-    blocks, path = adapter.blocks(), adapter.blocks_path()
-    layers: dict[str, LayerResult] = {}
-    rows: dict[str, dict] = {} if start is None else dict(start.rows)
-    kept: dict = {}
-    skipped: list[str] = [] if start is None else list(start.skipped)
-    index = 0 if start is None else start.index
-    stopped = None
-    bar = tqdm(total=len(adapter.layer_names()), desc="quantize", unit="layer", disable=not progress, leave=False)
-    bar.update(len(rows) + len(skipped))
-    with logging_redirect_tqdm(), bar:                   # the bar is closed on errors too
-        for i, block in enumerate(blocks):
-            if i < first:
+    run = Run.begin(adapter, input_ids, objective, grid, decoder, damp, seed, device, score_objective, skip,
+                    batch_size, keep_streams, progress, events, stats_dtype, keep_layers, start, moe_min_tokens,
+                    moe_fallback, fp_cache, evaluation, eval_batch_size)
+    with logging_redirect_tqdm(), run.bar:                # the bar is closed on errors too
+        for i, block in enumerate(adapter.blocks()):
+            if i < run.first:
                 continue
-            if keep_streams:
-                kept[i] = streams.snapshot()
-            bar.set_description(f"block {i}/{len(blocks)}")
-            events.block_start(i, block)
-            home = model_device(block)
-            block.to(device)
-            orig = streams.original(block)
-            groups = adapter.groups(block)
-            all_tokens = moe_fallback == "all_tokens" and moe_min_tokens > 0 and bool(sparse_blocks(block))
-            if not true_sequential:
-                groups = [[n for g in groups for n in g]]
-            streams.plan_full_precision(block, [n for g in groups for n in g], FULL_PRECISION_PASS_BYTES)
-            if cache is not None:
-                cache.check_block(i, block)
-            kept_pass = cache.pass_of(i) if cache is not None and streams.fp_modules else None
-            if kept_pass is not None:
-                streams.fp_pass = kept_pass
-            streams.plan_reuse(block, [n for g in groups for n in g], reuse_budget(device))
-            done: dict[str, LayerResult] = {}               # this block's results
-            for gi, names in enumerate(groups):
-                tasks = layer_tasks(objective, f"{path}.{i}", names, index, seed, skip)
-                index += len(names)
-                skipped += [f"{path}.{i}.{n}" for n in names if n not in {t.name for t in tasks}]
-                bar.update(len(names) - len(tasks))
-                if not tasks:
-                    continue
-                group = Group(adapter, block, i, tasks, settings, device)
-                t0 = time.perf_counter()
-                wants = {t.name: needs | t.objective.needs for t in tasks}
-                group.stats = statistics(block, orig, wants, streams, device, stats_dtype,
-                                         propagate_fp=gi == len(groups) - 1 and not all_tokens,
-                                         pending=[n for g in groups[gi:] for n in g],
-                                         given=None if cache is None else (lambda n: cache.sums_of(i, n, stats_dtype)))
-                group.stats = events.statistics_ready(group)
-                if cache is not None:
-                    cache.keep_sums(i, group.stats)
-                few = [t for t in tasks if settings.too_few(block.get_submodule(t.name), group.stats[t.name])]
-                if few and all_tokens:
-                    group.stats.update(statistics_of_all_tokens(group, few, orig, wants, streams, events, stats_dtype))
-                if device.type == "cuda":                 # the products queued above count here
-                    torch.cuda.synchronize(device)
-                seconds["statistics"] += time.perf_counter() - t0
-                results = events.decode_group(group)
-                events.group_decoded(group, results)
-                replace(adapter, block, results)
-                for t in tasks:
-                    res = results[t.name]
-                    bar.update(1)
-                    if not res.decoded_here:             # its codes are kept by another process
-                        continue
-                    rows[t.full] = _row(t, res.codes.shape, res)
-                    done[t.full] = res
-                    if keep_layers:
-                        layers[t.full] = res
-                    seconds["quantize"] += res.report["seconds"]
-                    extra = "".join(f" {key}={v:.3f}" for key, v in t.draws.items())
-                    log.info("%s: %s loss=%.6g%s (%.2fs)", t.full, t.objective.describe(), res.loss, extra,
-                             res.report["seconds"])
-                    events.layer_done(group, t, rows[t.full])
-                del group
-                if events.stop_requested():
-                    stopped = i
+            groups = run.open_block(i, block, true_sequential)
+            for names in groups:
+                if run.quantize_group(names):
                     break
-            if cache is not None and streams.fp_modules and len(streams.fp_pass) == len(streams):
-                cache.keep_pass(i, streams.fp_pass)
-            if stopped is None:
+            if run.close_block():
+                break
+    return run.finish()
+
+
+class Run:
+    """One calibration run's state, moved through its phases by `calibrate`: the settings, the two streams
+    (and the evaluation's), the report's rows, the timings, and the block being quantized."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    # -- phase 1: the first block's inputs -------------------------------------------------------------
+    @classmethod
+    def begin(cls, adapter, input_ids, objective, grid, decoder, damp, seed, device, score_objective, skip,
+              batch_size, keep_streams, progress, events, stats_dtype, keep_layers, start, moe_min_tokens,
+              moe_fallback, fp_cache, evaluation, eval_batch_size) -> "Run":
+        t_start = time.perf_counter()
+        events = events if events is not None else Events()
+        if input_ids.ndim != 2 or input_ids.numel() == 0:
+            raise InputError(f"calibration input_ids must be a non-empty (samples, seqlen) tensor, got "
+                             f"{tuple(input_ids.shape)}")
+        device = torch.device(device)
+        adapter.model.eval()
+        S, L = input_ids.shape
+        batch_size = batch_size or default_batch_size(L, device)
+        if moe_fallback not in MOE_FALLBACKS:
+            raise InputError(f"moe_fallback={moe_fallback!r}: choose one of {', '.join(MOE_FALLBACKS)}")
+        settings = Settings(grid, decoder, damp, seed, score_objective, moe_min_tokens, moe_fallback)
+        probe = objective if isinstance(objective, Objective) else objective.build(np.random.default_rng([seed, 0]))[0]
+        needs = set(probe.needs) | (set(score_objective.needs) if score_objective is not None else set())
+        sampled = isinstance(objective, ObjectiveSpec) and bool(objective.sampled)
+
+        full_precision = Streams.full_precision_needed(needs, sampled)
+        cache = fp_cache if full_precision and fp_cache is not None and fp_cache.accepts(adapter, device) else None
+        taken_before = 0
+        if cache is not None:
+            cache.bind(adapter, input_ids, batch_size, device)
+            taken_before = cache.taken
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        eval_rows = sum(w.numel() for w in (evaluation or {}).values())
+        place = stream_home(adapter, S, L, 2 if full_precision else 1, device, extra_tokens=2 * eval_rows)
+        streams = capture(adapter, input_ids, batch_size, full_precision, place, device)
+        ev = None
+        if evaluation:
+            seqlen = next(iter(evaluation.values())).shape[1]
+            ev = EvalStreams.capture(adapter, evaluation, eval_batch_size or default_batch_size(seqlen, device),
+                                     place, device)
+        if start is not None:
+            streams.X = [to_home(x, place) for x in start.X]
+            streams.X_fp = None if start.X_fp is None else [to_home(x, place) for x in start.X_fp]
+            if ev is not None and start.evaluation is not None:
+                ev.restore(start.evaluation)
+        first = 0 if start is None else start.block
+        check_finite(streams, f"inputs of {adapter.blocks_path()}.{first} (block {first})")
+        seconds = {"capture": time.perf_counter() - t0, "statistics": 0.0, "quantize": 0.0, "propagate": 0.0}
+        if ev is not None:
+            seconds["evaluation"] = 0.0
+        rows = {} if start is None else dict(start.rows)
+        skipped = [] if start is None else list(start.skipped)
+        bar = tqdm(total=len(adapter.layer_names()), desc="quantize", unit="layer", disable=not progress, leave=False)
+        bar.update(len(rows) + len(skipped))
+        return cls(adapter=adapter, objective=objective, grid=grid, decoder=decoder, device=device, skip=skip,
+                   seed=seed, score_objective=score_objective, S=S, L=L, batch_size=batch_size, keep_streams=keep_streams,
+                   events=events, stats_dtype=stats_dtype, keep_layers=keep_layers, start=start,
+                   settings=settings, probe=probe, needs=needs, cache=cache, taken_before=taken_before,
+                   streams=streams, ev=ev, first=first, seconds=seconds, t_start=t_start,
+                   layers={}, rows=rows, kept={}, skipped=skipped, index=0 if start is None else start.index,
+                   stopped=None, bar=bar, path=adapter.blocks_path(), blocks=adapter.blocks())
+
+    # -- phase 2: a block enters ---------------------------------------------------------------------
+    def open_block(self, i: int, block: nn.Module, true_sequential: bool = True) -> list[list[str]]:
+        """Read block `i` (`Events.block_start`), put it on the device, keep its full-precision copy, run the
+        evaluation's full-precision stream through it, and plan its passes. Returns its groups of modules."""
+        streams, cache, device = self.streams, self.cache, self.device
+        if self.keep_streams:
+            self.kept[i] = streams.snapshot()
+        self.bar.set_description(f"block {i}/{len(self.blocks)}")
+        self.events.block_start(i, block)
+        self.i, self.block, self.home = i, block, model_device(block)
+        block.to(device)
+        self.orig = streams.original(block)
+        if self.ev is not None:
+            t0 = time.perf_counter()
+            self.ev.before(block, device)
+            self.seconds["evaluation"] += time.perf_counter() - t0
+        groups = self.adapter.groups(block)
+        mf = self.settings
+        self.all_tokens = mf.moe_fallback == "all_tokens" and mf.moe_min_tokens > 0 and bool(sparse_blocks(block))
+        if not true_sequential:
+            groups = [[n for g in groups for n in g]]
+        self.groups = groups
+        streams.plan_full_precision(block, [n for g in groups for n in g], FULL_PRECISION_PASS_BYTES)
+        if cache is not None:
+            cache.check_block(i, block)
+        kept_pass = cache.pass_of(i) if cache is not None and streams.fp_modules else None
+        if kept_pass is not None:
+            streams.fp_pass = kept_pass
+        streams.plan_reuse(block, [n for g in groups for n in g], reuse_budget(device))
+        self.done: dict[str, LayerResult] = {}                 # this block's results
+        self.gi = 0
+        return groups
+
+    # -- phase 3: one true-sequential group --------------------------------------------------------------
+    def quantize_group(self, names: list[str]) -> bool:
+        """Statistics, decoding and replacement of one group of the open block, with its report rows.
+        Returns True when the run is asked to stop after it."""
+        i, block, streams, cache, settings = self.i, self.block, self.streams, self.cache, self.settings
+        gi, groups = self.gi, self.groups
+        self.gi += 1
+        tasks = layer_tasks(self.objective, f"{self.path}.{i}", names, self.index, self.seed, self.skip)
+        self.index += len(names)
+        self.skipped += [f"{self.path}.{i}.{n}" for n in names if n not in {t.name for t in tasks}]
+        self.bar.update(len(names) - len(tasks))
+        if not tasks:
+            return False
+        group = Group(self.adapter, block, i, tasks, settings, self.device)
+        t0 = time.perf_counter()
+        wants = {t.name: self.needs | t.objective.needs for t in tasks}
+        group.stats = statistics(block, self.orig, wants, streams, self.device, self.stats_dtype,
+                                 propagate_fp=gi == len(groups) - 1 and not self.all_tokens,
+                                 pending=[n for g in groups[gi:] for n in g],
+                                 given=None if cache is None else (lambda n: cache.sums_of(i, n, self.stats_dtype)))
+        group.stats = self.events.statistics_ready(group)
+        if cache is not None:
+            cache.keep_sums(i, group.stats)
+        few = [t for t in tasks if settings.too_few(block.get_submodule(t.name), group.stats[t.name])]
+        if few and self.all_tokens:
+            group.stats.update(statistics_of_all_tokens(group, few, self.orig, wants, streams, self.events,
+                                                        self.stats_dtype))
+        if self.device.type == "cuda":                  # the products queued above count here
+            torch.cuda.synchronize(self.device)
+        self.seconds["statistics"] += time.perf_counter() - t0
+        results = self.events.decode_group(group)
+        self.events.group_decoded(group, results)
+        replace(self.adapter, block, results)
+        for t in tasks:
+            self.report_layer(group, t, results[t.name])
+        if self.events.stop_requested():
+            self.stopped = i
+            return True
+        return False
+
+    def report_layer(self, group: Group, t: LayerTask, res: LayerResult) -> None:
+        self.bar.update(1)
+        if not res.decoded_here:                         # its codes are kept by another process
+            return
+        self.rows[t.full] = _row(t, res.codes.shape, res)
+        self.done[t.full] = res
+        if self.keep_layers:
+            self.layers[t.full] = res
+        self.seconds["quantize"] += res.report["seconds"]
+        extra = "".join(f" {key}={v:.3f}" for key, v in t.draws.items())
+        log.info("%s: %s loss=%.6g%s (%.2fs)", t.full, t.objective.describe(), res.loss, extra, res.report["seconds"])
+        self.events.layer_done(group, t, self.rows[t.full])
+
+    # -- phase 4: the block leaves --------------------------------------------------------------------
+    def close_block(self) -> bool:
+        """Propagate both streams (and the evaluation's quantized stream) through the quantized block, put it
+        back where the model is and hand it on (`Events.block_done`). Returns True when the run ends here."""
+        i, block, streams, cache, device = self.i, self.block, self.streams, self.cache, self.device
+        if cache is not None and streams.fp_modules and len(streams.fp_pass) == len(streams):
+            cache.keep_pass(i, streams.fp_pass)
+        if self.stopped is None:
+            t0 = time.perf_counter()
+            self.streams = streams = propagate(block, self.orig, streams, device)
+            check_finite(streams, f"outputs of {self.path}.{i} (block {i})")
+            self.seconds["propagate"] += time.perf_counter() - t0
+            if self.ev is not None:
                 t0 = time.perf_counter()
-                streams = propagate(block, orig, streams, device)
-                check_finite(streams, f"outputs of {path}.{i} (block {i})")
-                seconds["propagate"] += time.perf_counter() - t0
-            block.to(home)
-            del orig
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if stopped is not None:
-                break
-            events.block_done(i, block, Progress(i + 1, index, streams.X, streams.X_fp, rows, skipped, done))
-            del done
-            log.info("block %d/%d done (%.1fs since the start; %s)", i + 1, len(blocks),
-                     time.perf_counter() - t_start, memory_line(device))
-            if i + 1 < len(blocks) and events.stop_requested():
-                stopped = i
-                break
-    seconds["total"] = time.perf_counter() - t_start
-    report = {
-        "adapter": adapter.name,
-        "blocks": len(blocks),
-        "samples": S,
-        "seqlen": L,
-        "objective": probe.describe() if not isinstance(objective, ObjectiveSpec) else describe_objective(objective),
-        "score_objective": None if score_objective is None else score_objective.describe(),
-        "decoder": repr(decoder),
-        "backends": sorted({r.get("backend", "reference") for r in rows.values()}),
-        "grid": {"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym, "act_order": grid.act_order,
-                 "static_groups": grid.static_groups, "scale_method": grid.scale_method},
-        "full_precision_stream": streams.full_precision,
-        "objective_sum": float(sum(r["loss"] for r in rows.values())),
-        "sym_loss_sum": float(sum(r["sym_loss"] or 0.0 for r in rows.values())),
-        "layers": rows,
-        "skipped": skipped,
-        "rounded_without_tokens": [k for k, r in rows.items() if r.get("fallback") == "rtn"],
-        "seconds": seconds,
-        "statistics_dtype": str(stats_dtype).removeprefix("torch."),
-        "streams": "pinned" if streams.home == "pinned" else str(streams.home),
-        "batch_size": batch_size,
-        "device_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-    }
-    experts = tokens_per_expert(rows)
-    if experts:
-        report["experts"] = {"min_tokens": moe_min_tokens, "fallback": moe_fallback, "tokens": experts,
-                             "fallbacks": {k: {"fallback": r["fallback"], "tokens": r.get("routed_tokens", r["tokens"])}
-                                           for k, r in rows.items() if r.get("fallback")}}
-    if cache is not None:
-        report["full_precision_cache"] = {**cache.describe(), "blocks_taken": cache.taken - taken_before}
-    if stopped is not None:
-        report["stopped_after_block"] = stopped
-    if start is not None:
-        report["resumed_at_block"] = start.block
-    return CalibrationResult(layers, report, kept)
+                self.ev.after(block, device)
+                self.seconds["evaluation"] += time.perf_counter() - t0
+        block.to(self.home)
+        self.orig = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.stopped is not None:
+            return True
+        self.events.block_done(i, block, Progress(i + 1, self.index, streams.X, streams.X_fp, self.rows, self.skipped,
+                                                  self.done, None if self.ev is None else self.ev.state()))
+        self.done = {}
+        log.info("block %d/%d done (%.1fs since the start; %s)", i + 1, len(self.blocks),
+                 time.perf_counter() - self.t_start, memory_line(device))
+        if i + 1 < len(self.blocks) and self.events.stop_requested():
+            self.stopped = i
+            return True
+        return False
+
+    # -- phase 5: the evaluation scored, the report ---------------------------------------------------------
+    def finish(self) -> CalibrationResult:
+        rows, streams, device, grid = self.rows, self.streams, self.device, self.grid
+        report = {}
+        if self.ev is not None and self.stopped is None:
+            t0 = time.perf_counter()
+            with self.events.head(self.adapter, device):
+                report["perplexity"] = self.ev.score(self.adapter, device)
+            self.seconds["evaluation"] += time.perf_counter() - t0
+        self.seconds["total"] = time.perf_counter() - self.t_start
+        objective = self.objective
+        report = {
+            "adapter": self.adapter.name,
+            "blocks": len(self.blocks),
+            "samples": self.S,
+            "seqlen": self.L,
+            "objective": self.probe.describe() if not isinstance(objective, ObjectiveSpec) else describe_objective(objective),
+            "score_objective": None if self.score_objective is None else self.score_objective.describe(),
+            "decoder": repr(self.decoder),
+            "backends": sorted({r.get("backend", "reference") for r in rows.values()}),
+            "grid": {"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym, "act_order": grid.act_order,
+                     "static_groups": grid.static_groups, "scale_method": grid.scale_method},
+            "full_precision_stream": streams.full_precision,
+            "objective_sum": float(sum(r["loss"] for r in rows.values())),
+            "sym_loss_sum": float(sum(r["sym_loss"] or 0.0 for r in rows.values())),
+            "layers": rows,
+            "skipped": self.skipped,
+            "rounded_without_tokens": [k for k, r in rows.items() if r.get("fallback") == "rtn"],
+            "seconds": self.seconds,
+            "statistics_dtype": str(self.stats_dtype).removeprefix("torch."),
+            "streams": "pinned" if streams.home == "pinned" else str(streams.home),
+            "batch_size": self.batch_size,
+            "device_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            **report,
+        }
+        experts = tokens_per_expert(rows)
+        settings = self.settings
+        if experts:
+            report["experts"] = {"min_tokens": settings.moe_min_tokens, "fallback": settings.moe_fallback,
+                                 "tokens": experts,
+                                 "fallbacks": {k: {"fallback": r["fallback"], "tokens": r.get("routed_tokens", r["tokens"])}
+                                               for k, r in rows.items() if r.get("fallback")}}
+        if self.cache is not None:
+            report["full_precision_cache"] = {**self.cache.describe(), "blocks_taken": self.cache.taken - self.taken_before}
+        if self.stopped is not None:
+            report["stopped_after_block"] = self.stopped
+        if self.start is not None:
+            report["resumed_at_block"] = self.start.block
+        return CalibrationResult(self.layers, report, self.kept)
 
 
 EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.[^.]+$")

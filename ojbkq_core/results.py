@@ -324,7 +324,7 @@ def fit_baseline(run: dict, base: dict) -> tuple[dict | None, str]:
     ev = run["evaluation"]
     for d, e in ev.items():
         b = (base.get("evaluation") or {}).get(d)
-        if b is None or any(b.get(x) != e.get(x) for x in ("dataset", "seqlen", "text_tokens")):
+        if b is None or any(b.get(x) != e.get(x) for x in ("dataset", "seqlen", "text_tokens", "bos")):
             return None, f"it does not score {d} as this run does"
         if b.get("windows", 0) < e.get("windows", 0):
             return None, f"it scored {b.get('windows')} windows of {d}, this run {e.get('windows')}"
@@ -344,6 +344,11 @@ def fit_baseline(run: dict, base: dict) -> tuple[dict | None, str]:
     return {**base, "evaluation": ev, "domains": run.get("domains"), "rows": rows}, ""
 
 
+def baseline_part(part: dict) -> bool:
+    """Whether an entry of a merged result's `parts` is a baseline file (GPTQModel's rows)."""
+    return bool(part.get("baseline")) or "gptqmodel_baseline" in (part.get("command") or "")
+
+
 def merge_results(parts: list[dict], paths: list[str]) -> dict:
     """`merge` of results in memory; `paths` names each (a file name, or a label for a run not written)."""
     for p, part in zip(paths[1:], parts[1:]):
@@ -361,8 +366,11 @@ def merge_results(parts: list[dict], paths: list[str]) -> dict:
     rows = rows[:1] + sorted(rows[1:], key=lambda r: (-r["bits"], r["recipe"].startswith(BASELINE)))
     listed = []                                         # a merged file lists the runs it was made of
     for p, part in zip(paths, parts):
+        own = [r for r in part["rows"] if r["recipe"] != "fp"]
         listed += part.get("parts") or [{"file": os.path.basename(p), "command": part.get("command"),
-                                         "seconds": part["seconds"], "cpu_seconds": part.get("cpu_seconds")}]
+                                         "seconds": part["seconds"], "cpu_seconds": part.get("cpu_seconds"),
+                                         **({"baseline": True} if own and all(r["recipe"].startswith(BASELINE)
+                                                                              for r in own) else {})}]
     result.update(rows=rows, seconds=sum(p["seconds"] for p in parts),
                   cpu_seconds=sum(p.get("cpu_seconds", 0.0) for p in parts),
                   complete=all(p.get("complete", True) for p in parts), parts=listed)

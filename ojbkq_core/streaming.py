@@ -20,6 +20,7 @@ written and the folder is published in one rename, as `save_quantized` does.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -307,7 +308,7 @@ def check_same(saved: dict, now: dict, where: str) -> None:
 class Saved:
     """The state a run saves every `every` (blocks, or seconds when `seconds` is set) and a resumed run
     starts from: `resume/` holds `state.json` (progress, report rows, writer, RNG states), the streams
-    (`streams-r<rank>-<batch>.safetensors`) and the tensors of the shard being filled
+    (`streams-r<rank>-<batch>.safetensors`, and the evaluation's `evaluation-r<rank>-<batch>.safetensors`) and the tensors of the shard being filled
     (`pending.safetensors`). Written into `resume.tmp/` and renamed into place, so a kill while saving
     leaves the previous state."""
 
@@ -337,13 +338,18 @@ class Saved:
             if progress.X_fp is not None:
                 tensors["X_fp"] = progress.X_fp[b].detach().cpu().contiguous()
             save_file(tensors, os.path.join(tmp, f"streams-r{self.rank}-{b:05d}.safetensors"))
+        ev = progress.evaluation
+        for b in range(len(ev["X_fp"]) if ev is not None else 0):
+            save_file({k: ev[k][b].detach().cpu().contiguous() for k in ("X_fp", "X_q")},
+                      os.path.join(tmp, f"evaluation-r{self.rank}-{b:05d}.safetensors"))
         _barrier(world)
         if self.rank == 0:
             if writer is not None and writer.pending:
                 save_file(writer.pending, os.path.join(tmp, "pending.safetensors"))
             state = {"blocks": self.blocks, "stamp": self.stamp,
                      "progress": {"block": progress.block, "index": progress.index, "batches": len(progress.X),
-                                  "full_precision": progress.X_fp is not None},
+                                  "full_precision": progress.X_fp is not None,
+                                  "evaluation_batches": len(ev["X_fp"]) if ev is not None else None},
                      "rows": progress.rows, "skipped": progress.skipped,
                      "writer": writer.state() if writer is not None else None, "rng": rng_state()}
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
@@ -412,10 +418,20 @@ def load_start(partial: Partial, state: dict, rank: int) -> tuple[Progress, dict
         X.append(t["X"])
         if X_fp is not None:
             X_fp.append(t["X_fp"])
+    evaluation = None
+    if p.get("evaluation_batches") is not None:
+        evaluation = {"X_fp": [], "X_q": []}
+        for b in range(p["evaluation_batches"]):
+            f = os.path.join(partial.resume_dir, f"evaluation-r{rank}-{b:05d}.safetensors")
+            if not os.path.isfile(f):
+                raise InputError(f"{f}: missing from the saved state; remove {partial.path} to start again")
+            t = load_file(f)
+            evaluation["X_fp"].append(t["X_fp"])
+            evaluation["X_q"].append(t["X_q"])
     pending_file = os.path.join(partial.resume_dir, "pending.safetensors")
     pending = load_file(pending_file) if os.path.isfile(pending_file) else {}
     set_rng_state(state["rng"])
-    return Progress(p["block"], p["index"], X, X_fp, state["rows"], state["skipped"]), pending
+    return Progress(p["block"], p["index"], X, X_fp, state["rows"], state["skipped"], evaluation=evaluation), pending
 
 
 def rng_state() -> dict:
@@ -502,6 +518,33 @@ class Streamed(Events):
 
     def stop_requested(self) -> bool:
         return self.inner.stop_requested()
+
+    @contextlib.contextmanager
+    def head(self, adapter, device):
+        """The modules outside the blocks (embeddings, final norm, output head) read onto the device while
+        the evaluation is scored, released afterwards; a parameter tied between two of them (the embeddings
+        and the head) is read once and stays one object."""
+        from .evaluation import outside_blocks
+        t0 = time.perf_counter()
+        modules = [(name, sub) for name, sub in outside_blocks(adapter)]
+        slots = [(sub, leaf, id(p)) for _, sub in modules for leaf, p in sub._parameters.items() if p is not None]
+
+        def tie():                                       # every slot of a tied parameter: its first slot's object
+            first: dict[int, nn.Parameter] = {}
+            for sub, leaf, key in slots:
+                sub._parameters[leaf] = first.setdefault(key, sub._parameters[leaf])
+
+        for name, sub in modules:
+            tie()
+            self.weights.load(sub, name, recurse=False)
+        tie()
+        self.seconds["read"] += time.perf_counter() - t0
+        try:
+            yield
+        finally:
+            for _, sub in modules:
+                self.weights.release(sub)
+            tie()
 
 
 def block_tensors(fmt: Format, block: nn.Module, prefix: str, layers: dict) -> dict[str, torch.Tensor]:

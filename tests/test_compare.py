@@ -357,6 +357,35 @@ def test_compare_merges_the_baseline_row(tiny_folder, tmp_path):
     assert "does not beat it" not in open(out2[:-5] + ".md").read()
 
 
+def test_merge_with_a_baseline_restates_a_table_against_new_baseline_rows(tiny_folder, tmp_path):
+    """`--merge TABLE --baseline NEW`: the table's own GPTQModel rows (and their part) give way to NEW's, the
+    verdicts are drawn again, the recipes' rows are untouched."""
+    out = str(tmp_path / "r.json")
+    assert cli.main(tiny_args(tiny_folder, out, recipes=["gptq"], bits=["3"])) == 0
+    res = json.load(open(out))
+    gptq3 = next(r for r in res["rows"] if r["recipe"] == "gptq")
+    keep = {k: v for k, v in res.items() if k not in ("rows", "ordering", "layer_ratios", "against_baseline")}
+
+    def baseline(factor):                           # perplexity × factor on every window
+        return {**keep, "command": "bench/gptqmodel_baseline.py",
+                "rows": [res["rows"][0], {**gptq3, "recipe": "gptqmodel-gptq",
+                                          "window_nll": {d: [x + math.log(factor) for x in v]
+                                                         for d, v in gptq3["window_nll"].items()}}]}
+    (tmp_path / "old.json").write_text(json.dumps(baseline(1.5)))
+    (tmp_path / "new.json").write_text(json.dumps(baseline(0.5)))
+    table = str(tmp_path / "t.json")
+    assert cli.main(tiny_args(tiny_folder, table, "--baseline", str(tmp_path / "old.json"), recipes=["gptq"],
+                              bits=["3"])) == 0
+    assert all(o["beats"] for o in json.load(open(table))["against_baseline"])
+    again = str(tmp_path / "t2.json")
+    assert cli.main(["compare", "--merge", table, "--baseline", str(tmp_path / "new.json"), "--out", again]) == 0
+    merged = json.load(open(again))
+    assert [r["recipe"] for r in merged["rows"]] == ["fp", "gptq", "gptqmodel-gptq"]
+    assert merged["rows"][1] == json.load(open(table))["rows"][1]
+    assert not any(o["beats"] for o in merged["against_baseline"])
+    assert [p["file"] for p in merged["parts"]] == ["t.json", "new.json"] and merged["parts"][1]["baseline"]
+
+
 def test_set_reaches_the_calibration_and_rows_record_what_their_spec_ran(tiny_folder, tmp_path, monkeypatch):
     """`--set calibration.samples=2` calibrates every row on 2 windows (not --samples' 4), and each row
     records the group its spec ran (`--group-size 16`)."""

@@ -18,7 +18,7 @@ from ojbkq_core.export import base
 from ojbkq_core.pipeline import REPORT_FILE, run
 from ojbkq_core.spec import load_spec
 from ojbkq_core.streaming import ShardWriter, checkpoint_policy
-from tiny_models import CALIB_TXT, offline, one_thread, save, tiny_gpt2, tiny_llama  # noqa: F401 (autouse)
+from tiny_models import CALIB_TXT, EVAL_TXT, offline, one_thread, save, tiny_gpt2, tiny_llama  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKS = 6
@@ -115,10 +115,12 @@ sys.exit(cli.main({argv!r}))
 """
 
 
-@pytest.mark.parametrize("recipe,extra", [("gptq", []), ("ojbkq", ["decoder.k=4"])])
+@pytest.mark.parametrize("recipe,extra", [("gptq", []), ("ojbkq", ["decoder.k=4"]),
+                                          ("gptq", [f"eval.path={EVAL_TXT}", "eval.seqlen=64", "eval.samples=3"])])
 def test_a_killed_run_resumed_writes_the_uninterrupted_bytes(llama, tmp_path, monkeypatch, recipe, extra):
     """SIGKILL right after the state of block 3 is saved (several shards written, one being filled),
-    then the same command with --resume: the files of a run that was never stopped."""
+    then the same command with --resume: the files of a run that was never stopped (and, with evaluation,
+    its perplexities: the evaluation streams are part of the saved state)."""
     monkeypatch.setattr(base, "MAX_SHARD_BYTES", 60_000)
     sets = _sets(llama, tmp_path / "out", "output.checkpoint_every=1", *extra)
     argv = ["quantize", recipe, *(f"--set={s}" for s in sets)]
@@ -138,6 +140,8 @@ def test_a_killed_run_resumed_writes_the_uninterrupted_bytes(llama, tmp_path, mo
     assert rep["resumed_at_block"] == 3 and ref["resumed_at_block"] is None
     assert digests(tmp_path / "out") == digests(tmp_path / "ref")
     assert rep["layers"].keys() == ref["layers"].keys()
+    assert rep.get("perplexity") == ref.get("perplexity")
+    assert ("perplexity" in rep) == any(e.startswith("eval.path") for e in extra)
     assert sorted(os.listdir(tmp_path)) == ["out", "ref"]
 
 
@@ -186,8 +190,9 @@ def test_stream_settings_are_checked_where_they_enter(llama, tmp_path):
         load_spec("gptq", _sets(llama, tmp_path / "o", "output.checkpoint_every=often"))
     with pytest.raises(InputError, match="model.stream='yes'"):
         load_spec("gptq", _sets(llama, tmp_path / "o", "model.stream=yes"))
-    with pytest.raises(InputError, match="eval.perplexity needs the whole model"):
-        _run("gptq", llama, tmp_path / "o", "model.stream=true", "eval.perplexity=[text]", f"eval.path={CALIB_TXT}")
+    rep = _run("gptq", llama, tmp_path / "e", "model.stream=true", "eval.perplexity=[text]", f"eval.path={CALIB_TXT}",
+               "eval.seqlen=64", "eval.samples=2")           # evaluation streams too (evaluation.py)
+    assert rep["streaming"] and rep["perplexity"]["text"]["windows"] == 2
     with pytest.raises(InputError, match="--resume: this run loads the model whole"):
         _run("gptq", llama, tmp_path / "o", "model.stream=false", resume=True)
     assert checkpoint_policy(3) == (3, 0.0) and checkpoint_policy("5m") == (0, 300.0)
