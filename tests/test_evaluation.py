@@ -168,3 +168,16 @@ def test_gguf_conversion_keeps_the_files_bos_rule(tmp_path):
     out = convert_gguf(str(tmp_path / "b.gguf"), str(tmp_path / "b"))
     assert json.load(open(os.path.join(out, "tokenizer_config.json")))["add_bos_token"] is True
     assert bos_id(transformers.AutoTokenizer.from_pretrained(out)) == 0
+
+
+def test_the_evaluation_rows_count_in_the_stream_budget(monkeypatch):
+    """On a CUDA device the streams stay there only while all of them, the evaluation's two included, fit the
+    share of free memory (`stream_home`); else they go to pinned host memory."""
+    from ojbkq_core.calibrate import stream_home
+    from ojbkq_core.model import find_adapter
+    adapter = find_adapter(tiny_llama())
+    calibration = 1 * 4 * 32 * 64 * 4                     # one stream of 4 × 32 rows of 64 float32 values
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * calibration, 1 << 40))
+    cuda = torch.device("cuda")
+    assert stream_home(adapter, 4, 32, 1, cuda) == cuda
+    assert stream_home(adapter, 4, 32, 1, cuda, extra_tokens=2 * 5 * 64) == "pinned"
