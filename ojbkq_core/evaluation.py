@@ -1,5 +1,5 @@
 """Perplexity in the block-by-block pass: the evaluation windows travel through the blocks beside the
-calibration rows, so no run needs the whole model to evaluate (docs/formulation.md §1).
+calibration rows, so no run needs the whole model to evaluate (docs/interfaces.md, "Evaluation").
 
 Two evaluation streams, each `(windows, L, d)` in batches:
 

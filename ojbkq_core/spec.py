@@ -53,8 +53,7 @@ class ModelSpec:
     (`device`: bfloat16 on a GPU or a CPU with native bfloat16, else float32, `precision.resolve_dtype`;
     `auto`: the checkpoint's), the adapter (`auto`: recognised by module structure). `stream`: read
     the weights one block at a time and write the checkpoint as blocks finish (streaming.py); `auto`
-    streams a local safetensors folder unless the run evaluates perplexity (which needs the whole
-    model)."""
+    streams a local safetensors folder, its evaluation included (evaluation.py)."""
 
     path: Optional[str] = None
     dtype: str = "device"
