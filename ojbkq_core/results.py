@@ -346,7 +346,7 @@ def fit_baseline(run: dict, base: dict) -> tuple[dict | None, str]:
 
 def baseline_part(part: dict) -> bool:
     """Whether an entry of a merged result's `parts` is a baseline file (GPTQModel's rows)."""
-    return bool(part.get("baseline")) or "gptqmodel_baseline" in (part.get("command") or "")
+    return bool(part.get("baseline")) or "gptqmodel_baseline.py" in (part.get("command") or "")
 
 
 def merge_results(parts: list[dict], paths: list[str]) -> dict:
