@@ -171,6 +171,7 @@ def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.T
     events = engine if stream is None else stream.around(engine)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     warn_if_emulated(dtype, str(device))
+    rotation = rotate(model, spec) if stream is None else stream.rotation_report
     q = spec.quant
     res = calibrate(adapter, input_ids, spec.objective.decoded, q.grid, spec.decoder.decoder, damp=q.damp,
                     seed=spec.decoder.seed, device=device, score_objective=spec.objective.scoring(),
@@ -181,10 +182,24 @@ def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.T
                     moe_fallback=q.moe_fallback, fp_cache=fp_cache,
                     evaluation=evaluation if world is None or world.main else None)
     res.report["world_size"] = 1
-    res.report.update(dtype=dtype, **device_record(str(device)))
+    res.report.update(dtype=dtype, **device_record(str(device)), rotation=rotation)
     if world is not None:
         engine.annotate(res.report, samples)
     return adapter, res
+
+
+def rotate(model, spec: RunSpec) -> Optional[dict]:
+    """Fold `spec.rotation` into the weights of a whole model in place (rotation.py); the report's `rotation`
+    (None when the spec asks for none)."""
+    from .rotation import rotate_model
+    r = spec.rotation
+    if not r.on:
+        return None
+    report = rotate_model(model, r.residual if r.residual != "none" else None,
+                          r.heads if r.heads != "none" else None, r.seed)
+    log.info("rotation: %s%s", report["residual_description"] or "no residual rotation",
+             ", heads " + report["heads_description"] if report.get("heads") else "")
+    return report
 
 
 def evaluation_windows(tokenizer, ev: EvalSpec) -> dict[str, torch.Tensor]:
@@ -295,10 +310,13 @@ def serving(spec: RunSpec, warn: bool = False, experts: bool = False) -> Optiona
 
 
 def check_format(spec: RunSpec, model, adapter: Model) -> None:
-    """`InputError` before any calibration when a `quant.skip` pattern matches no module, or the output
-    format cannot store a module of `model`."""
+    """`InputError` before any calibration when a `quant.skip` pattern matches no module, the output
+    format cannot store a module of `model`, or `rotation` asks for a model that does not rotate exactly."""
     from .export import get_format
+    from .rotation import check_rotatable
     check_skip(adapter, spec.quant.skip)
+    if spec.rotation.on:
+        check_rotatable(model)
     get_format(spec.output.format).check(model, quantized_names(adapter, spec.quant.skip), spec.quant)
 
 
@@ -380,8 +398,14 @@ def _quantize_streamed(spec: RunSpec, world: Optional[distributed.World], resume
         start, writer = restore(partial, resume, stamp, world, main)
         every, seconds = checkpoint_policy(out.checkpoint_every)
         saved = Saved(partial, stamp, len(adapter.blocks()), rank, every, seconds) if every or seconds else None
-        events = Streamed(weights, fmt if main else None, writer, saved, world)
-        events.front = weights.front()
+        rotator = None
+        if spec.rotation.on:
+            from .rotation import Rotator
+            r = spec.rotation
+            rotator = Rotator.plan(model, r.residual if r.residual != "none" else None,
+                                   r.heads if r.heads != "none" else None, r.seed)
+        events = Streamed(weights, fmt if main else None, writer, saved, world, rotator)
+        events.read_front()
         evaluation = evaluation_for(spec, model, tokenizer, adapter, main)
         _, res = calibrate_model(model, tokenizer, spec, world=world, stream=events, start=start, evaluation=evaluation)
         report = {"model": m.path, "architecture": type(model).__name__, **res.report,
@@ -391,7 +415,7 @@ def _quantize_streamed(spec: RunSpec, world: Optional[distributed.World], resume
         report.setdefault("resumed_at_block", None)
         if main:
             t1 = time.perf_counter()
-            writer.add(weights.rest())
+            writer.add(events.rest())
             files = writer.close()
             fmt.write_config(model, partial.path, untie, provenance(res.report))
             events.seconds["write"] += time.perf_counter() - t1

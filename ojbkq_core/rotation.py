@@ -506,17 +506,55 @@ def fold_norms(model) -> bool:
     return fold_and_rotate_head(model)
 
 
-def rotate_model(model, residual: str = "hadamard", heads: Optional[str] = "hadamard", seed: int = 0) -> dict:
-    """Fold the norms and rotate `model` in place: R1 `residual_rotation(hidden, residual, seed)` and,
-    unless `heads` is None, R2 `head_rotation(head_dim, heads, seed)`. Refuses (InputError, nothing
-    changed) models `check_rotatable` refuses. Returns the report: `residual`, `residual_description`,
-    `heads`, `heads_description`, `seed`, `untied`."""
-    fam = family(model)
-    Q, description = residual_rotation(fam.hidden, residual, seed)
-    Hh, head_description = head_rotation(fam.head_dim, heads, seed) if heads is not None else (None, None)
-    untied = rotate_front(model, Q)
+def rotate_model(model, residual: Optional[str] = "hadamard", heads: Optional[str] = "hadamard", seed: int = 0) -> dict:
+    """Fold the norms and rotate `model` in place: R1 `residual_rotation(hidden, residual, seed)` unless
+    `residual` is None and, unless `heads` is None, R2 `head_rotation(head_dim, heads, seed)`. Refuses
+    (InputError, nothing changed) models `check_rotatable` refuses. Returns the report: `residual`,
+    `residual_description`, `heads`, `heads_description`, `seed`, `untied`."""
+    r = Rotator.plan(model, residual, heads, seed)
+    r.front(model)
     for block in model.model.layers:
-        fold_and_rotate_block(block, fam, Q, Hh)
-    untied = fold_and_rotate_head(model, Q) or untied
-    return {"residual": residual, "residual_description": description, "heads": heads,
-            "heads_description": head_description, "seed": seed, "untied": untied}
+        r.block(block)
+    r.report["untied"] = fold_and_rotate_head(model, r.Q) or r.report["untied"]
+    return r.report
+
+
+@dataclass
+class Rotator:
+    """The rotations of one run, applied piece by piece where a streamed run reads the weights: `front`
+    after the embeddings are read, `block` after each block is read, `head` whenever the modules outside the
+    blocks are read again (to score the evaluation, to write them). `report` is `rotate_model`'s."""
+
+    fam: Family
+    Q: Optional[torch.Tensor]
+    Hh: Optional[torch.Tensor]
+    report: dict
+    tied: bool = False                          # the head was the embeddings when the run began
+
+    @classmethod
+    def plan(cls, model, residual: Optional[str], heads: Optional[str], seed: int = 0) -> "Rotator":
+        """The matrices `rotate_model(model, residual, heads, seed)` would use (`model` may be on the meta
+        device); refuses what `check_rotatable` refuses."""
+        fam = family(model)
+        Q, description = residual_rotation(fam.hidden, residual, seed) if residual is not None else (None, None)
+        Hh, head_description = head_rotation(fam.head_dim, heads, seed) if heads is not None else (None, None)
+        return cls(fam, Q, Hh, {"residual": residual, "residual_description": description, "heads": heads,
+                                "heads_description": head_description, "seed": seed, "untied": False}, _tied(model))
+
+    def front(self, model) -> None:
+        """The head untied from the embeddings where folding the final norm makes it differ (decided once,
+        from the tie the model was built with: a streamed run's reads give every tensor its own parameter),
+        then `E ← E Q`."""
+        if self.tied and not self.report["untied"] and not _ones(model.model.norm.weight):
+            _untie(model)
+            self.report["untied"] = True
+        if self.Q is not None:
+            rotate_front(model, self.Q)
+
+    def block(self, block) -> None:
+        fold_and_rotate_block(block, self.fam, self.Q, self.Hh)
+
+    def head(self, model) -> None:
+        """The embeddings, final norm and head as read from the checkpoint, rotated as `rotate_model` does."""
+        self.front(model)
+        self.report["untied"] = fold_and_rotate_head(model, self.Q) or self.report["untied"]

@@ -11,6 +11,7 @@ loads. The result is a `RunSpec` of typed sections:
       quant        QuantSpec         the grid (bits, group_size, sym, act_order, static_groups,
                                      scale_method), damp, true_sequential, skip, moe_min_tokens,
                                      moe_fallback
+      rotation     RotationSpec      residual (R1) and heads (R2) rotations folded into the weights, seed
       objective    ObjectiveChoice   the decoded objective (sampled parameters drawn per layer) and
                                      the one candidates are scored by
       decoder      DecoderSpec       name, seed, options and the backend, resolved to one implementation
@@ -178,8 +179,27 @@ class EvalSpec:
         return [(n, self.path if n == "text" else None) for n in names]
 
 
-SECTIONS = {"model": ModelSpec, "calibration": CalibrationSpec, "quant": QuantSpec, "output": OutputSpec,
-            "eval": EvalSpec}
+@dataclass(frozen=True)
+class RotationSpec:
+    """Orthogonal rotations folded into the weights before calibration (rotation.py): `residual` (R1) rotates
+    the residual stream by a randomized Hadamard matrix (`hadamard`, a seeded random orthogonal one where the
+    width has no Hadamard construction) or a seeded random orthogonal matrix (`random`); `heads` (R2) rotates
+    each attention head's values and the output projection by a head-width Hadamard. `none` leaves them."""
+
+    residual: str = "none"
+    heads: str = "none"
+    seed: int = 0
+
+    RESIDUAL = ("none", "hadamard", "random")
+    HEADS = ("none", "hadamard")
+
+    @property
+    def on(self) -> bool:
+        return self.residual != "none" or self.heads != "none"
+
+
+SECTIONS = {"model": ModelSpec, "calibration": CalibrationSpec, "quant": QuantSpec, "rotation": RotationSpec,
+            "output": OutputSpec, "eval": EvalSpec}
 
 
 def _field_defaults(cls) -> dict:
@@ -193,6 +213,7 @@ DEFAULTS: dict = {
     "model": _field_defaults(ModelSpec),
     "calibration": _field_defaults(CalibrationSpec),
     "quant": _field_defaults(QuantSpec),
+    "rotation": _field_defaults(RotationSpec),
     "objective": dict(ObjectiveChoice.DEFAULT),
     "decoder": dict(DecoderSpec.DEFAULT),
     "backend": DecoderSpec.DEFAULT_BACKEND,
@@ -201,7 +222,7 @@ DEFAULTS: dict = {
     "eval": _field_defaults(EvalSpec),
 }
 # sections whose keys are fixed; `objective` and `decoder` take the parameters of what they name
-FIXED = ("model", "calibration", "quant", "output", "eval")
+FIXED = ("model", "calibration", "quant", "rotation", "output", "eval")
 SCALARS = ("backend", "device")
 
 
@@ -218,6 +239,7 @@ class RunSpec:
     device: str
     output: OutputSpec
     eval: EvalSpec
+    rotation: RotationSpec = RotationSpec()
     target: str = "cpu"
     source: str = field(default="", compare=False)
 
@@ -232,7 +254,7 @@ class RunSpec:
         plain = lambda s: {k: (list(v) if isinstance(v, tuple) else v)  # noqa: E731
                            for k, v in dataclasses.asdict(s).items()}
         return {"model": plain(self.model), "calibration": plain(self.calibration), "quant": self.quant.to_dict(),
-                "objective": self.objective.to_dict(), "decoder": self.decoder.to_dict(),
+                "rotation": plain(self.rotation), "objective": self.objective.to_dict(), "decoder": self.decoder.to_dict(),
                 "backend": self.decoder.backend, "device": self.device, "output": plain(self.output),
                 "eval": plain(self.eval)}
 
@@ -589,6 +611,15 @@ def eval_section(sec: dict) -> EvalSpec:
     return EvalSpec(**{**sec, "perplexity": names, "path": path})
 
 
+def rotation_section(sec: dict) -> RotationSpec:
+    _check_keys(sec, "rotation")
+    sec = {k: ("none" if v is None and k in ("residual", "heads") else v) for k, v in sec.items()}  # YAML's null
+    _choice(sec, "rotation", "residual", RotationSpec.RESIDUAL)
+    _choice(sec, "rotation", "heads", RotationSpec.HEADS)
+    _int(sec, "rotation", "seed", lo=0)
+    return RotationSpec(**sec)
+
+
 def _build(cfg: dict, source: str) -> RunSpec:
     """Every section of a merged recipe checked and typed."""
     for section in cfg:
@@ -602,4 +633,6 @@ def _build(cfg: dict, source: str) -> RunSpec:
     decoder = decoder_section(cfg["decoder"], cfg["backend"], target)
     output = output_section(cfg["output"], quant)
     ev = eval_section(cfg["eval"])
-    return RunSpec(model, calibration, quant, objective, decoder, cfg["device"], output, ev, target, source)
+    rotation = rotation_section(cfg["rotation"])
+    return RunSpec(model, calibration, quant, objective, decoder, cfg["device"], output, ev, rotation=rotation,
+                   target=target, source=source)

@@ -459,13 +459,39 @@ def _jsonable(x):
 
 class Streamed(Events):
     """The events of `inner` (the defaults, or a distributed `Engine`) plus streaming: each block's weights
-    read in `block_start`, its tensors written (`writer`, rank 0 only) and its weights dropped in
-    `block_done`, the state saved when `saved.due`."""
+    read in `block_start` (and rotated, with a `rotator`), its tensors written (`writer`, rank 0 only) and its
+    weights dropped in `block_done`, the state saved when `saved.due`."""
+
+    @property
+    def rotation_report(self) -> Optional[dict]:
+        return None if self.rotator is None else self.rotator.report
+
+    def read_front(self) -> None:
+        """Read what the forward runs before the first block (`Weights.front`), rotated with a `rotator`."""
+        self.front = self.weights.front()
+        if self.rotator is not None:
+            self.rotator.front(self.weights.model)
+
+    def rest(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor outside the blocks, as `Weights.rest` gives them; with a `rotator`, read and
+        rotated (embeddings, final norm, head) as the blocks were."""
+        if self.rotator is None:
+            return self.weights.rest()
+        model, path, out = self.weights.model, self.weights.adapter.blocks_path() + ".", {}
+        head = next((f"{n}.weight" for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
+        with self.head(self.weights.adapter, self.weights.device):
+            for key, t in model.state_dict().items():
+                own = self.weights.canonical.get(key, key) == key or (key == head and self.rotator.report["untied"])
+                if key.startswith(path) or t.device.type == "meta" or not own:
+                    continue
+                out[key] = t.detach().cpu().contiguous()
+        return out
 
     def __init__(self, weights: Weights, fmt: Optional[Format], writer: Optional[ShardWriter],
-                 saved: Optional[Saved], world=None):
+                 saved: Optional[Saved], world=None, rotator=None):
         self.inner: Events = Events()
         self.weights, self.fmt, self.writer, self.saved, self.world = weights, fmt, writer, saved, world
+        self.rotator = rotator                          # rotation.Rotator: the rotations applied as weights are read
         self.front: list[nn.Module] = []
         self.seconds = {"read": 0.0, "write": 0.0}
 
@@ -480,6 +506,8 @@ class Streamed(Events):
         self.front = []
         t0 = time.perf_counter()
         self.weights.load(block, f"{self.weights.adapter.blocks_path()}.{index}")
+        if self.rotator is not None:
+            self.rotator.block(block)
         self.seconds["read"] += time.perf_counter() - t0
         self.inner.block_start(index, block)
 
@@ -538,6 +566,8 @@ class Streamed(Events):
             tie()
             self.weights.load(sub, name, recurse=False)
         tie()
+        if self.rotator is not None:
+            self.rotator.head(adapter.model)
         self.seconds["read"] += time.perf_counter() - t0
         try:
             yield

@@ -116,7 +116,8 @@ sys.exit(cli.main({argv!r}))
 
 
 @pytest.mark.parametrize("recipe,extra", [("gptq", []), ("ojbkq", ["decoder.k=4"]),
-                                          ("gptq", [f"eval.path={EVAL_TXT}", "eval.seqlen=64", "eval.samples=3"])])
+                                          ("gptq", [f"eval.path={EVAL_TXT}", "eval.seqlen=64", "eval.samples=3"]),
+                                          ("gptq", ["rotation.residual=hadamard", "rotation.heads=hadamard"])])
 def test_a_killed_run_resumed_writes_the_uninterrupted_bytes(llama, tmp_path, monkeypatch, recipe, extra):
     """SIGKILL right after the state of block 3 is saved (several shards written, one being filled),
     then the same command with --resume: the files of a run that was never stopped (and, with evaluation,
