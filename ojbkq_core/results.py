@@ -113,6 +113,26 @@ def against_baseline(rows: list[dict], domains: list[str], baseline: str = BASEL
     return out
 
 
+ROTATED = "+"           # a rotated row's recipe is `<recipe>+<rotation>` (`ojbkq compare --rotations`)
+
+
+def against_unrotated(rows: list[dict], domains: list[str]) -> list[dict]:
+    """For each rotated row (`<recipe>+<rotation>`) with its recipe's unrotated row at the same bit width,
+    each domain: whether the rotated row's perplexity is below the unrotated one's, with the paired verdict."""
+    out = []
+    for r in rows:
+        if ROTATED not in r["recipe"]:
+            continue
+        plain = next((x for x in rows if x["recipe"] == r["recipe"].split(ROTATED)[0] and x["bits"] == r["bits"]), None)
+        if plain is None:
+            continue
+        for d in domains:
+            pr, pb = r["perplexity"][d], plain["perplexity"][d]
+            out.append({"bits": r["bits"], "domain": d, "recipe": r["recipe"], "unrotated": plain["recipe"],
+                        "ppl": [pr, pb], "beats": bool(pr < pb), **verdict(r, plain, d)})
+    return out
+
+
 def verdict_counts(items: list[dict]) -> dict[str, int]:
     """How many comparisons got each verdict (`intervals.VERDICTS`; `None`: no per-window scores)."""
     from .intervals import VERDICTS
@@ -215,6 +235,13 @@ def report_markdown(result: dict, plot_name: str | None) -> str:
         for o in result["against_baseline"]:
             lines.append(f"- {o['bits']} bits, {o['domain']}: {o['recipe']} {o['ppl'][0]:.3f} vs {o['ppl'][1]:.3f}: "
                          f"{_said(o)}")
+    if result.get("against_unrotated"):
+        lines += ["", "## Rotated against unrotated (the same recipe and bits)", "",
+                  "Each rotated row's claim is that its perplexity is below its recipe's without rotation. Verdicts: "
+                  + _counts(result["against_unrotated"]) + ".", ""]
+        for o in result["against_unrotated"]:
+            lines.append(f"- {o['bits']} bits, {o['domain']}: {o['recipe']} {o['ppl'][0]:.3f} vs {o['unrotated']} "
+                         f"{o['ppl'][1]:.3f}: {_said(o)}")
     if result.get("layer_ratios"):
         lines += ["", "## Per-layer objective relative to gptq (same bits)", "",
                   "| recipe @ bits | median | worst | worst layer | layers below gptq |", "|---|---|---|---|---|"]
@@ -395,6 +422,7 @@ def write_results(result: dict, out: str) -> None:
         result["ordering"] = ordering(rows, domains)
         result["layer_ratios"] = layer_ratios(rows)
         result["against_baseline"] = against_baseline(rows, domains)
+        result["against_unrotated"] = against_unrotated(rows, domains)
     stem = write_json_and_table(out, result, text)
     written = ["json", "txt"]
     if domains:

@@ -386,6 +386,25 @@ def test_merge_with_a_baseline_restates_a_table_against_new_baseline_rows(tiny_f
     assert [p["file"] for p in merged["parts"]] == ["t.json", "new.json"] and merged["parts"][1]["baseline"]
 
 
+def test_rotations_are_a_dimension_of_the_table_with_paired_verdicts(tiny_folder, tmp_path, capsys):
+    """`--rotations none hadamard`: every recipe once per rotation, the rotated row named RECIPE+hadamard
+    and judged against its unrotated row on the same windows; `--set rotation.*` is refused."""
+    out = str(tmp_path / "r.json")
+    assert cli.main(tiny_args(tiny_folder, out, "--rotations", "none", "hadamard", recipes=["gptq"], bits=["3"])) == 0
+    res = json.load(open(out))
+    assert [(r["recipe"], r.get("rotation")) for r in res["rows"]] == [
+        ("fp", None), ("gptq", "none"), ("gptq+hadamard", "hadamard")]
+    assert res["rows"][1]["perplexity"] != res["rows"][2]["perplexity"]
+    pairs = res["against_unrotated"]
+    assert [(o["recipe"], o["unrotated"], o["domain"]) for o in pairs] == [
+        ("gptq+hadamard", "gptq", d) for d in res["domains"]]
+    assert all(o["verdict"] in ("holds", "misses", "within noise") for o in pairs)
+    assert "## Rotated against unrotated" in open(out[:-5] + ".md").read()
+    assert cli.main(tiny_args(tiny_folder, out, "--set", "rotation.residual=hadamard", recipes=["gptq"],
+                              bits=["3"])) == 2
+    assert "use --rotations" in capsys.readouterr().err
+
+
 def test_set_reaches_the_calibration_and_rows_record_what_their_spec_ran(tiny_folder, tmp_path, monkeypatch):
     """`--set calibration.samples=2` calibrates every row on 2 windows (not --samples' 4), and each row
     records the group its spec ran (`--group-size 16`)."""
