@@ -131,6 +131,40 @@ def test_gptq_4bit_per_channel_loads_with_the_torch_kernel(source, tmp_path, sym
     assert diff <= TOL * scale
 
 
+@pytest.mark.interop
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_a_rotated_checkpoint_loads_as_any_other(tmp_path, fmt):
+    """A rotated model (R1 and R2 folded into the weights; the tied head untied because folding the final norm
+    made it differ) is written as the same architecture: transformers (through GPTQModel for GPTQ) reads it and
+    gives the project's logits."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    if fmt == "gptq":
+        _gptqmodel()
+    torch.manual_seed(7)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    src = save(model, str(tmp_path / "src"))
+    out = str(tmp_path / "q")
+    sets = [f"model.path={src}", "model.dtype=float32", f"calibration.path={CALIB_TXT}", "calibration.samples=4",
+            "calibration.seqlen=32", "quant.bits=8", "quant.group_size=128", "quant.sym=true",
+            f"output.format={fmt}", f"output.dir={out}", "eval.perplexity=[]", "device=cpu",
+            "rotation.residual=hadamard", "rotation.heads=hadamard"]
+    assert cli.main(["quantize", "gptq", *sum((["--set", s] for s in sets), [])]) == 0
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["tie_word_embeddings"] is False
+    loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert torch.all(loaded.model.norm.weight == 1)
+    diff, scale = max_diff(out, loaded)
+    assert diff <= BF16_TOL * scale
+    ref = logits(model)                               # 8 bits: close to the model it was made from
+    assert float((logits(load_quantized(out)[0]) - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+
+
 # --- compressed-tensors through transformers -----------------------------------------------------------
 
 CT_CASES = [(bits, gs, sym, False, False) for bits in (4, 8, 3, 2) for sym in (False, True) for gs in (128, -1)] + \
