@@ -1,26 +1,34 @@
-"""The import graph of ojbkq_core (module-level and function-local imports alike) has no cycle."""
+"""The import graphs of ojbkq_core and of the plugin packages (module-level and function-local imports alike)
+have no cycle."""
 import ast
 import os
+
+import pytest
 
 import ojbkq_core
 
 PKG = os.path.dirname(os.path.abspath(ojbkq_core.__file__))
+ROOT = os.path.dirname(PKG)
+PLUGINS = {"ojbkq_cuda": os.path.join(ROOT, "plugins", "ojbkq-cuda", "ojbkq_cuda"),
+           "ojbkq_cpu": os.path.join(ROOT, "plugins", "ojbkq-cpu", "ojbkq_cpu"),
+           "ojbkq_colreorder": os.path.join(ROOT, "plugins", "ojbkq-colreorder", "ojbkq_colreorder")}
 
 
-def _modules() -> dict[str, str]:
-    """Dotted module name → file, for every module of the package."""
+def _modules(pkg: str = PKG) -> dict[str, str]:
+    """Dotted module name → file, for every module of the package in the folder `pkg`."""
     out = {}
-    for root, _, files in os.walk(PKG):
+    for root, _, files in os.walk(pkg):
         for f in files:
             if f.endswith(".py"):
-                rel = os.path.relpath(os.path.join(root, f), os.path.dirname(PKG))[:-3].replace(os.sep, ".")
+                rel = os.path.relpath(os.path.join(root, f), os.path.dirname(pkg))[:-3].replace(os.sep, ".")
                 out[rel[: -len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(root, f)
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module → the package modules it imports anywhere in its body."""
-    mods = _modules()
+def import_graph(pkg: str = PKG) -> dict[str, set[str]]:
+    """Module → the package's modules it imports anywhere in its body."""
+    mods = _modules(pkg)
+    name = os.path.basename(pkg)
     graph = {m: set() for m in mods}
     for mod, path in mods.items():
         package = mod if path.endswith("__init__.py") else mod.rpartition(".")[0]
@@ -40,7 +48,7 @@ def import_graph() -> dict[str, set[str]]:
             for t in targets:
                 while t and t not in mods:           # `import a.b.c` names a, a.b and a.b.c
                     t = t.rpartition(".")[0]
-                if t and t != mod and t.startswith("ojbkq_core"):
+                if t and t != mod and t.startswith(name):
                     graph[mod].add(t)
     return graph
 
@@ -88,4 +96,12 @@ def test_graph_reads_relative_and_local_imports():
 
 def test_ojbkq_core_has_no_import_cycle():
     cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " → ".join(cycle)
+
+
+@pytest.mark.parametrize("plugin", sorted(PLUGINS))
+def test_the_plugins_have_no_import_cycle(plugin):
+    graph = import_graph(PLUGINS[plugin])
+    assert len(graph) > 1 and any(graph.values())
+    cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " → ".join(cycle)

@@ -20,8 +20,9 @@ from ojbkq_core.grid import block_size_for
 from ojbkq_core.problem import WorkingProblem
 
 from . import runtime
+from .paths import Paths
 from .trailing import Trailing
-from .walk import Paths, code_dtype, triton_cdiv, triton_next_pow2
+from .walk import code_dtype, triton_cdiv, triton_next_pow2
 
 
 def beam(problem: WorkingProblem, width: int, expand: int, block: int = 128) -> Paths:

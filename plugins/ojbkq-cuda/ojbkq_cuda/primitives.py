@@ -18,7 +18,8 @@ from ojbkq_core.problem import WorkingProblem
 
 from . import runtime
 from .beam import beam
-from .walk import Paths, walk
+from .paths import Paths
+from .walk import walk
 
 
 def usable(problem: WorkingProblem) -> bool:

@@ -11,7 +11,6 @@ block of Gumbel noise `((P − 1)·m, bs, 2·window + 1)`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -21,52 +20,8 @@ from ojbkq_core.problem import WorkingProblem
 from ojbkq_core.rng import path_row_state
 
 from . import runtime
+from .paths import Paths
 from .trailing import Trailing
-
-BACKEND = "ojbkq-cuda"
-
-
-@dataclass
-class Paths:
-    """What a walk leaves behind, path-major: row `p·m + i` is path `p` of row `i`.
-
-    `codes` `(P·m, n)` integer; `scale`, `zero`: `(P·m, n_groups)` per fitted group (dynamic grid) or
-    `None` (static grid: the problem's grid); `score` `(P·m,)` the path objective `Σ e²`.
-    """
-
-    codes: torch.Tensor
-    scale: Optional[torch.Tensor]
-    zero: Optional[torch.Tensor]
-    score: torch.Tensor
-    group_size: int
-
-    def best(self, problem: WorkingProblem):
-        """Per row the candidate with the least score (`select.select`)."""
-        from .select import select
-        res = select(problem, self, self.codes.shape[0] // problem.m)
-        res.info["backend"] = BACKEND
-        return res
-
-    def single(self, problem: WorkingProblem, info=None):
-        """The one path of a one-path walk (`select.single`)."""
-        from .select import single
-        return single(problem, self, {**(info or {}), "backend": BACKEND})
-
-    def then(self, other: "Paths") -> "Paths":
-        """These candidates followed by `other`'s (same problem, same grid kind)."""
-        cat = lambda x, y: None if x is None else torch.cat([x, y])  # noqa: E731
-        return Paths(torch.cat([self.codes, other.codes.to(self.codes.dtype)]), cat(self.scale, other.scale),
-                     cat(self.zero, other.zero), torch.cat([self.score, other.score]), self.group_size)
-
-    def grid_of(self, problem: WorkingProblem, rows: torch.Tensor):
-        """Scale and zero `(len(rows), n)` per column for the given path-rows."""
-        n = self.codes.shape[1]
-        if self.scale is None:
-            m = problem.m
-            return problem.grid.scale[rows % m], problem.grid.zero[rows % m]
-        g = self.group_size
-        col_group = torch.arange(n, device=rows.device) // g
-        return self.scale[rows][:, col_group], self.zero[rows][:, col_group]
 
 
 def code_dtype(lower: torch.Tensor, upper: torch.Tensor) -> torch.dtype:

@@ -1,4 +1,5 @@
-"""Choosing among candidate paths per row, one candidate at a time (memory: a few `(m, n)` buffers).
+"""The candidate paths a walk or a beam leaves (`Paths`, path-major) and the choice among them per row, one
+candidate at a time (memory: a few `(m, n)` buffers).
 
 The rule is the reference's (`ojbkq_core.decoders.select.select`): per row the candidate with the least
 score, where the score is the problem's scoring objective when it has one and the path objective
@@ -16,6 +17,9 @@ its damping correction), computed one candidate at a time by the same call as th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from ojbkq_core.decoders.result import DecodeResult
@@ -23,7 +27,49 @@ from ojbkq_core.objectives import RowScore
 from ojbkq_core.problem import WorkingProblem
 
 from . import runtime
-from .walk import Paths
+
+BACKEND = "ojbkq-cuda"
+
+
+@dataclass
+class Paths:
+    """What a walk leaves behind, path-major: row `p·m + i` is path `p` of row `i`.
+
+    `codes` `(P·m, n)` integer; `scale`, `zero`: `(P·m, n_groups)` per fitted group (dynamic grid) or
+    `None` (static grid: the problem's grid); `score` `(P·m,)` the path objective `Σ e²`.
+    """
+
+    codes: torch.Tensor
+    scale: Optional[torch.Tensor]
+    zero: Optional[torch.Tensor]
+    score: torch.Tensor
+    group_size: int
+
+    def best(self, problem: WorkingProblem):
+        """Per row the candidate with the least score (`select`)."""
+        res = select(problem, self, self.codes.shape[0] // problem.m)
+        res.info["backend"] = BACKEND
+        return res
+
+    def single(self, problem: WorkingProblem, info=None):
+        """The one path of a one-path walk (`single`)."""
+        return single(problem, self, {**(info or {}), "backend": BACKEND})
+
+    def then(self, other: "Paths") -> "Paths":
+        """These candidates followed by `other`'s (same problem, same grid kind)."""
+        cat = lambda x, y: None if x is None else torch.cat([x, y])  # noqa: E731
+        return Paths(torch.cat([self.codes, other.codes.to(self.codes.dtype)]), cat(self.scale, other.scale),
+                     cat(self.zero, other.zero), torch.cat([self.score, other.score]), self.group_size)
+
+    def grid_of(self, problem: WorkingProblem, rows: torch.Tensor):
+        """Scale and zero `(len(rows), n)` per column for the given path-rows."""
+        n = self.codes.shape[1]
+        if self.scale is None:
+            m = problem.m
+            return problem.grid.scale[rows % m], problem.grid.zero[rows % m]
+        g = self.group_size
+        col_group = torch.arange(n, device=rows.device) // g
+        return self.scale[rows][:, col_group], self.zero[rows][:, col_group]
 
 
 def values(problem: WorkingProblem, paths: Paths, p: int):
