@@ -64,11 +64,12 @@ def quantize(model, tokenizer=None, recipe: str = "ojbkq", overrides: Union[None
     mapping (`{"quant.bits": 3}`) or `"key=value"` strings. `calibration`: texts (a list of strings,
     tokenized and cut into the recipe's `calibration.samples` windows of `calibration.seqlen` tokens at
     seeded starts), token ids (`(samples, seqlen)` int tensor or list of equal-length lists), or None
-    for the recipe's calibration section.
+    for the recipe's calibration section. The recipe's `eval` section is scored in the calibration pass as
+    `ojbkq quantize` scores it (the report's `perplexity`); `eval.perplexity=[]` turns it off.
     """
     from .experts import has_experts
     from .model import find_adapter
-    from .pipeline import calibrate_model, check_format, load_model, serving
+    from .pipeline import calibrate_model, check_format, evaluation_for, load_model, perplexity_report, serving
     t0 = time.perf_counter()
     overrides = _as_mapping(overrides)
     in_memory = not isinstance(model, (str, bytes)) and not hasattr(model, "__fspath__")
@@ -86,11 +87,17 @@ def quantize(model, tokenizer=None, recipe: str = "ojbkq", overrides: Union[None
                          "token ids")
     adapter = find_adapter(model, spec.model.adapter)
     check_format(spec, model, adapter)                  # what `ojbkq quantize` checks, before any calibration
+    if spec.eval.sources() and tokenizer is None:
+        raise InputError("quantize: the recipe's evaluation (eval.perplexity, eval.path) needs a tokenizer; pass "
+                         "tokenizer=..., or set eval.perplexity=[] and eval.path=None")
     experts = has_experts(model)
     serving(spec, warn=True, experts=experts)
-    _, res = calibrate_model(model, tokenizer, spec, input_ids=ids, progress=progress)
+    evaluation = evaluation_for(spec, model, tokenizer, adapter, main=True)
+    _, res = calibrate_model(model, tokenizer, spec, input_ids=ids, progress=progress, evaluation=evaluation)
     report = {"model": spec.model.path, "architecture": type(model).__name__, **res.report,
               "serving": serving(spec, experts=experts)}
+    if "perplexity" in report:
+        report["perplexity"] = perplexity_report(report["perplexity"])
     report["seconds"]["run"] = time.perf_counter() - t0
     return Quantized(model, tokenizer, spec, report, res.layers)
 

@@ -9,7 +9,7 @@ import torch
 import ojbkq_core as oq
 from ojbkq_core import cli
 from ojbkq_core.errors import InputError
-from tiny_models import CALIB_TXT, offline, one_thread, save, tiny_llama  # noqa: F401 (autouse)
+from tiny_models import CALIB_TXT, EVAL_TXT, offline, one_thread, save, tiny_llama  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETS = {"model.dtype": "float32", "calibration.dataset": "text", "calibration.path": CALIB_TXT,
@@ -102,10 +102,14 @@ def test_the_readme_snippet_runs(tmp_path, monkeypatch):
     save(tiny_llama(layers=1, hidden=64, intermediate=128), "my-llama")
     with open(CALIB_TXT, encoding="utf-8") as f, open("calibration.txt", "w", encoding="utf-8") as g:
         g.write(f.read() * 4)
+    with open(EVAL_TXT, encoding="utf-8") as f, open("held_out.txt", "w", encoding="utf-8") as g:
+        g.write(f.read() * 8)
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)
     assert os.path.isfile(os.path.join("my-llama-ojbkq-3bit", "model.safetensors"))
     assert isinstance(scope["q"], oq.Quantized) and scope["q"].spec.quant.bits == 3
+    ppl = scope["q"].report["perplexity"]["text"]                 # the CLI's key, scored in the same pass
+    assert ppl["fp"] > 0 and ppl["quantized"] > 0 and ppl["windows"] >= 1
 
 
 def test_the_api_checks_what_the_cli_checks_before_calibrating(folder, monkeypatch, caplog):

