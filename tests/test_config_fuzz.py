@@ -127,6 +127,7 @@ def test_mutated_configs_exit_0_or_2_never_a_traceback(tmp_path_factory, muts, v
     err = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
         mp.setattr(pipeline, "load_model", reached)
+        mp.setattr(pipeline, "load_empty", reached)        # a run that streams reads the model this way
         try:
             rc = cli.main(["quantize", path, *sum((["--set", s] for s in sets), [])])
         except Reached:
@@ -150,5 +151,6 @@ def test_the_unmutated_config_passes(tmp_path, monkeypatch):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(valid(str(tmp_path))))
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(Reached()))
+    monkeypatch.setattr(pipeline, "load_empty", lambda *a, **k: (_ for _ in ()).throw(Reached()))
     with pytest.raises(Reached):
         cli.main(["quantize", str(path)])
