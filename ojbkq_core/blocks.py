@@ -6,7 +6,7 @@ on the way (`module_inputs`). The calibration engine (calibrate.py) and the eval
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -22,12 +22,19 @@ class _Stop(Exception):
 class BlockInputs:
     """One calibration batch at the input of a block: `hidden` `(b, L, d)` where the streams live
     (`capture` moves it into its `Streams` and leaves `None`), plus the other positional and keyword
-    arguments the model passed to its first block (attention mask, position ids, position embeddings,
-    …), on the calibration device, shared by every block and both streams."""
+    arguments the model passes to the block (attention mask, position ids, position embeddings, …), on the
+    calibration device, shared by both streams. `per_block[i]` holds block `i`'s `(args, kwargs)`: models
+    whose blocks differ in kind (Gemma 3's sliding-window and global layers, with their own masks and rotary
+    tables) give each its own; `select(i)` makes `args`, `kwargs` block `i`'s."""
 
     hidden: torch.Tensor
     args: tuple
     kwargs: dict
+    per_block: Optional[list] = None
+
+    def select(self, i: int) -> None:
+        if self.per_block is not None:
+            self.args, self.kwargs = self.per_block[i]
 
 
 def to_device(obj: Any, device) -> Any:
@@ -61,24 +68,65 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class _Recorder(nn.Module):
+    """Stands in for block `index` while the inputs are captured: keeps the arguments the model calls it
+    with and returns its hidden states unchanged (the last one ends the forward)."""
+
+    def __init__(self, index: int, seen: list, last: bool):
+        super().__init__()
+        self.index, self.seen, self.last = index, seen, last
+
+    def forward(self, *args, **kwargs):
+        self.seen.append((args, kwargs))
+        if self.last:
+            raise _Stop
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def _moved(obj: Any, device, memo: dict) -> Any:
+    """`to_device` that moves each distinct tensor once (blocks of one kind share their masks and tables)."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_moved(o, device, memo) for o in obj)
+    if isinstance(obj, list):
+        return [_moved(o, device, memo) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _moved(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+def _call(args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+    """`(hidden, other args, kwargs)` of one block call, without a cache to write into."""
+    kwargs = dict(kwargs)
+    if args:
+        hidden, args = args[0], tuple(args[1:])
+    else:
+        hidden = kwargs.pop("hidden_states")
+    for k in ("past_key_values", "past_key_value", "layer_past"):
+        if k in kwargs:
+            kwargs[k] = None
+    return hidden, args, kwargs
+
+
 @torch.no_grad()
 def capture_block_inputs(adapter: Model, input_ids: torch.Tensor, batch_size: int, home="cpu",
                          device="cpu") -> list[BlockInputs]:
-    """Run the model on `input_ids` `(S, L)` in batches up to its first block and keep that block's
-    inputs: the hidden states on `home` (a device, or `"pinned"` host memory), the other arguments on
-    `device`. The model's front (embeddings, rotary tables) runs where the model is."""
-    block0 = adapter.blocks()[0]
-    seen: list = []
-
-    def hook(module, args, kwargs):
-        seen.append((args, kwargs))
-        raise _Stop
-
+    """Run the model on `input_ids` `(S, L)` in batches with every block replaced by a `_Recorder`, and keep
+    the first block's hidden states (on `home`: a device, or `"pinned"` host memory) and every block's other
+    arguments (on `device`; `BlockInputs.per_block` where they differ between blocks). The model's front
+    (embeddings, rotary tables, masks) runs where the model is; no block computes."""
+    blocks = adapter.blocks()
+    kept = list(blocks)
     model = adapter.model
     dev = model_device(model)
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    seen: list = []
     out = []
     try:
+        for j in range(len(blocks)):
+            blocks[j] = _Recorder(j, seen, last=j == len(blocks) - 1)
         for i in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[i:i + batch_size].to(dev)
             seen.clear()
@@ -86,21 +134,31 @@ def capture_block_inputs(adapter: Model, input_ids: torch.Tensor, batch_size: in
                 model(input_ids=ids, **adapter.call_kwargs())
             except _Stop:
                 pass
-            if not seen:
-                raise RuntimeError(f"{type(model).__name__}'s forward never reached {adapter.blocks_path()}.0")
-            args, kwargs = seen[0]
-            kwargs = dict(kwargs)
-            if args:
-                hidden, args = args[0], tuple(args[1:])
-            else:
-                hidden = kwargs.pop("hidden_states")
-            for k in ("past_key_values", "past_key_value", "layer_past"):
-                if k in kwargs:
-                    kwargs[k] = None
-            out.append(BlockInputs(to_home(hidden.detach(), home), to_device(args, device), to_device(kwargs, device)))
+            if len(seen) != len(blocks):
+                raise RuntimeError(f"{type(model).__name__}'s forward called {len(seen)} of the {len(blocks)} "
+                                   f"blocks of {adapter.blocks_path()}")
+            memo: dict = {}
+            calls = [_call(a, k) for a, k in seen]
+            per_block = [(_moved(a, device, memo), _moved(k, device, memo)) for _, a, k in calls]
+            same = all(_same(per_block[0], pb) for pb in per_block[1:])
+            hidden = calls[0][0]
+            out.append(BlockInputs(to_home(hidden.detach(), home), *per_block[0],
+                                   per_block=None if same else per_block))
     finally:
-        handle.remove()
+        for j, block in enumerate(kept):
+            blocks[j] = block
     return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two captured call arguments are the same objects (tensors by identity)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
 
 
 class Inputs(dict):

@@ -732,7 +732,7 @@ class Run:
         if start is not None:
             streams.X = [to_home(x, place) for x in start.X]
             streams.X_fp = None if start.X_fp is None else [to_home(x, place) for x in start.X_fp]
-            if ev is not None and start.evaluation is not None:
+            if ev is not None:
                 ev.restore(start.evaluation)
         first = 0 if start is None else start.block
         check_finite(streams, f"inputs of {adapter.blocks_path()}.{first} (block {first})")
@@ -761,6 +761,8 @@ class Run:
         self.bar.set_description(f"block {i}/{len(self.blocks)}")
         self.events.block_start(i, block)
         self.i, self.block, self.home = i, block, model_device(block)
+        for b in streams.batches + (self.ev.batches if self.ev is not None else []):
+            b.select(i)                                  # this block's mask and rotary tables
         block.to(device)
         self.orig = streams.original(block)
         if self.ev is not None:

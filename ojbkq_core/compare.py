@@ -302,6 +302,9 @@ def run(args) -> int:
             result["rows"] = [r for r in result["rows"] if not r["recipe"].startswith(BASELINE)]
             result["parts"] = [p for p in result.get("parts", []) if not baseline_part(p)]
             result = with_baselines(result, args.baseline, args.out)
+            if not any(r["recipe"].startswith(BASELINE) for r in result["rows"]):
+                raise InputError("--merge with --baseline: no --baseline file fits the merged table (each is named "
+                                 "above with the reason); nothing written")
         write_results(result, args.out)
         return 0
     t_job, c_job = time.perf_counter(), time.process_time()

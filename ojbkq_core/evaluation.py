@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockInputs, capture_block_inputs, run_block, to_home
+from .errors import InputError
 from .model import Model
 from .perplexity import summary, window_nll
 
@@ -124,8 +125,11 @@ class EvalStreams:
         X_q = [to_home(x.clone(), home) for x in X_fp]
         return cls(ids, source, batches, X_fp, X_q, home, order=list(windows))
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: Optional[dict]) -> None:
         """Continue from `state()` of a run that stopped (the streams at the same block)."""
+        if state is None or len(state["X_fp"]) != len(self.batches):
+            raise InputError("--resume: the saved state holds no evaluation streams for this run's evaluation "
+                             "windows; remove the output's .partial folder to start again")
         self.X_fp = [to_home(x, self.home) for x in state["X_fp"]]
         self.X_q = [to_home(x, self.home) for x in state["X_q"]]
 
@@ -139,6 +143,8 @@ class EvalStreams:
             self.as_tuple = isinstance(out, (tuple, list))
             out = out[0] if self.as_tuple else out
             X[b] = out.to(self.home) if self.home != "pinned" else X[b].copy_(out, non_blocking=True)
+        if self.home == "pinned":                        # the host copies are read next (the saved state)
+            torch.cuda.synchronize(device)
 
     @torch.no_grad()
     def before(self, block: nn.Module, device) -> None:
@@ -158,14 +164,12 @@ class EvalStreams:
         per = {name: {"fp": [], "quantized": []} for name in self.order}
         model = adapter.model
         for b, x in enumerate(self.ids):
-            x = x.to(device)
-            for key, X in (("fp", self.X_fp), ("quantized", self.X_q)):
-                with replayed(adapter, X[b].to(device), self.as_tuple):
-                    logits = model(input_ids=x, **adapter.call_kwargs()).logits
-                per[self.source[b]][key] += window_nll(logits, x).tolist()
+            for w in range(x.shape[0]):                  # one window at a time: the logits of a batch of long
+                xw = x[w:w + 1].to(device)               # windows over a large vocabulary would not fit
+                for key, X in (("fp", self.X_fp), ("quantized", self.X_q)):
+                    with replayed(adapter, X[b][w:w + 1].to(device), self.as_tuple):
+                        logits = model(input_ids=xw, **adapter.call_kwargs()).logits
+                    per[self.source[b]][key] += window_nll(logits, xw).tolist()
         L = seqlen or self.ids[0].shape[1]
         return {name: {k: summary(v, L, 0.0) for k, v in d.items()} for name, d in per.items()}
 
-    def rows_bytes(self) -> int:
-        """Bytes of both streams."""
-        return sum(x.numel() * x.element_size() for x in self.X_fp + self.X_q)

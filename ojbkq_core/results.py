@@ -95,6 +95,7 @@ def ordering(rows: list[dict], domains: list[str], chain=CHAIN) -> list[dict]:
 
 
 BASELINE = "gptqmodel-gptq"
+ROTATED = "+"           # a rotated row's recipe is `<recipe>+<rotation>` (`ojbkq compare --rotations`)
 
 
 def against_baseline(rows: list[dict], domains: list[str], baseline: str = BASELINE) -> list[dict]:
@@ -104,16 +105,14 @@ def against_baseline(rows: list[dict], domains: list[str], baseline: str = BASEL
     out = []
     for base in (r for r in rows if r["recipe"] == baseline):
         for r in rows:
-            if r["bits"] != base["bits"] or r["recipe"] in ("fp", "rtn") or r["recipe"].startswith("gptqmodel"):
+            if (r["bits"] != base["bits"] or r["recipe"].split(ROTATED)[0] in ("fp", "rtn")
+                    or r["recipe"].startswith("gptqmodel")):
                 continue
             for d in domains:
                 pr, pb = r["perplexity"][d], base["perplexity"][d]
                 out.append({"bits": r["bits"], "domain": d, "recipe": r["recipe"], "ppl": [pr, pb],
                             "beats": bool(pr < pb), **verdict(r, base, d)})
     return out
-
-
-ROTATED = "+"           # a rotated row's recipe is `<recipe>+<rotation>` (`ojbkq compare --rotations`)
 
 
 def against_unrotated(rows: list[dict], domains: list[str]) -> list[dict]:
@@ -148,7 +147,8 @@ def layer_ratios(rows: list[dict], reference: str = "gptq") -> dict:
     layer, summarised as median and worst (largest) ratio with that layer's name."""
     out = {}
     for r in rows:
-        ref = next((x for x in rows if x["recipe"] == reference and x["bits"] == r["bits"]), None)
+        own = reference + r["recipe"][len(r["recipe"].split(ROTATED)[0]):]      # gptq+hadamard for rotated rows
+        ref = next((x for x in rows if x["recipe"] == own and x["bits"] == r["bits"]), None)
         if not ref or r is ref or not r.get("layer_objective"):
             continue
         ratios = {k: v / ref["layer_objective"][k] for k, v in r["layer_objective"].items()

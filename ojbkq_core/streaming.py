@@ -419,7 +419,7 @@ def load_start(partial: Partial, state: dict, rank: int) -> tuple[Progress, dict
         if X_fp is not None:
             X_fp.append(t["X_fp"])
     evaluation = None
-    if p.get("evaluation_batches") is not None:
+    if p.get("evaluation_batches") is not None and rank == 0:            # rank 0 alone evaluates
         evaluation = {"X_fp": [], "X_q": []}
         for b in range(p["evaluation_batches"]):
             f = os.path.join(partial.resume_dir, f"evaluation-r{rank}-{b:05d}.safetensors")
@@ -555,12 +555,19 @@ class Streamed(Events):
         from .evaluation import outside_blocks
         t0 = time.perf_counter()
         modules = [(name, sub) for name, sub in outside_blocks(adapter)]
-        slots = [(sub, leaf, id(p)) for _, sub in modules for leaf, p in sub._parameters.items() if p is not None]
+        untied = self.rotator is not None and self.rotator.report["untied"]
+        head = adapter.model.get_output_embeddings() if hasattr(adapter.model, "get_output_embeddings") else None
+
+        def key(name, sub, leaf):                        # the checkpoint's tie, unless the rotation untied the head
+            full = f"{name}.{leaf}" if name else leaf
+            return full if untied and sub is head else self.weights.canonical.get(full, full)
+        slots = [(sub, leaf, key(name, sub, leaf)) for name, sub in modules
+                 for leaf, p in sub._parameters.items() if p is not None]
 
         def tie():                                       # every slot of a tied parameter: its first slot's object
-            first: dict[int, nn.Parameter] = {}
-            for sub, leaf, key in slots:
-                sub._parameters[leaf] = first.setdefault(key, sub._parameters[leaf])
+            first: dict[str, nn.Parameter] = {}
+            for sub, leaf, k in slots:
+                sub._parameters[leaf] = first.setdefault(k, sub._parameters[leaf])
 
         for name, sub in modules:
             tie()

@@ -23,8 +23,19 @@ def _sets(model_dir, out, *extra):
             "quant.group_size=32", f"output.dir={out}", "device=cpu", "output.format=fake", *EVAL, *extra]
 
 
+def tiny_gemma3():
+    """Five sliding-window blocks (window 8, shorter than the windows scored) then a global one, each kind with
+    its own mask and rotary base: every block must get its own call arguments."""
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                        max_position_embeddings=256, query_pre_attn_scalar=16)
+    return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
 MODELS = {"llama": lambda: tiny_llama(layers=3), "gpt2": lambda: tiny_gpt2(layers=3),
-          "qwen3_moe": lambda: tiny_moe("qwen3_moe", layers=2)}
+          "qwen3_moe": lambda: tiny_moe("qwen3_moe", layers=2), "gemma3": tiny_gemma3}
 
 
 @pytest.mark.parametrize("stream", ["true", "false"])
@@ -67,11 +78,19 @@ def test_a_recipe_with_evaluation_streams_and_stays_within_one_block(tmp_path):
     assert saved["perplexity"] == rep["perplexity"]
 
 
-def test_tied_embeddings_stay_tied_through_a_streamed_evaluation(tmp_path):
-    """GPT-2 ties its head to its embeddings: the scoring reads them once, and the checkpoint is the one a
-    run without evaluation writes."""
+def test_tied_embeddings_stay_tied_through_a_streamed_evaluation(tmp_path, monkeypatch):
+    """GPT-2 ties its head to its embeddings: the scoring reads them once (the head is never read on its own),
+    and the checkpoint is the one a run without evaluation writes."""
+    from ojbkq_core import streaming
     folder = save(tiny_gpt2(layers=3), str(tmp_path / "gpt2"))
+    asked, read = [], streaming.Checkpoint.read
+
+    def spy(self, names, device, dtypes):
+        asked.extend(names)
+        return read(self, names, device, dtypes)
+    monkeypatch.setattr(streaming.Checkpoint, "read", spy)
     with_eval = run(load_spec("gptq", _sets(folder, tmp_path / "a", "model.stream=true")))
+    assert "transformer.wte.weight" in asked and "lm_head.weight" not in asked
     without = run(load_spec("gptq", _sets(folder, tmp_path / "b", "model.stream=true", "eval.path=null")))
     assert "perplexity" in with_eval and "perplexity" not in without
     for name in ("model.safetensors", "config.json"):
