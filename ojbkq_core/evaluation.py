@@ -104,7 +104,6 @@ class EvalStreams:
     X_q: list[torch.Tensor]
     home: object = "cpu"
     as_tuple: bool = False
-    seconds: float = 0.0
     order: list[str] = field(default_factory=list)
 
     @classmethod
@@ -157,7 +156,7 @@ class EvalStreams:
         self._through(block, self.X_q, device)
 
     @torch.no_grad()
-    def score(self, adapter: Model, device, seqlen: Optional[int] = None) -> dict:
+    def score(self, adapter: Model, device) -> dict:
         """Each source's `{"fp", "quantized"}` results, as `perplexity.perplexity` gives them, from the
         streams at the output of the last block. The modules outside the blocks must be on `device`
         (`head_on`, or a streamed run's head loaded there)."""
@@ -170,6 +169,6 @@ class EvalStreams:
                     with replayed(adapter, X[b][w:w + 1].to(device), self.as_tuple):
                         logits = model(input_ids=xw, **adapter.call_kwargs()).logits
                     per[self.source[b]][key] += window_nll(logits, xw).tolist()
-        L = seqlen or self.ids[0].shape[1]
+        L = self.ids[0].shape[1]
         return {name: {k: summary(v, L, 0.0) for k, v in d.items()} for name, d in per.items()}
 

@@ -1,4 +1,4 @@
-"""A whole model from a run specification: load → calibrate → (evaluate) → export.
+"""A whole model from a run specification: load → calibrate (and evaluate, in the same pass) → export.
 
     run(load_spec(RECIPE, overrides))         # `ojbkq quantize RECIPE --set k=v`
     evaluate_dir(MODEL_DIR, dataset, seqlen)  # `ojbkq eval MODEL_DIR`

@@ -5,18 +5,19 @@ A streamed run (`model.stream`, pipeline.py) builds the model with its parameter
 (`empty_model`) and hands the engine a `Streamed` set of events around its usual ones:
 
 - `block_start(i)`: block `i`'s parameters are read from the checkpoint's safetensors files, on the
-  calibration device (`Weights.load`); the model's front (embeddings) was read for the capture and is
-  dropped here;
+  calibration device (`Weights.load`), and rotated with a `rotation` (`rotation.Rotator`); the model's front
+  (embeddings) was read for the capture and is dropped here;
 - `block_done(i)`: the block's stored tensors (the format's `layer_tensors` for its quantized modules,
   every other tensor as it is) go to the `ShardWriter`, which writes a shard whenever one is full; the
   block's parameters go back to the meta device; every `output.checkpoint_every` the state to resume
-  from is saved (`Saved`).
+  from is saved (`Saved`);
+- `head()`: the modules outside the blocks are read (and rotated) while the evaluation is scored, then dropped.
 
 Everything is written into the output's partial sibling `.NAME.partial` (`Partial`): the finished
-shards, and in its `resume/` folder the inputs of the next block in both streams, the tensors of the
-shard being filled, the report rows so far and the RNG states. The folder holds no `config.json` until
-the run ends, when the rest of the model (embeddings, final norm, head: read from the checkpoint) is
-written and the folder is published in one rename, as `save_quantized` does.
+shards, and in its `resume/` folder the inputs of the next block in both streams (and in the evaluation's
+two), the tensors of the shard being filled, the report rows so far and the RNG states. The folder holds no `config.json` until
+the run ends, when the rest of the model (embeddings, final norm, head: read from the checkpoint, rotated
+with a `rotation`) is written and the folder is published in one rename, as `save_quantized` does.
 """
 from __future__ import annotations
 
