@@ -414,3 +414,28 @@ def test_smollm2_checkpoints_load_in_transformers(tmp_path_factory, tmp_path, fm
             diff = float((model(ids).logits.float() - a).abs().max())
     print(f"\nSmolLM2-135M {fmt} 4bit-g64-asym-act-static: max |Δ logit| {diff:.3g} of {scale:.3g}")
     assert diff <= TOL * scale
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+def test_a_rotated_3bit_smollm2_loads_in_transformers(tmp_path_factory, tmp_path):
+    """SmolLM2 with R1 (order 576 = 72 · 8) and R2 folded in, its tied head untied by the final norm, 3-bit
+    compressed-tensors: transformers reads it as LlamaForCausalLM (dequantizing) with the project's logits."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    src = smollm2_source(tmp_path_factory.mktemp("smollm2"))
+    out = str(tmp_path / "q")
+    sets = [f"model.path={src}", "model.dtype=float32", f"calibration.path={CALIB_TXT}", "calibration.samples=4",
+            "calibration.seqlen=32", "quant.bits=3", "quant.group_size=64", "output.format=compressed-tensors",
+            f"output.dir={out}", "eval.perplexity=[]", "device=cpu", "rotation.residual=hadamard",
+            "rotation.heads=hadamard"]
+    assert cli.main(["quantize", "gptq", *sum((["--set", s] for s in sets), [])]) == 0
+    report = json.load(open(os.path.join(out, "ojbkq_report.json")))
+    assert report["rotation"]["untied"] and "72 x 8" in report["rotation"]["residual_description"]
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu",
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
+    assert type(model).__name__ == "LlamaForCausalLM" and torch.all(model.model.norm.weight == 1)
+    ref = load_quantized(out)[0]
+    ids = torch.randint(0, ref.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ref(ids).logits.float(), model(ids).logits.float()
+    assert float((a - b).abs().max()) <= TOL * float(a.abs().max())
