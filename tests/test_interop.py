@@ -137,17 +137,11 @@ def test_a_rotated_checkpoint_loads_as_any_other(tmp_path, fmt):
     """A rotated model (R1 and R2 folded into the weights; the tied head untied because folding the final norm
     made it differ) is written as the same architecture: transformers (through GPTQModel for GPTQ) reads it and
     gives the project's logits."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
+    from tiny_models import tied_llama
     if fmt == "gptq":
         _gptqmodel()
-    torch.manual_seed(7)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         tie_word_embeddings=True)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
+    model = tied_llama(seed=7, layers=1, hidden=256, intermediate=512)
     src = save(model, str(tmp_path / "src"))
     out = str(tmp_path / "q")
     sets = [f"model.path={src}", "model.dtype=float32", f"calibration.path={CALIB_TXT}", "calibration.samples=4",

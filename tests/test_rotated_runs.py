@@ -14,7 +14,8 @@ import yaml
 from ojbkq_core.errors import InputError
 from ojbkq_core.pipeline import CONFIG_FILE, REPORT_FILE, load_model, run
 from ojbkq_core.spec import load_spec
-from tiny_models import CALIB_TXT, EVAL_TXT, offline, one_thread, save, tiny_gpt2, tiny_llama, tiny_moe  # noqa: F401
+from tiny_models import (CALIB_TXT, EVAL_TXT, offline, one_thread, save, tied_llama, tiny_gpt2, tiny_llama,  # noqa: F401
+                         tiny_moe)
 
 ROTATED = ["rotation.residual=hadamard", "rotation.heads=hadamard"]
 
@@ -26,22 +27,7 @@ def _sets(model_dir, out, *extra):
             "eval.seqlen=64", "eval.samples=4", *extra]
 
 
-def tied_llama():
-    """A tiny Llama whose head is its embeddings and whose final norm is not all ones: folding that norm
-    unties the head."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         tie_word_embeddings=True)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-MODELS = {"llama": lambda: tiny_llama(layers=3), "tied-llama": tied_llama,
+MODELS = {"llama": lambda: tiny_llama(layers=3), "tied-llama": lambda: tied_llama(seed=3, layers=3),
           "qwen3_moe": lambda: tiny_moe("qwen3_moe", layers=2)}
 
 
@@ -76,7 +62,7 @@ def test_a_rotated_checkpoint_is_an_ordinary_one(fmt, tmp_path):
     from ojbkq_core.api import load
     from ojbkq_core.data import evaluation_ids
     from ojbkq_core.perplexity import perplexity
-    folder = save(tied_llama(), str(tmp_path / "m"))
+    folder = save(tied_llama(seed=3, layers=3), str(tmp_path / "m"))
     rep = run(load_spec("gptq", _sets(folder, tmp_path / "q", f"output.format={fmt}", *ROTATED)))
     config = json.load(open(tmp_path / "q" / "config.json"))
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is False

@@ -348,17 +348,9 @@ def test_a_rotated_checkpoint_is_served(tmp_path):
     """A rotated model (R1 and R2 folded into the weights, the tied head untied by folding the final norm) is
     an ordinary checkpoint to vLLM: served, with the project's log-probabilities (the recipes' default format
     where vLLM has an int4 kernel on this CPU, else the dequantized export)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tied_llama
     needs_serving_env()
-    torch.manual_seed(5)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         tie_word_embeddings=True)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    folder = save(model, str(tmp_path / "llama"))
+    folder = save(tied_llama(seed=5, layers=2, hidden=128, intermediate=256), str(tmp_path / "llama"))
     fmt = "compressed-tensors" if serving_cpu()["int4"] else "fake"
     q = oq.quantize(folder, recipe="gptq", progress=False, overrides={
         "model.dtype": "float32", "calibration.dataset": "text", "calibration.path": CALIB_TXT,

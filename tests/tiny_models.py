@@ -22,6 +22,21 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
     return LlamaForCausalLM(cfg).eval()
 
 
+def tied_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128):
+    """A tiny Llama whose head is its embeddings and whose norms are not all ones (uniform in [0.5, 1.5]):
+    folding the final norm into the head, as a rotation does, unties them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate,
+                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
 def tiny_gpt2(seed: int = 0, layers: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
