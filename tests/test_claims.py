@@ -216,6 +216,17 @@ def _step(obj: Any, seg: tuple[str, str], where: str) -> Any:
     return _select(obj, arg.lstrip("?"), arg.startswith("?"), where)
 
 
+def closing(text: str, i: int) -> int:
+    """The index of the `]` that closes the `[` at `text[i]` (`len(text)` when none does)."""
+    depth, j = 0, i
+    while j < len(text):
+        depth += {"[": 1, "]": -1}.get(text[j], 0)
+        if depth == 0:
+            break
+        j += 1
+    return j
+
+
 def parse_path(path: str) -> list[tuple[str, str]]:
     segs, i = [], 0
     while i < len(path):
@@ -231,12 +242,7 @@ def parse_path(path: str) -> list[tuple[str, str]]:
             i = j + 1
             continue
         if ch == "[":
-            depth, j = 0, i
-            while j < len(path):
-                depth += {"[": 1, "]": -1}.get(path[j], 0)
-                if depth == 0:
-                    break
-                j += 1
+            j = closing(path, i)
             if j == len(path):
                 raise KeyError_(f"{path}: unclosed [")
             arg = path[i + 1:j].strip()
@@ -393,12 +399,7 @@ def find_citations(text: str) -> list[tuple[int, int, str]]:
     """(start, end, body) of every inline citation; the body is what follows `[record:`."""
     out, i = [], 0
     while (i := text.find(CITE, i)) >= 0:
-        depth, j = 0, i
-        while j < len(text):
-            depth += {"[": 1, "]": -1}.get(text[j], 0)
-            if depth == 0:
-                break
-            j += 1
+        j = closing(text, i)
         out.append((i, j + 1, text[i + len(CITE):j].strip()))
         i = j + 1
     return out
