@@ -119,7 +119,7 @@ def shared_calibration(args) -> CalibrationSpec:
     `--set calibration.KEY=...` (checked as a recipe's keys are)."""
     cal = calibration_spec(args.calibration, args.samples, args.seqlen, args.seed)
     _, recipe, extra = recipes(args.recipes)[0]
-    return load_spec(recipe, recipe_overrides("-", args, cal, args.bits[0], -1, extra)).calibration
+    return load_spec(recipe, recipe_overrides("-", args, cal, args.bits[0], args.group_size, extra)).calibration
 
 
 def calibration_record(cal: CalibrationSpec) -> dict:
@@ -280,7 +280,7 @@ def check_args(args) -> None:
             raise InputError(f"--baseline {path}: no such file")
     for bits in args.bits:                            # unknown recipes and bad --set end here, before any work
         for _, recipe, extra in recipes(args.recipes):
-            load_spec(recipe, recipe_overrides("-", args, cal, bits, -1, extra))
+            load_spec(recipe, recipe_overrides("-", args, cal, bits, args.group_size, extra))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,7 +443,7 @@ def compare(args, t_job: float, c_job: float) -> dict:
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         t1 = time.perf_counter()
         q = spec.quant
-        row = {**common, "recipe": name, "bits": q.bits, "group_size": q.group_size, "seconds": seconds,
+        row = {**common, "recipe": name, "bits": q.bits, "group_size": q.group_size, "grid": q.grid, "seconds": seconds,
                "cpu_seconds": cpu_seconds, "sym": q.sym, "act_order": q.act_order, "static_groups": q.static_groups,
                "damp": q.damp, "rotation": rot, "objective": res.report["objective"], "decoder": res.report["decoder"],
                "backends": res.report["backends"],

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 
 from .decoders.base import Decoder
 from .errors import InputError
-from .grid import Grid, GridSpec, QuantSpec
+from .grid import INTEGERS, Alphabet, Grid, GridSpec, QuantSpec
 from .linalg import inverse_cholesky
 from .objectives import Objective, ObjectiveSpec, PathScore, RowScore
 from .problem import WorkingProblem
@@ -36,7 +37,9 @@ class LayerResult:
     was dropped to save memory); `codes` `(m, n)` integers in `[0, maxq]` (int64; the engine keeps the
     narrowest type); `scales`, `zeros` `(m, n_groups)`; `g_idx` `(n,)` int64 (each column's group);
     `perm` `(n,)` the decoding order; `row_loss` `(m,)` and `loss` the objective
-    `Σ w ‖W A − Q B‖²_F / N` (float64, undamped).
+    `Σ w ‖W A − Q B‖²_F / N` (float64, undamped). `alphabet`: the values the codes index (`qweight =
+    scales · (alphabet.value(codes) − zeros)`); `global_scale`: an `nvfp4` layer's per-tensor scale (its
+    `scales` are the stored FP8 scales divided by it), else None.
     """
 
     stored_qweight: Optional[torch.Tensor]
@@ -48,13 +51,17 @@ class LayerResult:
     row_loss: torch.Tensor
     loss: float
     report: dict = field(default_factory=dict)
+    alphabet: Alphabet = INTEGERS
+    global_scale: Optional[float] = None
 
     def __init__(self, qweight: Optional[torch.Tensor], codes: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor, g_idx: torch.Tensor, perm: torch.Tensor, row_loss: torch.Tensor,
-                 loss: float, report: Optional[dict] = None):
+                 loss: float, report: Optional[dict] = None, alphabet: Alphabet = INTEGERS,
+                 global_scale: Optional[float] = None):
         self.stored_qweight, self.codes, self.scales, self.zeros = qweight, codes, scales, zeros
         self.g_idx, self.perm, self.row_loss, self.loss = g_idx, perm, row_loss, loss
         self.report = {} if report is None else report
+        self.alphabet, self.global_scale = alphabet, global_scale
 
     @classmethod
     def weight_only(cls, Q: torch.Tensor) -> "LayerResult":
@@ -72,23 +79,23 @@ class LayerResult:
         if self.stored_qweight is not None:
             return self.stored_qweight
         g = self.g_idx.to(self.scales.device)
-        return self.scales[:, g] * (self.codes.float() - self.zeros[:, g])
+        return self.scales[:, g] * (self.alphabet.value(self.codes.float()) - self.zeros[:, g])
 
     @qweight.setter
     def qweight(self, Q: Optional[torch.Tensor]) -> None:
         self.stored_qweight = Q
 
 
-def _static_grid(W: torch.Tensor, spec: GridSpec, perm: torch.Tensor):
-    """Scale and zero `(m, n)` in natural order from the weights, and `g_idx`."""
+def _static_grid(W: torch.Tensor, spec: GridSpec, fit):
+    """Scale and zero `(m, n)` in natural order from the weights (`fit`: the grid's rule for a group), and `g_idx`."""
     m, n = W.shape
     if spec.group_size == -1:
-        s, z = spec.fit(W)
+        s, z = fit(W)
         return s[:, None].expand(m, n).contiguous(), z[:, None].expand(m, n).contiguous(), torch.zeros(n, dtype=torch.long)
     g = spec.group_size
     scale, zero = torch.empty_like(W), torch.empty_like(W)
     for i in range(0, n, g):
-        s, z = spec.fit(W[:, i:i + g])
+        s, z = fit(W[:, i:i + g])
         scale[:, i:i + g], zero[:, i:i + g] = s[:, None], z[:, None]
     return scale, zero, torch.arange(n) // g
 
@@ -178,12 +185,14 @@ def quantize_layer(
     dev = W.device
     W = W.to(dtype).clone()
     static = grid.group_size == -1 or grid.static_groups
+    global_scale = grid.global_scale_of(W)            # nvfp4: from the weight as it comes
+    fit = functools.partial(grid.fit, global_scale=global_scale)
     if grid.group_size == -1:               # GPTQ: one grid per row, fitted before dead columns are zeroed
-        scale_nat, zero_nat, g_idx = _static_grid(W, grid, None)
+        scale_nat, zero_nat, g_idx = _static_grid(W, grid, fit)
     f = factorize(stats, objective, damp, grid.act_order, dtype, dev, shared)
     W[:, f.dead] = 0
     if grid.group_size != -1 and grid.static_groups:
-        scale_nat, zero_nat, g_idx = _static_grid(W, grid, None)
+        scale_nat, zero_nat, g_idx = _static_grid(W, grid, fit)
 
     perm, U = f.perm, f.U
     Wp = W[:, perm]
@@ -197,9 +206,9 @@ def quantize_layer(
     lower = torch.zeros(n, dtype=dtype, device=dev)
     upper = torch.full((n,), float(grid.maxq), dtype=dtype, device=dev)
     if static:
-        g = Grid(lower, upper, scale_nat[:, perm].to(dev), zero_nat[:, perm].to(dev))
+        g = Grid(lower, upper, scale_nat[:, perm].to(dev), zero_nat[:, perm].to(dev), alphabet=grid.alphabet)
     else:
-        g = Grid(lower, upper, group_size=grid.group_size, fit=grid.fit)
+        g = Grid(lower, upper, group_size=grid.group_size, fit=fit, alphabet=grid.alphabet)
         g_idx = torch.empty(n, dtype=torch.long)
         g_idx[perm.cpu()] = torch.arange(n) // grid.group_size
     problem = WorkingProblem(U, T, g)
@@ -224,7 +233,7 @@ def quantize_layer(
     codes = codes_p[:, inv]
     scale = scale_p[:, inv]
     zero = zero_p[:, inv]
-    Q = scale * (codes - zero)
+    Q = g.dequantize(codes, scale, zero)
 
     n_groups = int(g_idx.max()) + 1
     first = torch.zeros(n_groups, dtype=torch.long)
@@ -249,6 +258,7 @@ def quantize_layer(
     return LayerResult(
         qweight=Q.float(), codes=codes.round().long(), scales=scale[:, first].float(), zeros=zero[:, first].float(),
         g_idx=g_idx.cpu(), perm=perm.cpu(), row_loss=row_loss, loss=float(row_loss.sum()), report=report,
+        alphabet=grid.alphabet, global_scale=global_scale,
     )
 
 

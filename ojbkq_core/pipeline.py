@@ -173,7 +173,7 @@ def calibrate_model(model, tokenizer, spec: RunSpec, input_ids: Optional[torch.T
     warn_if_emulated(dtype, str(device))
     rotation = rotate(model, spec) if stream is None else stream.rotation_report
     q = spec.quant
-    res = calibrate(adapter, input_ids, spec.objective.decoded, q.grid, spec.decoder.decoder, damp=q.damp,
+    res = calibrate(adapter, input_ids, spec.objective.decoded, q.grid_spec, spec.decoder.decoder, damp=q.damp,
                     seed=spec.decoder.seed, device=device, score_objective=spec.objective.scoring(),
                     true_sequential=q.true_sequential, skip=q.skip, batch_size=batch_size,
                     progress=progress and (world is None or world.main), events=events,

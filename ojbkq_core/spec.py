@@ -37,7 +37,7 @@ from .config import dump_yaml, parse_override, read_recipe
 from .decoders.base import Decoder
 from .errors import InputError
 from .errors import suggest as _suggest
-from .grid import SCALE_METHODS, QuantSpec
+from .grid import GRIDS, SCALE_METHODS, QuantSpec
 from .objectives import Objective, ObjectiveSpec, from_terms
 
 # device: bfloat16 on a GPU or a CPU that computes it natively, else float32 (precision.py); auto: the checkpoint's
@@ -490,6 +490,7 @@ def quant_section(sec: dict) -> QuantSpec:
     if not _is_num(sec["damp"]) or sec["damp"] < 0:
         raise InputError(f"quant.damp={sec['damp']!r}: must be a number ≥ 0 (fraction of mean diag H, e.g. 0.01)")
     _choice(sec, "quant", "scale_method", SCALE_METHODS)
+    _choice(sec, "quant", "grid", GRIDS)
     return QuantSpec(**{**sec, "skip": _names(sec, "quant", "skip")})      # GridSpec checks bits and group_size
 
 

@@ -139,7 +139,7 @@ def test_terms_objective(tmp_path):
 
 def test_typed_sections(tmp_path):
     run = load_spec(write(tmp_path, "c.yaml", BODY), ["quant.scale_method=clip", "device=cpu"])
-    assert isinstance(run.quant, QuantSpec) and run.quant.grid == GridSpec(
+    assert isinstance(run.quant, QuantSpec) and run.quant.grid_spec == GridSpec(
         bits=3, group_size=64, sym=True, act_order=False, static_groups=False, scale_method="clip")
     assert run.quant.damp == QuantSpec.damp and run.quant.skip == ()
     assert isinstance(run.decoder.decoder, Klein) and run.decoder.decoder.options["k"] == 8

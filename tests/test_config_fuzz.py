@@ -135,7 +135,7 @@ def test_mutated_configs_exit_0_or_2_never_a_traceback(tmp_path_factory, muts, v
     event(f"exit {rc}")
     if rc == 0:                                   # valid: what runs after loading builds without error
         spec = load_spec(path, sets)
-        spec.quant.grid, spec.objective.scoring(), spec.decoder.decoder
+        spec.quant.grid_spec, spec.objective.scoring(), spec.decoder.decoder
         get_format(spec.output.format).check_quant(spec.quant)
         assert load_spec(spec.to_dict()) == spec          # the resolved recipe reproduces the run
         yaml.safe_load(spec.to_yaml())

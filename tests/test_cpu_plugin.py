@@ -42,6 +42,8 @@ GRIDS = {
     "groups-not-dividing-n": GridSpec(bits=4, group_size=20),
     "static-groups+sym": GridSpec(bits=3, group_size=16, static_groups=True, sym=True),
     "group-over-two-blocks": GridSpec(bits=3, group_size=256),
+    "nvfp4-static+act-order": GridSpec(group_size=16, grid="nvfp4", static_groups=True, act_order=True),
+    "mxfp4-fitted-in-the-walk": GridSpec(group_size=32, grid="mxfp4"),
 }
 
 
@@ -126,8 +128,16 @@ def test_successive_carries_the_injection_like_the_reference(rows):
     same(a, b)
 
 
+@pytest.mark.parametrize("grid", ["nvfp4-static+act-order", "mxfp4-fitted-in-the-walk"])
+def test_successive_on_an_fp4_alphabet(grid):
+    W, st = layer(9, 160, seed=15)
+    a, b = both("successive", {}, W, st, objective="regularized", grid=GRIDS[grid])
+    same(a, b)
+
+
 @pytest.mark.parametrize("objective", ["symmetric", "jta"])
-@pytest.mark.parametrize("grid", ["groups-inside-blocks", "row-grid+act-order", "groups-not-dividing-n"])
+@pytest.mark.parametrize("grid", ["groups-inside-blocks", "row-grid+act-order", "groups-not-dividing-n",
+                                  "nvfp4-static+act-order", "mxfp4-fitted-in-the-walk"])
 def test_klein_draws_the_reference_numbers(objective, grid):
     """Same seed, same counter-based uniforms: the same candidates and the same choice per row."""
     W, st = layer(10, 200, seed=6)
@@ -136,10 +146,11 @@ def test_klein_draws_the_reference_numbers(objective, grid):
     assert a.report["candidate_histogram"] == b.report["candidate_histogram"]
 
 
-def test_klein_with_a_fixed_beta_and_clamped_targets():
+@pytest.mark.parametrize("grid", [GridSpec(bits=2, group_size=16), GridSpec(group_size=16, grid="nvfp4", static_groups=True)])
+def test_klein_with_a_fixed_beta_and_clamped_targets(grid):
     """A small β (draws far from the nearest code) and targets beyond the box (codes clamped)."""
     W, st = layer(8, 64, seed=12)
-    a, b = both("klein", {"k": 5, "window": 4, "beta": 0.05}, 6 * W, st, grid=GridSpec(bits=2, group_size=16))
+    a, b = both("klein", {"k": 5, "window": 4, "beta": 0.05}, 6 * W, st, grid=grid)
     same(a, b)
 
 
@@ -154,7 +165,8 @@ def test_klein_is_independent_of_row_chunks_and_never_worse_than_babai():
     assert (whole.row_loss <= babai.row_loss * (1 + 1e-9) + 1e-12).all()
 
 
-@pytest.mark.parametrize("grid", ["groups-inside-blocks", "row-grid+act-order", "group-over-two-blocks"])
+@pytest.mark.parametrize("grid", ["groups-inside-blocks", "row-grid+act-order", "group-over-two-blocks",
+                                  "nvfp4-static+act-order", "mxfp4-fitted-in-the-walk"])
 @pytest.mark.parametrize("objective", ["symmetric", "jta"])
 def test_beam_keeps_the_reference_beams(grid, objective):
     W, st = layer(6, 300, seed=8)

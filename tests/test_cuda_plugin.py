@@ -97,6 +97,25 @@ def test_float64_problems_go_to_the_reference_unchanged():
         assert torch.equal(a.codes, b.codes) and torch.equal(a.objective, b.objective)
 
 
+def test_fp4_problems_go_to_the_reference_on_the_device():
+    """The Triton kernels walk the integer grid only: a float32 problem on the E2M1 alphabet is decoded by the
+    reference implementation, with the same codes."""
+    from ojbkq_core.grid import E2M1, Grid
+    from ojbkq_core.problem import WorkingProblem
+    g = torch.Generator().manual_seed(2)
+    n, m = 8, 5
+    A = torch.randn(n + 2, n, generator=g)
+    U = torch.linalg.cholesky(torch.linalg.inv(A.T @ A + 0.1 * torch.eye(n))).T.contiguous()
+    T = torch.randn(m, n, generator=g) * 3
+    grid = Grid(torch.zeros(n), torch.full((n,), 14.0), torch.ones(m, n), torch.zeros(m, n), alphabet=E2M1)
+    wp = WorkingProblem(U, T, grid)
+    for name, params in [("babai", {}), ("klein", {"k": 4}), ("beam", {"width": 3})]:
+        cls = PAIRS[name]
+        a, b = cls(**params).decode(wp, seed=5), on_device(cls, **params).decode(wp, seed=5)
+        assert b.info["backend"] == "reference"
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.objective, b.objective)
+
+
 # --- the kernels against the reference (interpreter on CPU) ---------------------------------------
 
 GRIDS = {

@@ -160,7 +160,7 @@ def test_klein_noise_only_where_a_draw_can_land_changes_nothing(monkeypatch, kw,
         wp = layer_problem(seed=10 + seed, **shape)
         wp.T = wp.T * 1.3                                    # some targets beyond the box: clamped codes
         pruned = Klein(k=8, **kw).decode(wp, seed=seed)
-        monkeypatch.setattr(sampling_mod, "reach", lambda kappa, w, spread: w)
+        monkeypatch.setattr(sampling_mod, "reach", lambda kappa, w, spread, ratio=1.0: w)
         full = Klein(k=8, **kw).decode(wp, seed=seed)
         monkeypatch.setattr(sampling_mod, "reach", lambda *a: reached.append(real_reach(*a)) or reached[-1])
         assert torch.equal(pruned.codes, full.codes)

@@ -1,13 +1,15 @@
 """Exact references: Schnorr–Euchner sphere decoding and brute force (docs/formulation.md §5).
 
 Both work per row on the lower-triangular lattice form of the working problem: with `Rl = U⁻ᵀ`,
-`H = Rlᵀ Rl`, a row's objective is `‖y − B c‖²` with `B = Rl · diag(s)`, `y = Rl (t + s ∘ z0)`, and
-coordinate `k` of `B` involves only the codes `c_0..c_k`. Both need a static grid.
+`H = Rlᵀ Rl`, a row's objective is `‖y − B a(c)‖²` with `B = Rl · diag(s)`, `y = Rl (t + s ∘ z0)` and `a`
+the grid's alphabet (`a(c) = c` on the integers), and coordinate `k` of `B` involves only the codes
+`c_0..c_k`. Both need a static grid.
 """
 from __future__ import annotations
 
 import itertools
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,8 +29,17 @@ def _lattice_rows(problem: WorkingProblem, who: str):
     Z = problem.grid.zero.double().cpu().numpy()
     lo = problem.grid.lower.cpu().numpy().astype(np.int64)
     hi = problem.grid.upper.cpu().numpy().astype(np.int64)
+    if problem.grid.alphabet.size is not None and (lo.min() < 0 or hi.max() >= problem.grid.alphabet.size):
+        raise InputError(f"decoder '{who}': the box [{lo.min()}, {hi.max()}] reaches past the alphabet's "
+                         f"{problem.grid.alphabet.size} codes")
     for i in range(T.shape[0]):
         yield Rl * S[i][None, :], Rl @ (T[i] + S[i] * Z[i]), lo, hi
+
+
+def _values(problem: WorkingProblem) -> Optional[np.ndarray]:
+    """The alphabet's values `(K,)` float64, None on the integers."""
+    values = problem.grid.alphabet.values
+    return None if values is None else np.asarray(values, dtype=np.float64)
 
 
 def _result(problem, codes: np.ndarray, obj: np.ndarray, info=None):
@@ -37,16 +48,18 @@ def _result(problem, codes: np.ndarray, obj: np.ndarray, info=None):
 
 
 def sphere_decode(L: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, start: np.ndarray,
-                  max_nodes: int = 50_000_000):
-    """Minimise `‖y − L c‖²` over integer `lo ≤ c ≤ hi`; `L` `(n, n)` lower triangular.
+                  max_nodes: int = 50_000_000, values: Optional[np.ndarray] = None):
+    """Minimise `‖y − L a(c)‖²` over integer codes `lo ≤ c ≤ hi`; `L` `(n, n)` lower triangular, `a(c) =
+    values[c]` (sorted; None: `a(c) = c`).
 
     Depth-first Schnorr–Euchner enumeration (candidates at each level in order of distance from the
     level's centre) with the radius shrinking to each better leaf; `start` (e.g. the Babai point) sets
     the initial radius. Returns the optimum codes, its value and the number of nodes visited.
     """
+    a = (lambda c: c) if values is None else (lambda c: values[c])  # noqa: E731
     n = len(y)
     best = start.astype(np.int64).copy()
-    best_r = float(((y - L @ best) ** 2).sum())
+    best_r = float(((y - L @ a(best)) ** 2).sum())
     c = np.zeros(n, dtype=np.int64)
     dist = np.zeros(n + 1)
     center = np.zeros(n)
@@ -56,8 +69,8 @@ def sphere_decode(L: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, 
     visited = 0
 
     def enter(k):
-        center[k] = (y[k] - L[k, :k] @ c[:k]) / diag[k]
-        cand[k] = sorted(range(int(lo[k]), int(hi[k]) + 1), key=lambda v: abs(v - center[k]))
+        center[k] = (y[k] - L[k, :k] @ a(c[:k])) / diag[k]
+        cand[k] = sorted(range(int(lo[k]), int(hi[k]) + 1), key=lambda v: abs(a(v) - center[k]))
         pos[k] = 0
 
     k = 0
@@ -70,7 +83,7 @@ def sphere_decode(L: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, 
             if visited > max_nodes:
                 raise InputError(f"decoder 'exact': search passed max_nodes={max_nodes} (n={n}); the problem "
                                  f"is too large or too ill-conditioned to solve exactly; raise max_nodes or use beam")
-            d = dist[k] + (diag[k] * (ck - center[k])) ** 2
+            d = dist[k] + (diag[k] * (a(ck) - center[k])) ** 2
             if d < best_r:
                 c[k] = ck
                 if k == n - 1:
@@ -85,7 +98,7 @@ def sphere_decode(L: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, 
             break
         else:
             k -= 1
-    return best, float(((y - L @ best) ** 2).sum()), visited
+    return best, float(((y - L @ a(best)) ** 2).sum()), visited
 
 
 class Exact(Decoder):
@@ -99,8 +112,9 @@ class Exact(Decoder):
     def decode(self, problem: WorkingProblem, seed: int = 0, row0: int = 0) -> DecodeResult:
         start = Babai().decode(problem).codes.double().cpu().numpy().astype(np.int64)
         codes, obj, nodes = [], [], 0
+        values = _values(problem)
         for i, (L, y, lo, hi) in enumerate(_lattice_rows(problem, self.name)):
-            c, r, v = sphere_decode(L, y, lo, hi, start[i], self.options["max_nodes"])
+            c, r, v = sphere_decode(L, y, lo, hi, start[i], self.options["max_nodes"], values)
             codes.append(c)
             obj.append(r)
             nodes += v
@@ -131,10 +145,12 @@ class Exhaustive(Decoder):
                 break
             chunks.append(np.array(block, dtype=np.float64))
         codes, obj = [], []
+        values = _values(problem)
         for L, y, _, _ in _lattice_rows(problem, self.name):
             best_r, best = math.inf, None
             for Zc in chunks:
-                r = ((y[None, :] - Zc @ L.T) ** 2).sum(1)
+                Vc = Zc if values is None else values[Zc.astype(np.int64)]
+                r = ((y[None, :] - Vc @ L.T) ** 2).sum(1)
                 i = int(r.argmin())
                 if r[i] < best_r:
                     best_r, best = float(r[i]), Zc[i]

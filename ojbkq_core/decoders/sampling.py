@@ -2,7 +2,8 @@
 with, the bound on how far from the nearest code a draw can land, and the reference walk's sampler.
 
 Path `p ≥ 1` of row `i` draws each code from `P(c) ∝ exp(−β_i (t_j − q(c))² / U_jj²)` over the codes within
-`window` steps of the nearest one, by Gumbel-max with the counter-based uniforms of `ojbkq_core.rng`.
+`window` steps of the nearest one (neighbouring values of the grid's alphabet), by Gumbel-max with the
+counter-based uniforms of `ojbkq_core.rng`.
 """
 from __future__ import annotations
 
@@ -36,17 +37,19 @@ def gumbel_spread(dtype=torch.float32) -> float:
     return float(g[1] - g[0])
 
 
-def reach(kappa_min: float, window: int, spread: float) -> int:
+def reach(kappa_min: float, window: int, spread: float, ratio: float = 1.0) -> int:
     """How many steps from the nearest code a draw can still land, `≤ window`.
 
-    With `κ = β s² / U_jj²` (`s` the grid step), the nearest code's logit is at least `−κ/4` and the code
-    `o` steps away has at most `−κ (|o| − ½)²` (both hold when the nearest code is clamped to the box,
-    which only widens the gap), so it trails by at least `κ (o² − |o|)`. Once that exceeds the spread
-    of the Gumbel draws it can never win the argmax. A 0.1% and one-unit margin covers float rounding;
-    a NaN `kappa_min` keeps the whole window.
+    With `κ = β (s δ)² / U_jj²` (`s` the scale, `δ` the alphabet's least gap between neighbouring values,
+    `r = ratio` its largest gap over `δ`; `δ = r = 1` on the integers), the nearest code's logit is at least
+    `−κ r²/4` and the code `o` steps away has at most `−κ (|o| − ½)²` (both hold when the nearest code is
+    clamped to the box, which only widens the gap), so it trails by at least `κ ((|o| − ½)² − r²/4)`
+    (`κ (o² − |o|)` on the integers). Once that exceeds the spread of the Gumbel draws it can never win
+    the argmax. A 0.1% and one-unit margin covers float rounding; a NaN `kappa_min` keeps the whole window.
     """
     W = window
-    while W > 1 and kappa_min * (W * W - W) * (1 - 1e-3) > spread + 1.0:
+    q = ratio * ratio / 4
+    while W > 1 and kappa_min * ((W - 0.5) * (W - 0.5) - q) * (1 - 1e-3) > spread + 1.0:
         W -= 1
     return W
 
@@ -58,9 +61,10 @@ def column_reach(problem: WorkingProblem, beta: torch.Tensor, window: int) -> Op
     grid = problem.grid
     if grid.dynamic:
         return None
-    kappa = (beta.view(-1, 1) * (grid.scale / problem.U.diagonal()) ** 2).amin(0)
+    gap, widest = grid.alphabet.gaps
+    kappa = (beta.view(-1, 1) * (grid.scale * gap / problem.U.diagonal()) ** 2).amin(0)
     spread = gumbel_spread(problem.T.dtype)
-    return [reach(k, window, spread) for k in kappa.tolist()]
+    return [reach(k, window, spread, widest / gap) for k in kappa.tolist()]
 
 
 def sampler(problem: WorkingProblem, paths: int, sampling: Sampling):
@@ -77,13 +81,17 @@ def sampler(problem: WorkingProblem, paths: int, sampling: Sampling):
     # on the CPU only the codes a draw can reach get noise (the same draws, the same winner); on a
     # GPU the bound would cost a device sync per column, so the whole window is drawn
     spread = gumbel_spread(T.dtype) if dev.type == "cpu" else None
+    alphabet = problem.grid.alphabet
+    gap, widest = alphabet.gaps
+    ratio = widest / gap
 
     def choose(t, s, z, lo, hi, d, j):
-        c0 = nearest(t, s, z, lo, hi)                        # (K, m)
-        W = w if spread is None else reach((beta.view(1, -1) * (s[1:] / d) ** 2).amin().item(), w, spread)
+        c0 = nearest(t, s, z, lo, hi, alphabet)              # (K, m)
+        W = w if spread is None else reach((beta.view(1, -1) * (s[1:] * gap / d) ** 2).amin().item(), w, spread,
+                                           ratio)
         offs_W, slot_W = offs[w - W:w + W + 1], slot[..., w - W:w + W + 1]
         cc = c0[1:].unsqueeze(-1) + offs_W                   # (K-1, m, 2W+1)
-        dist = (t[1:].unsqueeze(-1) - s[1:].unsqueeze(-1) * (cc - z[1:].unsqueeze(-1))) / d
+        dist = (t[1:].unsqueeze(-1) - s[1:].unsqueeze(-1) * (alphabet.value(cc) - z[1:].unsqueeze(-1))) / d
         logit = -beta * dist * dist
         logit = logit.masked_fill((cc < lo) | (cc > hi), -math.inf)
         u = uniform(seed, path, row, j, slot_W, dtype=T.dtype)

@@ -1,7 +1,7 @@
 """Bounded search: a beam of `width` partial paths per row (regularized-calibration paper), the reference
 of the `beam` primitive (ojbkq_core.decoders.primitives).
 
-At each column every beam expands to its `expand` nearest grid codes; the `width` best partial paths by
+At each column every beam expands to its `expand` nearest grid codes (neighbouring codes of the alphabet); the `width` best partial paths by
 accumulated `Σ e²` survive. Ties keep the lower index first (a stable sort, not `topk`, whose order among
 equal values is unspecified), so the device kernels take the same decisions. Lazy block updates as in the
 walk: within a block the beams' block columns are reordered with them, the columns after the block get
@@ -40,6 +40,7 @@ def beams(problem: WorkingProblem, width: int, expand: int, block: int = 128):
     offs = torch.arange(-E, E + 1, device=dev, dtype=dt)
     d = U.diagonal().unbind()                              # 0-d tensors: true division on CUDA too
     lower, upper = grid.lower.tolist(), grid.upper.tolist()
+    alphabet = grid.alphabet
     sc = zc = None
     g = grid.group_size
     bs = block_size_for(g if grid.dynamic else -1, block)
@@ -58,9 +59,9 @@ def beams(problem: WorkingProblem, width: int, expand: int, block: int = 128):
             else:
                 s, z = grid.scale[:, j].expand(B, m), grid.zero[:, j].expand(B, m)
             t = Tb[:, :, jj]
-            c0 = nearest(t, s, z, lower[j], upper[j])
+            c0 = nearest(t, s, z, lower[j], upper[j], alphabet)
             cc = c0.unsqueeze(-1) + offs                     # (B, m, 2E+1)
-            err = (t.unsqueeze(-1) - s.unsqueeze(-1) * (cc - z.unsqueeze(-1))) / d[j]
+            err = (t.unsqueeze(-1) - s.unsqueeze(-1) * (alphabet.value(cc) - z.unsqueeze(-1))) / d[j]
             cost = (err * err).masked_fill((cc < lower[j]) | (cc > upper[j]), math.inf)
             cost, k = smallest(cost, min(E, cost.shape[-1]), -1)   # (B, m, E)
             cc, err = cc.gather(-1, k), err.gather(-1, k)

@@ -11,7 +11,7 @@ from .result import DecodeResult
 def select(problem: WorkingProblem, codes, scale, zero, score):
     """Per-row best candidate. `codes`, `scale`, `zero` `(P, m, n)`, `score` `(P, m)`."""
     if problem.score is not None:
-        rank = problem.score(scale * (codes - zero), score).masked_fill(~torch.isfinite(score), float("inf"))
+        rank = problem.score(problem.grid.dequantize(codes, scale, zero), score).masked_fill(~torch.isfinite(score), float("inf"))
     else:
         rank = score
     best = rank.argmin(0)                                     # (m,)

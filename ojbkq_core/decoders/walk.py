@@ -4,7 +4,7 @@ For every path `p` and row `i` at once, column by column in decoding order:
 
     t = T[p, i, j]                           (+ G[i, j] · U_jj with successive rounding's injection)
     c = choose(t, scale, zero, lower_j, upper_j, U_jj)
-    q = scale · (c − zero);   e = (t − q) / U_jj;   score += e²
+    q = scale · (a(c) − zero);   e = (t − q) / U_jj;   score += e²      (a: the grid's alphabet)
     T[p, i, j+1:] −= (e − G[i, j]) · U[j, j+1:]
 
 with GPTQ's lazy block updates: inside a block only the block's columns are updated, the columns after
@@ -16,16 +16,17 @@ from typing import Callable
 
 import torch
 
-from ..grid import block_size_for
+from ..grid import INTEGERS, Alphabet, block_size_for
 from ..problem import WorkingProblem
 
 # choose(t, scale, zero, lower_j, upper_j, U_jj, j) -> codes, all (P, m) except the scalars
 Chooser = Callable[..., torch.Tensor]
 
 
-def nearest(t, scale, zero, lo, hi):
-    """Nearest grid code, clamped to the box: `clamp(round(t / s) + z, lo, hi)`."""
-    return torch.clamp(torch.round(t / scale) + zero, lo, hi)
+def nearest(t, scale, zero, lo, hi, alphabet: Alphabet = INTEGERS):
+    """Nearest grid code, clamped to the box: `clamp(round(t / s) + z, lo, hi)` on the integers, the code
+    of the nearest alphabet value otherwise."""
+    return alphabet.nearest(t, scale, zero, lo, hi)
 
 
 def walk(problem: WorkingProblem, paths: int, choose: Chooser, inject: bool = False, block: int = 128):
@@ -49,6 +50,7 @@ def walk(problem: WorkingProblem, paths: int, choose: Chooser, inject: bool = Fa
         scale = grid.scale.unsqueeze(0).expand(P, m, n)
         zero = grid.zero.unsqueeze(0).expand(P, m, n)
     lower, upper = grid.lower.tolist(), grid.upper.tolist()
+    value = grid.alphabet.value
     # 0-d tensors, not Python floats: on CUDA torch turns division by a Python float into a
     # multiplication by its reciprocal, which can tip a rounding tie away from the CPU result
     d = U.diagonal().unbind()
@@ -69,7 +71,7 @@ def walk(problem: WorkingProblem, paths: int, choose: Chooser, inject: bool = Fa
             s, z = scale[:, :, j], zero[:, :, j]
             c = choose(t, s, z, lower[j], upper[j], d[j], j)
             codes[:, :, j] = c
-            e = (t - s * (c - z)) / d[j]
+            e = (t - s * (value(c) - z)) / d[j]
             score += e * e
             fb = e if G is None else e - G[:, j]
             Err[:, :, jj] = fb

@@ -14,6 +14,13 @@ so that `W[:, j] = weight_scale[:, g(j)] · ((codes − h) − (zeros − h))[:,
 with `quant_method: compressed-tensors`, `format: pack-quantized` and one config group whose `weights`
 are `{num_bits, type: int, symmetric, strategy: group | channel, group_size}` (docs/interfaces.md).
 
+FP4 grids (`quant.grid: nvfp4 | mxfp4`) are written in the library's `nvfp4-pack-quantized` and
+`mxfp4-pack-quantized` layouts, with its `NVFP4A16` and `MXFP4A16` weight schemes:
+
+    <module>.weight_packed        uint8  (m, n/2)   two E2M1 values a byte (the library's pack_fp4_to_uint8)
+    <module>.weight_scale         float8_e4m3fn (nvfp4) or uint8 E8M0 exponent (mxfp4)  (m, G)
+    <module>.weight_global_scale  float32 (1,)      nvfp4 only: W = a(c) · weight_scale / weight_global_scale
+
 What it can store: 2–8 bits; groups of `group_size` consecutive columns dividing every layer's input
 size, or one group per row (`group_size: -1`, strategy channel); symmetric grids (zero point `h`, not
 stored) and asymmetric ones; act-order with static groups (`actorder: static`: columns are decoded in
@@ -31,7 +38,8 @@ from ..experts import routers
 from ..grid import QuantSpec
 from .base import Format, as_module_weight, is_conv1d, layer_shape, load_packed, save_config
 
-PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_global_scale")
+FP4_FORMATS = {"nvfp4": ("NVFP4A16", "nvfp4-pack-quantized"), "mxfp4": ("MXFP4A16", "mxfp4-pack-quantized")}
 
 
 def _library():
@@ -49,6 +57,12 @@ def scheme(quant: QuantSpec, ignore: list[str]):
     """The library's `QuantizationConfig` for `quant`: one group targeting `Linear` modules, the linear
     modules kept in full precision listed in `ignore`."""
     _, q = _library()
+    if quant.grid in FP4_FORMATS:
+        from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+        preset, fmt = FP4_FORMATS[quant.grid]
+        group = q.QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES[preset])
+        return q.QuantizationConfig(config_groups={"group_0": group}, format=fmt,
+                                    quantization_status="compressed", ignore=ignore)
     group_size = quant.group_size
     weights = q.QuantizationArgs(
         num_bits=quant.bits, type="int", symmetric=quant.sym,
@@ -82,6 +96,8 @@ def _compressed(name: str, module, res, scheme_, quant: QuantSpec) -> dict[str, 
     """The library's compressed tensors of one layer, named `<module>.<tensor>`."""
     compressors, _ = _library()
     m, n = layer_shape(name, module)
+    if quant.grid in FP4_FORMATS:
+        return _fp4(name, (m, n), res, quant)
     bits, group_size = quant.bits, quant.group_size
     h = 2 ** (bits - 1)
     codes = res.codes.detach().cpu().round().long()
@@ -99,6 +115,40 @@ def _compressed(name: str, module, res, scheme_, quant: QuantSpec) -> dict[str, 
     local = {"weight": W, "weight_scale": scale, "weight_zero_point": (zeros - h).to(torch.int8)}
     out = compressors.PackedQuantizationCompressor.compress(local, scheme_)
     return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
+
+
+def _fp4(name: str, shape: tuple, res, quant: QuantSpec) -> dict[str, torch.Tensor]:
+    """An FP4 layer's tensors: its E2M1 values packed by the library, the scales in the format's type."""
+    from compressed_tensors.compressors.mx_utils import compress_mx_scale
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+    m, n = shape
+    g_idx = res.g_idx.detach().cpu().long()
+    if (tuple(res.codes.shape) != (m, n) or res.alphabet.name != "fp4_e2m1"
+            or not torch.equal(g_idx, torch.arange(n) // quant.group_size)):
+        raise InputError(f"layer '{name}': codes {tuple(res.codes.shape)} on alphabet {res.alphabet.name} do not fit "
+                         f"(out, in) = {(m, n)} with FP4 values in consecutive groups of {quant.group_size}")
+    values = res.alphabet.value(res.codes.detach().cpu().float())
+    out = {"weight_packed": pack_fp4_to_uint8(values)}
+    scales = res.scales.detach().cpu().float()
+    if quant.grid == "nvfp4":
+        g = torch.tensor([res.global_scale], dtype=torch.float32)
+        out["weight_scale"] = (scales * g).to(torch.float8_e4m3fn)
+        out["weight_global_scale"] = g
+    else:
+        out["weight_scale"] = compress_mx_scale(scales, torch.uint8)
+    return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
+
+
+def _fp4_weight(reader, local: dict, args) -> torch.Tensor:
+    """An FP4 layer's weight in float32, by the library's unpacking, scale decoding and dequantization (its
+    own `decompress` works in bfloat16)."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+    packed = local["weight_packed"]
+    values = unpack_fp4_from_uint8(packed, packed.shape[0], 2 * packed.shape[1], dtype=torch.float32)
+    scale = reader._decompress_scale(local["weight_scale"], torch.float32)
+    return dequantize(x_q=values, scale=scale, args=args, global_scale=local.get("weight_global_scale"),
+                      dtype=torch.float32)
 
 
 class CompressedTensors(Format):
@@ -148,17 +198,24 @@ class CompressedTensors(Format):
         from compressed_tensors.utils.match import is_match
         model, qc, packed = load_packed(path, dtype, PACKED)
         cfg = q.QuantizationConfig.model_validate(qc)
-        if cfg.format != "pack-quantized":
-            raise InputError(f"{path}: compressed-tensors format {cfg.format!r}; this loader reads pack-quantized "
-                             f"checkpoints (load others with transformers.AutoModelForCausalLM.from_pretrained)")
+        readers = {"pack-quantized": compressors.PackedQuantizationCompressor,
+                   "nvfp4-pack-quantized": compressors.NVFP4PackedCompressor,
+                   "mxfp4-pack-quantized": compressors.MXFP4PackedCompressor}
+        if cfg.format not in readers:
+            raise InputError(f"{path}: compressed-tensors format {cfg.format!r}; this loader reads "
+                             f"{', '.join(readers)} checkpoints (load others with "
+                             f"transformers.AutoModelForCausalLM.from_pretrained)")
         for name, local in packed.items():
             mod = model.get_submodule(name)
             groups = [s for s in cfg.config_groups.values() if is_match(name, mod, s.targets, cfg.ignore)]
             if not groups:
                 raise InputError(f"{path}: module {name} is packed but no config group targets it")
             local = dict(local)
-            local["weight_scale"] = local["weight_scale"].float()
-            W = compressors.PackedQuantizationCompressor.decompress(local, groups[0])["weight"]
+            if cfg.format == "pack-quantized":
+                local["weight_scale"] = local["weight_scale"].float()
+                W = compressors.PackedQuantizationCompressor.decompress(local, groups[0])["weight"]
+            else:
+                W = _fp4_weight(readers[cfg.format], local, groups[0].weights)
             mod.weight = torch.nn.Parameter(as_module_weight(mod, W), requires_grad=False)
         model.to(device).eval()
         return model, {"quantization_config": qc, "packed": packed}

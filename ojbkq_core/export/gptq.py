@@ -303,6 +303,9 @@ class GPTQ(Format):
     name = "gptq"
 
     def check_quant(self, quant: QuantSpec) -> None:
+        if quant.grid != "int":
+            raise InputError(f"quant.grid={quant.grid}: the gptq format stores integer codes; use "
+                             f"output.format=compressed-tensors (its {quant.grid}-pack-quantized layout) or fake")
         if quant.bits not in GPTQ_BITS:
             raise InputError(f"quant.bits={quant.bits}: the gptq format packs {', '.join(map(str, GPTQ_BITS))} "
                              f"bits; use one of those or output.format=fake")

@@ -16,7 +16,7 @@ from ojbkq_core.grid import block_size_for
 from ojbkq_core.problem import WorkingProblem
 
 from .kernels import backtrack, beam_stretch
-from .walk import threads
+from .walk import alphabet_table, threads
 
 
 def beam(problem: WorkingProblem, width: int, expand: int, block: int = 128):
@@ -42,6 +42,7 @@ def beam(problem: WorkingProblem, width: int, expand: int, block: int = 128):
     else:
         sc, zc = grid.scale.to(dt).contiguous(), grid.zero.to(dt).contiguous()
     Ua = U.contiguous().numpy()
+    table = alphabet_table(grid.alphabet)
     hists = (hist_code.numpy(), hist_parent.numpy(), hist_scale.numpy(), hist_zero.numpy())
     bs = block_size_for(g if grid.dynamic else -1, block)
     for i1 in range(0, n, bs):
@@ -57,7 +58,7 @@ def beam(problem: WorkingProblem, width: int, expand: int, block: int = 128):
                 sc.copy_(s)
                 zc.copy_(z)
             beam_stretch(Tb.numpy(), Err.numpy(), score.numpy(), anc.numpy(), sc.numpy(), zc.numpy(),
-                         grid.dynamic, Ua, lower, upper, E, *hists, i1, j0, j1)
+                         grid.dynamic, Ua, lower, upper, E, *hists, i1, j0, j1, *table[:2])
         if i2 < n:
             rest = T[:, :, i2:].gather(0, anc.unsqueeze(-1).expand(B, m, n - i2))
             T[:, :, i2:] = rest - Err @ U[i1:i2, i2:]

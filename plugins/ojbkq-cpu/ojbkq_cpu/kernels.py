@@ -3,13 +3,16 @@
 A row `r` (candidate path × weight row, flattened) walks the columns `j0 ≤ j < j1` of its block
 `[i1, i2)` with its targets `T[r, i1:i2]` in cache:
 
-    t = T[r, j] (+ G[i, j] · U_jj)      c = choose(t)      e = (t − s (c − z)) / U_jj
+    t = T[r, j] (+ G[i, j] · U_jj)      c = choose(t)      e = (t − s (a(c) − z)) / U_jj
     score += e²      T[r, j+1:i2] −= (e − G[i, j]) · U[j, j+1:i2]      Err[r, j − i1] = e − G[i, j]
 
 Every operation is the reference's, in float32, in the same order, each product rounded on its own, so
 a row takes the reference walk's decisions (`ojbkq_core.decoders.walk`); the columns after the block are
 updated by the caller with the reference's matrix product. Klein's noise is `ojbkq_core.rng.uniform`
 of (seed, path, row, column, slot), drawn only for the codes a draw can still reach (see `reach`).
+
+The grid's alphabet comes as a table `values` `(K,)` float32 (`a(c) = values[c]`, nearest value with ties to
+codes of parity `tie`); an empty table is the integers (`a(c) = c`, `rint`).
 """
 
 import numpy as np
@@ -48,8 +51,37 @@ def _gumbel(x):
 
 
 @njit(inline="always")
-def _nearest(t, s, z, lo, hi):
-    return min(max(np.rint(t / s) + z, lo), hi)
+def _nearest(t, s, z, lo, hi, values, tie):
+    """`ojbkq_core.grid.Alphabet.nearest` for one target."""
+    K = values.shape[0]
+    if K == 0:
+        return min(max(np.rint(t / s) + z, lo), hi)
+    x = t / s + z
+    i = 0
+    while i < K and values[i] < x:            # searchsorted: values[i-1] < x <= values[i]
+        i += 1
+    i = min(max(i, 1), K - 1)
+    below = x - values[i - 1]
+    above = values[i] - x
+    if above < below:
+        c = i
+    elif above > below:
+        c = i - 1
+    elif i % 2 == tie:
+        c = i
+    else:
+        c = i - 1
+    return min(max(np.float32(c), lo), hi)
+
+
+@njit(inline="always")
+def _value(c, values):
+    """`a(c)`: the alphabet's value of code `c` (float32 holding an integer); a code outside the table reads
+    its nearest end, as the reference (callers mask it)."""
+    K = values.shape[0]
+    if K == 0:
+        return c
+    return values[min(max(int(c), 0), K - 1)]
 
 
 @njit(inline="always")
@@ -70,23 +102,25 @@ def _subtract_scaled(x, u, a):
 
 
 @njit(inline="always")
-def _reach(kappa, window, spread):
+def _reach(kappa, window, spread, ratio):
     """`ojbkq_core.decoders.sampling.reach` for one target."""
     W = window
-    while W > 1 and kappa * (W * W - W) * (1 - 1e-3) > spread + 1.0:
+    q = ratio * ratio / 4
+    while W > 1 and kappa * ((W - 0.5) * (W - 0.5) - q) * (1 - 1e-3) > spread + 1.0:
         W -= 1
     return W
 
 
 @njit(parallel=True, cache=True)
 def walk_stretch(T, U, lower, upper, S, Z, s_rows, G, inject, beta, hstate, sample, window, spread, gmin, gmax,
-                 codes, Err, score, m, i1, i2, j0, j1):
+                 codes, Err, score, m, i1, i2, j0, j1, values, tie, gap, ratio):
     """Walk columns `j0 ≤ j < j1` of the block `[i1, i2)` for every row of `T` `(R, n)` float32, in place.
 
     Grid: `S[r % s_rows, j]` and `Z[r % s_rows, j]`. `G` `(m, n)` is read when `inject`. With `sample`
     the rows `r ≥ m` draw their code (Klein, inverse temperature `beta[r % m]`, hash prefix `hstate[r]`);
     rows `r < m` (path 0) round to nearest. `gmin`, `gmax` (`gumbel_bucket_bounds`) bound the draws of each
-    hash bucket. Writes `codes[r, j]`, `Err[r, j − i1]`, adds to `score[r]`.
+    hash bucket. Writes `codes[r, j]`, `Err[r, j − i1]`, adds to `score[r]`. Alphabet: `values`, `tie` (see
+    the module), its least gap `gap` and largest over least `ratio` (for the reach of a draw).
     """
     R = T.shape[0]
     slots = 2 * window + 1 if sample else 1
@@ -107,17 +141,17 @@ def walk_stretch(T, U, lower, upper, S, Z, s_rows, G, inject, beta, hstate, samp
             t = T[r, j]
             if inject:
                 t = t + G[i, j] * d
-            c = _nearest(t, s, z, lo, hi)
+            c = _nearest(t, s, z, lo, hi, values, tie)
             if draw:
                 # Gumbel-max over the codes within reach, the first maximum in slot order as torch's
                 # argmax. The draws are bounded per hash bucket (`gmin`, `gmax`): a code whose logit plus
                 # its largest possible draw stays below the nearest code's logit plus its smallest one
                 # cannot win and is passed over, and when every other code is, no logarithm is needed.
-                q = s / d
-                W = _reach(np.float64(b * (q * q)), window, spread)
+                q = s * gap / d
+                W = _reach(np.float64(b * (q * q)), window, spread, ratio)
                 hc = _mix(hstate[r] + ((j * _COLUMN) & _M32))
                 x0 = _mix(hc + window * _SLOT)
-                dist = (t - s * (c - z)) / d
+                dist = (t - s * (_value(c, values) - z)) / d
                 logit0 = (-b * dist) * dist
                 floor0 = logit0 + gmin[x0 >> _BUCKET_SHIFT]
                 n_open = 0
@@ -125,7 +159,7 @@ def walk_stretch(T, U, lower, upper, S, Z, s_rows, G, inject, beta, hstate, samp
                     cc = c + np.float32(o)
                     if o == 0 or cc < lo or cc > hi:
                         continue
-                    dist = (t - s * (cc - z)) / d
+                    dist = (t - s * (_value(cc, values) - z)) / d
                     logit = (-b * dist) * dist
                     x = _mix(hc + (o + window) * _SLOT)
                     if logit + gmax[x >> _BUCKET_SHIFT] >= floor0 - (1e-3 + 1e-5 * (abs(floor0) + abs(logit))):
@@ -141,7 +175,7 @@ def walk_stretch(T, U, lower, upper, S, Z, s_rows, G, inject, beta, hstate, samp
                         if v > best_v or (v == best_v and o < best_o):
                             best_v, best_o = v, o
                     c = c + np.float32(best_o)
-            e = (t - s * (c - z)) / d
+            e = (t - s * (_value(c, values) - z)) / d
             total += e * e
             fb = e
             if inject:
@@ -154,7 +188,7 @@ def walk_stretch(T, U, lower, upper, S, Z, s_rows, G, inject, beta, hstate, samp
 
 @njit(parallel=True, cache=True)
 def beam_stretch(Tb, Err, score, anc, S, Z, dynamic, U, lower, upper, E,
-                 hist_code, hist_parent, hist_scale, hist_zero, i1, j0, j1):
+                 hist_code, hist_parent, hist_scale, hist_zero, i1, j0, j1, values, tie):
     """Beam search over columns `j0 ≤ j < j1` of the block starting at `i1`, every row on its own, in place.
 
     `Tb`, `Err` `(B, m, bs)` float32: each beam's targets and feedback errors in the block; `score` `(B, m)`
@@ -162,7 +196,7 @@ def beam_stretch(Tb, Err, score, anc, S, Z, dynamic, U, lower, upper, E,
     beam (`dynamic`, carried to the survivors) or `S[i, j]`. Every beam expands to its `E` cheapest codes
     among the `2E+1` around its nearest one and the `B` cheapest partial paths survive, ascending (ties:
     lower beam, then lower code first). Writes `hist_*[i, j, b]` (code, parent, scale, zero): each row's
-    history is its own contiguous block.
+    history is its own contiguous block. Alphabet: `values`, `tie` (see the module).
     """
     B, m, bs = Tb.shape
     n_off = 2 * E + 1
@@ -205,10 +239,10 @@ def beam_stretch(Tb, Err, score, anc, S, Z, dynamic, U, lower, upper, E,
                 else:
                     s, z = S[i, j], Z[i, j]
                 t = tile[b, jj]
-                c0 = _nearest(t, s, z, lo, hi)
+                c0 = _nearest(t, s, z, lo, hi, values, tie)
                 for o in range(n_off):
                     cc = c0 + np.float32(o - E)
-                    e = (t - s * (cc - z)) / d
+                    e = (t - s * (_value(cc, values) - z)) / d
                     cand_err[o] = e
                     cand_cost[o] = inf if (cc < lo or cc > hi) else e * e
                     _insert(order, cand_cost, o)

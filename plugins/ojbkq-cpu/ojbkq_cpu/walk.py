@@ -12,14 +12,23 @@ from __future__ import annotations
 from typing import Optional
 
 import numba
+import numpy as np
 import torch
 
 from ojbkq_core.decoders.sampling import gumbel_spread
-from ojbkq_core.grid import block_size_for
+from ojbkq_core.grid import Alphabet, block_size_for
 from ojbkq_core.problem import WorkingProblem
 from ojbkq_core.rng import path_row_state
 
 from .kernels import gumbel_bucket_bounds, walk_stretch
+
+
+def alphabet_table(alphabet: Alphabet) -> tuple:
+    """The kernels' arguments for the grid's alphabet: `values` `(K,)` float32 (empty for the integers), the
+    tie parity, the least gap and the largest gap over it."""
+    values = np.zeros(0, np.float32) if alphabet.values is None else np.asarray(alphabet.values, np.float32)
+    gap, widest = alphabet.gaps
+    return values, alphabet.tie_parity, np.float32(gap), widest / gap
 
 
 def threads() -> None:
@@ -66,6 +75,7 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
         hstate = torch.zeros(1, dtype=torch.int64).numpy()
         spread = 0.0
     gmin, gmax = gumbel_bucket_bounds()
+    table = alphabet_table(grid.alphabet)
     Tr, Ua = T.view(R, n), U.contiguous().numpy()
     Ta, Sa, Za, Ga = Tr.numpy(), S.numpy(), Z.numpy(), G.numpy()
     codes_a, score_a = codes.view(R, n).numpy(), score.view(R).numpy()
@@ -82,7 +92,7 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
                 scale[:, :, j0:j0 + g] = s.unsqueeze(-1)
                 zero[:, :, j0:j0 + g] = z.unsqueeze(-1)
             walk_stretch(Ta, Ua, lower, upper, Sa, Za, s_rows, Ga, inject, beta_a, hstate, sample, window,
-                         spread, gmin, gmax, codes_a, Err_a, score_a, m, i1, i2, j0, j1)
+                         spread, gmin, gmax, codes_a, Err_a, score_a, m, i1, i2, j0, j1, *table)
         if i2 < n:
             Tr[:, i2:].addmm_(Err, U[i1:i2, i2:], alpha=-1.0)
     return codes, scale, zero, score
