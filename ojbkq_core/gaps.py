@@ -27,7 +27,7 @@ import torch
 from .calibrate import Events, Group
 from .decoders import Exact
 from .errors import InputError
-from .grid import Grid
+from .grid import INTEGERS, Alphabet, Grid
 from .linalg import inverse_cholesky
 from .objectives import RowScore
 from .problem import WorkingProblem
@@ -50,7 +50,7 @@ class Window:
     `H` `(c, c)` float64, undamped (dead columns as the quantizer treats them: `H_jj = 1`, `w_j = 0`);
     `lam` the layer's damping `δ · mean(diag H_layer)`; `g` `(r, c)` the conditioned linear term
     `(W M)_S − q_F H_FS`; `w` `(r, c)` the weights; `scale`, `zero` `(r, c)` the recipe's grid on these
-    columns; `q` `(r, c)` the recipe's values; codes lie in `[0, maxq]`.
+    columns; `q` `(r, c)` the recipe's values; codes lie in `[0, maxq]` and index `alphabet`.
     """
 
     layer: str
@@ -65,6 +65,7 @@ class Window:
     zero: torch.Tensor
     q: torch.Tensor
     maxq: int
+    alphabet: Alphabet = INTEGERS
 
     def target(self) -> torch.Tensor:
         """`t_S = g_S H_SS⁻¹` `(r, c)`; raises `Singular` when `H_SS` is not positive definite."""
@@ -92,12 +93,13 @@ class Window:
         lower = torch.zeros(c, dtype=self.H.dtype)
         upper = torch.full((c,), float(self.maxq), dtype=self.H.dtype)
         score = RowScore(self.g, self.H, (self.g * t).sum(-1))
-        return WorkingProblem(U, T, Grid(lower, upper, self.scale, self.zero), base=self.w, inject=G, score=score)
+        return WorkingProblem(U, T, Grid(lower, upper, self.scale, self.zero, alphabet=self.alphabet), base=self.w,
+                              inject=G, score=score)
 
 
 def cut(layer: str, kind: str, H: torch.Tensor, WM: torch.Tensor, W: torch.Tensor, Q: torch.Tensor,
         scale: torch.Tensor, zero: torch.Tensor, lam: float, maxq: int, c: int, rows: int, windows: int,
-        rng: np.random.Generator) -> list[Window]:
+        rng: np.random.Generator, alphabet: Alphabet = INTEGERS) -> list[Window]:
     """`windows` windows of `c` consecutive columns, each of `rows` rows drawn from `rng`, from one layer in
     decoding order: `H` `(n, n)` (dead columns set to 1), `WM` `(m, n)`, weights `W`, the recipe's values
     `Q` and grid `scale`, `zero`, all `(m, n)` float64."""
@@ -112,7 +114,7 @@ def cut(layer: str, kind: str, H: torch.Tensor, WM: torch.Tensor, W: torch.Tenso
         q = Q[r]
         g = WM[r, S] - q @ H[:, S] + q[:, S] @ H[S, S]          # (W M)_S − q_F H_FS
         out.append(Window(layer, kind, j, r, H[S, S].clone(), lam, g, W[r, S].clone(), scale[r, S].clone(),
-                          zero[r, S].clone(), q[:, S].clone(), maxq))
+                          zero[r, S].clone(), q[:, S].clone(), maxq, alphabet))
     return out
 
 
@@ -139,9 +141,9 @@ def windows_of(name: str, kind: str, W: torch.Tensor, stats, objective, res, max
     perm, g_idx = res.perm, res.g_idx
     scale = res.scales.to(dd)[:, g_idx][:, perm]
     zero = res.zeros.to(dd)[:, g_idx][:, perm]
-    Q = scale * (res.codes.to(dd)[:, perm] - zero)                      # the grid points in float64, as exact's
+    Q = scale * (res.alphabet.value(res.codes.to(dd)[:, perm]) - zero)   # the grid points in float64, as exact's
     return cut(name, kind, H[perm][:, perm], (W @ M)[:, perm], W[:, perm], Q, scale, zero, lam, maxq, c, rows,
-               windows, rng)
+               windows, rng, res.alphabet)
 
 
 class WindowCollector(Events):
@@ -260,7 +262,8 @@ def solve(windows: Sequence[Window], entries: Sequence[Entry], recipe: Entry, ma
         for i in range(r):
             t0 = time.perf_counter()
             try:
-                best[i] = exact.decode(E.rows(slice(i, i + 1))).values[0]
+                one = exact.decode(E.rows(slice(i, i + 1)))
+                best[i] = E.grid.dequantize(one.codes, one.scale, one.zero)[0]
             except InputError:
                 solved[i] = False
             t_exact[i] = time.perf_counter() - t0
@@ -271,7 +274,7 @@ def solve(windows: Sequence[Window], entries: Sequence[Entry], recipe: Entry, ma
         for e in entries:
             t0 = time.perf_counter()
             res = e.decoder.decode(P if e.damped else E, seed=dseed)
-            found[e.label] = (win.value(res.values), np.full(r, (time.perf_counter() - t0) / r))
+            found[e.label] = (win.value(E.grid.dequantize(res.codes, res.scale, res.zero)), np.full(r, (time.perf_counter() - t0) / r))
         for label, (f, sec) in found.items():
             for i in np.flatnonzero(solved):
                 out.append({"label": label, "layer": win.layer, "kind": win.kind, "f": float(f[i]),

@@ -21,16 +21,16 @@ from tiny_models import CALIB_TXT, one_thread, save, tiny_llama  # noqa: F401 (a
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def quantized_layer(name="jta", params=None, act_order=True, bits=3, damp=0.01):
+def quantized_layer(name="jta", params=None, act_order=True, bits=3, damp=0.01, grid="int"):
     """A synthetic layer, its statistics, objective and `quantize_layer` result (babai, dynamic groups)."""
     X, Xfp = correlated_inputs(300, 48, seed=3, mismatch=0.2)
     W = torch.randn(12, 48, generator=torch.Generator().manual_seed(4))
     spec = preset(name, *PRESETS[name], **({"mu": 0.6, "lam": 0.6} if params is None else params))
     obj, _ = spec.build()
     stats = Statistics.from_inputs(X, Xfp, needs=obj.needs)
-    grid = GridSpec(bits=bits, group_size=16, act_order=act_order)
-    res = quantize_layer(W, stats, obj, grid, Babai(), seed=7, damp=damp)
-    return W, stats, obj, res, grid.maxq
+    spec = GridSpec(bits=bits, group_size=16, act_order=act_order, grid=grid)
+    res = quantize_layer(W, stats, obj, spec, Babai(), seed=7, damp=damp)
+    return W, stats, obj, res, spec.maxq
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -58,14 +58,17 @@ def test_window_objective_is_the_layer_objective_with_the_rest_fixed(name, param
         assert torch.all(win.value(win.q) >= 0) and torch.all(win.value(other) >= 0)
 
 
-def test_exact_is_never_beaten_and_babai_is_optimal_on_one_column():
-    W, stats, obj, res, maxq = quantized_layer(damp=0.0)
+@pytest.mark.parametrize("grid,bits", [("int", 3), ("nvfp4", 4)])
+def test_exact_is_never_beaten_and_babai_is_optimal_on_one_column(grid, bits):
+    W, stats, obj, res, maxq = quantized_layer(damp=0.0, grid=grid, bits=bits)
     decs = [Entry("babai", "babai", {}, decoder=Babai()), Entry("klein k=8", "klein", {"k": 8}, decoder=Klein(k=8)),
             Entry("beam width=4", "beam", {"width": 4}, decoder=Beam(width=4))]
     recipe = Entry("babai (layer)", "babai", {}, on="layer")
     for c in (1, 6):
         wins = windows_of("layer", "x", W, stats, obj, res, maxq, c=c, rows=6, windows=4, rng=np.random.default_rng(c))
-        assert all(w.lam == 0 for w in wins)
+        assert all(w.lam == 0 for w in wins) and all(w.alphabet is res.alphabet for w in wins)
+        Qp = res.qweight.double()[:, res.perm]
+        assert all(torch.allclose(w.q, Qp[w.rows, w.j:w.j + c], atol=1e-6) for w in wins)
         found, skipped = solve(wins, decs, recipe, max_nodes=10**6, seed=0, progress=False)
         assert skipped == {"singular_windows": 0, "rows_past_max_nodes": 0}
         by = {}

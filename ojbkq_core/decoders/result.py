@@ -23,7 +23,8 @@ class DecodeResult:
 
     @property
     def values(self) -> torch.Tensor:
-        """Dequantized values `scale · (codes − zero)` `(m, n)`."""
+        """Dequantized values `scale · (codes − zero)` `(m, n)` on the integer grid (on any alphabet:
+        `problem.grid.dequantize(codes, scale, zero)`)."""
         return self.scale * (self.codes - self.zero)
 
 
