@@ -62,6 +62,7 @@ def beam(problem: WorkingProblem, width: int, expand: int, block: int = 128) -> 
     EP2 = triton_next_pow2(E)
     ROWS = max(1, (64 if runtime.interpreted() else 16) // BP)
     kernel = runtime.kernels().beam_block_kernel
+    alphabet = runtime.alphabet_args(grid.alphabet, dev)
     rows_idx = torch.arange(m, device=dev, dtype=torch.int64).repeat(B)     # r of each beam-row
     for k, i1 in enumerate(starts):
         i2 = min(i1 + bs, n)
@@ -81,7 +82,7 @@ def beam(problem: WorkingProblem, width: int, expand: int, block: int = 128) -> 
             codes_blk, codes_blk.stride(0), Err, Err.stride(0), anc[k],
             m, i1,
             bs=i2 - i1, B=B, BP=BP, E=E, EP=EP, EP2=EP2, ROWS=ROWS, BS=BS, DYNAMIC=grid.dynamic,
-            EXACT=runtime.exact(), num_warps=4,
+            EXACT=runtime.exact(), num_warps=4, **alphabet,
         )
         if i2 < n:
             src = anc[k].to(torch.int64) * m + rows_idx                 # ancestor's row, (B·m,)

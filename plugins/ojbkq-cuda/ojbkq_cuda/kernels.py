@@ -69,8 +69,30 @@ def _rint(x):
 
 
 @_helper
-def _nearest(t, s, z, lo, hi):
-    return tl.minimum(tl.maximum(_rint(tl.math.div_rn(t, s)) + z, lo), hi)
+def _nearest(t, s, z, lo, hi, values_ptr, K: tl.constexpr, TIE: tl.constexpr):
+    """`ojbkq_core.grid.Alphabet.nearest`: on the integers (`K = 0`) `clamp(rint(t / s) + z)`; on an alphabet
+    of `K` sorted values the code of the value nearest `t / s + z`, ties to codes of parity `TIE`."""
+    if K == 0:
+        return tl.minimum(tl.maximum(_rint(tl.math.div_rn(t, s)) + z, lo), hi)
+    x = tl.math.div_rn(t, s) + z
+    i = tl.zeros(x.shape, tl.int32)
+    for k in tl.static_range(K):                       # searchsorted: values[i-1] < x <= values[i]
+        i += (tl.load(values_ptr + k) < x).to(tl.int32)
+    i = tl.minimum(tl.maximum(i, 1), K - 1)
+    below = x - tl.load(values_ptr + (i - 1))
+    above = tl.load(values_ptr + i) - x
+    tie = tl.where(i % 2 == TIE, i, i - 1)
+    c = tl.where(above < below, i, tl.where(above > below, i - 1, tie))
+    return tl.minimum(tl.maximum(c.to(tl.float32), lo), hi)
+
+
+@_helper
+def _value(c, values_ptr, K: tl.constexpr):
+    """`a(c)`: the code itself on the integers, else the alphabet's value (a code outside the table reads
+    its nearest end, as the reference; callers mask it)."""
+    if K == 0:
+        return c
+    return tl.load(values_ptr + tl.minimum(tl.maximum(c.to(tl.int32), 0), K - 1))
 
 
 @_helper
@@ -93,9 +115,9 @@ def _grid(S_ptr, Z_ptr, offset, mask):
 
 
 @_helper
-def _residual(t, s, c, z, d, EXACT: tl.constexpr):
-    """`(t − s (c − z)) / U_jj`: the scaled error of code `c` for target `t`."""
-    return tl.math.div_rn(t - _mul(s, c - z, EXACT), d)
+def _residual(t, s, c, z, d, values_ptr, K: tl.constexpr, EXACT: tl.constexpr):
+    """`(t − s (a(c) − z)) / U_jj`: the scaled error of code `c` for target `t`."""
+    return tl.math.div_rn(t - _mul(s, _value(c, values_ptr, K) - z, EXACT), d)
 
 
 @triton.jit
@@ -134,6 +156,7 @@ def walk_block_kernel(
     R, m, i1, bs: tl.constexpr,
     BLOCK_M: tl.constexpr, BS: tl.constexpr,
     HAS_INJECT: tl.constexpr, SAMPLE: tl.constexpr, WINDOW: tl.constexpr, EXACT: tl.constexpr,
+    values_ptr=None, K: tl.constexpr = 0, TIE: tl.constexpr = 0,     # the grid's alphabet (K = 0: the integers)
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -160,14 +183,14 @@ def walk_block_kernel(
         if HAS_INJECT:
             g = tl.load(G_ptr + wrow.to(tl.int64) * stride_g + j, mask=rmask, other=0.0)
             t = t + _mul(g, d, EXACT)
-        c = _nearest(t, s, z, lo, hi)
+        c = _nearest(t, s, z, lo, hi, values_ptr, K, TIE)
         if SAMPLE:
             # Gumbel-max over the codes within WINDOW steps of the nearest one
             best_v = tl.full([BLOCK_M], float("-inf"), tl.float32)
             best_c = c
             for o in tl.static_range(2 * WINDOW + 1):
                 cc = c + (o - WINDOW)
-                dist = _residual(t, s, cc, z, d, EXACT)
+                dist = _residual(t, s, cc, z, d, values_ptr, K, EXACT)
                 logit = _mul(_mul(-beta, dist, EXACT), dist, EXACT)
                 logit = tl.where((cc < lo) | (cc > hi), float("-inf"), logit)
                 gum = tl.load(noise_ptr + noise_row + jj * (2 * WINDOW + 1) + o, mask=rmask & sampled, other=0.0)
@@ -176,7 +199,7 @@ def walk_block_kernel(
                 best_c = tl.where(take, cc, best_c)
                 best_v = tl.where(take, v, best_v)
             c = tl.where(sampled, best_c, c)
-        e = _residual(t, s, c, z, d, EXACT)
+        e = _residual(t, s, c, z, d, values_ptr, K, EXACT)
         score = score + _mul(e, e, EXACT)
         fb = e
         if HAS_INJECT:
@@ -226,6 +249,7 @@ def beam_block_kernel(
     R, i1, bs: tl.constexpr,
     B: tl.constexpr, BP: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, EP2: tl.constexpr,
     ROWS: tl.constexpr, BS: tl.constexpr, DYNAMIC: tl.constexpr, EXACT: tl.constexpr,
+    values_ptr=None, K: tl.constexpr = 0, TIE: tl.constexpr = 0,     # the grid's alphabet (K = 0: the integers)
 ):
     """Beam search over one block for `ROWS` rows: every beam expands to its `E` cheapest codes among the
     `2E+1` around its nearest one, the `B` best partial paths by `Σ e²` survive (ascending), and the
@@ -261,9 +285,9 @@ def beam_block_kernel(
             s = tl.broadcast_to(s1[:, None], (ROWS, BP))
             z = tl.broadcast_to(z1[:, None], (ROWS, BP))
         t = tl.sum(tl.where(col3 == jj, tile, 0.0), axis=2)              # (ROWS, BP)
-        c0 = _nearest(t, s, z, lo, hi)
+        c0 = _nearest(t, s, z, lo, hi, values_ptr, K, TIE)
         cc = c0[:, :, None] + (o3 - E).to(tl.float32)                     # (ROWS, BP, EP)
-        err = _residual(t[:, :, None], s[:, :, None], cc, z[:, :, None], d, EXACT)
+        err = _residual(t[:, :, None], s[:, :, None], cc, z[:, :, None], d, values_ptr, K, EXACT)
         cost = _mul(err, err, EXACT)
         cost = tl.where((cc < lo) | (cc > hi) | (o3 > 2 * E), float("inf"), cost)
         # each beam's E cheapest codes, ascending
@@ -280,7 +304,7 @@ def beam_block_kernel(
         s = tl.gather(s, parent, axis=1)
         z = tl.gather(z, parent, axis=1)
         tp = tl.gather(t, parent, axis=1)
-        e = _residual(tp, s, c, z, d, EXACT)
+        e = _residual(tp, s, c, z, d, values_ptr, K, EXACT)
         score = _key_value(sel)
         tile = tl.gather(tile, tl.broadcast_to(parent[:, :, None], (ROWS, BP, BS)), axis=1)
         tile = tile - _mul(e[:, :, None], u_row[None, None, :], EXACT)

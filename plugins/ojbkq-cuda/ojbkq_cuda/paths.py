@@ -90,20 +90,20 @@ def rank(problem: WorkingProblem, paths: Paths, P: int) -> tuple[torch.Tensor, t
         return score, score
     if isinstance(sc, RowScore):
         c, s, z = values(problem, paths, 0)
-        q0 = s * (c - z)
+        q0 = problem.grid.dequantize(c, s, z)
         J0 = sc(q0)
         with runtime.tf32(False):
             g0 = q0 @ sc.H - sc.WM
         key = torch.zeros(P, m, dtype=J0.dtype, device=J0.device)
         for p in range(1, P):
             c, s, z = values(problem, paths, p)
-            delta = s * (c - z) - q0
+            delta = problem.grid.dequantize(c, s, z) - q0
             key[p] = 2 * (g0 * delta).sum(-1) + ((delta @ sc.H) * delta).sum(-1)
         return J0 + key, key
     ranks = []
     for p in range(P):
         c, s, z = values(problem, paths, p)
-        ranks.append(sc(s * (c - z), score[p]))
+        ranks.append(sc(problem.grid.dequantize(c, s, z), score[p]))
     r = torch.stack(ranks)
     return r, r
 

@@ -1,6 +1,7 @@
 """The device primitives (ojbkq_core.decoders.primitives): the column walk and the beam search run by the
-Triton kernels, for float32 problems on the integer grid on a CUDA device (or CPU tensors under Triton's
-interpreter); other problems (float64, FP4 alphabets) go to the reference implementation.
+Triton kernels, for float32 problems on a CUDA device (or CPU tensors under Triton's interpreter), on the
+integers or an alphabet (FP4) given to the kernels as a table; other problems go to the reference
+implementation.
 
 Rows are independent problems sharing `U`: `rows` tells the decoders how many rows one call may take so
 that its paths fit in `runtime.memory_budget` (half the free device memory, at most 4 GiB, unless
@@ -23,8 +24,7 @@ from .walk import walk
 
 
 def usable(problem: WorkingProblem) -> bool:
-    """Float32 problems on the integers; a grid on another alphabet (FP4) runs the reference on the device."""
-    return runtime.usable(problem.T) and problem.U.dtype == torch.float32 and problem.grid.alphabet.uniform
+    return runtime.usable(problem.T) and problem.U.dtype == torch.float32
 
 
 def walk_paths(problem: WorkingProblem, paths: int = 1, inject: bool = False,

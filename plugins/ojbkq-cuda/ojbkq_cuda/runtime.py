@@ -91,3 +91,12 @@ def tf32(allowed: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def alphabet_args(alphabet, device) -> dict:
+    """The kernels' keyword arguments for a grid's alphabet (`ojbkq_core.grid.Alphabet`): none on the integers
+    (the kernels' defaults), else its values `(K,)` float32 on `device`, `K` and the tie parity."""
+    if alphabet.uniform:
+        return {}
+    return {"values_ptr": torch.tensor(alphabet.values, dtype=torch.float32, device=device), "K": alphabet.size,
+            "TIE": alphabet.tie_parity}

@@ -78,6 +78,7 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
     Err = torch.empty(R, BS, dtype=f32, device=dev)
     BLOCK_M = runtime.block_rows(R, BS, sample)
     kernel = runtime.kernels().walk_block_kernel
+    alphabet = runtime.alphabet_args(grid.alphabet, dev)
     launch = (triton_cdiv(R, BLOCK_M),)
     NOISE_BLOCK = 1024 if not runtime.interpreted() else 4096
     for i1 in range(0, n, bs):
@@ -104,7 +105,7 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
             codes, codes.stride(0), Err, Err.stride(0), score,
             R, m, i1,
             bs=i2 - i1, BLOCK_M=BLOCK_M, BS=BS, HAS_INJECT=inject, SAMPLE=sample, WINDOW=W,
-            EXACT=runtime.exact(), num_warps=runtime.warps(BLOCK_M, BS),
+            EXACT=runtime.exact(), num_warps=runtime.warps(BLOCK_M, BS), **alphabet,
         )
         if i2 < n:
             trailing.update(T[:, i2:], Err[:, :i2 - i1], i1, i2)
