@@ -206,6 +206,38 @@ def test_transformers_loads_compressed_tensors(source, tmp_path, case):
             torch.testing.assert_close(W, W16, rtol=2**-11, atol=0)
 
 
+def quantize_fp4(src, out, grid, group_size, act_order=True):
+    sets = [f"model.path={src}", "model.dtype=float32", f"calibration.path={CALIB_TXT}", "calibration.samples=4",
+            "calibration.seqlen=32", f"quant.grid={grid}", f"quant.group_size={group_size}",
+            f"quant.act_order={act_order}", "quant.static_groups=true", "output.format=compressed-tensors",
+            f"output.dir={out}", "eval.perplexity=[]", "device=cpu"]
+    assert cli.main(["quantize", "ojbkq", *sum((["--set", s] for s in sets), [])]) == 0
+    return out
+
+
+@pytest.mark.parametrize("grid,group_size", [("nvfp4", 16), ("mxfp4", 32)])
+@pytest.mark.parametrize("dequantize", [False, True], ids=["compressed", "dequantized"])
+def test_transformers_loads_fp4_compressed_tensors(source, tmp_path, grid, group_size, dequantize):
+    """An OJBKQ-decoded FP4 checkpoint (act-order, static groups) loads in transformers as compressed-tensors
+    lays it out, compressed or dequantized, with the project's logits; the project's reader equals the fake
+    export of the same run."""
+    from compressed_tensors.quantization import QuantizationConfig
+    out = quantize_fp4(source, str(tmp_path / "q"), grid, group_size)
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert (qc["quant_method"], qc["format"]) == ("compressed-tensors", f"{grid}-pack-quantized")
+    w = QuantizationConfig.model_validate(qc).config_groups["group_0"].weights
+    assert (w.num_bits, w.type, w.group_size) == (4, "float", group_size)
+    if dequantize:
+        model = _load_ct(out, dequantize=True)
+    else:                               # the library decompresses FP4 weights to bfloat16 as it runs them
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.bfloat16)
+        assert model.get_submodule("model.layers.0.mlp.down_proj").weight_packed.dtype == torch.uint8
+    diff, scale = max_diff(out, model)
+    print(f"\n{grid} ({'dequantize=True' if dequantize else 'compressed'}): max |Δ logit| {diff:.3g} of {scale:.3g}")
+    assert diff <= BF16_TOL * scale                     # the library's FP4 path computes in bfloat16
+
+
 @pytest.mark.xfail(raises=RuntimeError, strict=True, reason=CT_ASYM_ZERO_POINTS)
 def test_transformers_compressed_load_of_asymmetric_compressed_tensors(source, tmp_path):
     _load_ct(quantize(source, str(tmp_path / "q"), 4, 128, False, False, False, fmt="compressed-tensors"), False)
