@@ -20,6 +20,9 @@ MEASURED_BITS = (4, 8)                        # the bit widths tests/test_servin
 
 # the CPU build runs no quantized (WNA16) mixture-of-experts kernel; the dequantized export is served
 MOE_CPU = "No WNA16 MoE backend supports the deployment configuration."
+# nor FP4 weights (its GPU build serves both: Marlin W4A16 FP4 from SM75, native FP4 on SM100)
+FP4_CPU = {"nvfp4": "Forced NVFP4 kernel MarlinNvFp4LinearKernel is not supported: Marlin FP4 not available",
+           "mxfp4": "Failed to find a kernel that can implement the MXFP4 linear layer."}
 
 
 def vllm_refusal(fmt: str, quant: QuantSpec, experts: bool = False) -> Optional[str]:
@@ -28,6 +31,8 @@ def vllm_refusal(fmt: str, quant: QuantSpec, experts: bool = False) -> Optional[
     blocks. Measured for 4 and 8 bits."""
     if experts and fmt in ("gptq", "compressed-tensors"):
         return MOE_CPU
+    if quant.grid in FP4_CPU and fmt == "compressed-tensors":
+        return FP4_CPU[quant.grid]
     if quant.bits not in (4, 8):
         return None
     if fmt == "gptq":
@@ -46,7 +51,7 @@ def vllm_refusal(fmt: str, quant: QuantSpec, experts: bool = False) -> Optional[
 def measured(fmt: str, quant: QuantSpec, experts: bool = False) -> bool:
     """Whether the serving tests measured what vLLM does with this checkpoint (`vllm_refusal` is then its
     answer; otherwise None from it means "not measured", not "served")."""
-    return (experts and fmt in ("gptq", "compressed-tensors")) or quant.bits in MEASURED_BITS
+    return (experts and fmt in ("gptq", "compressed-tensors")) or quant.bits in MEASURED_BITS or quant.grid != "int"
 
 
 def suggestion(fmt: str, quant: QuantSpec, experts: bool = False) -> str:
@@ -54,6 +59,9 @@ def suggestion(fmt: str, quant: QuantSpec, experts: bool = False) -> str:
     if experts and fmt in ("gptq", "compressed-tensors"):
         return ("vLLM's GPU build has quantized mixture-of-experts kernels (not measured here); on the CPU, "
                 "serve output.format=fake")
+    if quant.grid != "int":
+        return (f"vLLM's GPU build serves {quant.grid} (not measured here: Marlin W4A16 FP4 on SM75 and newer, native "
+                f"FP4 on SM100); on the CPU, serve output.format=fake")
     if quant.act_order and not quant.static_groups:
         return "set quant.static_groups=true (act-order with consecutive groups is served)"
     if quant.bits == 8:

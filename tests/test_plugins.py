@@ -321,10 +321,11 @@ def test_sorted_babai_on_a_layer():
     W = torch.randn(5, 12, generator=g, dtype=torch.float64)
     stats = Statistics.from_inputs(X, dtype=torch.float64)
     spec = preset("symmetric", *PRESETS["symmetric"])
-    for grid in (GridSpec(bits=3, group_size=-1), GridSpec(bits=3, group_size=4, static_groups=True, act_order=True)):
+    for grid in (GridSpec(bits=3, group_size=-1), GridSpec(bits=3, group_size=4, static_groups=True, act_order=True),
+                 GridSpec(group_size=16, grid="nvfp4", static_groups=True)):
         babai = quantize_layer(W, stats, spec, grid, Babai(), dtype=torch.float64)
         res = quantize_layer(W, stats, spec, grid, sorted_babai(), dtype=torch.float64)
-        assert int(res.codes.min()) >= 0 and int(res.codes.max()) <= 7
+        assert int(res.codes.min()) >= 0 and int(res.codes.max()) <= grid.maxq
         assert torch.all(res.row_loss <= babai.row_loss * (1 + 1e-9))
         assert sum(res.report["candidate_histogram"]) == 5
     with pytest.raises(InputError, match="'sorted-babai' reorders columns and needs a static grid"):

@@ -117,19 +117,22 @@ def recipe_defaults() -> list[tuple]:
     return list(dict.fromkeys(out))
 
 
+# FP4 grids (a sixth element): compressed-tensors' nvfp4/mxfp4-pack-quantized layouts
+FP4_CASES = [("compressed-tensors", 4, True, 16, "static", "nvfp4"), ("compressed-tensors", 4, True, 32, "static", "mxfp4")]
 DEFAULT_CASES = list(dict.fromkeys([*recipe_defaults(), ("gptq", 4, True, 128, "static"),     # served
-                                    ("gptq", 4, False, 64, "none"), ("gptq", 4, True, 64, "dynamic")]))  # refused
+                                    ("gptq", 4, False, 64, "none"), ("gptq", 4, True, 64, "dynamic"),  # refused
+                                    *FP4_CASES]))                                                      # refused
 
 
 def name_of(case) -> str:
-    fmt, bits, sym, group, order = case
-    return f"{fmt}-{bits}b-{'sym' if sym else 'asym'}-g{group}-{order}"
+    fmt, bits, sym, group, order, grid = (*case, "int")[:6]
+    return f"{fmt}-{bits}b-{'sym' if sym else 'asym'}-g{group}-{order}" + ("" if grid == "int" else f"-{grid}")
 
 
 def quant_of(case) -> QuantSpec:
-    fmt, bits, sym, group, order = case
+    fmt, bits, sym, group, order, grid = (*case, "int")[:6]
     return QuantSpec(bits=bits, sym=sym, group_size=group, act_order=order != "none",
-                     static_groups=order == "static")
+                     static_groups=order == "static", grid=grid)
 
 
 # the serving environment's processes: a small KV cache, no hub, no usage reports
@@ -156,14 +159,15 @@ def build(folder: str, root: str, cases) -> list[dict]:
     todo = []
     probe = serving_cpu()
     for case in cases:
-        fmt, bits, sym, group, order = case
+        fmt, bits, sym, group, order = case[:5]
+        grid = quant_of(case).grid
         if not probe["int4"] and bits == 4 and vllm_refusal(fmt, quant_of(case)) is None:
             todo.append({"name": name_of(case), "skipped": no_int4_reason(probe)})
             continue
         path = os.path.join(root, name_of(case))
         sets = {"model.dtype": "float32", "calibration.dataset": "text", "calibration.path": CALIB_TXT,
                 "calibration.samples": 4, "calibration.seqlen": 64, "quant.bits": bits, "quant.sym": sym, "eval.perplexity": [],
-                "quant.group_size": group, "device": "cpu", "output.format": fmt, **ORDERS[order]}
+                "quant.group_size": group, "device": "cpu", "output.format": fmt, "quant.grid": grid, **ORDERS[order]}
         try:                                           # the format cannot store it: recorded, not served
             get_format(fmt).check_quant(quant_of(case))
         except InputError as exc:

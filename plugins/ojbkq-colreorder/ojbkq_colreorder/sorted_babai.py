@@ -65,7 +65,7 @@ def permute(problem: WorkingProblem, perm: torch.Tensor) -> WorkingProblem:
     P = (U64.T @ U64)[perm][:, perm]
     U = torch.linalg.cholesky(P, upper=True).to(problem.U.dtype)
     g = problem.grid
-    grid = Grid(g.lower[perm], g.upper[perm], g.scale[:, perm], g.zero[:, perm])
+    grid = Grid(g.lower[perm], g.upper[perm], g.scale[:, perm], g.zero[:, perm], alphabet=g.alphabet)
     return WorkingProblem(U, problem.T[:, perm], grid)
 
 
