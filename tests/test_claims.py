@@ -646,6 +646,8 @@ ALLOWED: list[tuple[str, str, str]] = [
     ("bench/README.md", "The gptq recipe at 0.01, 0.05 and 0.1", "damping settings"),
     ("bench/README.md", "0.05 has the lowest validation perplexity", "a damping setting"),
     ("bench/README.md", "default stays 0.01, the published GPTQ value; GPTQModel's is 0.05", "damping settings"),
+    ("docs/formulation.md", "E4M3's epsilon 0.125", "a constant of the FP8 format"),
+    ("docs/formulation.md", "its mantissa is at least 1.75", "the MXFP4 scale rule's threshold, a constant"),
 ]
 
 
