@@ -211,7 +211,7 @@ def report_markdown(result: dict, plot_name: str | None) -> str:
                f"of held-out text" + (f" (the text has {ev[d]['text_tokens']:,} tokens)" if ev[d].get("text_tokens")
                                       else "") + f", full precision perplexity {fp['perplexity'][d]:.3f}."
                for d in domains],
-             f"- Grid: group {result['group_size']}, asymmetric min-max; recipes as `ojbkq recipes` lists them "
+             f"- Grid: {_grid_said(rows, result['group_size'])}; recipes as `ojbkq recipes` lists them "
              f"(overrides: {', '.join(result['overrides']) or 'none'}).", ""]
     head = ["recipe", "bits", "seconds", "objective Σ"] + [f"ppl {d} (Δ fp) [95% interval]" for d in domains]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -257,6 +257,18 @@ VERDICT_NOTE = ("Each comparison is paired: the mean difference of the two rows'
                 "windows, with a 95% bootstrap interval over the windows. *holds*: the interval lies on the "
                 "claimed side; *misses*: it lies on the other side; *within noise*: it contains no "
                 "difference. The ratio is the first perplexity over the second.")
+
+
+FP4_SAID = {"nvfp4": "NVFP4 (FP4 E2M1 values, groups of 16, FP8 E4M3 scales under a per-tensor FP32 scale)",
+            "mxfp4": "MXFP4 (FP4 E2M1 values, groups of 32, power-of-two scales)"}
+
+
+def _grid_said(rows: list, group_size) -> str:
+    """The rows' grid in words: FP4 where the rows ran on one, else the integer min-max grid."""
+    grids = {r.get("grid", "int") for r in rows if r["recipe"] != "fp"}
+    if len(grids) == 1 and next(iter(grids)) in FP4_SAID:
+        return FP4_SAID[next(iter(grids))]
+    return f"group {group_size}, asymmetric min-max"
 
 
 def _cpu_said(cpu: dict | None) -> str:

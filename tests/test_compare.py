@@ -153,6 +153,10 @@ def test_report_without_matplotlib_says_so(job):
               "ordering": job.ordering(rows, DOMAINS), "layer_ratios": {}}
     md = job.report_markdown(result, None)
     assert "no plot" in md and "![" not in md and "bfloat16" in md
+    assert "- Grid: group 64, asymmetric min-max" in md
+    for r in rows:
+        r["grid"] = "mxfp4"
+    assert "- Grid: MXFP4 (FP4 E2M1 values, groups of 32, power-of-two scales)" in job.report_markdown(result, None)
 
 
 def test_default_sizes_follow_the_device(job):
