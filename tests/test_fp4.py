@@ -264,3 +264,19 @@ def test_the_gptq_format_refuses_fp4_grids():
     with pytest.raises(InputError, match="the gptq format stores integer codes"):
         load_spec("gptq", {"quant.grid": "nvfp4", "quant.group_size": 16, "output.format": "gptq",
                            "quant.sym": True, "model.path": "x"})
+
+
+@settings(max_examples=40, deadline=None)
+@given(alphabet_problems(), st.integers(0, 2**16))
+def test_the_cpu_kernels_take_the_reference_decisions_on_the_alphabet(problem, seed):
+    """float32 problems on E2M1 (random boxes inside the alphabet, scales, conditioning): the numba kernels give
+    the reference's codes and path objectives, bit for bit."""
+    pytest.importorskip("numba")
+    from test_cpu_plugin import on_cpu
+    f32 = WorkingProblem(problem.U.float(), problem.T.float(),
+                         Grid(problem.grid.lower.float(), problem.grid.upper.float(), problem.grid.scale.float(),
+                              problem.grid.zero.float(), alphabet=E2M1))
+    for cls, params in ((Babai, {}), (Klein, {"k": 5, "window": 3}), (Beam, {"width": 3, "expand": 2})):
+        a, b = cls(**params).decode(f32, seed=seed), on_cpu(cls, **params).decode(f32, seed=seed)
+        assert b.info["backend"] == "ojbkq-cpu"
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.objective, b.objective), cls.name
