@@ -274,12 +274,14 @@ class Partial:
 
 def fingerprint(spec_yaml: str, checkpoint: Checkpoint, world_size: int) -> dict:
     """What a resumed run must share with the one that saved: the resolved recipe (less
-    `output.overwrite`), the checkpoint's files and the number of processes."""
+    `output.overwrite`), the checkpoint's files and the number of processes; and what it should share, the
+    number of torch threads (the products' rounding, and so a near tie between two codes or candidates, can
+    depend on it)."""
     import yaml
     cfg = yaml.safe_load(spec_yaml)
     cfg.get("output", {}).pop("overwrite", None)
     return {"config": cfg, "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest(),
-            "weights": checkpoint.fingerprint(), "world_size": world_size}
+            "weights": checkpoint.fingerprint(), "world_size": world_size, "threads": torch.get_num_threads()}
 
 
 def _flat(d, prefix="") -> dict:
@@ -304,6 +306,10 @@ def check_same(saved: dict, now: dict, where: str) -> None:
     if saved["world_size"] != now["world_size"]:
         raise InputError(f"--resume: the run saved in {where} had {saved['world_size']} processes, this one "
                          f"{now['world_size']}; rerun with --nproc {saved['world_size']}")
+    if saved.get("threads", now["threads"]) != now["threads"]:
+        log.warning("warning: --resume: the run saved in %s used %d torch threads, this one %d; the blocks from "
+                    "here on may differ in a last bit from an uninterrupted run (set OMP_NUM_THREADS=%d to match)",
+                    where, saved["threads"], now["threads"], saved["threads"])
 
 
 class Saved:
