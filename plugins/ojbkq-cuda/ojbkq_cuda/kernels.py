@@ -72,18 +72,20 @@ def _rint(x):
 def _nearest(t, s, z, lo, hi, values_ptr, K: tl.constexpr, TIE: tl.constexpr):
     """`ojbkq_core.grid.Alphabet.nearest`: on the integers (`K = 0`) `clamp(rint(t / s) + z)`; on an alphabet
     of `K` sorted values the code of the value nearest `t / s + z`, ties to codes of parity `TIE`."""
+    # one return after a compile-time branch: Triton compiles the statements after a return inside `if K == 0`
     if K == 0:
-        return tl.minimum(tl.maximum(_rint(tl.math.div_rn(t, s)) + z, lo), hi)
-    x = tl.math.div_rn(t, s) + z
-    i = tl.zeros(x.shape, tl.int32)
-    for k in tl.static_range(K):                       # searchsorted: values[i-1] < x <= values[i]
-        i += (tl.load(values_ptr + k) < x).to(tl.int32)
-    i = tl.minimum(tl.maximum(i, 1), K - 1)
-    below = x - tl.load(values_ptr + (i - 1))
-    above = tl.load(values_ptr + i) - x
-    tie = tl.where(i % 2 == TIE, i, i - 1)
-    c = tl.where(above < below, i, tl.where(above > below, i - 1, tie))
-    return tl.minimum(tl.maximum(c.to(tl.float32), lo), hi)
+        c = _rint(tl.math.div_rn(t, s)) + z
+    else:
+        x = tl.math.div_rn(t, s) + z
+        i = tl.zeros(x.shape, tl.int32)
+        for k in tl.static_range(K):                   # searchsorted: values[i-1] < x <= values[i]
+            i += (tl.load(values_ptr + k) < x).to(tl.int32)
+        i = tl.minimum(tl.maximum(i, 1), K - 1)
+        below = x - tl.load(values_ptr + (i - 1))
+        above = tl.load(values_ptr + i) - x
+        tie = tl.where(i % 2 == TIE, i, i - 1)
+        c = tl.where(above < below, i, tl.where(above > below, i - 1, tie)).to(tl.float32)
+    return tl.minimum(tl.maximum(c, lo), hi)
 
 
 @_helper
@@ -91,8 +93,10 @@ def _value(c, values_ptr, K: tl.constexpr):
     """`a(c)`: the code itself on the integers, else the alphabet's value (a code outside the table reads
     its nearest end, as the reference; callers mask it)."""
     if K == 0:
-        return c
-    return tl.load(values_ptr + tl.minimum(tl.maximum(c.to(tl.int32), 0), K - 1))
+        v = c
+    else:
+        v = tl.load(values_ptr + tl.minimum(tl.maximum(c.to(tl.int32), 0), K - 1))
+    return v
 
 
 @_helper
