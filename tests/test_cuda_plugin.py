@@ -316,3 +316,48 @@ def test_on_the_gpu_split_trailing_products_stay_within_the_float32_tolerance(mo
         a, b = both(name, params, W, st, grid=GridSpec(bits=3, group_size=128))
         assert (a.codes != b.codes).float().mean().item() < 0.05
         assert b.loss == pytest.approx(a.loss, rel=5e-3)
+
+
+# --- the kernels through Triton's compiler (no GPU needed) ---------------------------------------------------
+
+COMPILE = """
+import sys
+sys.path.insert(0, {plugin!r})
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ojbkq_cuda import kernels as k
+
+def compile_(fn, pointers, constexprs):
+    sig = {{n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}}
+    src = ASTSource(fn, sig, {{(fn.arg_names.index(c),): v for c, v in constexprs.items()}})
+    return len(triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"])
+
+table = ({{"values_ptr": None, "K": 0, "TIE": 0}}, {{}}) if {alphabet!r} == "integers" else \\
+    ({{"K": 15, "TIE": 1}}, {{"values_ptr": "*fp32"}})
+f32 = {{n: "*fp32" for n in ("T_ptr", "U_ptr", "lo_ptr", "hi_ptr", "S_ptr", "Z_ptr", "G_ptr", "beta_ptr",
+                            "noise_ptr", "err_ptr", "score_ptr")}}
+walk = compile_(k.walk_block_kernel, {{**f32, "codes_ptr": "*u8", **table[1]}},
+                {{"bs": 32, "BLOCK_M": 16, "BS": 32, "HAS_INJECT": True, "SAMPLE": True, "WINDOW": 2, "EXACT": True,
+                  **table[0]}})
+beam = compile_(k.beam_block_kernel, {{**f32, "codes_ptr": "*u8", "anc_ptr": "*i32", **table[1]}},
+                {{"bs": 16, "B": 4, "BP": 4, "E": 2, "EP": 8, "EP2": 2, "ROWS": 4, "BS": 16, "DYNAMIC": False,
+                  "EXACT": True, **table[0]}})
+print("cubin bytes", walk, beam)
+"""
+
+
+@pytest.mark.skipif(not runtime.triton_available(), reason="needs Triton")
+@pytest.mark.parametrize("alphabet", ["integers", "e2m1"])
+def test_the_kernels_compile_for_the_gpu_on_both_grids(alphabet):
+    """The walk (klein's sampling and successive rounding's injection on) and the beam compile for an H100
+    (sm_90) with Triton's own compiler and ptxas, no GPU needed, on the integer grid and with an alphabet table.
+    The interpreter runs the helpers as Python, so a form Triton cannot compile (a return inside a compile-time
+    branch, say) shows only here. A process of its own: the interpreter is on in this one."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = COMPILE.format(plugin=str(PLUGIN), alphabet=alphabet)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    walk, beam = map(int, r.stdout.split()[-2:])
+    assert walk > 1000 and beam > 1000
