@@ -427,7 +427,7 @@ def run(config: str, overrides: Sequence[str] = (), bits: Sequence[int] = (), bl
         meta = {"bits": b, "c": c, "rows": rows, "windows_per_layer": windows, "seed": seed,
                 "model": facts["model"], "architecture": facts["architecture"], "blocks": facts["blocks"],
                 "objective": spec.objective.to_dict(), "group_size": q.group_size, "sym": q.sym,
-                "act_order": q.act_order, "static_groups": q.static_groups, "damp": q.damp,
+                "act_order": q.act_order, "static_groups": q.static_groups, "damp": q.damp, "grid": q.grid,
                 "rotation": dict(vars(spec.rotation)), "recipe_decoder": dec.name, "calibration": {"dataset": cal.dataset, "samples": cal.samples,
                                                             "seqlen": cal.seqlen, "seed": cal.seed},
                 "device": "cpu", "calibration_device": facts["device"], "dtype": "float64",

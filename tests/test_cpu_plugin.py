@@ -146,7 +146,8 @@ def test_klein_draws_the_reference_numbers(objective, grid):
     assert a.report["candidate_histogram"] == b.report["candidate_histogram"]
 
 
-@pytest.mark.parametrize("grid", [GridSpec(bits=2, group_size=16), GridSpec(group_size=16, grid="nvfp4", static_groups=True)])
+@pytest.mark.parametrize("grid", [GridSpec(bits=2, group_size=16),
+                                  GridSpec(group_size=16, grid="nvfp4", static_groups=True)])
 def test_klein_with_a_fixed_beta_and_clamped_targets(grid):
     """A small β (draws far from the nearest code) and targets beyond the box (codes clamped)."""
     W, st = layer(8, 64, seed=12)

@@ -117,8 +117,8 @@ def test_command_on_a_tiny_llama(llama_dir, tmp_path, monkeypatch, capsys):
     assert open(str(tmp_path / "gaps.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "klein k=4" in table and "babai (layer)" in table and "babai λ=0" in table
-    keys = {"decoder", "params", "bits", "layer", "optimal_fraction", "gap_mean", "gap_p95", "count", "c", "rows",
-            "seed", "model", "device"}
+    keys = {"decoder", "params", "bits", "layer", "grid", "optimal_fraction", "gap_mean", "gap_p95", "count", "c",
+            "rows", "seed", "model", "device"}
     assert all(keys <= r.keys() for r in records)
     assert all(r["below_exact"] == 0 for r in records)                                # exact is never worse
     alls = {(r["decoder"], str(r["params"]), r["bits"]): r for r in records if r["layer"] == "all" and r["damping"] == "layer"}

@@ -118,7 +118,8 @@ def recipe_defaults() -> list[tuple]:
 
 
 # FP4 grids (a sixth element): compressed-tensors' nvfp4/mxfp4-pack-quantized layouts
-FP4_CASES = [("compressed-tensors", 4, True, 16, "static", "nvfp4"), ("compressed-tensors", 4, True, 32, "static", "mxfp4")]
+FP4_CASES = [("compressed-tensors", 4, True, 16, "static", "nvfp4"),
+             ("compressed-tensors", 4, True, 32, "static", "mxfp4")]
 DEFAULT_CASES = list(dict.fromkeys([*recipe_defaults(), ("gptq", 4, True, 128, "static"),     # served
                                     ("gptq", 4, False, 64, "none"), ("gptq", 4, True, 64, "dynamic"),  # refused
                                     *FP4_CASES]))                                                      # refused
