@@ -11,6 +11,7 @@ Shapes: `w` is `(..., m, g)` (rows by the group's columns); `fit` returns `scale
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -45,8 +46,9 @@ class Alphabet:
         return None if self.values is None else len(self.values)
 
     def table(self, like: torch.Tensor) -> torch.Tensor:
-        """`values` `(K,)` in `like`'s dtype and device."""
-        return torch.tensor(self.values, dtype=like.dtype, device=like.device)
+        """`values` `(K,)` in `like`'s dtype and device (made once per dtype and device: the walk asks every
+        column)."""
+        return _table(self.values, like.dtype, like.device)
 
     def value(self, c: torch.Tensor) -> torch.Tensor:
         """`a(c)` of codes `c` (a float tensor holding integers), same shape and dtype; codes outside
@@ -74,6 +76,11 @@ class Alphabet:
             return 1.0, 1.0
         d = [b - a for a, b in zip(self.values, self.values[1:])]
         return min(d), max(d)
+
+
+@functools.lru_cache(maxsize=None)
+def _table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 INTEGERS = Alphabet()

@@ -1,8 +1,6 @@
 """FP4 grids (`quant.grid: nvfp4 | mxfp4`): the E2M1 alphabet, the formats' scale rules as compressed-tensors
 computes them, and every decoder on a non-uniform alphabet checked against brute force (docs/formulation.md §3).
 """
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -220,7 +218,7 @@ def test_exhaustive_enumerates_alphabet_codes():
                 torch.ones(1, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64), alphabet=E2M1)
     res = Exhaustive().decode(WorkingProblem(U, T, grid))
     assert E2M1.value(res.codes).tolist() == [[3.0, 0.0]]
-    assert res.info["points"] == 15 ** 2 and list(itertools.islice(E2M1.values, 0, 1)) == [-6]
+    assert res.info["points"] == 15 ** 2
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------

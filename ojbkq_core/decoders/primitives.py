@@ -32,7 +32,7 @@ from .result import DecodeResult
 from .sampling import Sampling, sampler
 from .search import beams
 from .select import select
-from .walk import nearest, walk
+from .walk import walk
 
 NAMES = ("walk", "beam", "rows")
 
@@ -65,7 +65,7 @@ class Dense:
 def reference_walk(problem: WorkingProblem, paths: int = 1, inject: bool = False,
                    sampling: Optional[Sampling] = None, block: int = 128) -> Dense:
     choose = (sampler(problem, paths, sampling) if sampling is not None and paths > 1
-              else lambda t, s, z, lo, hi, d, j: nearest(t, s, z, lo, hi, problem.grid.alphabet))
+              else lambda t, s, z, lo, hi, d, j: problem.grid.alphabet.nearest(t, s, z, lo, hi))
     return Dense(*walk(problem, paths, choose, inject=inject, block=block))
 
 

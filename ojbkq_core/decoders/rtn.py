@@ -5,7 +5,6 @@ import torch
 
 from ..problem import WorkingProblem
 from .base import DecodeResult, Decoder
-from .walk import nearest
 
 
 class RTN(Decoder):
@@ -15,7 +14,7 @@ class RTN(Decoder):
     def decode(self, problem: WorkingProblem, seed: int = 0, row0: int = 0) -> DecodeResult:
         T, U = problem.T, problem.U
         scale, zero = problem.grid.initial(T)
-        codes = nearest(T, scale, zero, problem.grid.lower, problem.grid.upper, problem.grid.alphabet)
+        codes = problem.grid.alphabet.nearest(T, scale, zero, problem.grid.lower, problem.grid.upper)
         R = T - problem.grid.dequantize(codes, scale, zero)
         # Σ e² = ‖Rl r‖² with Rl = U⁻ᵀ: solve Uᵀ x = r for each row.
         x = torch.linalg.solve_triangular(U.T, R.T, upper=False)

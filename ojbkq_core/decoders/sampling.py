@@ -15,7 +15,6 @@ import torch
 
 from ..problem import WorkingProblem
 from ..rng import to_unit, uniform
-from .walk import nearest
 
 
 @dataclass
@@ -86,7 +85,7 @@ def sampler(problem: WorkingProblem, paths: int, sampling: Sampling):
     ratio = widest / gap
 
     def choose(t, s, z, lo, hi, d, j):
-        c0 = nearest(t, s, z, lo, hi, alphabet)              # (K, m)
+        c0 = alphabet.nearest(t, s, z, lo, hi)               # (K, m)
         W = w if spread is None else reach((beta.view(1, -1) * (s[1:] * gap / d) ** 2).amin().item(), w, spread,
                                            ratio)
         offs_W, slot_W = offs[w - W:w + W + 1], slot[..., w - W:w + W + 1]

@@ -15,7 +15,6 @@ import torch
 
 from ..grid import block_size_for
 from ..problem import WorkingProblem
-from .walk import nearest
 
 
 def smallest(x: torch.Tensor, k: int, dim: int):
@@ -59,7 +58,7 @@ def beams(problem: WorkingProblem, width: int, expand: int, block: int = 128):
             else:
                 s, z = grid.scale[:, j].expand(B, m), grid.zero[:, j].expand(B, m)
             t = Tb[:, :, jj]
-            c0 = nearest(t, s, z, lower[j], upper[j], alphabet)
+            c0 = alphabet.nearest(t, s, z, lower[j], upper[j])
             cc = c0.unsqueeze(-1) + offs                     # (B, m, 2E+1)
             err = (t.unsqueeze(-1) - s.unsqueeze(-1) * (alphabet.value(cc) - z.unsqueeze(-1))) / d[j]
             cost = (err * err).masked_fill((cc < lower[j]) | (cc > upper[j]), math.inf)

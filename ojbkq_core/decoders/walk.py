@@ -16,17 +16,11 @@ from typing import Callable
 
 import torch
 
-from ..grid import INTEGERS, Alphabet, block_size_for
+from ..grid import block_size_for
 from ..problem import WorkingProblem
 
 # choose(t, scale, zero, lower_j, upper_j, U_jj, j) -> codes, all (P, m) except the scalars
 Chooser = Callable[..., torch.Tensor]
-
-
-def nearest(t, scale, zero, lo, hi, alphabet: Alphabet = INTEGERS):
-    """Nearest grid code, clamped to the box: `clamp(round(t / s) + z, lo, hi)` on the integers, the code
-    of the nearest alphabet value otherwise."""
-    return alphabet.nearest(t, scale, zero, lo, hi)
 
 
 def walk(problem: WorkingProblem, paths: int, choose: Chooser, inject: bool = False, block: int = 128):
