@@ -37,7 +37,7 @@ import torch
 from .assets import CONVERTED, LABELS, converted, model_folder
 from .config import parse_override
 from .errors import InputError
-from .grid import QuantSpec
+from .grid import FP4_GROUP, QuantSpec
 from .precision import device_record, dtype_line, resolve_dtype, warn_if_emulated
 from .results import BASELINE, baseline_part, merge, merge_results, metric, progress, write_results, write_text
 from .spec import CalibrationSpec, load_spec, recipes as registered_recipes
@@ -260,9 +260,12 @@ def check_args(args) -> None:
     if args.seqlen is None:
         args.seqlen = ENCODER_SIZES[1] if encoder else 512
     for text in args.set:
-        key = parse_override(text)[0]
+        key, value = parse_override(text)
         if key in OWN_FLAGS or key.startswith("eval."):
             raise InputError(f"--set {text}: compare sets {key} itself; use {OWN_FLAGS.get(key, '--domains, --eval-tokens')}")
+        if key == "quant.grid" and value in FP4_GROUP and (args.bits != [4] or args.group_size != FP4_GROUP[value]):
+            raise InputError(f"--set {text}: an FP4 grid has 4-bit codes in groups of {FP4_GROUP[value]}; pass "
+                             f"--bits 4 --group-size {FP4_GROUP[value]}")
     args.cal = cal = shared_calibration(args)         # --set calibration.* included; the rows' calibration
     args.samples, args.seqlen = cal.samples, cal.seqlen
     if args.eval_seqlen is None:

@@ -479,6 +479,9 @@ def test_a_baseline_is_cut_to_the_runs_windows_and_one_of_another_setup_left_out
     (["--set", "eval.perplexity=[wikitext2]"], "compare sets eval.perplexity itself; use --domains"),
     (["--set", "calibration.samplez=2"], "did you mean 'calibration.samples'"),
     (["--set", "quant.group_size=16"], "compare sets quant.group_size itself; use --group-size"),
+    (["--set", "quant.grid=nvfp4"], "an FP4 grid has 4-bit codes in groups of 16; pass --bits 4 --group-size 16"),
+    (["--bits", "4", "--group-size", "16", "--set", "quant.grid=mxfp4"], "pass --bits 4 --group-size 32"),
+    (["--set", "quant.grid=fp8"], "quant.grid='fp8': choose one of int, nvfp4, mxfp4"),
 ])
 def test_compare_refuses_bad_input_in_one_line(tiny_folder, tmp_path, capsys, monkeypatch, extra, needle):
     monkeypatch.chdir(tmp_path)
