@@ -257,6 +257,24 @@ def test_fp4_checkpoints_store_the_formats_layout_and_read_back(tmp_path, grid, 
         assert torch.equal(back(ids).logits, q.model(ids).logits)
 
 
+def test_an_nvfp4_checkpoint_without_its_global_scale_is_refused_on_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    import ojbkq_core as oq
+    from ojbkq_core.data import byte_tokenizer
+    from tiny_models import tiny_llama
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    q = oq.quantize(tiny_llama(seed=2), byte_tokenizer(), recipe="gptq", calibration=ids, progress=False,
+                    overrides={"quant.grid": "nvfp4", "quant.group_size": 16, "eval.perplexity": []})
+    out = q.save(str(tmp_path / "q"))
+    f = tmp_path / "q" / "model.safetensors"
+    t = load_file(str(f))
+    del t["model.layers.1.mlp.up_proj.weight_global_scale"]
+    save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(InputError, match="module model.layers.1.mlp.up_proj stores no weight_global_scale"):
+        oq.load(out)
+
+
 def test_the_gptq_format_refuses_fp4_grids():
     from ojbkq_core.spec import load_spec
     with pytest.raises(InputError, match="the gptq format stores integer codes"):

@@ -215,6 +215,11 @@ class CompressedTensors(Format):
                 local["weight_scale"] = local["weight_scale"].float()
                 W = compressors.PackedQuantizationCompressor.decompress(local, groups[0])["weight"]
             else:
+                need = ("weight_scale", "weight_global_scale") if cfg.format.startswith("nvfp4") else ("weight_scale",)
+                missing = [n for n in need if n not in local]
+                if missing:
+                    raise InputError(f"{path}: module {name} stores no {', '.join(missing)}, which "
+                                     f"{cfg.format} needs: the checkpoint is incomplete; write it again")
                 W = _fp4_weight(readers[cfg.format], local, groups[0].weights)
             mod.weight = torch.nn.Parameter(as_module_weight(mod, W), requires_grad=False)
         model.to(device).eval()
