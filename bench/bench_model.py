@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -44,14 +45,25 @@ FULL_BLOCKS = 32
 PRESETS = {     # hidden, intermediate, heads, key/value heads
     "8b": (4096, 14336, 32, 8),
     "70b": (8192, 28672, 64, 8),
+    "405b": (16384, 53248, 128, 8),
 }
 
 
 def build(args, dev, home=None):
     """The model with random bf16 weights, initialised on `dev` and kept on `home` (default `dev`): a Llama,
-    or with `args.experts` a Qwen3-MoE (`args.top_k` experts per token of width `args.moe_intermediate`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
-    if getattr(args, "experts", 0):
+    or with `args.experts` a Qwen3-MoE (`args.top_k` experts per token of width `args.moe_intermediate`), a
+    Qwen2-MoE with `args.shared_expert` (one shared expert of that width beside them)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
+    if getattr(args, "experts", 0) and getattr(args, "shared_expert", 0):
+        cls = Qwen2MoeForCausalLM
+        cfg = Qwen2MoeConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                             moe_intermediate_size=args.moe_intermediate, num_experts=args.experts,
+                             num_experts_per_tok=args.top_k, shared_expert_intermediate_size=args.shared_expert,
+                             num_hidden_layers=args.blocks, num_attention_heads=args.heads,
+                             num_key_value_heads=args.kv_heads, max_position_embeddings=8192, rope_theta=1000000.0,
+                             rms_norm_eps=1e-6, tie_word_embeddings=False, torch_dtype="bfloat16")
+    elif getattr(args, "experts", 0):
         cls = Qwen3MoeForCausalLM
         cfg = Qwen3MoeConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                              moe_intermediate_size=args.moe_intermediate, num_experts=args.experts,
@@ -133,8 +145,21 @@ def profiled(path, title: str, append: bool = False, rows: int = 30):
         f.write(f"== {title}\n{table}\n\n")
 
 
+def add_moe_args(ap: argparse.ArgumentParser) -> None:
+    """A mixture-of-experts model instead of a Llama (`build`)."""
+    ap.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE model with this many experts per block")
+    ap.add_argument("--top-k", type=int, default=8, help="experts per token (with --experts)")
+    ap.add_argument("--moe-intermediate", type=int, default=768, help="each expert's width (with --experts)")
+    ap.add_argument("--shared-expert", type=int, default=0,
+                    help="a Qwen2-MoE with one shared expert of this width (with --experts)")
+    ap.add_argument("--head-dim", type=int, default=0, help="attention head width (default hidden / heads)")
+
+
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """The model, calibration and recipe options (`build` reads the model's)."""
+    add_moe_args(ap)
+    ap.add_argument("--project", type=int, default=FULL_BLOCKS, metavar="N",
+                    help=f"blocks of the whole model the time is projected to (default {FULL_BLOCKS})")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -210,8 +235,13 @@ def main(argv=None):
             "implementation": (", ".join(decoder.primitives.plugins) or "reference"), "objective": res.report["objective"],
             "samples": args.samples, "seqlen": args.seqlen, "device": name,
             "seconds": total, "seconds_per_block": per_block,
-            "projected_seconds": sec["capture"] + FULL_BLOCKS * per_block, "projected_blocks": FULL_BLOCKS,
-            "peak_bytes": peak, "engine_seconds": sec,
+            "projected_seconds": sec["capture"] + args.project * per_block, "projected_blocks": args.project,
+            "peak_bytes": peak, "host_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "engine_seconds": sec, "statistics_passes": res.report["statistics_passes"],
+            "blocked_layers": {k: v["blocked"] for k, v in res.report["layers"].items() if "blocked" in v},
+            "stacked_layers": sum(1 for v in res.report["layers"].values() if v.get("stacked")),
+            "experts": args.experts, "top_k": args.top_k if args.experts else None,
+            "moe_intermediate": args.moe_intermediate if args.experts else None, "shared_expert": args.shared_expert,
             "objective_sum": res.report["objective_sum"],
             "layer_seconds": {k: v["seconds"] for k, v in res.report["layers"].items()},
         }
@@ -219,7 +249,7 @@ def main(argv=None):
         last = f"{adapter.blocks_path()}.{args.blocks - 1}."
         q_last = sum(v for k, v in rec["layer_seconds"].items() if k.startswith(last))
         rec["seconds_per_block_steady"] = (sec["statistics"] + sec["propagate"]) / args.blocks + q_last
-        rec["projected_seconds_steady"] = sec["capture"] + FULL_BLOCKS * rec["seconds_per_block_steady"]
+        rec["projected_seconds_steady"] = sec["capture"] + args.project * rec["seconds_per_block_steady"]
         # statistics + propagation against the bare forwards they need
         rec["forward_seconds_per_block"] = fwd
         rec["statistics_propagate_over_forwards"] = (
@@ -229,7 +259,7 @@ def main(argv=None):
         print(f"{recipe}: {args.blocks} blocks in {total:.1f}s; per block {per_block:.2f}s "
               f"(statistics {sec['statistics'] / args.blocks:.2f}, quantize {sec['quantize'] / args.blocks:.2f}, "
               f"propagate {sec['propagate'] / args.blocks:.2f}); capture {sec['capture']:.2f}s; "
-              f"{FULL_BLOCKS} blocks ≈ {rec['projected_seconds'] / 60:.1f} min (steady {rec['seconds_per_block_steady']:.2f} s/block, "
+              f"{args.project} blocks ≈ {rec['projected_seconds'] / 60:.1f} min (steady {rec['seconds_per_block_steady']:.2f} s/block, "
               f"{rec['projected_seconds_steady'] / 60:.1f} min); peak {peak / 2**30:.1f} GiB; "
               f"(statistics + propagate) / forwards = {rec['statistics_propagate_over_forwards'] or 0:.2f}", flush=True)
         del model, adapter, res

@@ -76,6 +76,7 @@ def child(argv) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from bench_model import add_moe_args
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True, help="scratch folder for the checkpoint and the output")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "model.json"))
@@ -88,10 +89,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE model with this many experts per block")
-    ap.add_argument("--top-k", type=int, default=8, help="experts per token (with --experts)")
-    ap.add_argument("--moe-intermediate", type=int, default=768, help="each expert's width (with --experts)")
-    ap.add_argument("--head-dim", type=int, default=0, help="attention head width (default hidden / heads)")
+    add_moe_args(ap)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="more overrides")

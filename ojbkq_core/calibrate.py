@@ -48,6 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from . import budget
 from .blocks import BlockInputs, Inputs, capture_block_inputs, model_device, module_inputs, run_block, to_home
 from .decoders.base import Decoder
 from .decoders.rtn import RTN
@@ -57,7 +58,7 @@ from .experts import sparse_blocks
 from .fullprecision import FullPrecisionCache
 from .grid import GridSpec, QuantSpec
 from .hostmemory import host_memory_bytes
-from .layer import LayerResult, quantize_layer
+from .layer import LayerResult, quantize_layer, quantize_stack
 from .model import Model
 from .objectives import Objective, ObjectiveSpec, Term
 from .reuse import Reuse
@@ -123,6 +124,11 @@ def default_batch_size(seqlen: int, device="cpu") -> int:
     """Calibration sequences per forward batch: about 16384 tokens on a CUDA device (fewer, larger
     products), 4096 elsewhere."""
     return max(1, (16384 if torch.device(device).type == "cuda" else 4096) // seqlen)
+
+
+def _in_features(block: nn.Module, name: str) -> int:
+    module = block.get_submodule(name)
+    return getattr(module, "in_features", None) or module.weight.shape[-1]
 
 
 def layer_seed(seed: int, index: int) -> int:
@@ -413,7 +419,7 @@ def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTa
     r0, r1 = rows or (0, None)
     W = adapter.weight(module).detach()[r0:r1].to(device=device, dtype=torch.float32, copy=True)
     t0 = time.perf_counter()
-    if stats.count == 0 or ("H" in stats.needs and not stats.H.any()):
+    if not reached(stats):
         log.warning("%s: no calibration token reached it (%d tokens, all-zero H); rounded to nearest",
                     task.full, stats.count)
         res = rounded(W, settings.grid)
@@ -429,7 +435,17 @@ def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTa
         res = quantize_layer(W, stats, task.objective, settings.grid, settings.decoder, damp=settings.damp,
                              seed=layer_seed(settings.seed, task.index), score_objective=settings.score_objective,
                              row0=r0, shared=shared)
-    res.report["seconds"] = time.perf_counter() - t0
+    return annotated(res, task, W, stats, time.perf_counter() - t0)
+
+
+def reached(stats: Statistics) -> bool:
+    """Whether any calibration token reached the module (tokens counted and a non-zero `H`)."""
+    return stats.count > 0 and ("H" not in stats.needs or bool(stats.sums["H"].any()))
+
+
+def annotated(res: LayerResult, task: LayerTask, W: torch.Tensor, stats: Statistics, seconds: float) -> LayerResult:
+    """`res` with the report fields every layer carries: `seconds`, `draws`, `tokens`, `sym_loss`, the fallback."""
+    res.report["seconds"] = seconds
     res.report["draws"] = task.draws
     res.report["tokens"] = stats.count
     if task.fallback is not None:
@@ -439,6 +455,39 @@ def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTa
     else:
         res.report["sym_loss"] = res.loss if task.objective.terms == SYMMETRIC else _sym_loss(W, res.qweight, stats)
     return res
+
+
+def quantize_experts(adapter: Model, block: nn.Module, tasks: Sequence[LayerTask], stats: dict[str, Statistics],
+                     settings: Settings, device) -> dict[str, LayerResult]:
+    """The group's routed experts that calibrate normally (tokens reached them, enough of them), decoded
+    together per weight shape (`layer.quantize_stack`: one decoder call for all of them) when the decoder can
+    stack problems and no separate scoring objective is set; module name → result. The others are left to
+    `quantize`, one call each."""
+    if not settings.decoder.stackable or settings.score_objective is not None:
+        return {}
+    by_shape: dict[tuple, list[LayerTask]] = {}
+    for t in tasks:
+        module = block.get_submodule(t.name)
+        if getattr(module, "routed", False) and reached(stats[t.name]) and not settings.too_few(module, stats[t.name]):
+            by_shape.setdefault(tuple(adapter.weight(module).shape), []).append(t)
+    out = {}
+    avail = budget.available(device)
+    for (m, n), same in by_shape.items():
+        # a stack holds per layer its U twice (its own, the stacked copy) and about eight (m, n) buffers
+        step = len(same) if avail is None else max(2, avail // 2 // (8 * n * n + 32 * m * n))
+        for k in range(0, len(same), step):
+            chunk = same[k:k + step]
+            if len(chunk) < 2:
+                continue
+            t0 = time.perf_counter()
+            Ws = [adapter.weight(block.get_submodule(t.name)).detach().to(device=device, dtype=torch.float32, copy=True)
+                  for t in chunk]
+            results = quantize_stack(Ws, [stats[t.name] for t in chunk], [t.objective for t in chunk], settings.grid,
+                                     settings.decoder, settings.damp, [layer_seed(settings.seed, t.index) for t in chunk])
+            each = (time.perf_counter() - t0) / len(chunk)
+            for t, W, res in zip(chunk, Ws, results):
+                out[t.name] = annotated(res, t, W, stats[t.name], each)
+    return out
 
 
 def rounded(W: torch.Tensor, grid: GridSpec) -> LayerResult:
@@ -457,7 +506,9 @@ def quantize_group(adapter: Model, block: nn.Module, tasks: Sequence[LayerTask],
     """Step 3 for a group: module name in the block → `LayerResult`, every module decoded here (the
     default `Events.decode_group`)."""
     shared: dict = {}
-    return {t.name: quantize(adapter, block.get_submodule(t.name), stats[t.name], t, settings, device, shared=shared)
+    done = quantize_experts(adapter, block, tasks, stats, settings, device)
+    return {t.name: done[t.name] if t.name in done else
+            quantize(adapter, block.get_submodule(t.name), stats[t.name], t, settings, device, shared=shared)
             for t in tasks}
 
 
@@ -516,6 +567,9 @@ def _row(task: LayerTask, W_shape, res: LayerResult) -> dict:
     }
     if "candidate_histogram" in res.report:
         row["candidate_histogram"] = res.report["candidate_histogram"]
+    for key in ("blocked", "stacked"):
+        if key in res.report:
+            row[key] = res.report[key]
     row["tokens"] = res.report["tokens"]
     for key in ("fallback", "routed_tokens"):
         if res.report.get(key) is not None:
@@ -712,6 +766,9 @@ class Run:
         needs = set(probe.needs) | (set(score_objective.needs) if score_objective is not None else set())
         sampled = isinstance(objective, ObjectiveSpec) and bool(objective.sampled)
 
+        squares = 1 + any(probe.coefficients()[1].values())       # U, and M − H when the objective has it
+        budget.check_fits({n: tuple(adapter.weight(adapter.model.get_submodule(n)).shape) for n in adapter.layer_names()},
+                          len(needs), squares, device)
         full_precision = Streams.full_precision_needed(needs, sampled)
         cache = fp_cache if full_precision and fp_cache is not None and fp_cache.accepts(adapter, device) else None
         taken_before = 0
@@ -749,7 +806,7 @@ class Run:
                    settings=settings, probe=probe, needs=needs, cache=cache, taken_before=taken_before,
                    streams=streams, ev=ev, first=first, seconds=seconds, t_start=t_start,
                    layers={}, rows=rows, kept={}, skipped=skipped, index=0 if start is None else start.index,
-                   stopped=None, bar=bar, path=adapter.blocks_path(), blocks=adapter.blocks())
+                   stopped=None, statistics_passes=0, bar=bar, path=adapter.blocks_path(), blocks=adapter.blocks())
 
     # -- phase 2: a block enters ---------------------------------------------------------------------
     def open_block(self, i: int, block: nn.Module, true_sequential: bool = True) -> list[list[str]]:
@@ -799,12 +856,28 @@ class Run:
         self.bar.update(len(names) - len(tasks))
         if not tasks:
             return False
+        later = [n for g in groups[gi + 1:] for n in g]
+        size = {t.name: len(self.needs | t.objective.needs) * _in_features(block, t.name) ** 2 * 4 for t in tasks}
+        chunks = budget.chunks([t.name for t in tasks], size.__getitem__, budget.statistics_limit(self.device))
+        by_name = {t.name: t for t in tasks}
+        for c, chunk in enumerate(chunks):
+            last = c == len(chunks) - 1
+            pending = [n for ch in chunks[c:] for n in ch] + later
+            self.quantize_chunk([by_name[n] for n in chunk], gi == len(groups) - 1 and last, pending)
+        if self.events.stop_requested():
+            self.stopped = i
+            return True
+        return False
+
+    def quantize_chunk(self, tasks: list[LayerTask], last: bool, pending: list[str]) -> None:
+        """Statistics, decoding and replacement of modules of one group (all of it, or a chunk of its modules
+        whose statistics fit `budget.statistics_limit`: their inputs do not depend on each other)."""
+        i, block, streams, cache, settings = self.i, self.block, self.streams, self.cache, self.settings
         group = Group(self.adapter, block, i, tasks, settings, self.device)
         t0 = time.perf_counter()
         wants = {t.name: self.needs | t.objective.needs for t in tasks}
         group.stats = statistics(block, self.orig, wants, streams, self.device, self.stats_dtype,
-                                 propagate_fp=gi == len(groups) - 1 and not self.all_tokens,
-                                 pending=[n for g in groups[gi:] for n in g],
+                                 propagate_fp=last and not self.all_tokens, pending=pending,
                                  given=None if cache is None else (lambda n: cache.sums_of(i, n, self.stats_dtype)))
         group.stats = self.events.statistics_ready(group)
         if cache is not None:
@@ -821,10 +894,7 @@ class Run:
         replace(self.adapter, block, results)
         for t in tasks:
             self.report_layer(group, t, results[t.name])
-        if self.events.stop_requested():
-            self.stopped = i
-            return True
-        return False
+        self.statistics_passes += 1
 
     def report_layer(self, group: Group, t: LayerTask, res: LayerResult) -> None:
         self.bar.update(1)
@@ -900,6 +970,7 @@ class Run:
             "skipped": self.skipped,
             "rounded_without_tokens": [k for k, r in rows.items() if r.get("fallback") == "rtn"],
             "seconds": self.seconds,
+            "statistics_passes": self.statistics_passes,
             "statistics_dtype": str(self.stats_dtype).removeprefix("torch."),
             "streams": "pinned" if streams.home == "pinned" else str(streams.home),
             "batch_size": self.batch_size,

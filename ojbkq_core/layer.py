@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from .decoders.base import Decoder
+from .decoders.result import DecodeResult
 from .errors import InputError
 from .grid import INTEGERS, Alphabet, Grid, GridSpec, QuantSpec
-from .linalg import inverse_cholesky
+from . import budget
+from .linalg import inverse_cholesky, inverse_cholesky_blocked
 from .objectives import Objective, ObjectiveSpec, PathScore, RowScore
 from .problem import WorkingProblem
 from .stats import Statistics
@@ -118,12 +120,18 @@ class Factorization:
 
 
 def factorize(stats: Statistics, objective: Objective, damp: float, act_order: bool, dtype, device,
-              shared: Optional[dict] = None) -> Factorization:
+              shared: Optional[dict] = None, plan: budget.Plan = budget.WHOLE) -> Factorization:
     """The `Factorization` of `objective` on `stats`; with `shared`, computed once per (statistics,
-    objective terms, damping, order, dtype, device) and reused."""
-    key = (stats, objective.terms, damp, act_order, dtype, str(device))
+    objective terms, damping, order, dtype, device, plan) and reused. `plan.blocked`: built and factorised
+    `plan.block` columns at a time (`factorize_blocked`)."""
+    key = (stats, objective.terms, damp, act_order, dtype, str(device), plan.blocked, plan.block)
     if shared is not None and key in shared:
         return shared[key]
+    if plan.blocked:
+        f = factorize_blocked(stats, objective, damp, act_order, dtype, device, plan.block)
+        if shared is not None:
+            shared[key] = f
+        return f
     Hraw, M = (x.to(device=device, dtype=dtype) for x in objective.quadratic(stats))
     MH = None if torch.equal(M, Hraw) else M - Hraw
     del M
@@ -145,6 +153,57 @@ def factorize(stats: Statistics, objective: Objective, damp: float, act_order: b
     return f
 
 
+def factorize_blocked(stats: Statistics, objective: Objective, damp: float, act_order: bool, dtype, device,
+                      block: int) -> Factorization:
+    """`factorize` for a layer too wide to hold the whole-matrix form: `H_obj` is built from the statistics'
+    sums `block` columns at a time, already in decoding order, and factorised in place
+    (`linalg.inverse_cholesky_blocked`); `M − H_obj` likewise. Holds one `(n, n)` tensor besides the
+    statistics (two with `M ≠ H_obj`). Equal to `factorize` up to rounding."""
+    h, mh = objective.coefficients()
+    n = stats.n
+    sums = stats.sums
+    diag = sum(c * sums["C" if k == "Ct" else k].diagonal().to(device=device, dtype=dtype)
+               for k, c in h.items() if c) / stats.count
+    dead = diag == 0
+    diag[dead] = 1
+    if act_order:
+        perm = torch.argsort(diag, descending=True, stable=True)
+    else:
+        perm = torch.arange(n, device=device)
+    dead_p = dead[perm].nonzero().flatten()
+
+    def build():
+        H = _square(stats, h, perm, dtype, device, block)
+        H.diagonal()[dead_p] = 1
+        return H
+    damp_steps: list = []
+    U, delta, mean_diag = inverse_cholesky_blocked(build, damp, block, steps=damp_steps)
+    MH = _square(stats, mh, None, dtype, device, block) if any(mh.values()) else None
+    return Factorization(dead, perm, U, delta, delta * mean_diag, MH, damp_steps)
+
+
+def _square(stats: Statistics, coefficients: dict, perm: Optional[torch.Tensor], dtype, device, block: int):
+    """`Σ c_k S_k` `(n, n)` over the statistics' means (`"Ct"`: `Cᵀ`), rows and columns in the order `perm`
+    (None: natural), built `block` columns at a time from the sums."""
+    n = stats.n
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    for c0 in range(0, n, block):
+        c1 = min(c0 + block, n)
+        acc = None
+        for key, c in coefficients.items():
+            if c == 0:
+                continue
+            S = stats.sums["C" if key == "Ct" else key]
+            cols = torch.arange(c0, c1, device=S.device) if perm is None else perm[c0:c1].to(S.device)
+            part = S.index_select(0, cols).T if key == "Ct" else S.index_select(1, cols)
+            if perm is not None:
+                part = part.index_select(0, perm.to(S.device))
+            part = (part.to(device) / stats.count).to(dtype)
+            acc = part.mul_(c) if acc is None else acc.add_(part, alpha=c)
+        out[:, c0:c1] = acc
+    return out
+
+
 def quantize_layer(
     W: torch.Tensor,
     stats: Statistics,
@@ -159,6 +218,7 @@ def quantize_layer(
     dtype: torch.dtype = torch.float32,
     row0: int = 0,
     shared: Optional[dict] = None,
+    plan: Optional[budget.Plan] = None,
 ) -> LayerResult:
     """Quantize `W` `(m, n)` (any float dtype, any device) given its calibration statistics.
 
@@ -168,8 +228,38 @@ def quantize_layer(
     `row0, row0 + 1, …` of a larger layer, decoded on their own; seeded decoders draw by the global row
     index, so the rows get the codes they get when the whole layer is decoded. `shared`: a dict the
     caller keeps while it quantizes modules that read the same inputs (q/k/v, gate/up): their
-    `Factorization` is computed once (see `factorize`).
+    `Factorization` is computed once (see `factorize`). `plan`: the whole-matrix or column-blocked form
+    (`budget.plan`: the whole-matrix form wherever it fits the device's memory); the blocked form finishes
+    `plan.rows` rows at a time and keeps the codes in the narrowest integer type.
     """
+    prep = prepare_layer(W, stats, objective, grid, decoder, damp, seed, score_objective, rng, dtype, shared, plan)
+    return finish_layer(prep, lambda pr, i: decoder.decode(pr, seed=seed, row0=row0 + i), max_rows)
+
+
+@dataclass
+class Prepared:
+    """A layer ready to decode (`prepare_layer`): its `problem` in decoding order and what `finish_layer`
+    needs to put the codes back in natural order and report them."""
+
+    problem: WorkingProblem
+    W: torch.Tensor
+    stats: Statistics
+    objective: Objective
+    grid: GridSpec
+    g: Grid
+    g_idx: torch.Tensor
+    f: Factorization
+    plan: budget.Plan
+    decoder: Decoder
+    draws: dict
+    global_scale: Optional[float]
+    t0: float
+
+
+def prepare_layer(W, stats, objective, grid, decoder, damp=QuantSpec.damp, seed=0, score_objective=None, rng=None,
+                  dtype=torch.float32, shared=None, plan=None) -> Prepared:
+    """The first half of `quantize_layer` (same arguments): checks, objective draws, grid, factorisation and
+    targets, up to the `WorkingProblem`."""
     t0 = time.perf_counter()
     if W.ndim != 2:
         raise InputError(f"weight must be 2-D (m, n), got shape {tuple(W.shape)}")
@@ -183,13 +273,16 @@ def quantize_layer(
     if missing:
         raise InputError(f"objective '{objective.name}' needs statistics {sorted(missing)} that were not accumulated")
     dev = W.device
+    if plan is None:
+        plan = budget.plan(m, n, 1 + (objective.coefficients()[1] != dict.fromkeys(("H", "G", "C", "Ct"), 0.0)),
+                           dev, torch.finfo(dtype).bits // 8)
     W = W.to(dtype).clone()
     static = grid.group_size == -1 or grid.static_groups
     global_scale = grid.global_scale_of(W)            # nvfp4: from the weight as it comes
     fit = functools.partial(grid.fit, global_scale=global_scale)
     if grid.group_size == -1:               # GPTQ: one grid per row, fitted before dead columns are zeroed
         scale_nat, zero_nat, g_idx = _static_grid(W, grid, fit)
-    f = factorize(stats, objective, damp, grid.act_order, dtype, dev, shared)
+    f = factorize(stats, objective, damp, grid.act_order, dtype, dev, shared, plan)
     W[:, f.dead] = 0
     if grid.group_size != -1 and grid.static_groups:
         scale_nat, zero_nat, g_idx = _static_grid(W, grid, fit)
@@ -220,27 +313,52 @@ def quantize_layer(
         problem.score = RowScore.of(score_objective, W, stats, perm)
     else:
         problem.score = PathScore(Wp, f.lam, f.dead[perm].nonzero().flatten())
+    return Prepared(problem, W, stats, objective, grid, g, g_idx, f, plan, decoder, draws, global_scale, t0)
 
+
+def finish_layer(prep: Prepared, decode, max_rows: Optional[int] = None) -> LayerResult:
+    """The second half of `quantize_layer`: `decode(problem rows, first row)` → `DecodeResult` on chunks of
+    rows (`plan.rows`, else `max_rows`, else all), the codes in natural order, the objective, the report."""
+    problem, W, stats, objective, grid, g, g_idx, f, plan, decoder, draws, global_scale, t0 = (
+        prep.problem, prep.W, prep.stats, prep.objective, prep.grid, prep.g, prep.g_idx, prep.f, prep.plan,
+        prep.decoder, prep.draws, prep.global_scale, prep.t0)
+    perm, dev = f.perm, W.device
+    m = W.shape[0]
     t1 = time.perf_counter()
-    chunk = max_rows or m
-    parts = [decoder.decode(problem.rows(slice(i, i + chunk)), seed=seed, row0=row0 + i)
-             for i in range(0, m, chunk)]
-    t2 = time.perf_counter()
-    codes_p = torch.cat([p.codes for p in parts])
-    scale_p = torch.cat([p.scale for p in parts])
-    zero_p = torch.cat([p.zero for p in parts])
     inv = torch.argsort(perm)
-    codes = codes_p[:, inv]
-    scale = scale_p[:, inv]
-    zero = zero_p[:, inv]
-    Q = g.dequantize(codes, scale, zero)
-
     n_groups = int(g_idx.max()) + 1
     first = torch.zeros(n_groups, dtype=torch.long)
     for gi in range(n_groups - 1, -1, -1):
         first[gi] = int((g_idx == gi).nonzero()[0])
     first = first.to(dev)
-    row_loss = objective.value(W.double(), Q.double(), _Double(stats, dev)).cpu()
+    stats64 = _Double(stats, dev)
+    cols = plan.block if plan.blocked else None
+
+    def finish(parts, r0, r1):
+        """Codes, scales, zeros, dequantized weight and objective of rows `r0…r1−1`, natural order."""
+        codes = torch.cat([p.codes for p in parts])[:, inv]
+        scale = torch.cat([p.scale for p in parts])[:, inv]
+        zero = torch.cat([p.zero for p in parts])[:, inv]
+        Q = g.dequantize(codes, scale, zero)
+        row_loss = objective.value(W[r0:r1].double(), Q.double(), stats64, cols).cpu()
+        codes = codes.round()
+        codes = codes.to(_narrowest(grid.maxq)) if plan.blocked else codes.long()
+        return codes, scale[:, first].float(), zero[:, first].float(), Q.float(), row_loss
+
+    chunk = plan.rows or max_rows or m
+    parts = []
+    finished = []
+    for i in range(0, m, chunk):
+        parts.append(decode(problem.rows(slice(i, i + chunk)), i))
+        if plan.blocked:                          # finish each chunk; keep only its result
+            finished.append(finish(parts[-1:], i, min(i + chunk, m)))
+            p = parts[-1]
+            parts[-1] = DecodeResult(p.codes[:0], p.scale[:0], p.zero[:0], p.objective, p.info)
+    t2 = time.perf_counter()
+    if not plan.blocked:
+        finished.append(finish(parts, 0, m))
+    codes, scales, zeros, Q, row_loss = (torch.cat(x) for x in zip(*finished))
+    del finished
     report = {
         "objective": objective.describe(),
         "decoder": repr(decoder),
@@ -252,14 +370,52 @@ def quantize_layer(
         "path_objective": float(torch.cat([p.objective for p in parts]).double().sum()),
         "seconds": {"prepare": t1 - t0, "decode": t2 - t1, "total": time.perf_counter() - t0},
     }
+    if plan.blocked:
+        report["blocked"] = {"block": plan.block, "rows": plan.rows}
     infos = [p.info for p in parts if p.info]
     if infos and "candidate" in infos[0]:
         report["candidate_histogram"] = torch.bincount(torch.cat([i["candidate"].cpu() for i in infos])).tolist()
     return LayerResult(
-        qweight=Q.float(), codes=codes.round().long(), scales=scale[:, first].float(), zeros=zero[:, first].float(),
+        qweight=Q, codes=codes, scales=scales, zeros=zeros,
         g_idx=g_idx.cpu(), perm=perm.cpu(), row_loss=row_loss, loss=float(row_loss.sum()), report=report,
         alphabet=grid.alphabet, global_scale=global_scale,
     )
+
+
+def quantize_stack(Ws: list[torch.Tensor], stats: list[Statistics], objectives: list[Objective], grid: GridSpec,
+                   decoder: Decoder, damp: float = QuantSpec.damp, seeds: Optional[list[int]] = None,
+                   dtype: torch.dtype = torch.float32) -> list[LayerResult]:
+    """Layers of one shape `(m, n)` with their own statistics and objectives (the experts of a group), decoded
+    by one call of `decoder` on their stacked problems (`WorkingProblem.stack`, each with its own `U`) when it
+    can (`decoder.stackable`, the whole-matrix form, one grid rule for all); each result is what
+    `quantize_layer(Ws[e], stats[e], objectives[e], grid, decoder, damp, seed=seeds[e])` gives, up to the
+    rounding of the batched products."""
+    seeds = list(seeds) if seeds is not None else [0] * len(Ws)
+    shared: dict = {}                                 # layers reading one input (an expert's gate and up) share U
+    preps = [prepare_layer(W, st, obj, grid, decoder, damp, seed, dtype=dtype, shared=shared)
+             for W, st, obj, seed in zip(Ws, stats, objectives, seeds)]
+    alone = lambda p, seed: finish_layer(p, lambda pr, i: decoder.decode(pr, seed=seed, row0=i))  # noqa: E731
+    one_rule = all(not p.g.dynamic or p.global_scale is None for p in preps)
+    if len(preps) < 2 or not decoder.stackable or not one_rule or any(p.plan.blocked for p in preps):
+        return [alone(p, seed) for p, seed in zip(preps, seeds)]
+    res = decoder.decode(WorkingProblem.stack([p.problem for p in preps], seeds), seed=seeds[0])
+    m = preps[0].problem.m
+    out = []
+    for e, p in enumerate(preps):
+        part = _rows_of(res, e * m, (e + 1) * m)
+        out.append(finish_layer(p, lambda pr, i, part=part: part))
+        out[-1].report["stacked"] = len(preps)
+    return out
+
+
+def _rows_of(res: DecodeResult, r0: int, r1: int) -> DecodeResult:
+    """Rows `r0…r1−1` of a decoded stack (an `info` tensor is cut along its last dimension)."""
+    info = {k: v[..., r0:r1] if isinstance(v, torch.Tensor) else v for k, v in res.info.items()}
+    return DecodeResult(res.codes[r0:r1], res.scale[r0:r1], res.zero[r0:r1], res.objective[r0:r1], info)
+
+
+def _narrowest(maxq: int) -> torch.dtype:
+    return torch.uint8 if maxq <= 255 else torch.int16 if maxq < 2 ** 15 else torch.int32
 
 
 class _Double:
@@ -276,3 +432,25 @@ class _Double:
     H = property(lambda self: self._get("H"))
     C = property(lambda self: self._get("C"))
     G = property(lambda self: self._get("G"))
+
+    def columns(self, sl: slice) -> "_Columns":
+        """The columns `sl` of each statistic (and of `Cᵀ`), each read converting only those columns."""
+        return _Columns(self.stats, self.device, sl)
+
+
+class _Columns:
+    """Columns `sl` of the statistics' means in float64 on `device`: `H`, `C`, `G` `(n, k)` and `Ct`, the
+    same columns of `Cᵀ`."""
+
+    def __init__(self, stats, device, sl):
+        self.stats, self.device, self.sl = stats, device, sl
+
+    def _get(self, key, transpose=False):
+        S = self.stats.sums[key]
+        part = S[self.sl].T if transpose else S[:, self.sl]
+        return (part.to(self.device) / self.stats.count).to(torch.float64)
+
+    H = property(lambda self: self._get("H"))
+    C = property(lambda self: self._get("C"))
+    G = property(lambda self: self._get("G"))
+    Ct = property(lambda self: self._get("C", transpose=True))

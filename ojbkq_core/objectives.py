@@ -64,14 +64,20 @@ def _combo(stats, H=0.0, G=0.0, C=0.0, Ct=0.0):
     for key, c in (("H", H), ("G", G), ("C", C), ("Ct", Ct)):
         if c == 0:
             continue
-        S = getattr(stats, "C" if key == "Ct" else key)
-        S = S.T if key == "Ct" else S
+        S = _read(stats, key)
         if out is None:
             out = S * c
         else:
             out.add_(S, alpha=c)
         del S
     return out
+
+
+def _read(stats, key):
+    """Statistic `key` of `stats`, `"Ct"` for `Cᵀ` (a column view of the statistics gives its own)."""
+    if key == "Ct":
+        return stats.Ct if hasattr(stats, "Ct") else stats.C.T
+    return getattr(stats, key)
 
 
 def _row_form(A: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -112,27 +118,46 @@ class Objective:
         M = sum(t.w * _ABt(stats, t.a, t.b) for t in self.terms)
         return H_obj, M
 
+    def coefficients(self) -> tuple[dict, dict]:
+        """`H_obj` and `M − H_obj` as combinations of the statistics, `{"H", "G", "C", "Ct"} → coefficient`
+        (`Ct` for `Cᵀ`): what `quadratic` builds, for a caller that builds it a block of columns at a time."""
+        h = dict.fromkeys(("H", "G", "C", "Ct"), 0.0)
+        mh = dict(h)
+        for t in self.terms:
+            a, b = t.a, t.b
+            for k, v in (("H", (1 - b) ** 2), ("G", b * b), ("C", b * (1 - b)), ("Ct", b * (1 - b))):
+                h[k] += t.w * v
+            for k, v in (("H", (1 - a) * (1 - b)), ("G", a * b), ("C", a * (1 - b)), ("Ct", (1 - a) * b)):
+                mh[k] += t.w * v
+        return h, {k: mh[k] - h[k] for k in h}
+
     def const(self, W: torch.Tensor, stats) -> torch.Tensor:
         """`Σ w ‖W A‖²_F / N` per row `(m,)`."""
         K = sum(t.w * _AAt(stats, t.a) for t in self.terms).to(device=W.device, dtype=W.dtype)
         return ((W @ K) * W).sum(1)
 
-    def value(self, W: torch.Tensor, Q: torch.Tensor, stats) -> torch.Tensor:
+    def value(self, W: torch.Tensor, Q: torch.Tensor, stats, cols: Optional[int] = None) -> torch.Tensor:
         """The objective `Σ w ‖W A − Q B‖²_F / N` per row `(m,)` from the statistics (exact, undamped).
 
         With `E = W − Q` and `Δ = X̃ − X`, `W A − Q B = (a − b) W Δ + E B`, so each term is
 
             w [(a − b)² W ΔΔᵀ Wᵀ + 2 (a − b) W Δ Bᵀ Eᵀ + E B Bᵀ Eᵀ]
 
-        (no difference of large numbers), built one `(n, n)` matrix at a time in `W`'s dtype."""
+        (no difference of large numbers), built one `(n, n)` matrix at a time in `W`'s dtype. `cols`: read
+        the statistics `cols` columns at a time (`stats.columns(slice)`, e.g. `layer._Double`), so that no
+        `(n, n)` matrix is held whole."""
         E = W - Q
         out = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
-        for t in self.terms:
-            b, d = t.b, t.a - t.b
-            out += t.w * _row_form(E, _combo(stats, H=(1 - b) ** 2, G=b * b, C=b * (1 - b), Ct=b * (1 - b)), E)
-            if d:
-                out += t.w * d * d * _row_form(W, _combo(stats, H=1.0, G=1.0, C=-1.0, Ct=-1.0), W)
-                out += 2 * t.w * d * _row_form(W, _combo(stats, H=-(1 - b), G=b, C=1 - b, Ct=-b), E)
+        n = W.shape[1]
+        parts = ([(slice(None), stats)] if cols is None
+                 else [(slice(c, c + cols), stats.columns(slice(c, c + cols))) for c in range(0, n, cols)])
+        for sl, st in parts:
+            for t in self.terms:
+                b, d = t.b, t.a - t.b
+                out += t.w * _row_form(E, _combo(st, H=(1 - b) ** 2, G=b * b, C=b * (1 - b), Ct=b * (1 - b)), E[:, sl])
+                if d:
+                    out += t.w * d * d * _row_form(W, _combo(st, H=1.0, G=1.0, C=-1.0, Ct=-1.0), W[:, sl])
+                    out += 2 * t.w * d * _row_form(W, _combo(st, H=-(1 - b), G=b, C=1 - b, Ct=-b), E[:, sl])
         return out
 
     def describe(self) -> str:
@@ -294,11 +319,24 @@ class PathScore:
     `dead` `(k,)` the dead columns' indices in decoding order.
     """
 
-    def __init__(self, W: torch.Tensor, lam: float, dead: torch.Tensor):
+    def __init__(self, W: torch.Tensor, lam, dead: torch.Tensor):
         self.W, self.lam, self.dead = W, lam, dead
 
     def rows(self, sl: slice) -> "PathScore":
-        return PathScore(self.W[sl], self.lam, self.dead)
+        lam = self.lam[sl] if isinstance(self.lam, torch.Tensor) else self.lam
+        dead = self.dead[sl] if self.dead.dim() == 2 else self.dead
+        return PathScore(self.W[sl], lam, dead)
+
+    @classmethod
+    def stack(cls, scores: list["PathScore"]) -> "PathScore":
+        """The scores of stacked problems (`WorkingProblem.stack`): `lam` `(m,)` per row, `dead` a mask `(m, n)`."""
+        W = torch.cat([s.W for s in scores])
+        per = scores[0].W.shape[0]
+        lam = torch.tensor([float(s.lam) for s in scores], dtype=W.dtype, device=W.device).repeat_interleave(per)
+        dead = torch.zeros(len(scores), W.shape[1], dtype=torch.bool, device=W.device)
+        for e, s in enumerate(scores):
+            dead[e, s.dead] = True
+        return cls(W, lam, dead.repeat_interleave(per, 0))
 
     def __call__(self, Q: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
         """`Q` `(..., m, n)` dequantized candidates and their path objectives `path` `(..., m)` →
@@ -308,7 +346,9 @@ class PathScore:
                                ).view(path.shape)
         E = Q - self.W
         out = path.to(Q.dtype) - self.lam * (E * E).sum(-1)
-        if self.dead.numel():
+        if self.dead.dim() == 2:                      # stacked: each row's own dead columns
+            out = out - (Q * Q * self.dead).sum(-1)
+        elif self.dead.numel():
             Qd = Q[:, self.dead]
             out = out - (Qd * Qd).sum(-1)
         return out

@@ -28,6 +28,10 @@ class WorkingProblem:
     `score`: an object mapping candidates' dequantized values `(..., m, n)` to a per-row score
     `(..., m)` used to choose among candidates, with `.rows(slice)`; `None` means the path
     objective `Σ e_j²`.
+
+    Stacked (`stack`): `E` problems of `m/E` rows each, decoded together, `U` `(E, n, n)` (problem `e` owns
+    rows `e·m/E … (e+1)·m/E − 1`); `draws` `(seeds, rows)` `(m,)` int64: the seed and the row index each
+    row draws its random numbers with, as its own problem's call would.
     """
 
     U: torch.Tensor
@@ -36,6 +40,17 @@ class WorkingProblem:
     base: Optional[torch.Tensor] = None
     inject: Optional[torch.Tensor] = None
     score: Optional[Any] = None
+    draws: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def problems(self) -> int:
+        """How many problems are stacked (1 for a plain problem)."""
+        return 1 if self.U.dim() == 2 else self.U.shape[0]
+
+    def diagonal(self) -> torch.Tensor:
+        """`U_jj`: `(n,)`, or `(m, n)` per row of a stacked problem."""
+        d = self.U.diagonal(dim1=-2, dim2=-1)
+        return d if self.U.dim() == 2 else d.repeat_interleave(self.m // self.problems, 0)
 
     @property
     def m(self) -> int:
@@ -46,13 +61,38 @@ class WorkingProblem:
         return self.T.shape[1]
 
     def rows(self, sl: slice) -> "WorkingProblem":
+        """Rows `sl` (of a stacked problem: whole problems, `sl` starting and ending on their boundaries)."""
         score = None if self.score is None else self.score.rows(sl)
+        U = self.U
+        if U.dim() == 3:
+            per = self.m // self.problems
+            start, stop, _ = sl.indices(self.m)
+            if start % per or stop % per:
+                raise ValueError(f"rows {start}:{stop} of a stack of problems of {per} rows split a problem")
+            U = U[start // per:stop // per]
         return WorkingProblem(
-            self.U, self.T[sl], self.grid.rows(sl),
+            U, self.T[sl], self.grid.rows(sl),
             None if self.base is None else self.base[sl],
             None if self.inject is None else self.inject[sl],
-            score,
+            score, None if self.draws is None else (self.draws[0][sl], self.draws[1][sl]),
         )
+
+    @classmethod
+    def stack(cls, problems: list["WorkingProblem"], seeds: list[int]) -> "WorkingProblem":
+        """Problems of one shape and grid kind, each with its own `U`, as one stacked problem; problem `e`'s
+        rows draw with seed `seeds[e]` and their own row indices. Scores are stacked by their `stack`."""
+        first = problems[0]
+        cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
+        g = first.grid
+        grid = type(g)(g.lower, g.upper, cat([p.grid.scale for p in problems]), cat([p.grid.zero for p in problems]),
+                       g.group_size, g.fit, g.alphabet)
+        m = first.m
+        dev = first.T.device
+        seed = torch.tensor(seeds, dtype=torch.int64, device=dev).repeat_interleave(m)
+        row = torch.arange(m, dtype=torch.int64, device=dev).repeat(len(problems))
+        score = None if first.score is None else type(first.score).stack([p.score for p in problems])
+        return cls(torch.stack([p.U for p in problems]), torch.cat([p.T for p in problems]), grid,
+                   cat([p.base for p in problems]), cat([p.inject for p in problems]), score, (seed, row))
 
     def lattice(self):
         """Per-row lower-triangular lattice form: `Rl = U⁻ᵀ` `(n, n)` with `H = Rlᵀ Rl`, so a row's

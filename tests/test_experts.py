@@ -245,3 +245,77 @@ def test_moe_settings_are_checked_where_they_enter(folders, tmp_path):
         load_spec("gptq", _sets(folders["mixtral"], str(tmp_path / "o"), "quant.moe_min_tokens=-1"))
     with pytest.raises(InputError, match="quant.moe_fallback='all'.*all_tokens"):
         load_spec("gptq", _sets(folders["mixtral"], str(tmp_path / "o"), "quant.moe_fallback=all"))
+
+
+# --- an expert group in chunks sized to the memory budget -------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_a_chunked_expert_group_gives_the_statistics_and_codes_of_the_whole_group(monkeypatch, family):
+    """With a budget that holds the statistics of about two experts, each expert group is taken a few experts
+    at a time (one statistics pass per chunk): every module gets the sums the whole group's pass gives it,
+    and the run the same codes."""
+    from ojbkq_core import budget
+    from ojbkq_core.calibrate import Events, calibrate
+    from ojbkq_core.decoders import Klein
+    from ojbkq_core.grid import GridSpec
+    from ojbkq_core.objectives import PRESETS, preset
+
+    class Keep(Events):
+        def __init__(self):
+            self.sums, self.groups = {}, []
+
+        def statistics_ready(self, group):
+            self.groups.append([t.name for t in group.tasks])
+            for t in group.tasks:
+                self.sums[(group.block_index, t.name)] = {k: v.clone() for k, v in group.stats[t.name].sums.items()}
+            return group.stats
+
+    def quantized(env):
+        if env is None:
+            monkeypatch.delenv(budget.ENV, raising=False)
+        else:
+            monkeypatch.setenv(budget.ENV, str(env))
+        adapter = find_adapter(tiny_moe(family, layers=2))
+        keep = Keep()
+        res = calibrate(adapter, token_ids(4, 32), preset("jta", *PRESETS["jta"]), GridSpec(bits=4, group_size=32),
+                        Klein(k=3), seed=2, events=keep)
+        return keep, res
+
+    whole, a = quantized(None)
+    per_expert = 3 * 64 * 64 * 4 * 2                     # gate and up: H, C, G of 64 inputs, counted per module
+    chunked, b = quantized(int(2 * per_expert / budget.STATISTICS_SHARE) + 1)
+    assert a.report["statistics_passes"] == len(whole.groups) < len(chunked.groups) == b.report["statistics_passes"]
+    experts = [g for g in chunked.groups if all(".experts." in n for n in g)]
+    assert experts and max(len(g) for g in experts if g[0].endswith("gate_proj")) <= 4
+    assert whole.sums.keys() == chunked.sums.keys()
+    for key, sums in whole.sums.items():
+        assert sums.keys() == chunked.sums[key].keys()
+        for k in sums:
+            assert torch.equal(sums[k], chunked.sums[key][k]), (key, k)
+    assert a.layers.keys() == b.layers.keys()
+    for name in a.layers:
+        assert torch.equal(a.layers[name].codes, b.layers[name].codes), name
+
+
+@pytest.mark.parametrize("decoder", ["babai", "klein"])
+def test_experts_decoded_together_get_the_codes_of_one_call_each(monkeypatch, decoder):
+    """The engine decodes a group's routed experts of one shape in one decoder call; each gets the codes its
+    own call gives."""
+    from ojbkq_core.calibrate import calibrate
+    from ojbkq_core.decoders import Babai, Klein
+    from ojbkq_core.grid import GridSpec
+    from ojbkq_core.objectives import PRESETS, preset
+
+    def quantized(stack):
+        cls = Babai if decoder == "babai" else Klein
+        monkeypatch.setattr(cls, "stackable", stack)
+        adapter = find_adapter(tiny_moe("qwen3_moe", layers=2))
+        return calibrate(adapter, token_ids(8, 32), preset("jta", *PRESETS["jta"]), GridSpec(bits=4, group_size=32),
+                         Babai() if cls is Babai else Klein(k=3), seed=1)
+    together, alone = quantized(True), quantized(False)
+    stacked = [n for n, r in together.report["layers"].items() if r.get("stacked")]
+    assert len(stacked) >= 8 and not any(r.get("stacked") for r in alone.report["layers"].values())
+    assert all(".experts." in n for n in stacked)
+    for name in alone.layers:
+        assert torch.equal(together.layers[name].codes, alone.layers[name].codes), name
+        assert together.report["layers"][name]["loss"] == pytest.approx(alone.report["layers"][name]["loss"], rel=1e-4)

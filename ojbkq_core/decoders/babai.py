@@ -10,6 +10,7 @@ from .base import DecodeResult, Decoder
 
 class Babai(Decoder):
     name = "babai"
+    stackable = True
     description = "nearest plane with error feedback (GPTQ on a layer)"
 
     def decode(self, problem: WorkingProblem, seed: int = 0, row0: int = 0) -> DecodeResult:

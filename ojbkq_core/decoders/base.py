@@ -27,6 +27,7 @@ class Decoder(ABC):
     params: ClassVar[dict[str, Any]] = {}
     randomized: ClassVar[bool] = False
     progressive: ClassVar[bool] = False   # reads WorkingProblem.base / .inject (successive rounding)
+    stackable: ClassVar[bool] = False     # decodes a stack of problems (`WorkingProblem.stack`) in one call
     description: ClassVar[str] = ""
 
     primitives: Primitives = REFERENCE   # the walk, beam and row budget it calls (`use` sets a backend's)
@@ -58,6 +59,9 @@ class Decoder(ABC):
         (`primitives.rows`), the results joined in row order. Rows are independent problems sharing `U`."""
         m = problem.m
         step = max(1, min(m, self.primitives.rows(problem, paths)))
+        if problem.problems > 1:                 # whole problems of a stack
+            per = m // problem.problems
+            step = max(per, step // per * per)
         if step >= m:
             return run(problem, row0)
         return joined([run(problem.rows(slice(i, i + step)), row0 + i) for i in range(0, m, step)])

@@ -45,6 +45,7 @@ def klein_rho(k: int, n: int) -> float:
 
 class Klein(Decoder):
     name = "klein"
+    stackable = True
     params = {"k": 16, "beta": None, "rel_beta": 4.0, "window": 4}
     randomized = True
     description = "Random-K Klein sampling, candidate 0 = Babai, best per row by score"
@@ -63,7 +64,7 @@ class Klein(Decoder):
         if self.options["beta"] is not None:
             return torch.full((T.shape[0],), float(self.options["beta"]), dtype=T.dtype, device=T.device)
         scale, _ = problem.grid.initial(T)
-        r2 = (scale / problem.U.diagonal()) ** 2              # (m, n)
+        r2 = (scale / problem.diagonal()) ** 2                # (m, n)
         return float(self.options["rel_beta"]) / r2.amin(1)
 
     def decode(self, problem: WorkingProblem, seed: int = 0, row0: int = 0) -> DecodeResult:

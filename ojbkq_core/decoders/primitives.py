@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..budget import available
 from ..problem import WorkingProblem
 from .result import DecodeResult
 from .sampling import Sampling, sampler
@@ -74,7 +75,12 @@ def reference_beam(problem: WorkingProblem, width: int, expand: int, block: int 
 
 
 def reference_rows(problem: WorkingProblem, paths: int) -> int:
-    return problem.m
+    """All rows, unless a device budget is set (`budget.available`: a CUDA device, where a stack of problems
+    walks here): then as many rows as a quarter of it holds, about six `(paths, rows, n)` tensors."""
+    avail = available(problem.T.device)
+    if avail is None:
+        return problem.m
+    return max(1, avail // 4 // (paths * problem.n * problem.T.element_size() * 6))
 
 
 REFERENCE_IMPLS = {"walk": reference_walk, "beam": reference_beam, "rows": reference_rows}

@@ -74,7 +74,10 @@ def sampler(problem: WorkingProblem, paths: int, sampling: Sampling):
     m, dev = T.shape[0], T.device
     beta = sampling.beta.unsqueeze(-1)                        # (m, 1)
     path = torch.arange(1, K, device=dev).view(-1, 1, 1)     # (K-1, 1, 1): path 0 is Babai
-    row = (torch.arange(m, device=dev) + sampling.row0).view(1, -1, 1)
+    if problem.draws is not None:                            # a stack: each row's own seed and row index
+        seed, row = problem.draws[0].view(1, -1, 1), problem.draws[1].view(1, -1, 1)
+    else:
+        row = (torch.arange(m, device=dev) + sampling.row0).view(1, -1, 1)
     offs = torch.arange(-w, w + 1, device=dev, dtype=T.dtype)  # (2w+1,)
     slot = torch.arange(2 * w + 1, device=dev).view(1, 1, -1)
     # on the CPU only the codes a draw can reach get noise (the same draws, the same winner); on a
@@ -86,7 +89,8 @@ def sampler(problem: WorkingProblem, paths: int, sampling: Sampling):
 
     def choose(t, s, z, lo, hi, d, j):
         c0 = alphabet.nearest(t, s, z, lo, hi)               # (K, m)
-        W = w if spread is None else reach((beta.view(1, -1) * (s[1:] * gap / d) ** 2).amin().item(), w, spread,
+        d = d.unsqueeze(-1) if d.dim() else d                # per row (a stack): (m, 1)
+        W = w if spread is None else reach((beta.view(1, -1) * (s[1:] * gap / d.view(-1)) ** 2).amin().item(), w, spread,
                                            ratio)
         offs_W, slot_W = offs[w - W:w + W + 1], slot[..., w - W:w + W + 1]
         cc = c0[1:].unsqueeze(-1) + offs_W                   # (K-1, m, 2W+1)

@@ -15,6 +15,7 @@ from .base import DecodeResult, Decoder
 
 class Successive(Decoder):
     name = "successive"
+    stackable = True
     progressive = True
     description = "successive rounding carrying the asymmetric correction progressively"
 

@@ -9,6 +9,8 @@ For every path `p` and row `i` at once, column by column in decoding order:
 
 with GPTQ's lazy block updates: inside a block only the block's columns are updated, the columns after
 it get one matrix product `T[:, rest] −= Err @ U[block, rest]` (one in-place `addmm`) when the block ends.
+A stacked problem (`WorkingProblem.stack`) walks every problem's rows at once, each with its own `U`: the
+same steps with `U_jj` per row and one batched product per block.
 """
 from __future__ import annotations
 
@@ -47,7 +49,13 @@ def walk(problem: WorkingProblem, paths: int, choose: Chooser, inject: bool = Fa
     value = grid.alphabet.value
     # 0-d tensors, not Python floats: on CUDA torch turns division by a Python float into a
     # multiplication by its reciprocal, which can tip a rounding tie away from the CPU result
-    d = U.diagonal().unbind()
+    stacked = U.dim() == 3
+    if stacked:                             # U_jj per row; rows of problem e use U[e]
+        E = U.shape[0]
+        d = problem.diagonal().T.contiguous().unbind()
+        T4 = T.view(P, E, m // E, n)
+    else:
+        d = U.diagonal().unbind()
     bs = block_size_for(grid.group_size if grid.dynamic else -1, block)
     for i1 in range(0, n, bs):
         i2 = min(i1 + bs, n)
@@ -70,7 +78,12 @@ def walk(problem: WorkingProblem, paths: int, choose: Chooser, inject: bool = Fa
             fb = e if G is None else e - G[:, j]
             Err[:, :, jj] = fb
             if jj + 1 < i2 - i1:
-                Tb[:, :, jj + 1:] -= fb.unsqueeze(-1) * U[j, j + 1:i2]
-        if i2 < n:                              # one in-place product over all paths' rows
+                if stacked:
+                    Tb.view(P, E, m // E, -1)[..., jj + 1:] -= fb.view(P, E, -1, 1) * U[:, j, j + 1:i2].unsqueeze(1)
+                else:
+                    Tb[:, :, jj + 1:] -= fb.unsqueeze(-1) * U[j, j + 1:i2]
+        if i2 < n and stacked:                  # one batched product: each problem's rows with its U
+            T4[..., i2:] -= Err.view(P, E, m // E, i2 - i1) @ U[:, i1:i2, i2:]
+        elif i2 < n:                            # one in-place product over all paths' rows
             T.view(P * m, n)[:, i2:].addmm_(Err.view(P * m, i2 - i1), U[i1:i2, i2:], alpha=-1.0)
     return codes, scale, zero, score

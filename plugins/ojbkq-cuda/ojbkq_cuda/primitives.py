@@ -24,7 +24,8 @@ from .walk import walk
 
 
 def usable(problem: WorkingProblem) -> bool:
-    return runtime.usable(problem.T) and problem.U.dtype == torch.float32
+    """Float32 problems with one `U` where the kernels run (a stack of problems goes to the reference walk)."""
+    return runtime.usable(problem.T) and problem.U.dtype == torch.float32 and problem.problems == 1
 
 
 def walk_paths(problem: WorkingProblem, paths: int = 1, inject: bool = False,

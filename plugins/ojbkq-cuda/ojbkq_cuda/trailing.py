@@ -11,7 +11,8 @@ Two ways (`OJBKQ_CUDA_PRODUCTS`):
 
   (the dropped `Err_lo @ U_lo` is below 2⁻²⁰ of the product), summed in float32 by one TF32 product
   `[Err_hi | Err_hi | Err_lo] @ [U_hi; U_lo; U_hi]` with three times the inner dimension. `U` is split
-  once per walk. Off the GPU the same three products run in float32. The codes can differ from `fp32` where two codes are nearly tied, as they can between
+  one block of rows at a time, as the walk reaches it (two more `(n, n)` tensors would not fit beside the
+  `U` of the widest layers). Off the GPU the same three products run in float32. The codes can differ from `fp32` where two codes are nearly tied, as they can between
   two float32 summation orders.
 """
 from __future__ import annotations
@@ -46,15 +47,14 @@ class Trailing:
 
     def __init__(self, U: torch.Tensor, how: Optional[str] = None):
         self.U, self.mode = U, how or mode()
-        if self.mode == "tf32x3":
-            self.U_hi, self.U_lo = tf32_split(U)
 
     def update(self, T_rest: torch.Tensor, Err: torch.Tensor, i1: int, i2: int) -> None:
         if self.mode == "fp32":
             T_rest.addmm_(Err, self.U[i1:i2, i2:], alpha=-1.0)
             return
         e_hi, e_lo = tf32_split(Err)
+        u_hi, u_lo = tf32_split(self.U[i1:i2, i2:])
         A = torch.cat([e_hi, e_hi, e_lo], 1)
-        B = torch.cat([self.U_hi[i1:i2, i2:], self.U_lo[i1:i2, i2:], self.U_hi[i1:i2, i2:]], 0)
+        B = torch.cat([u_hi, u_lo, u_hi], 0)
         with runtime.tf32(True):
             T_rest.addmm_(A, B, alpha=-1.0)

@@ -1,0 +1,148 @@
+"""Device memory for quantizing one layer (docs/interfaces.md, "Memory").
+
+A layer `(m, n)` holds, besides its statistics (`(n, n)` each of `H`, `C`, `G`): in the whole-matrix form,
+about `WHOLE_SQUARES` `(n, n)` tensors at once (the objective's matrices, the permuted copy, the damped copy,
+the Cholesky factors, the float64 reads of the reported objective) and `ROW_BUFFERS` `(m, n)` float32
+tensors (the weight, its permuted copy, the targets, the decoded codes and grids both ways, the dequantized
+weight); in the column-blocked form (`linalg.inverse_cholesky_blocked`), one `(n, n)` tensor for `U` (two
+with an objective whose `M ≠ H`) and the row buffers of a chunk of rows, finished one chunk at a time.
+
+`plan` picks the form: the whole-matrix form wherever it fits the budget (the same numbers as before), the
+column-blocked form where it does not. `check_fits` refuses, before any calibration, a layer whose blocked
+form exceeds the device's memory.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import InputError
+
+ENV = "OJBKQ_DECODER_MAX_BYTES"     # bytes a layer may use (forces a budget, also on the CPU)
+SHARE = 0.9                         # of the device's free memory (plus what torch's allocator holds unused)
+WHOLE_SQUARES = 6
+ROW_BUFFERS = 12
+COLUMN_BLOCK = 2048
+STATISTICS_SHARE = 0.25             # of the device's memory, for the statistics of one pass
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a layer is factorised and finished: `blocked` (column blocks of `block` columns, rows finished
+    `rows` at a time) or the whole-matrix form (`rows` None: all rows at once, unless `max_rows`)."""
+
+    blocked: bool = False
+    block: int = COLUMN_BLOCK
+    rows: Optional[int] = None
+
+
+WHOLE = Plan()
+
+
+def available(device) -> Optional[int]:
+    """Bytes a layer may use on `device`: `$OJBKQ_DECODER_MAX_BYTES` when set, else on a CUDA device `SHARE`
+    of its free memory (with the allocator's cached, unused bytes), else None (no budget: host memory)."""
+    env = os.environ.get(ENV)
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise InputError(f"{ENV}={env!r}: give a number of bytes, e.g. 6e10") from None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int((free + cached) * SHARE)
+
+
+def whole_bytes(m: int, n: int, itemsize: int = 4) -> int:
+    """The whole-matrix form's working set, statistics aside."""
+    return WHOLE_SQUARES * n * n * itemsize + ROW_BUFFERS * m * n * 4
+
+
+def blocked_bytes(m: int, n: int, squares: int, rows: int, itemsize: int = 4, block: int = COLUMN_BLOCK) -> int:
+    """The column-blocked form's working set for `rows` rows at a time, statistics aside: `squares` `(n, n)`
+    tensors (`U`, and `M − H` when the objective has it), a few `(n, block)` temporaries, the weight and its
+    permuted copy, and the row buffers of one chunk."""
+    return squares * n * n * itemsize + 6 * n * min(block, n) * 8 + 2 * m * n * 4 + ROW_BUFFERS * rows * n * 4
+
+
+def plan(m: int, n: int, squares: int, device, itemsize: int = 4) -> Plan:
+    """The whole-matrix form when it fits `available(device)` (or there is no budget), else the column-blocked
+    form with as many rows at a time as fit (at least 64)."""
+    budget = available(device)
+    if budget is None or whole_bytes(m, n, itemsize) <= budget:
+        return WHOLE
+    fixed = blocked_bytes(m, n, squares, 0, itemsize)
+    rows = max(64, (budget - fixed) // (ROW_BUFFERS * n * 4))
+    return Plan(True, min(COLUMN_BLOCK, n), int(min(rows, m)))
+
+
+def least_bytes(m: int, n: int, statistics: int, squares: int, itemsize: int = 4) -> int:
+    """The least a layer needs on the device: its `statistics` `(n, n)` float32 sums and the blocked form with
+    64 rows at a time."""
+    return statistics * n * n * 4 + blocked_bytes(m, n, squares, min(m, 64), itemsize)
+
+
+def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, squares: int, device) -> None:
+    """Refuse, naming the layer, its shape and the memory it needs, a layer `(m, n)` of `shapes` (name →
+    shape) whose least working set exceeds the device's memory (`$OJBKQ_DECODER_MAX_BYTES` when set, else
+    a CUDA device's total; no check on the CPU)."""
+    env = os.environ.get(ENV)
+    device = torch.device(device)
+    if env:
+        total, what = available(device), f"{ENV}={env}"
+    elif device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        what = f"{torch.cuda.get_device_name(device)}'s {total / GIB:.1f} GiB"
+    else:
+        return
+    worst = max(shapes.items(), key=lambda kv: least_bytes(*kv[1], statistics, squares), default=None)
+    if worst is None:
+        return
+    name, (m, n) = worst
+    need = least_bytes(m, n, statistics, squares)
+    if need > total:
+        raise InputError(
+            f"{name} ({m} × {n}) needs at least {need / GIB:.1f} GiB on the device to quantize ({statistics} "
+            f"statistics of {n} × {n}, the factor U{' and M − H' if squares > 1 else ''}, the weight), more than "
+            f"{what}: use a device with more memory, or an objective with fewer statistics (symmetric needs H only)")
+
+
+def statistics_limit(device) -> Optional[int]:
+    """Bytes the statistics of one pass over a group may take: `STATISTICS_SHARE` of `$OJBKQ_DECODER_MAX_BYTES`
+    when set, else of a CUDA device's total memory (the same on every rank and every run, so the chunks are
+    too), else None (no limit)."""
+    device = torch.device(device)
+    if os.environ.get(ENV):
+        return int(available(device) * STATISTICS_SHARE)
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory * STATISTICS_SHARE)
+
+
+def chunks(names: list[str], size, limit: Optional[int]) -> list[list[str]]:
+    """`names` (a group's modules, in order) in consecutive chunks whose `size(name)` bytes sum to at most
+    `limit` (None: one chunk). Modules of one parent (an expert's gate and up, which read one input and
+    share its statistics) stay in one chunk; a parent larger than `limit` is a chunk of its own."""
+    if limit is None:
+        return [list(names)]
+    parents: dict[str, list[str]] = {}
+    for n in names:
+        parents.setdefault(n.rpartition(".")[0], []).append(n)
+    out: list[list[str]] = []
+    used = 0
+    for members in parents.values():
+        need = sum(size(n) for n in members)
+        if out and used + need <= limit:
+            out[-1] += members
+            used += need
+        else:
+            out.append(list(members))
+            used = need
+    return out

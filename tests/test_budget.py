@@ -1,0 +1,173 @@
+"""The column-blocked form of a layer (ojbkq_core/budget.py, linalg.inverse_cholesky_blocked,
+layer.factorize_blocked): the same factor, the same codes and objective as the whole-matrix form, on layers
+forced through several column blocks and row chunks; the plan and the refusal of a layer that cannot fit."""
+import numpy as np
+import pytest
+import torch
+
+from ojbkq_core import budget
+from ojbkq_core.decoders import Babai, Beam, Klein, Successive
+from ojbkq_core.errors import FactorizationError, InputError
+from ojbkq_core.grid import GridSpec
+from ojbkq_core.layer import _Double, factorize, quantize_layer
+from ojbkq_core.linalg import inverse_cholesky, inverse_cholesky_blocked
+from ojbkq_core.objectives import PRESETS, preset
+from ojbkq_core.stats import Statistics
+
+from test_layer import correlated_inputs
+
+BLOCKED = budget.Plan(blocked=True, block=16, rows=7)    # 72 columns: 5 blocks, the last one short
+
+
+def layer(m=20, n=72, N=600, seed=0, dead=(5, 40), dtype=torch.float64):
+    """A weight `(m, n)` and its statistics in `dtype` (float64: the two forms then combine the same
+    numbers, and differ only by the order of their operations)."""
+    X, Xfp = correlated_inputs(N, n, seed, dead=dead)
+    g = torch.Generator().manual_seed(seed + 1)
+    W = torch.randn(m, n, generator=g)
+    return W, Statistics.from_inputs(X, Xfp, needs=("H", "C", "G"), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("n,block", [(50, 16), (64, 64), (130, 32)])
+def test_blocked_inverse_cholesky_is_the_whole_one(dtype, tol, n, block):
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(3 * n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, n, dtype=torch.float64)
+    H = (X.T @ X / (3 * n)).to(dtype)
+    U, _, delta = inverse_cholesky(H, 0.01)
+    steps = []
+    Ub, delta_b, mean_diag = inverse_cholesky_blocked(lambda: H.clone(), 0.01, block, steps=steps)
+    assert delta_b == delta == 0.01 and steps == [0.01]
+    assert mean_diag == pytest.approx(float(H.diagonal().mean()))
+    assert torch.equal(Ub, Ub.triu()) and bool((Ub.diagonal() > 0).all())
+    assert (Ub - U).abs().max() <= tol * U.abs().max()
+
+
+def test_blocked_inverse_cholesky_raises_the_damping_as_the_whole_one_does():
+    H = torch.tensor([[1.0, 1.5, 0.0], [1.5, 1.0, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64)   # indefinite
+    steps_w, steps_b = [], []
+    U, Hd, delta = inverse_cholesky(H, 0.01, steps=steps_w)
+    Ub, delta_b, _ = inverse_cholesky_blocked(lambda: H.clone(), 0.01, 2, steps=steps_b)
+    assert steps_b == steps_w and delta_b == delta > 0.01
+    torch.testing.assert_close(Ub, U, rtol=1e-10, atol=1e-12)
+    with pytest.raises(FactorizationError, match="damp"):
+        inverse_cholesky_blocked(lambda: torch.tensor([[1.0, 0.0], [0.0, -5.0]]), 0.0, 1, retries=1)
+
+
+@pytest.mark.parametrize("name", ["symmetric", "jta"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_blocked_factorization_is_the_whole_one(name, act_order):
+    W, st = layer()
+    obj = preset(name, *PRESETS[name]).build(np.random.default_rng(0))[0]
+    a = factorize(st, obj, 0.01, act_order, torch.float64, "cpu")
+    b = factorize(st, obj, 0.01, act_order, torch.float64, "cpu", plan=BLOCKED)
+    assert torch.equal(a.perm, b.perm) and torch.equal(a.dead, b.dead) and int(a.dead.sum()) == 2
+    assert (a.U - b.U).abs().max() <= 1e-10 * a.U.abs().max()
+    assert b.lam == pytest.approx(a.lam, rel=1e-12) and b.damp_steps == a.damp_steps
+    assert (a.MH is None) == (b.MH is None) == (name == "symmetric")
+    if a.MH is not None:
+        torch.testing.assert_close(b.MH, a.MH, rtol=1e-10, atol=1e-12)
+
+
+def test_reading_the_statistics_by_columns_gives_the_same_objective():
+    W, st = layer()
+    Q = W + 0.05 * torch.randn_like(W)
+    obj = preset("jta", *PRESETS["jta"]).build(np.random.default_rng(0))[0]
+    whole = obj.value(W.double(), Q.double(), _Double(st, "cpu"))
+    by_columns = obj.value(W.double(), Q.double(), _Double(st, "cpu"), cols=16)
+    torch.testing.assert_close(by_columns, whole, rtol=1e-12, atol=1e-12)
+
+
+CASES = [
+    ("symmetric", Babai, {}, GridSpec(bits=3, group_size=16, act_order=True)),
+    ("symmetric", Babai, {}, GridSpec(bits=4, group_size=-1)),
+    ("jta", Klein, {"k": 4}, GridSpec(bits=3, group_size=8)),
+    ("jta", Klein, {"k": 4}, GridSpec(bits=3, group_size=16, act_order=True, static_groups=True)),
+    ("regularized", Successive, {}, GridSpec(bits=3, group_size=16)),
+    ("jta", Beam, {"width": 3}, GridSpec(bits=2, group_size=8)),
+    ("symmetric", Klein, {"k": 3}, GridSpec(bits=4, group_size=16, grid="nvfp4")),
+]
+
+
+@pytest.mark.parametrize("name,decoder,params,grid", CASES)
+def test_a_layer_through_several_column_blocks_gets_the_whole_layers_codes_in_float64(name, decoder, params, grid):
+    W, st = layer()
+    spec = preset(name, *PRESETS[name])
+    whole = quantize_layer(W, st, spec, grid, decoder(**params), seed=4, dtype=torch.float64, plan=budget.WHOLE)
+    blocked = quantize_layer(W, st, spec, grid, decoder(**params), seed=4, dtype=torch.float64, plan=BLOCKED)
+    assert blocked.report["blocked"] == {"block": 16, "rows": 7} and "blocked" not in whole.report
+    assert blocked.codes.dtype == torch.uint8 and whole.codes.dtype == torch.int64
+    assert torch.equal(blocked.codes.long(), whole.codes)
+    for key in ("scales", "zeros", "qweight", "g_idx", "perm"):
+        torch.testing.assert_close(getattr(blocked, key), getattr(whole, key), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(blocked.row_loss, whole.row_loss, rtol=1e-9, atol=1e-12)
+    assert blocked.report["path_objective"] == pytest.approx(whole.report["path_objective"], rel=1e-9)
+
+
+@pytest.mark.parametrize("name,decoder,params,grid", CASES[:4])
+def test_in_float32_the_blocked_layer_stays_within_the_float32_tolerance(name, decoder, params, grid):
+    W, st = layer(m=64, n=96, N=800, seed=3, dtype=torch.float32)
+    spec = preset(name, *PRESETS[name])
+    a = quantize_layer(W, st, spec, grid, decoder(**params), seed=1, plan=budget.WHOLE)
+    b = quantize_layer(W, st, spec, grid, decoder(**params), seed=1, plan=BLOCKED)
+    bound = 1e-3 if decoder is Babai else 0.05                   # the GPU float32 tests' bounds
+    assert (a.codes != b.codes.long()).float().mean().item() <= bound
+    assert b.loss == pytest.approx(a.loss, rel=5e-3)
+
+
+def test_the_plan_is_the_whole_form_without_a_budget_and_blocked_beyond_it(monkeypatch):
+    monkeypatch.delenv(budget.ENV, raising=False)
+    assert budget.plan(16384, 53248, 1, "cpu") == budget.WHOLE          # no budget on the host
+    monkeypatch.setenv(budget.ENV, str(80 << 30))
+    assert budget.plan(4096, 14336, 1, "cpu") == budget.WHOLE           # an 8B down_proj fits
+    p = budget.plan(16384, 53248, 1, "cpu")                            # a 405B down_proj does not
+    assert p == budget.Plan(True, budget.COLUMN_BLOCK, 16384)           # all its rows at once, blocked
+    assert budget.blocked_bytes(16384, 53248, 1, p.rows) <= 80 << 30 < budget.whole_bytes(16384, 53248)
+    monkeypatch.setenv(budget.ENV, str(30 << 30))
+    p = budget.plan(16384, 53248, 1, "cpu")
+    assert p.blocked and 64 <= p.rows < 16384
+    assert budget.blocked_bytes(16384, 53248, 1, p.rows) <= 30 << 30 < budget.blocked_bytes(16384, 53248, 1, p.rows + 1)
+    monkeypatch.setenv(budget.ENV, "lots")
+    with pytest.raises(InputError, match="number of bytes"):
+        budget.available("cpu")
+
+
+def test_the_budget_sends_a_layer_through_the_blocked_form(monkeypatch):
+    W, st = layer(m=8, n=40, dead=(5,), dtype=torch.float32)
+    spec = preset("symmetric", *PRESETS["symmetric"])
+    whole = quantize_layer(W, st, spec, GridSpec(bits=4, group_size=8), Babai())
+    monkeypatch.setenv(budget.ENV, str(budget.whole_bytes(8, 40) - 1))
+    blocked = quantize_layer(W, st, spec, GridSpec(bits=4, group_size=8), Babai())
+    assert blocked.report["blocked"]["block"] == 40 and "blocked" not in whole.report
+    assert (blocked.codes.long() != whole.codes).float().mean() <= 1e-3
+
+
+def test_a_layer_that_cannot_fit_is_refused_with_its_shape_and_the_memory_it_needs(monkeypatch):
+    shapes = {"model.layers.0.self_attn.q_proj": (16384, 16384), "model.layers.0.mlp.down_proj": (16384, 53248)}
+    monkeypatch.setenv(budget.ENV, str(40 << 30))
+    budget.check_fits(shapes, statistics=1, squares=1, device="cpu")    # H and U: 21 GiB + the weight
+    with pytest.raises(InputError) as e:
+        budget.check_fits(shapes, statistics=3, squares=2, device="cpu")   # H, C, G, U and M − H: 53 GiB
+    msg = str(e.value)
+    need = budget.least_bytes(16384, 53248, 3, 2) / budget.GIB
+    assert 40 < need < 80
+    assert f"mlp.down_proj (16384 × 53248) needs at least {need:.1f} GiB" in msg and "symmetric" in msg
+    monkeypatch.delenv(budget.ENV)
+    budget.check_fits(shapes, statistics=3, squares=2, device="cpu")    # no check on the host
+
+
+def test_a_run_refuses_a_layer_that_cannot_fit_before_it_calibrates(monkeypatch):
+    from ojbkq_core.calibrate import calibrate
+    from ojbkq_core.model import find_adapter
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    adapter = find_adapter(LlamaForCausalLM(cfg))
+    captured = []
+    monkeypatch.setattr("ojbkq_core.calibrate.capture", lambda *a, **k: captured.append(1))
+    monkeypatch.setenv(budget.ENV, str(budget.least_bytes(32, 96, 1, 1) - 1))   # down_proj (32 × 96) no longer fits
+    with pytest.raises(InputError, match=r"model\.layers\.0\.mlp\.down_proj \(32 × 96\) needs at least"):
+        calibrate(adapter, torch.randint(0, 64, (2, 8)), preset("symmetric", *PRESETS["symmetric"]),
+                  GridSpec(bits=4, group_size=32), Babai())
+    assert captured == []                                                   # refused before the first block's inputs
