@@ -1,0 +1,109 @@
+"""The whole-matrix and the column-blocked form of one wide layer (ojbkq_core/budget.py): the memory each
+holds above what was there before it started, its time, and whether the codes agree.
+
+Each (shape, form) runs in a child process of its own: the child builds the layer's statistics, resets its
+peak resident memory (`/proc/self/clear_refs`), quantizes the layer (`quantize_layer`, GPTQ's recipe: the
+symmetric objective, babai, 4 bits, groups of 128) in the form asked for, and reports the peak resident
+memory above its level before the call (`VmHWM − VmRSS`). On a GPU (`--device cuda`) the peak is torch's
+`max_memory_allocated` above the level before the call.
+
+    .venv/bin/python bench/bench_budget.py --shapes 2048x4096 2048x8192 --out bench/results/budget_cpu.json
+
+Prints a table and writes one record per (shape, form) with the device, dtype and TF32 setting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child(m: int, n: int, form: str, device: str, out: str) -> None:
+    from ojbkq_core import budget
+    from ojbkq_core.decoders import Babai
+    from ojbkq_core.grid import GridSpec
+    from ojbkq_core.hostmemory import host_memory_bytes
+    from ojbkq_core.layer import quantize_layer
+    from ojbkq_core.objectives import PRESETS, preset
+    from ojbkq_core.stats import Statistics
+
+    g = torch.Generator().manual_seed(0)
+    dev = torch.device(device)
+    X = (torch.randn(n + 512, n, generator=g) * torch.logspace(0, -1, n)).to(dev)
+    stats = Statistics(n, device=dev)
+    stats.add(X)
+    del X
+    W = torch.randn(m, n, generator=g).to(dev)
+    plan = budget.WHOLE if form == "whole" else budget.Plan(True, budget.COLUMN_BLOCK, min(m, 1024))
+    spec = preset("symmetric", *PRESETS["symmetric"])
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:     # the peak (VmHWM) starts again from here
+            f.write("5")
+        before = host_memory_bytes("VmRSS")
+    t0 = time.perf_counter()
+    res = quantize_layer(W, stats, spec, GridSpec(bits=4, group_size=128), Babai(), plan=plan)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - before
+    else:
+        peak = host_memory_bytes("VmHWM") - before
+    seconds = time.perf_counter() - t0
+    torch.save({"codes": res.codes.long().cpu()}, out + ".codes")
+    Path(out).write_text(json.dumps({"peak_bytes": peak, "seconds": seconds, "loss": res.loss,
+                                     "square_bytes": n * n * 4, "blocked": res.report.get("blocked")}))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["2048x4096", "2048x8192"], metavar="MxN")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "budget_cpu.json"))
+    ap.add_argument("--child", nargs=4, metavar=("M", "N", "FORM", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        m, n, form, out = args.child
+        child(int(m), int(n), form, args.device, out)
+        return 0
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    records = []
+    tmp = Path(args.out).with_suffix(".part")
+    for shape in args.shapes:
+        m, n = (int(x) for x in shape.split("x"))
+        runs = {}
+        for form in ("whole", "blocked"):
+            subprocess.run([sys.executable, __file__, "--device", args.device, "--child", str(m), str(n), form, str(tmp)],
+                           check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                               [str(ROOT), str(ROOT / "plugins" / "ojbkq-cpu"), os.environ.get("PYTHONPATH", "")])})
+            runs[form] = json.loads(tmp.read_text())
+            runs[form]["codes"] = torch.load(str(tmp) + ".codes")["codes"]
+        differ = float((runs["whole"]["codes"] != runs["blocked"]["codes"]).float().mean())
+        for form, r in runs.items():
+            records.append({"shape": [m, n], "form": form, "device": name, "dtype": "float32",
+                            "tf32": bool(torch.backends.cuda.matmul.allow_tf32), "threads": torch.get_num_threads(),
+                            "peak_bytes": r["peak_bytes"], "peak_squares": r["peak_bytes"] / r["square_bytes"],
+                            "seconds": r["seconds"], "loss": r["loss"], "blocked": r["blocked"],
+                            "codes_differing_from_whole": differ, "command": " ".join(["bench/bench_budget.py", *(argv or sys.argv[1:])])})
+    tmp.unlink(missing_ok=True)
+    Path(str(tmp) + ".codes").unlink(missing_ok=True)
+    Path(args.out).write_text(json.dumps(records, indent=1))
+    print(f"{'shape':<12} {'form':<8} {'peak GiB':>9} {'(n, n) units':>13} {'seconds':>8} {'codes ≠ whole':>14}")
+    for r in records:
+        print(f"{'x'.join(map(str, r['shape'])):<12} {r['form']:<8} {r['peak_bytes'] / 2**30:9.2f} "
+              f"{r['peak_squares']:13.2f} {r['seconds']:8.2f} {r['codes_differing_from_whole']:14.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
