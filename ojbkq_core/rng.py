@@ -43,6 +43,13 @@ def path_row_state(seed: int, paths: int, m: int, row0: int = 0, device="cpu") -
     return _prefix(seed, path, row).reshape(-1).contiguous()
 
 
+def stack_state(seeds: torch.Tensor, rows: torch.Tensor, paths: int) -> torch.Tensor:
+    """`path_row_state` of a stack of problems (`WorkingProblem.draws`): row `i` draws with seed `seeds[i]`
+    as row `rows[i]` of its own problem; `(paths·m,)` int64, element `p·m + i` path `p` of row `i`."""
+    path = torch.arange(paths, device=seeds.device, dtype=torch.int64).view(-1, 1)
+    return _prefix(seeds.view(1, -1), path, rows.view(1, -1)).reshape(-1).contiguous()
+
+
 def _prefix(seed: int, path: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     """The hash of (seed, path, row), broadcast over `path` and `row`."""
     x = _mix(path * _PATH + _mix(torch.as_tensor(seed & _M32, device=path.device)))

@@ -361,3 +361,35 @@ def test_the_kernels_compile_for_the_gpu_on_both_grids(alphabet):
     assert r.returncode == 0, r.stderr[-3000:]
     walk, beam = map(int, r.stdout.split()[-2:])
     assert walk > 1000 and beam > 1000
+
+
+# --- a stack of problems (experts decoded together) ---------------------------------------------------------
+
+@pytest.mark.parametrize("name,params,objective,grid", [
+    ("babai", {}, "symmetric", GridSpec(bits=4, group_size=16)),
+    ("klein", {"k": 3}, "jta", GridSpec(bits=3, group_size=16)),
+    ("klein", {"k": 3}, "symmetric", GridSpec(bits=3, group_size=16, static_groups=True)),
+    ("successive", {}, "regularized", GridSpec(bits=3, group_size=16)),
+])
+@pytest.mark.parametrize("products", ["fp32", "tf32x3"])
+def test_a_stack_through_the_kernels_gives_each_expert_the_codes_of_its_own_call(monkeypatch, name, params, objective,
+                                                                                grid, products):
+    """One kernel launch per block for all experts, each program reading its expert's `U`, one batched trailing
+    product: every expert gets the codes its own call through the kernels gives, and the reference's."""
+    import numpy as np
+    from ojbkq_core.layer import quantize_stack
+    monkeypatch.setenv("OJBKQ_CUDA_PRODUCTS", products)
+    layers = [layer(12, 48, seed=20 + e) for e in range(3)]
+    spec = preset(objective, *PRESETS[objective])
+    objs = [spec.build(np.random.default_rng([5, e]))[0] for e in range(3)]
+    seeds = [7, 8, 9]
+    cls = PAIRS[name]
+    stacked = quantize_stack([W for W, _ in layers], [st for _, st in layers], objs, grid, on_device(cls, **params),
+                             seeds=seeds)
+    reference = quantize_stack([W for W, _ in layers], [st for _, st in layers], objs, grid, cls(**params), seeds=seeds)
+    for e, ((W, st), res) in enumerate(zip(layers, stacked)):
+        own = quantize_layer(W, st, objs[e], grid, on_device(cls, **params), seed=seeds[e])
+        assert res.report["stacked"] == 3 and res.report["backend"] == "ojbkq-cuda"
+        assert torch.equal(res.codes, own.codes), e
+        assert torch.equal(res.codes, reference[e].codes), e
+        assert res.loss == pytest.approx(own.loss, rel=1e-6)

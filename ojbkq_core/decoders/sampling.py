@@ -61,7 +61,7 @@ def column_reach(problem: WorkingProblem, beta: torch.Tensor, window: int) -> Op
     if grid.dynamic:
         return None
     gap, widest = grid.alphabet.gaps
-    kappa = (beta.view(-1, 1) * (grid.scale * gap / problem.U.diagonal()) ** 2).amin(0)
+    kappa = (beta.view(-1, 1) * (grid.scale * gap / problem.diagonal()) ** 2).amin(0)
     spread = gumbel_spread(problem.T.dtype)
     return [reach(k, window, spread, widest / gap) for k in kappa.tolist()]
 

@@ -149,7 +149,7 @@ def gumbel_kernel(
 @triton.jit
 def walk_block_kernel(
     T_ptr, stride_t,                 # (R, n) float32 targets; the block's columns are read
-    U_ptr, stride_u,                 # (n, n) float32 upper factor of H⁻¹
+    U_ptr, stride_u,                 # (n, n) float32 upper factor of H⁻¹ (of a stack: (E, n, n), below)
     lo_ptr, hi_ptr,                  # (n,) code bounds
     S_ptr, Z_ptr, stride_sr, stride_sc, srow_mod,   # grid: S[(r % srow_mod) * stride_sr + j * stride_sc]
     G_ptr, stride_g,                 # (m, n) injection of successive rounding (HAS_INJECT)
@@ -161,8 +161,11 @@ def walk_block_kernel(
     BLOCK_M: tl.constexpr, BS: tl.constexpr,
     HAS_INJECT: tl.constexpr, SAMPLE: tl.constexpr, WINDOW: tl.constexpr, EXACT: tl.constexpr,
     values_ptr=None, K: tl.constexpr = 0, TIE: tl.constexpr = 0,     # the grid's alphabet (K = 0: the integers)
+    stride_ue=0, per=1,              # a stack of problems: rows of problem e (per rows each) use U_ptr + e·stride_ue
 ):
     pid = tl.program_id(0)
+    # a program's rows lie in one problem (BLOCK_M divides per and m)
+    U_ptr = U_ptr + ((pid * BLOCK_M) % m // per).to(tl.int64) * stride_ue
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BS)
     rmask = rows < R

@@ -24,8 +24,8 @@ from .walk import walk
 
 
 def usable(problem: WorkingProblem) -> bool:
-    """Float32 problems with one `U` where the kernels run (a stack of problems goes to the reference walk)."""
-    return runtime.usable(problem.T) and problem.U.dtype == torch.float32 and problem.problems == 1
+    """Float32 problems where the kernels run (a stack of problems too: the walk takes one `U` per problem)."""
+    return runtime.usable(problem.T) and problem.U.dtype == torch.float32
 
 
 def walk_paths(problem: WorkingProblem, paths: int = 1, inject: bool = False,

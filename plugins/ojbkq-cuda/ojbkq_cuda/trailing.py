@@ -17,6 +17,7 @@ Two ways (`OJBKQ_CUDA_PRODUCTS`):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -43,18 +44,22 @@ def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Trailing:
     """`update(T_rest, Err, i1, i2)`: `T_rest −= Err @ U[i1:i2, i2:]` for `T_rest` `(R, n − i2)`, `Err`
-    `(R, i2 − i1)`, all float32 on one device."""
+    `(R, i2 − i1)`, all float32 on one device. A stack (`U` `(E, n, n)`, `R = P·E·per` rows path-major, each
+    problem's `per` rows together): one batched product, problem `e`'s rows with `U[e]`."""
 
-    def __init__(self, U: torch.Tensor, how: Optional[str] = None):
-        self.U, self.mode = U, how or mode()
+    def __init__(self, U: torch.Tensor, how: Optional[str] = None, per: int = 0):
+        self.U, self.mode, self.per = U, how or mode(), per
 
     def update(self, T_rest: torch.Tensor, Err: torch.Tensor, i1: int, i2: int) -> None:
-        if self.mode == "fp32":
-            T_rest.addmm_(Err, self.U[i1:i2, i2:], alpha=-1.0)
-            return
-        e_hi, e_lo = tf32_split(Err)
-        u_hi, u_lo = tf32_split(self.U[i1:i2, i2:])
-        A = torch.cat([e_hi, e_hi, e_lo], 1)
-        B = torch.cat([u_hi, u_lo, u_hi], 0)
-        with runtime.tf32(True):
-            T_rest.addmm_(A, B, alpha=-1.0)
+        U = self.U[..., i1:i2, i2:]
+        if self.mode == "tf32x3":
+            e_hi, e_lo = tf32_split(Err)
+            u_hi, u_lo = tf32_split(U)
+            Err, U = torch.cat([e_hi, e_hi, e_lo], -1), torch.cat([u_hi, u_lo, u_hi], -2)
+        with runtime.tf32(True) if self.mode == "tf32x3" else contextlib.nullcontext():
+            if U.dim() == 2:
+                T_rest.addmm_(Err, U, alpha=-1.0)
+            else:
+                E = U.shape[0]
+                T4 = T_rest.view(-1, E, self.per, T_rest.shape[1])
+                T4 -= Err.reshape(-1, E, self.per, Err.shape[1]) @ U

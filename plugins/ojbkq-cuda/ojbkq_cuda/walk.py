@@ -17,7 +17,7 @@ import torch
 
 from ojbkq_core.grid import block_size_for
 from ojbkq_core.problem import WorkingProblem
-from ojbkq_core.rng import path_row_state
+from ojbkq_core.rng import path_row_state, stack_state
 
 from . import runtime
 from .paths import Paths
@@ -40,7 +40,9 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
     `p ≥ 1` sample each code (klein). `inject` runs successive rounding from `problem.base` with
     `problem.inject`. `reach` (klein, `n` ints `≤ window`, `ojbkq_core.decoders.sampling.column_reach`):
     how far from the nearest code a draw can land in each column; a block draws and weighs only the codes
-    within its columns' largest reach (the same winners, fewer draws). All tensors float32 on one device."""
+    within its columns' largest reach (the same winners, fewer draws). A stack of problems
+    (`WorkingProblem.stack`): each program's rows in one problem, reading its `U`; one batched trailing
+    product; each row draws with its own seed and row index. All tensors float32 on one device."""
     U, grid = problem.U, problem.grid
     start = problem.base if inject else problem.T
     m, n = start.shape
@@ -49,7 +51,9 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
     f32 = torch.float32
     T = start.to(f32).repeat(P, 1).contiguous()                      # (R, n)
     U = U.to(f32).contiguous()
-    trailing = Trailing(U)
+    E = problem.problems                                             # a stack: E problems of `per` rows
+    per = m // E
+    trailing = Trailing(U, per=per)
     lower = grid.lower.to(device=dev, dtype=f32).contiguous()
     upper = grid.upper.to(device=dev, dtype=f32).contiguous()
     codes = torch.empty(R, n, dtype=code_dtype(lower, upper), device=dev)
@@ -70,13 +74,17 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
     slots = 2 * window + 1
     if sample:
         beta_t = beta.to(f32).contiguous()
-        hstate = path_row_state(seed, P, m, row0, dev)
+        hstate = (path_row_state(seed, P, m, row0, dev) if problem.draws is None
+                  else stack_state(*problem.draws, P))
         noise = torch.empty((R - m) * bs * slots, dtype=f32, device=dev)
     else:
         beta_t, noise = score, score                                 # unused pointers
     BS = max(16, triton_next_pow2(bs))
     Err = torch.empty(R, BS, dtype=f32, device=dev)
     BLOCK_M = runtime.block_rows(R, BS, sample)
+    while E > 1 and per % BLOCK_M:                                   # a program's rows in one problem
+        BLOCK_M //= 2
+    stack = {} if E == 1 else {"stride_ue": U.stride(0), "per": per}
     kernel = runtime.kernels().walk_block_kernel
     alphabet = runtime.alphabet_args(grid.alphabet, dev)
     launch = (triton_cdiv(R, BLOCK_M),)
@@ -99,13 +107,13 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
                 hstate, noise, R, m, i1, i2 - i1, window - W,
                 SLOTS=2 * W + 1, BLOCK=NOISE_BLOCK, EXACT=runtime.exact())
         kernel[launch](
-            T, T.stride(0), U, U.stride(0), lower, upper,
+            T, T.stride(0), U, U.stride(-2), lower, upper,
             S, Z, stride_sr, stride_sc, srow_mod,
             G, G.stride(0), beta_t, noise,
             codes, codes.stride(0), Err, Err.stride(0), score,
             R, m, i1,
             bs=i2 - i1, BLOCK_M=BLOCK_M, BS=BS, HAS_INJECT=inject, SAMPLE=sample, WINDOW=W,
-            EXACT=runtime.exact(), num_warps=runtime.warps(BLOCK_M, BS), **alphabet,
+            EXACT=runtime.exact(), num_warps=runtime.warps(BLOCK_M, BS), **alphabet, **stack,
         )
         if i2 < n:
             trailing.update(T[:, i2:], Err[:, :i2 - i1], i1, i2)
