@@ -387,7 +387,8 @@ def quantize_stack(Ws: list[torch.Tensor], stats: list[Statistics], objectives: 
                    dtype: torch.dtype = torch.float32) -> list[LayerResult]:
     """Layers of one shape `(m, n)` with their own statistics and objectives (the experts of a group), decoded
     by one call of `decoder` on their stacked problems (`WorkingProblem.stack`, each with its own `U`) when it
-    can (`decoder.stackable`, the whole-matrix form, one grid rule for all); each result is what
+    can (`decoder.stackable`, the whole-matrix form, one grid rule for all, and a backend whose walk takes a
+    stack where it has one for a single layer); each result is what
     `quantize_layer(Ws[e], stats[e], objectives[e], grid, decoder, damp, seed=seeds[e])` gives, up to the
     rounding of the batched products."""
     seeds = list(seeds) if seeds is not None else [0] * len(Ws)
@@ -398,7 +399,10 @@ def quantize_stack(Ws: list[torch.Tensor], stats: list[Statistics], objectives: 
     one_rule = all(not p.g.dynamic or p.global_scale is None for p in preps)
     if len(preps) < 2 or not decoder.stackable or not one_rule or any(p.plan.blocked for p in preps):
         return [alone(p, seed) for p, seed in zip(preps, seeds)]
-    res = decoder.decode(WorkingProblem.stack([p.problem for p in preps], seeds), seed=seeds[0])
+    stacked = WorkingProblem.stack([p.problem for p in preps], seeds)
+    if decoder.primitives.native("walk", preps[0].problem) and not decoder.primitives.native("walk", stacked):
+        return [alone(p, seed) for p, seed in zip(preps, seeds)]   # a backend's kernels, one expert at a time
+    res = decoder.decode(stacked, seed=seeds[0])
     m = preps[0].problem.m
     out = []
     for e, p in enumerate(preps):

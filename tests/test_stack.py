@@ -99,3 +99,23 @@ def test_rows_of_a_stack_are_whole_problems():
     whole = Klein(k=3).decode(st)
     parts = [Klein(k=3).decode(st.rows(slice(i, i + 4))) for i in range(0, 12, 4)]
     assert torch.equal(torch.cat([p.codes for p in parts]), whole.codes)
+
+
+def test_a_backend_whose_walk_takes_one_u_decodes_the_experts_one_call_each():
+    """The CPU plugin's kernels take one `U`: rather than the reference walk on the stack, each expert is decoded
+    by its own call through them."""
+    pytest.importorskip("numba")
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins" / "ojbkq-cpu"))
+    from ojbkq_cpu import plugin
+    from ojbkq_core.registry import load
+    reg = load(extra_plugins=(plugin,))
+    Ws, stats = experts(E=2, dtype=torch.float32)
+    objs = objectives("symmetric", 2)
+    grid = GridSpec(bits=4, group_size=8)
+    dec = reg.decoder("babai", {}, device="cpu")
+    out = quantize_stack(Ws, stats, objs, grid, dec, seeds=[1, 2])
+    assert all("stacked" not in r.report and r.report["backend"] == "ojbkq-cpu" for r in out)
+    together = quantize_stack(Ws, stats, objs, grid, Babai(), seeds=[1, 2])          # the reference stacks
+    assert all(r.report["stacked"] == 2 for r in together)

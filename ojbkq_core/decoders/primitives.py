@@ -110,6 +110,10 @@ class Primitives:
                 return impl.fn
         return REFERENCE_IMPLS[name]
 
+    def native(self, name: str, problem: WorkingProblem) -> bool:
+        """Whether a registered implementation (not the reference) runs primitive `name` on `problem`."""
+        return self._pick(name, problem) is not REFERENCE_IMPLS[name]
+
     def walk(self, problem: WorkingProblem, paths: int = 1, *, inject: bool = False,
              sampling: Optional[Sampling] = None, block: int = 128) -> Any:
         return self._pick("walk", problem)(problem, paths, inject=inject, sampling=sampling, block=block)
