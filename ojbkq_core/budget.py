@@ -4,8 +4,8 @@ A layer `(m, n)` holds, besides its statistics (`(n, n)` each of `H`, `C`, `G`):
 about `WHOLE_SQUARES` `(n, n)` tensors at once (the objective's matrices, the permuted copy, the damped copy,
 the Cholesky factors, the float64 reads of the reported objective) and `ROW_BUFFERS` `(m, n)` float32
 tensors (the weight, its permuted copy, the targets, the decoded codes and grids both ways, the dequantized
-weight); in the column-blocked form (`linalg.inverse_cholesky_blocked`), one `(n, n)` tensor for `U` (two
-with an objective whose `M ≠ H`) and the row buffers of a chunk of rows, finished one chunk at a time.
+weight); in the column-blocked form (`linalg.inverse_cholesky_blocked`), one `(n, n)` tensor for `U` and the
+row buffers of a chunk of rows, finished one chunk at a time.
 
 `plan` picks the form: the whole-matrix form wherever it fits the budget (the same numbers as before), the
 column-blocked form where it does not. `check_fits` refuses, before any calibration, a layer whose blocked
@@ -65,31 +65,30 @@ def whole_bytes(m: int, n: int, itemsize: int = 4) -> int:
     return WHOLE_SQUARES * n * n * itemsize + ROW_BUFFERS * m * n * 4
 
 
-def blocked_bytes(m: int, n: int, squares: int, rows: int, itemsize: int = 4, block: int = COLUMN_BLOCK) -> int:
-    """The column-blocked form's working set for `rows` rows at a time, statistics aside: `squares` `(n, n)`
-    tensors (`U`, and `M − H` when the objective has it), a few `(n, block)` temporaries, the weight and its
-    permuted copy, and the row buffers of one chunk."""
-    return squares * n * n * itemsize + 6 * n * min(block, n) * 8 + 2 * m * n * 4 + ROW_BUFFERS * rows * n * 4
+def blocked_bytes(m: int, n: int, rows: int, itemsize: int = 4, block: int = COLUMN_BLOCK) -> int:
+    """The column-blocked form's working set for `rows` rows at a time, statistics aside: `U`, a few
+    `(n, block)` temporaries, the weight, its permuted copy and the targets, and the row buffers of one chunk."""
+    return n * n * itemsize + 6 * n * min(block, n) * 8 + 4 * m * n * 4 + ROW_BUFFERS * rows * n * 4
 
 
-def plan(m: int, n: int, squares: int, device, itemsize: int = 4) -> Plan:
+def plan(m: int, n: int, device, itemsize: int = 4) -> Plan:
     """The whole-matrix form when it fits `available(device)` (or there is no budget), else the column-blocked
     form with as many rows at a time as fit (at least 64)."""
     budget = available(device)
     if budget is None or whole_bytes(m, n, itemsize) <= budget:
         return WHOLE
-    fixed = blocked_bytes(m, n, squares, 0, itemsize)
+    fixed = blocked_bytes(m, n, 0, itemsize)
     rows = max(64, (budget - fixed) // (ROW_BUFFERS * n * 4))
     return Plan(True, min(COLUMN_BLOCK, n), int(min(rows, m)))
 
 
-def least_bytes(m: int, n: int, statistics: int, squares: int, itemsize: int = 4) -> int:
+def least_bytes(m: int, n: int, statistics: int, itemsize: int = 4) -> int:
     """The least a layer needs on the device: its `statistics` `(n, n)` float32 sums and the blocked form with
     64 rows at a time."""
-    return statistics * n * n * 4 + blocked_bytes(m, n, squares, min(m, 64), itemsize)
+    return statistics * n * n * 4 + blocked_bytes(m, n, min(m, 64), itemsize)
 
 
-def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, squares: int, device) -> None:
+def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device) -> None:
     """Refuse, naming the layer, its shape and the memory it needs, a layer `(m, n)` of `shapes` (name →
     shape) whose least working set exceeds the device's memory (`$OJBKQ_DECODER_MAX_BYTES` when set, else
     a CUDA device's total; no check on the CPU)."""
@@ -102,15 +101,15 @@ def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, squares: int
         what = f"{torch.cuda.get_device_name(device)}'s {total / GIB:.1f} GiB"
     else:
         return
-    worst = max(shapes.items(), key=lambda kv: least_bytes(*kv[1], statistics, squares), default=None)
+    worst = max(shapes.items(), key=lambda kv: least_bytes(*kv[1], statistics), default=None)
     if worst is None:
         return
     name, (m, n) = worst
-    need = least_bytes(m, n, statistics, squares)
+    need = least_bytes(m, n, statistics)
     if need > total:
         raise InputError(
             f"{name} ({m} × {n}) needs at least {need / GIB:.1f} GiB on the device to quantize ({statistics} "
-            f"statistics of {n} × {n}, the factor U{' and M − H' if squares > 1 else ''}, the weight), more than "
+            f"statistics of {n} × {n}, the factor U, the weight), more than "
             f"{what}: use a device with more memory, or an objective with fewer statistics (symmetric needs H only)")
 
 

@@ -766,9 +766,8 @@ class Run:
         needs = set(probe.needs) | (set(score_objective.needs) if score_objective is not None else set())
         sampled = isinstance(objective, ObjectiveSpec) and bool(objective.sampled)
 
-        squares = 1 + any(probe.coefficients()[1].values())       # U, and M − H when the objective has it
         budget.check_fits({n: tuple(adapter.weight(adapter.model.get_submodule(n)).shape) for n in adapter.layer_names()},
-                          len(needs), squares, device)
+                          len(needs), device)
         full_precision = Streams.full_precision_needed(needs, sampled)
         cache = fp_cache if full_precision and fp_cache is not None and fp_cache.accepts(adapter, device) else None
         taken_before = 0

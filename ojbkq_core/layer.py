@@ -107,15 +107,15 @@ class Factorization:
     """What the modules reading the same inputs share, for one objective: `dead` `(n,)` bool (columns
     with `diag H = 0`), the decoding order `perm` `(n,)`, `U` `(n, n)` upper with
     `(H_p + δ mean(diag H) I)⁻¹ = Uᵀ U` (decoding order), the relative damping `delta` and the absolute
-    one `lam` (with `damp_steps`, every damping tried), and `MH = M − H_obj` `(n, n)` (natural order),
-    `None` when `M = H_obj` (then `T = W`)."""
+    one `lam` (with `damp_steps`, every damping tried), and `MH = M − H_obj` `(n, n)` (natural order; a
+    `Square` in the blocked form), `None` when `M = H_obj` (then `T = W`)."""
 
     dead: torch.Tensor
     perm: torch.Tensor
     U: torch.Tensor
     delta: float
     lam: float
-    MH: Optional[torch.Tensor]
+    MH: Optional[Union[torch.Tensor, "Square"]]
     damp_steps: list
 
 
@@ -157,8 +157,8 @@ def factorize_blocked(stats: Statistics, objective: Objective, damp: float, act_
                       block: int) -> Factorization:
     """`factorize` for a layer too wide to hold the whole-matrix form: `H_obj` is built from the statistics'
     sums `block` columns at a time, already in decoding order, and factorised in place
-    (`linalg.inverse_cholesky_blocked`); `M − H_obj` likewise. Holds one `(n, n)` tensor besides the
-    statistics (two with `M ≠ H_obj`). Equal to `factorize` up to rounding."""
+    (`linalg.inverse_cholesky_blocked`); `M − H_obj` is a `Square`, multiplied a block of columns at a time.
+    Holds one `(n, n)` tensor besides the statistics. Equal to `factorize` up to rounding."""
     h, mh = objective.coefficients()
     n = stats.n
     sums = stats.sums
@@ -178,7 +178,7 @@ def factorize_blocked(stats: Statistics, objective: Objective, damp: float, act_
         return H
     damp_steps: list = []
     U, delta, mean_diag = inverse_cholesky_blocked(build, damp, block, steps=damp_steps)
-    MH = _square(stats, mh, None, dtype, device, block) if any(mh.values()) else None
+    MH = Square(stats, mh, dtype, device, block) if any(mh.values()) else None
     return Factorization(dead, perm, U, delta, delta * mean_diag, MH, damp_steps)
 
 
@@ -189,18 +189,48 @@ def _square(stats: Statistics, coefficients: dict, perm: Optional[torch.Tensor],
     out = torch.empty(n, n, dtype=dtype, device=device)
     for c0 in range(0, n, block):
         c1 = min(c0 + block, n)
-        acc = None
-        for key, c in coefficients.items():
-            if c == 0:
-                continue
-            S = stats.sums["C" if key == "Ct" else key]
-            cols = torch.arange(c0, c1, device=S.device) if perm is None else perm[c0:c1].to(S.device)
-            part = S.index_select(0, cols).T if key == "Ct" else S.index_select(1, cols)
-            if perm is not None:
-                part = part.index_select(0, perm.to(S.device))
-            part = (part.to(device) / stats.count).to(dtype)
-            acc = part.mul_(c) if acc is None else acc.add_(part, alpha=c)
-        out[:, c0:c1] = acc
+        out[:, c0:c1] = _square_columns(stats, coefficients, perm, c0, c1, dtype, device)
+    return out
+
+
+def _square_columns(stats: Statistics, coefficients: dict, perm: Optional[torch.Tensor], c0: int, c1: int,
+                    dtype, device) -> torch.Tensor:
+    """Columns `c0…c1−1` `(n, c1 − c0)` of `_square`'s matrix."""
+    acc = None
+    for key, c in coefficients.items():
+        if c == 0:
+            continue
+        S = stats.sums["C" if key == "Ct" else key]
+        cols = torch.arange(c0, c1, device=S.device) if perm is None else perm[c0:c1].to(S.device)
+        part = S.index_select(0, cols).T if key == "Ct" else S.index_select(1, cols)
+        if perm is not None:
+            part = part.index_select(0, perm.to(S.device))
+        part = (part.to(device) / stats.count).to(dtype)
+        acc = part.mul_(c) if acc is None else acc.add_(part, alpha=c)
+    return acc
+
+
+@dataclass
+class Square:
+    """`Σ c_k S_k` `(n, n)` over the statistics' means (natural order), never held whole: `times(W, square)`
+    builds `W @ square` `block` columns at a time (the blocked form's `M − H_obj`)."""
+
+    stats: Statistics
+    coefficients: dict
+    dtype: torch.dtype
+    device: torch.device
+    block: int
+
+
+def times(W: torch.Tensor, M) -> torch.Tensor:
+    """`W @ M` `(m, n)` for a matrix or a `Square`."""
+    if not isinstance(M, Square):
+        return W @ M
+    n = M.stats.n
+    out = torch.empty(W.shape[0], n, dtype=W.dtype, device=W.device)
+    for c0 in range(0, n, M.block):
+        c1 = min(c0 + M.block, n)
+        out[:, c0:c1] = W @ _square_columns(M.stats, M.coefficients, None, c0, c1, M.dtype, M.device)
     return out
 
 
@@ -274,8 +304,7 @@ def prepare_layer(W, stats, objective, grid, decoder, damp=QuantSpec.damp, seed=
         raise InputError(f"objective '{objective.name}' needs statistics {sorted(missing)} that were not accumulated")
     dev = W.device
     if plan is None:
-        plan = budget.plan(m, n, 1 + (objective.coefficients()[1] != dict.fromkeys(("H", "G", "C", "Ct"), 0.0)),
-                           dev, torch.finfo(dtype).bits // 8)
+        plan = budget.plan(m, n, dev, torch.finfo(dtype).bits // 8)
     W = W.to(dtype).clone()
     static = grid.group_size == -1 or grid.static_groups
     global_scale = grid.global_scale_of(W)            # nvfp4: from the weight as it comes
@@ -292,7 +321,7 @@ def prepare_layer(W, stats, objective, grid, decoder, damp=QuantSpec.damp, seed=
     if f.MH is None:                                  # M = H_obj: T = W
         G, T = None, Wp
     else:                                             # T = W + D H_d⁻¹ = W + (D Uᵀ) U, decoding order
-        D = (W @ f.MH)[:, perm]
+        D = times(W, f.MH)[:, perm]
         G = D @ U.T
         T = Wp + G @ U
 
