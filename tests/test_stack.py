@@ -101,21 +101,49 @@ def test_rows_of_a_stack_are_whole_problems():
     assert torch.equal(torch.cat([p.codes for p in parts]), whole.codes)
 
 
-def test_a_backend_whose_walk_takes_one_u_decodes_the_experts_one_call_each():
-    """The CPU plugin's kernels take one `U`: rather than the reference walk on the stack, each expert is decoded
-    by its own call through them."""
+@pytest.mark.parametrize("name,params,objective", [("babai", {}, "symmetric"), ("klein", {"k": 4}, "jta"),
+                                                    ("successive", {}, "regularized")])
+def test_the_cpu_plugin_walks_a_stack_with_each_experts_codes(name, params, objective):
+    """The CPU plugin's kernels take a stack (each row with its expert's `U`, seed and row index): each expert
+    gets the codes of its own call through the plugin, and the reference stack's."""
     pytest.importorskip("numba")
+    reg = cpu_registry()
+    Ws, stats = experts(E=3, dtype=torch.float32)
+    objs = objectives(objective, 3)
+    grid = GridSpec(bits=3, group_size=8)
+    dec = lambda: reg.decoder(name, params, device="cpu")  # noqa: E731
+    out = quantize_stack(Ws, stats, objs, grid, dec(), seeds=[1, 2, 3])
+    ref = quantize_stack(Ws, stats, objs, grid, type(dec())(**params), seeds=[1, 2, 3])
+    for e, r in enumerate(out):
+        own = quantize_layer(Ws[e], stats[e], objs[e], grid, dec(), seed=e + 1)
+        assert r.report["stacked"] == 3 and r.report["backend"] == "ojbkq-cpu" and own.report["backend"] == "ojbkq-cpu"
+        assert torch.equal(r.codes, own.codes) and torch.equal(r.codes, ref[e].codes), e
+
+
+def test_a_backend_whose_walk_takes_one_u_decodes_the_experts_one_call_each():
+    """A backend that runs single problems but not stacks: rather than the reference walk on the stack, each
+    expert is decoded by its own call through it."""
+    from ojbkq_core.decoders.primitives import Impl, Primitives, reference_walk
+    calls = []
+
+    def single_only(problem, paths=1, **kw):
+        calls.append(problem.problems)
+        return reference_walk(problem, paths, **kw)
+    prims = Primitives({"walk": [Impl("walk", "cpu", single_only, 1, lambda p: p.problems == 1, "one-u")]})
+    Ws, stats = experts(E=2)
+    objs = objectives("symmetric", 2)
+    grid = GridSpec(bits=4, group_size=8)
+    out = quantize_stack(Ws, stats, objs, grid, Babai().use(prims), seeds=[1, 2], dtype=torch.float64)
+    assert calls == [1, 1] and all("stacked" not in r.report for r in out)
+    together = quantize_stack(Ws, stats, objs, grid, Babai(), seeds=[1, 2], dtype=torch.float64)   # the reference stacks
+    assert all(r.report["stacked"] == 2 for r in together)
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(out, together))
+
+
+def cpu_registry():
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins" / "ojbkq-cpu"))
     from ojbkq_cpu import plugin
     from ojbkq_core.registry import load
-    reg = load(extra_plugins=(plugin,))
-    Ws, stats = experts(E=2, dtype=torch.float32)
-    objs = objectives("symmetric", 2)
-    grid = GridSpec(bits=4, group_size=8)
-    dec = reg.decoder("babai", {}, device="cpu")
-    out = quantize_stack(Ws, stats, objs, grid, dec, seeds=[1, 2])
-    assert all("stacked" not in r.report and r.report["backend"] == "ojbkq-cpu" for r in out)
-    together = quantize_stack(Ws, stats, objs, grid, Babai(), seeds=[1, 2])          # the reference stacks
-    assert all(r.report["stacked"] == 2 for r in together)
+    return load(extra_plugins=(plugin,))

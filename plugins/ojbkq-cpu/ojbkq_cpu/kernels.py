@@ -112,9 +112,11 @@ def _reach(kappa, window, spread, ratio):
 
 
 @njit(parallel=True, cache=True)
-def walk_stretch(T, U, lower, upper, S, Z, s_rows, G, inject, beta, hstate, sample, window, spread, gmin, gmax,
+def walk_stretch(T, Us, per, lower, upper, S, Z, s_rows, G, inject, beta, hstate, sample, window, spread, gmin, gmax,
                  codes, Err, score, m, i1, i2, j0, j1, values, tie, gap, ratio):
     """Walk columns `j0 ≤ j < j1` of the block `[i1, i2)` for every row of `T` `(R, n)` float32, in place.
+    `Us` `(E, n, n)`: the factor of each of `E` stacked problems, row `r` of problem `(r % m) // per` (one
+    problem: `E = 1`, `per = m`).
 
     Grid: `S[r % s_rows, j]` and `Z[r % s_rows, j]`. `G` `(m, n)` is read when `inject`. With `sample`
     the rows `r ≥ m` draw their code (Klein, inverse temperature `beta[r % m]`, hash prefix `hstate[r]`);
@@ -129,6 +131,7 @@ def walk_stretch(T, U, lower, upper, S, Z, s_rows, G, inject, beta, hstate, samp
     opens_x = np.empty((R, slots), np.int64)
     for r in prange(R):
         i = r % m
+        U = Us[i // per]
         sr = r % s_rows
         draw = sample and r >= m
         b = beta[i]

@@ -18,8 +18,8 @@ BACKEND = "ojbkq-cpu"
 
 
 def usable(problem: WorkingProblem) -> bool:
-    """Float32 CPU problems with one `U` (a stack of problems goes to the reference walk)."""
-    return problem.problems == 1 and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32)
+    """Float32 CPU problems (a stack of problems too: the walk takes one `U` per problem)."""
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32)
                for t in (problem.T, problem.U, problem.base, problem.inject))
 
 

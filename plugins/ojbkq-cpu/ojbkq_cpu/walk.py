@@ -18,7 +18,7 @@ import torch
 from ojbkq_core.decoders.sampling import gumbel_spread
 from ojbkq_core.grid import Alphabet, block_size_for
 from ojbkq_core.problem import WorkingProblem
-from ojbkq_core.rng import path_row_state
+from ojbkq_core.rng import path_row_state, stack_state
 
 from .kernels import gumbel_bucket_bounds, walk_stretch
 
@@ -44,7 +44,8 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
          window: int = 4, seed: int = 0, row0: int = 0, block: int = 128):
     """Run `paths` candidate paths per row: path 0 rounds to nearest (babai); with `beta` `(m,)` the paths
     `p ≥ 1` sample each code (klein). `inject` runs successive rounding from `problem.base` with
-    `problem.inject`. Float32 CPU tensors."""
+    `problem.inject`. A stack of problems (`WorkingProblem.stack`): each row with its problem's `U`, its own
+    seed and row index. Float32 CPU tensors."""
     threads()
     U, grid = problem.U, problem.grid            # U itself for the block products, as the reference
     start = problem.base if inject else problem.T
@@ -68,7 +69,7 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
     sample = beta is not None and P > 1
     if sample:
         beta_a = beta.to(dt).contiguous().numpy()
-        hstate = path_row_state(seed, P, m, row0).numpy()
+        hstate = (path_row_state(seed, P, m, row0) if problem.draws is None else stack_state(*problem.draws, P)).numpy()
         spread = gumbel_spread(dt)
     else:
         beta_a = torch.ones(m, dtype=dt).numpy()
@@ -76,7 +77,9 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
         spread = 0.0
     gmin, gmax = gumbel_bucket_bounds()
     table = alphabet_table(grid.alphabet)
-    Tr, Ua = T.view(R, n), U.contiguous().numpy()
+    E = problem.problems                         # a stack: E problems of `per` rows, each with its U
+    per = m // E
+    Tr, Ua = T.view(R, n), U.contiguous().view(E, n, n).numpy()
     Ta, Sa, Za, Ga = Tr.numpy(), S.numpy(), Z.numpy(), G.numpy()
     codes_a, score_a = codes.view(R, n).numpy(), score.view(R).numpy()
     bs = block_size_for(grid.group_size if grid.dynamic else -1, block)
@@ -91,8 +94,10 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
                 s, z = grid.fit(T[:, :, j0:j0 + g])
                 scale[:, :, j0:j0 + g] = s.unsqueeze(-1)
                 zero[:, :, j0:j0 + g] = z.unsqueeze(-1)
-            walk_stretch(Ta, Ua, lower, upper, Sa, Za, s_rows, Ga, inject, beta_a, hstate, sample, window,
+            walk_stretch(Ta, Ua, per, lower, upper, Sa, Za, s_rows, Ga, inject, beta_a, hstate, sample, window,
                          spread, gmin, gmax, codes_a, Err_a, score_a, m, i1, i2, j0, j1, *table)
-        if i2 < n:
+        if i2 < n and E > 1:                      # one batched product, as the reference's
+            T.view(P, E, per, n)[..., i2:] -= Err.view(P, E, per, i2 - i1) @ U[:, i1:i2, i2:]
+        elif i2 < n:
             Tr[:, i2:].addmm_(Err, U[i1:i2, i2:], alpha=-1.0)
     return codes, scale, zero, score
