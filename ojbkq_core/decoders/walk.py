@@ -53,7 +53,6 @@ def walk(problem: WorkingProblem, paths: int, choose: Chooser, inject: bool = Fa
     if stacked:                             # U_jj per row; rows of problem e use U[e]
         E = U.shape[0]
         d = problem.diagonal().T.contiguous().unbind()
-        T4 = T.view(P, E, m // E, n)
     else:
         d = U.diagonal().unbind()
     bs = block_size_for(grid.group_size if grid.dynamic else -1, block)
@@ -83,7 +82,17 @@ def walk(problem: WorkingProblem, paths: int, choose: Chooser, inject: bool = Fa
                 else:
                     Tb[:, :, jj + 1:] -= fb.unsqueeze(-1) * U[j, j + 1:i2]
         if i2 < n and stacked:                  # one batched product: each problem's rows with its U
-            T4[..., i2:] -= Err.view(P, E, m // E, i2 - i1) @ U[:, i1:i2, i2:]
+            subtract_stacked(T.view(P * m, n)[:, i2:], Err.view(P * m, i2 - i1), U[:, i1:i2, i2:], P)
         elif i2 < n:                            # one in-place product over all paths' rows
             T.view(P * m, n)[:, i2:].addmm_(Err.view(P * m, i2 - i1), U[i1:i2, i2:], alpha=-1.0)
     return codes, scale, zero, score
+
+
+def subtract_stacked(T_rest: torch.Tensor, Err: torch.Tensor, U: torch.Tensor, paths: int) -> None:
+    """`T_rest −= Err @ U[e]` for the rows of each problem `e` of a stack, in place, by one batched product
+    (`torch.bmm`, `U` never broadcast over the paths). `T_rest` `(R, r)` and `Err` `(R, b)`: rows path-major,
+    `R = paths·E·per`, each problem's `per` rows together; `U` `(E, b, r)`."""
+    E, b, r = U.shape
+    per = T_rest.shape[0] // (paths * E)
+    A = Err.reshape(paths, E, per, b).transpose(0, 1).reshape(E, paths * per, b)
+    T_rest.view(paths, E, per, r).sub_(torch.bmm(A, U).view(E, paths, per, r).transpose(0, 1))

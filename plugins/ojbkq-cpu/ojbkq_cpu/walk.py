@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ojbkq_core.decoders.sampling import gumbel_spread
+from ojbkq_core.decoders.walk import subtract_stacked
 from ojbkq_core.grid import Alphabet, block_size_for
 from ojbkq_core.problem import WorkingProblem
 from ojbkq_core.rng import path_row_state, stack_state
@@ -97,7 +98,7 @@ def walk(problem: WorkingProblem, paths: int = 1, inject: bool = False, beta: Op
             walk_stretch(Ta, Ua, per, lower, upper, Sa, Za, s_rows, Ga, inject, beta_a, hstate, sample, window,
                          spread, gmin, gmax, codes_a, Err_a, score_a, m, i1, i2, j0, j1, *table)
         if i2 < n and E > 1:                      # one batched product, as the reference's
-            T.view(P, E, per, n)[..., i2:] -= Err.view(P, E, per, i2 - i1) @ U[:, i1:i2, i2:]
+            subtract_stacked(Tr[:, i2:], Err, U[:, i1:i2, i2:], P)
         elif i2 < n:
             Tr[:, i2:].addmm_(Err, U[i1:i2, i2:], alpha=-1.0)
     return codes, scale, zero, score

@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from ojbkq_core.decoders.walk import subtract_stacked
+
 from . import runtime
 
 MODES = ("fp32", "tf32x3")
@@ -60,6 +62,4 @@ class Trailing:
             if U.dim() == 2:
                 T_rest.addmm_(Err, U, alpha=-1.0)
             else:
-                E = U.shape[0]
-                T4 = T_rest.view(-1, E, self.per, T_rest.shape[1])
-                T4 -= Err.reshape(-1, E, self.per, Err.shape[1]) @ U
+                subtract_stacked(T_rest, Err, U, T_rest.shape[0] // (U.shape[0] * self.per))
