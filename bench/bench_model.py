@@ -30,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
+import ojbkq_core.calibrate as engine  # noqa: E402
 from ojbkq_core.calibrate import calibrate  # noqa: E402
 from ojbkq_core.grid import GridSpec  # noqa: E402
 from ojbkq_core.model import find_adapter  # noqa: E402
@@ -158,8 +159,9 @@ def add_moe_args(ap: argparse.ArgumentParser) -> None:
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """The model, calibration and recipe options (`build` reads the model's)."""
     add_moe_args(ap)
-    ap.add_argument("--per-expert", action="store_true",
-                    help="decode the experts one call each (the decoders' stacking off), for comparison")
+    ap.add_argument("--decode-experts", choices=("auto", "together", "alone"), default="auto",
+                    help="a group's experts decoded together (one call on their stack) or alone (one call each); "
+                         "auto: as the engine does on the device (calibrate.STACK_DEVICES)")
     ap.add_argument("--project", type=int, default=FULL_BLOCKS, metavar="N",
                     help=f"blocks of the whole model the time is projected to (default {FULL_BLOCKS})")
     ap.add_argument("--device", default="cuda")
@@ -211,8 +213,12 @@ def main(argv=None):
         objective = reg.objective(obj_name, obj_params)
         params = {k: v for k, v in dec_params.items() if k != "seed"}
         decoder = reg.decoder(dec_name, params, device=str(dev))
-        if getattr(args, "per_expert", False):
+        how = getattr(args, "decode_experts", "auto")
+        if how == "alone":
             type(decoder).stackable = False
+        elif how == "together":
+            engine.STACK_DEVICES = (*engine.STACK_DEVICES, dev.type)
+        together = dev.type in engine.STACK_DEVICES and decoder.stackable
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
@@ -245,7 +251,7 @@ def main(argv=None):
             "blocked_layers": {k: v["blocked"] for k, v in res.report["layers"].items() if "blocked" in v},
             "stacked_layers": sum(1 for v in res.report["layers"].values() if v.get("stacked")),
             "experts": args.experts, "top_k": args.top_k if args.experts else None,
-            "experts_decoded": None if not args.experts else "one call each" if args.per_expert else "together",
+            "experts_decoded": None if not args.experts else "together" if together else "alone",
             "moe_intermediate": args.moe_intermediate if args.experts else None, "shared_expert": args.shared_expert,
             "objective_sum": res.report["objective_sum"],
             "layer_seconds": {k: v["seconds"] for k, v in res.report["layers"].items()},

@@ -316,27 +316,31 @@ class PathScore:
     with `J` the exact (undamped) objective. So `Σ e² − λ ‖q − w‖² − Σ_dead q_j² = J(q) − c` ranks the
     candidates of a row exactly as `J` does, at the cost of one pass over `q` instead of a product
     with `H`. `W` `(m, n)` in decoding order with dead columns zeroed; `lam` the absolute damping;
-    `dead` `(k,)` the dead columns' indices in decoding order.
+    `dead` `(k,)` the dead columns' indices in decoding order (of a stack, `stack`: `lam` `(m,)` per row and
+    `dead` `(k, 2)` (row, column) pairs).
     """
 
     def __init__(self, W: torch.Tensor, lam, dead: torch.Tensor):
         self.W, self.lam, self.dead = W, lam, dead
 
     def rows(self, sl: slice) -> "PathScore":
-        lam = self.lam[sl] if isinstance(self.lam, torch.Tensor) else self.lam
-        dead = self.dead[sl] if self.dead.dim() == 2 else self.dead
-        return PathScore(self.W[sl], lam, dead)
+        if not isinstance(self.lam, torch.Tensor):
+            return PathScore(self.W[sl], self.lam, self.dead)
+        start, stop, _ = sl.indices(self.W.shape[0])
+        keep = (self.dead[:, 0] >= start) & (self.dead[:, 0] < stop)
+        return PathScore(self.W[sl], self.lam[sl], self.dead[keep] - torch.tensor([start, 0], device=self.dead.device))
 
     @classmethod
     def stack(cls, scores: list["PathScore"]) -> "PathScore":
-        """The scores of stacked problems (`WorkingProblem.stack`): `lam` `(m,)` per row, `dead` a mask `(m, n)`."""
+        """The scores of stacked problems (`WorkingProblem.stack`): `lam` `(m,)` per row, `dead` the `(k, 2)`
+        (row, column) pairs of every row's dead columns."""
         W = torch.cat([s.W for s in scores])
         per = scores[0].W.shape[0]
         lam = torch.tensor([float(s.lam) for s in scores], dtype=W.dtype, device=W.device).repeat_interleave(per)
-        dead = torch.zeros(len(scores), W.shape[1], dtype=torch.bool, device=W.device)
-        for e, s in enumerate(scores):
-            dead[e, s.dead] = True
-        return cls(W, lam, dead.repeat_interleave(per, 0))
+        rows = torch.arange(per, device=W.device)
+        pairs = [torch.stack([(e * per + rows).repeat_interleave(len(s.dead)), s.dead.to(W.device).repeat(per)], 1)
+                 for e, s in enumerate(scores)]
+        return cls(W, lam, torch.cat(pairs).view(-1, 2))
 
     def __call__(self, Q: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
         """`Q` `(..., m, n)` dequantized candidates and their path objectives `path` `(..., m)` →
@@ -347,7 +351,9 @@ class PathScore:
         E = Q - self.W
         out = path.to(Q.dtype) - self.lam * (E * E).sum(-1)
         if self.dead.dim() == 2:                      # stacked: each row's own dead columns
-            out = out - (Q * Q * self.dead).sum(-1)
+            if len(self.dead):
+                q = Q[self.dead[:, 0], self.dead[:, 1]]
+                out = out - torch.zeros_like(out).index_add_(0, self.dead[:, 0], q * q)
         elif self.dead.numel():
             Qd = Q[:, self.dead]
             out = out - (Qd * Qd).sum(-1)

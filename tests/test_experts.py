@@ -299,12 +299,14 @@ def test_a_chunked_expert_group_gives_the_statistics_and_codes_of_the_whole_grou
 
 @pytest.mark.parametrize("decoder", ["babai", "klein"])
 def test_experts_decoded_together_get_the_codes_of_one_call_each(monkeypatch, decoder):
-    """The engine decodes a group's routed experts of one shape in one decoder call; each gets the codes its
-    own call gives."""
+    """The engine decodes a group's routed experts of one shape in one decoder call (on a GPU; here on the CPU
+    too); each gets the codes its own call gives."""
     from ojbkq_core.calibrate import calibrate
     from ojbkq_core.decoders import Babai, Klein
     from ojbkq_core.grid import GridSpec
     from ojbkq_core.objectives import PRESETS, preset
+
+    monkeypatch.setattr("ojbkq_core.calibrate.STACK_DEVICES", ("cuda", "cpu"))
 
     def quantized(stack):
         cls = Babai if decoder == "babai" else Klein
