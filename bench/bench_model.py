@@ -134,14 +134,16 @@ def forward_seconds(adapter, ids, batch_size, dev, need_fp, true_sequential=True
 @contextlib.contextmanager
 def profiled(path, title: str, append: bool = False, rows: int = 30):
     """Run the body under torch.profiler (CPU and CUDA) when `path` is given and write its operators and
-    kernels by total CUDA time there (appended after the first recipe)."""
+    kernels by total CUDA time there (by CPU time without a GPU; appended after the first recipe)."""
     if not path:
         yield
         return
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
         yield
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total",
+                                      row_limit=rows, max_name_column_width=60)
     with open(path, "a" if append else "w") as f:
         f.write(f"== {title}\n{table}\n\n")
 
