@@ -279,7 +279,7 @@ def main(argv=None):
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     print(f"{'recipe':<6} {'shape':<11} {'decoder':<10} {'s/block':>8} {'steady':>7} {'stats':>7} {'quant':>7} "
-          f"{'prop':>7} {'fwd':>6} {'ratio':>6} {'32 blocks':>10} {'peak GiB':>9}")
+          f"{'prop':>7} {'fwd':>6} {'ratio':>6} {str(args.project) + ' blocks':>10} {'peak GiB':>9}")
     for r in records:
         if "implementation" not in r:           # records of other benchmarks (bench_run.py)
             continue

@@ -14,28 +14,18 @@ mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=.:adapters:plugins/ojbkq-cuda${PYTHONPATH:+:$PYTHONPATH}
 start=$(date +%s)
-left() { echo $(( BUDGET - ($(date +%s) - start) )); }
-step() {      # step NAME LIMIT CMD...
-  local name=$1 limit=$2; shift 2
-  case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
-  local l; l=$(left); [ "$limit" -gt "$l" ] && limit=$l
-  if [ "$limit" -le 20 ]; then echo "== $name: skipped (no time left)"; return 0; fi
-  echo "== $name (limit ${limit}s)"
-  local t0; t0=$(date +%s)
-  timeout "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
-  echo "== $name: exit $? after $(( $(date +%s) - t0 ))s"
-  grep -v "it/s\|layer/s" "$OUTDIR/$name.log" | tail -n 6
-}
+. "$(dirname "$0")/gpu_steps.sh"
 nvidia-smi -L 2>/dev/null
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "tf32", torch.backends.cuda.matmul.allow_tf32)'
 QWEN3="--experts 128 --top-k 8 --moe-intermediate 768 --hidden 2048 --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --vocab 151936"
 DSV3="--experts 256 --top-k 8 --moe-intermediate 2048 --shared-expert 2048 --hidden 7168 --heads 56 --kv-heads 8 --head-dim 128 --intermediate 18432 --vocab 129280"
-step moe 200 python3 bench/bench_model.py $QWEN3 --blocks 2 --project 48 --out "$OUTDIR/moe_stacked.json"
-step 405b_gptq 150 python3 bench/bench_model.py --preset 405b --blocks 1 --model-device cpu --recipes gptq \
+step_shown() { step "$@"; [ -f "$OUTDIR/$1.log" ] && grep -v "it/s\|layer/s" "$OUTDIR/$1.log" | tail -n 6; }
+step_shown moe 200 python3 bench/bench_model.py $QWEN3 --blocks 2 --project 48 --out "$OUTDIR/moe_stacked.json"
+step_shown 405b_gptq 150 python3 bench/bench_model.py --preset 405b --blocks 1 --model-device cpu --recipes gptq \
   --project 126 --out "$OUTDIR/frontier_405b.json"
-step 405b_ojbkq 170 python3 bench/bench_model.py --preset 405b --blocks 1 --model-device cpu --recipes ojbkq \
+step_shown 405b_ojbkq 170 python3 bench/bench_model.py --preset 405b --blocks 1 --model-device cpu --recipes ojbkq \
   --project 126 --out "$OUTDIR/frontier_405b.json" --append
-step deepseek_gptq 300 python3 bench/bench_model.py $DSV3 --blocks 1 --model-device cpu --samples 64 --recipes gptq \
+step_shown deepseek_gptq 300 python3 bench/bench_model.py $DSV3 --blocks 1 --model-device cpu --samples 64 --recipes gptq \
   --project 61 --out "$OUTDIR/deepseek_v3.json"
-step deepseek_ojbkq 300 python3 bench/bench_model.py $DSV3 --blocks 1 --model-device cpu --samples 64 --recipes ojbkq \
+step_shown deepseek_ojbkq 300 python3 bench/bench_model.py $DSV3 --blocks 1 --model-device cpu --samples 64 --recipes ojbkq \
   --project 61 --out "$OUTDIR/deepseek_v3.json" --append

@@ -13,17 +13,7 @@ export PYTHONUNBUFFERED=1
 # the project from its source folders (a GPU machine has it uninstalled)
 export PYTHONPATH=.:adapters:plugins/ojbkq-cuda${PYTHONPATH:+:$PYTHONPATH}
 start=$(date +%s)
-left() { echo $(( BUDGET - ($(date +%s) - start) )); }
-step() {      # step NAME LIMIT CMD...
-  local name=$1 limit=$2; shift 2
-  case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
-  local l; l=$(left); [ "$limit" -gt "$l" ] && limit=$l
-  if [ "$limit" -le 10 ]; then echo "== $name: skipped (no time left)"; return 0; fi
-  echo "== $name (limit ${limit}s)"
-  local t0; t0=$(date +%s)
-  timeout "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
-  echo "== $name: exit $? after $(( $(date +%s) - t0 ))s"
-}
+. "$(dirname "$0")/gpu_steps.sh"
 nvidia-smi -L 2>/dev/null
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "tf32", torch.backends.cuda.matmul.allow_tf32)'
 

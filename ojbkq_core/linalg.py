@@ -37,25 +37,37 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, retries: int = 6,
     """
     n = H.shape[0]
     mean_diag = H.diagonal().mean()
-    delta = damp
-    for attempt in range(retries + 1):
-        if steps is not None:
-            steps.append(delta)
+
+    def attempt(delta):
         Hd = H.clone()
         Hd.diagonal().add_(delta * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
         why = _why_not(L, info)
+        if why is not None:
+            return None, why
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        del Hinv
+        why = _why_not(U.T, info)
+        return (U, Hd), None if why is None else f"its inverse is {why}"
+    (U, Hd), delta = _raising_damping(attempt, n, damp, retries, steps)
+    return U, Hd, delta
+
+
+def _raising_damping(attempt, n: int, damp: float, retries: int, steps: Optional[list]):
+    """`attempt(δ) → (result, why it failed or None)` for `δ = damp`, then ×10 (from 0: 1e-6) up to `retries`
+    times, each failure logged and each `δ` appended to `steps`; returns the first result and its `δ`, or
+    raises `FactorizationError` (`n`: the matrix's size, for the messages)."""
+    delta = damp
+    for i in range(retries + 1):
+        if steps is not None:
+            steps.append(delta)
+        out, why = attempt(delta)
         if why is None:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
-            why = _why_not(U.T, info)
-            if why is None:
-                if attempt:
-                    log.warning("Cholesky succeeded after raising damping to %g", delta)
-                return U, Hd, delta
-            why = f"its inverse is {why}"
+            if i:
+                log.warning("Cholesky succeeded after raising damping to %g", delta)
+            return out, delta
         nxt = delta * 10 if delta > 0 else 1e-6
         log.warning("Cholesky of the damped H (n=%d) failed at damping %g (%s); retrying with %g", n, delta, why, nxt)
         delta = nxt
@@ -75,29 +87,22 @@ def inverse_cholesky_blocked(build, damp: float = 0.01, block: int = 4096, retri
     (`_invert_upper_`): the same factor as `inverse_cholesky`'s up to rounding, since the upper factor of
     `H⁻¹` with a positive diagonal is unique. Returns `U`, the damping used and `mean(diag H)`.
     """
-    delta = damp
-    for attempt in range(retries + 1):
-        if steps is not None:
-            steps.append(delta)
-        A = build()
-        n = A.shape[0]
+    fresh = [build()]                                   # the first attempt's H (its size for the messages)
+    n = fresh[0].shape[0]
+
+    def attempt(delta):
+        A = fresh.pop() if fresh else build()
         mean_diag = float(A.diagonal().mean())
         A.diagonal().add_(delta * mean_diag)
         why = _reverse_cholesky_(A, block)
-        if why is None:
-            _invert_upper_(A, block)
-            if all(bool(torch.isfinite(A[:, c:c + block]).all()) for c in range(0, n, block)):
-                if attempt:
-                    log.warning("Cholesky succeeded after raising damping to %g", delta)
-                return A, delta, mean_diag
-            why = "its inverse is non-finite"
-        del A
-        nxt = delta * 10 if delta > 0 else 1e-6
-        log.warning("Cholesky of the damped H (n=%d) failed at damping %g (%s); retrying with %g", n, delta, why, nxt)
-        delta = nxt
-    raise FactorizationError(
-        f"Cholesky of H (n={n}) failed even at damping {delta / 10:g}: H is not positive definite; "
-        f"check the calibration inputs for NaN/inf or raise quant.damp")
+        if why is not None:
+            return None, why
+        _invert_upper_(A, block)
+        if not all(bool(torch.isfinite(A[:, c:c + block]).all()) for c in range(0, A.shape[0], block)):
+            return None, "its inverse is non-finite"
+        return (A, mean_diag), None
+    (U, mean_diag), delta = _raising_damping(attempt, n, damp, retries, steps)
+    return U, delta, mean_diag
 
 
 def _reverse_cholesky_(A: torch.Tensor, bs: int) -> Optional[str]:
