@@ -10,13 +10,7 @@ set -u
 OUTDIR=${1:-bench/results}
 BUDGET=${BUDGET:-570}
 STEPS=${STEPS:-moe,405b_gptq,405b_ojbkq,deepseek_gptq,deepseek_ojbkq}
-mkdir -p "$OUTDIR"
-export PYTHONUNBUFFERED=1
-export PYTHONPATH=.:adapters:plugins/ojbkq-cuda${PYTHONPATH:+:$PYTHONPATH}
-start=$(date +%s)
 . "$(dirname "$0")/gpu_steps.sh"
-nvidia-smi -L 2>/dev/null
-python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "tf32", torch.backends.cuda.matmul.allow_tf32)'
 QWEN3="--experts 128 --top-k 8 --moe-intermediate 768 --hidden 2048 --heads 32 --kv-heads 4 --head-dim 128 --intermediate 6144 --vocab 151936"
 DSV3="--experts 256 --top-k 8 --moe-intermediate 2048 --shared-expert 2048 --hidden 7168 --heads 56 --kv-heads 8 --head-dim 128 --intermediate 18432 --vocab 129280"
 step_shown() { step "$@"; [ -f "$OUTDIR/$1.log" ] && grep -v "it/s\|layer/s" "$OUTDIR/$1.log" | tail -n 6; }

@@ -8,14 +8,7 @@ set -u
 OUTDIR=${1:-bench/results}
 BUDGET=${BUDGET:-570}
 STEPS=${STEPS:-layers,model8b,run,model70b,model70b_pinned}
-mkdir -p "$OUTDIR"
-export PYTHONUNBUFFERED=1
-# the project from its source folders (a GPU machine has it uninstalled)
-export PYTHONPATH=.:adapters:plugins/ojbkq-cuda${PYTHONPATH:+:$PYTHONPATH}
-start=$(date +%s)
 . "$(dirname "$0")/gpu_steps.sh"
-nvidia-smi -L 2>/dev/null
-python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "tf32", torch.backends.cuda.matmul.allow_tf32)'
 
 step layers 170 python3 bench/bench_layers.py --shapes 4096x14336 --bits 4 --tf32 \
   --decoders babai,klein:k=16,beam:width=4 --profile "babai,klein:k=16,beam:width=4" --out "$OUTDIR/layers.json"
