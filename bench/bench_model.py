@@ -164,6 +164,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--decode-experts", choices=("auto", "together", "alone"), default="auto",
                     help="a group's experts decoded together (one call on their stack) or alone (one call each); "
                          "auto: as the engine does on the device (calibrate.STACK_DEVICES)")
+    ap.add_argument("--forwards", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the bare block forwards the engine needs (--no-forwards: skip, for the largest shapes)")
     ap.add_argument("--project", type=int, default=FULL_BLOCKS, metavar="N",
                     help=f"blocks of the whole model the time is projected to (default {FULL_BLOCKS})")
     ap.add_argument("--device", default="cuda")
@@ -236,7 +238,8 @@ def main(argv=None):
         sec = res.report["seconds"]
         per_block = (sec["statistics"] + sec["quantize"] + sec["propagate"]) / args.blocks
         need_fp = res.report["full_precision_stream"]
-        fwd = forward_seconds(adapter, ids, res.report["batch_size"], dev, need_fp) if dev.type == "cuda" else None
+        fwd = (forward_seconds(adapter, ids, res.report["batch_size"], dev, need_fp)
+               if dev.type == "cuda" and args.forwards else None)
         rec = {
             "recipe": recipe, "shape": [args.hidden, args.intermediate], "blocks": args.blocks,
             "heads": [args.heads, args.kv_heads], "dtype": "bfloat16", "tf32": tf32,

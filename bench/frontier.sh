@@ -15,11 +15,11 @@ QWEN3="--experts 128 --top-k 8 --moe-intermediate 768 --hidden 2048 --heads 32 -
 DSV3="--experts 256 --top-k 8 --moe-intermediate 2048 --shared-expert 2048 --hidden 7168 --heads 56 --kv-heads 8 --head-dim 128 --intermediate 18432 --vocab 129280"
 step_shown() { step "$@"; [ -f "$OUTDIR/$1.log" ] && grep -v "it/s\|layer/s" "$OUTDIR/$1.log" | tail -n 6; }
 step_shown moe 200 python3 bench/bench_model.py $QWEN3 --blocks 2 --project 48 --out "$OUTDIR/moe_stacked.json"
-step_shown 405b_gptq 150 python3 bench/bench_model.py --preset 405b --blocks 1 --model-device cpu --recipes gptq \
+step_shown 405b_gptq 150 python3 bench/bench_model.py --preset 405b --blocks 1 --model-device cpu --recipes gptq --no-forwards \
   --project 126 --out "$OUTDIR/frontier_405b.json"
-step_shown 405b_ojbkq 170 python3 bench/bench_model.py --preset 405b --blocks 1 --model-device cpu --recipes ojbkq \
+step_shown 405b_ojbkq 170 python3 bench/bench_model.py --preset 405b --blocks 1 --model-device cpu --recipes ojbkq --no-forwards \
   --project 126 --out "$OUTDIR/frontier_405b.json" --append
-step_shown deepseek_gptq 300 python3 bench/bench_model.py $DSV3 --blocks 1 --model-device cpu --samples 64 --recipes gptq \
+step_shown deepseek_gptq 300 python3 bench/bench_model.py $DSV3 --blocks 1 --model-device cpu --samples 64 --recipes gptq --no-forwards \
   --project 61 --out "$OUTDIR/deepseek_v3.json"
-step_shown deepseek_ojbkq 300 python3 bench/bench_model.py $DSV3 --blocks 1 --model-device cpu --samples 64 --recipes ojbkq \
+step_shown deepseek_ojbkq 300 python3 bench/bench_model.py $DSV3 --blocks 1 --model-device cpu --samples 64 --recipes ojbkq --no-forwards \
   --project 61 --out "$OUTDIR/deepseek_v3.json" --append

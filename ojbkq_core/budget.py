@@ -7,8 +7,8 @@ tensors (the weight, its permuted copy, the targets, the decoded codes and grids
 weight); in the column-blocked form (`linalg.inverse_cholesky_blocked`), one `(n, n)` tensor for `U` and the
 row buffers of a chunk of rows, finished one chunk at a time.
 
-`plan` picks the form: the whole-matrix form wherever it fits the budget (the same numbers as before), the
-column-blocked form where it does not. `check_fits` refuses, before any calibration, a layer whose blocked
+`plan` picks the form: the whole-matrix form wherever it fits the budget (`budget`: half a GPU's total
+memory; the same numbers as before), the column-blocked form where it does not. `check_fits` refuses, before any calibration, a layer whose blocked
 form exceeds the device's memory.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .errors import InputError
 
 ENV = "OJBKQ_DECODER_MAX_BYTES"     # bytes a layer may use (forces a budget, also on the CPU)
 SHARE = 0.9                         # of the device's free memory (plus what torch's allocator holds unused)
+LAYER_SHARE = 0.5                   # of the device's total memory: what decides a layer's form
 WHOLE_SQUARES = 6
 ROW_BUFFERS = 12
 COLUMN_BLOCK = 2048
@@ -43,15 +44,37 @@ class Plan:
 WHOLE = Plan()
 
 
-def available(device) -> Optional[int]:
-    """Bytes a layer may use on `device`: `$OJBKQ_DECODER_MAX_BYTES` when set, else on a CUDA device `SHARE`
-    of its free memory (with the allocator's cached, unused bytes), else None (no budget: host memory)."""
+def _forced() -> Optional[int]:
     env = os.environ.get(ENV)
-    if env:
-        try:
-            return int(float(env))
-        except ValueError:
-            raise InputError(f"{ENV}={env!r}: give a number of bytes, e.g. 6e10") from None
+    if not env:
+        return None
+    try:
+        return int(float(env))
+    except ValueError:
+        raise InputError(f"{ENV}={env!r}: give a number of bytes, e.g. 6e10") from None
+
+
+def budget(device) -> Optional[int]:
+    """Bytes a layer may use on `device`, which decide its form and how experts are stacked:
+    `$OJBKQ_DECODER_MAX_BYTES` when set, else `LAYER_SHARE` of a CUDA device's total memory, else None (no
+    budget: host memory). The total, not what is free now, so that a run takes the same decisions, and gives
+    the same codes, on the same GPU every time (a resumed run too)."""
+    forced = _forced()
+    if forced is not None:
+        return forced
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory * LAYER_SHARE)
+
+
+def available(device) -> Optional[int]:
+    """Bytes free for work whose results do not depend on them (how many rows a call takes):
+    `$OJBKQ_DECODER_MAX_BYTES` when set, else on a CUDA device `SHARE` of its free memory (with the
+    allocator's cached, unused bytes), else None."""
+    forced = _forced()
+    if forced is not None:
+        return forced
     device = torch.device(device)
     if device.type != "cuda":
         return None
@@ -72,13 +95,13 @@ def blocked_bytes(m: int, n: int, rows: int, itemsize: int = 4, block: int = COL
 
 
 def plan(m: int, n: int, device, itemsize: int = 4) -> Plan:
-    """The whole-matrix form when it fits `available(device)` (or there is no budget), else the column-blocked
+    """The whole-matrix form when it fits `budget(device)` (or there is no budget), else the column-blocked
     form with as many rows at a time as fit (at least 64)."""
-    budget = available(device)
-    if budget is None or whole_bytes(m, n, itemsize) <= budget:
+    limit = budget(device)
+    if limit is None or whole_bytes(m, n, itemsize) <= limit:
         return WHOLE
     fixed = blocked_bytes(m, n, 0, itemsize)
-    rows = max(64, (budget - fixed) // (ROW_BUFFERS * n * 4))
+    rows = max(64, (limit - fixed) // (ROW_BUFFERS * n * 4))
     return Plan(True, min(COLUMN_BLOCK, n), int(min(rows, m)))
 
 
@@ -95,7 +118,7 @@ def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device) -> N
     env = os.environ.get(ENV)
     device = torch.device(device)
     if env:
-        total, what = available(device), f"{ENV}={env}"
+        total, what = _forced(), f"{ENV}={env}"
     elif device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         what = f"{torch.cuda.get_device_name(device)}'s {total / GIB:.1f} GiB"
@@ -117,9 +140,10 @@ def statistics_limit(device) -> Optional[int]:
     """Bytes the statistics of one pass over a group may take: `STATISTICS_SHARE` of `$OJBKQ_DECODER_MAX_BYTES`
     when set, else of a CUDA device's total memory (the same on every rank and every run, so the chunks are
     too), else None (no limit)."""
+    forced = _forced()
+    if forced is not None:
+        return int(forced * STATISTICS_SHARE)
     device = torch.device(device)
-    if os.environ.get(ENV):
-        return int(available(device) * STATISTICS_SHARE)
     if device.type != "cuda":
         return None
     return int(torch.cuda.get_device_properties(device).total_memory * STATISTICS_SHARE)

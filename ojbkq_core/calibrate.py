@@ -476,10 +476,10 @@ def quantize_experts(adapter: Model, block: nn.Module, tasks: Sequence[LayerTask
         if getattr(module, "routed", False) and reached(stats[t.name]) and not settings.too_few(module, stats[t.name]):
             by_shape.setdefault(tuple(adapter.weight(module).shape), []).append(t)
     out = {}
-    avail = budget.available(device)
+    limit = budget.budget(device)           # not the free memory: the same stacks, the same codes every run
     for (m, n), same in by_shape.items():
         # a stack holds per layer its U twice (its own, the stacked copy) and about eight (m, n) buffers
-        step = len(same) if avail is None else max(2, avail // 2 // (8 * n * n + 32 * m * n))
+        step = len(same) if limit is None else max(2, limit // (8 * n * n + 32 * m * n))
         for k in range(0, len(same), step):
             chunk = same[k:k + step]
             if len(chunk) < 2:

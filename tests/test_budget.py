@@ -172,3 +172,23 @@ def test_a_run_refuses_a_layer_that_cannot_fit_before_it_calibrates(monkeypatch)
         calibrate(adapter, torch.randint(0, 64, (2, 8)), preset("symmetric", *PRESETS["symmetric"]),
                   GridSpec(bits=4, group_size=32), Babai())
     assert captured == []                                                   # refused before the first block's inputs
+
+
+def test_on_a_gpu_the_form_follows_its_total_memory_not_what_is_free(monkeypatch):
+    """The plan, the statistics' chunks and the stacks follow the GPU's total memory, so a run (and a resumed
+    one) takes the same decisions on the same GPU whatever else holds memory; row chunks follow what is free."""
+    from types import SimpleNamespace
+    monkeypatch.delenv(budget.ENV, raising=False)
+    free = [60 << 30]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 << 30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free[0], 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 0)
+    decisions = []
+    for f in (70 << 30, 5 << 30):
+        free[0] = f
+        decisions.append((budget.plan(16384, 53248, "cuda"), budget.plan(8192, 28672, "cuda"),
+                          budget.statistics_limit("cuda"), budget.budget("cuda")))
+    assert decisions[0] == decisions[1]
+    assert decisions[0][0].blocked and decisions[0][1] == budget.WHOLE and decisions[0][3] == 40 << 30
+    assert budget.available("cuda") == int((5 << 30) * budget.SHARE)
