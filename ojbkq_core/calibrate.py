@@ -607,8 +607,9 @@ class Progress:
 
 @dataclass
 class Group:
-    """One true-sequential group of a block being quantized: what the engine's events receive.
-    `stats` (module name → `Statistics`) is set once the statistics pass has run."""
+    """One true-sequential group of a block being quantized (or a chunk of its modules, when its statistics
+    do not fit at once): what the engine's events receive. `stats` (module name → `Statistics`) is set once
+    the statistics pass has run."""
 
     adapter: Model
     block: nn.Module
@@ -624,7 +625,8 @@ class Events:
     defaults quantize every module here and never stop. The engine reaches them in this order:
 
         for each block i:
-            for each group of its modules (those not skipped):
+            for each group of its modules (those not skipped; a group whose statistics exceed
+            budget.statistics_limit is taken a chunk of its modules at a time, each chunk a `Group`):
                 statistics_ready(group)        → the group's statistics, to use from here on
                 decode_group(group)            → module name → LayerResult
                 group_decoded(group, results)  (the modules still hold their original weights)
