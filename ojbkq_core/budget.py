@@ -54,33 +54,37 @@ def _forced() -> Optional[int]:
         raise InputError(f"{ENV}={env!r}: give a number of bytes, e.g. 6e10") from None
 
 
+def _bytes(device, on_gpu) -> Optional[int]:
+    """`$OJBKQ_DECODER_MAX_BYTES` when set, else `on_gpu(device)` on a CUDA device, else None."""
+    forced = _forced()
+    if forced is not None:
+        return forced
+    device = torch.device(device)
+    return on_gpu(device) if device.type == "cuda" else None
+
+
+def _total(device) -> int:
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def _free(device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def budget(device) -> Optional[int]:
     """Bytes a layer may use on `device`, which decide its form and how experts are stacked:
     `$OJBKQ_DECODER_MAX_BYTES` when set, else `LAYER_SHARE` of a CUDA device's total memory, else None (no
     budget: host memory). The total, not what is free now, so that a run takes the same decisions, and gives
     the same codes, on the same GPU every time (a resumed run too)."""
-    forced = _forced()
-    if forced is not None:
-        return forced
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return int(torch.cuda.get_device_properties(device).total_memory * LAYER_SHARE)
+    return _bytes(device, lambda d: int(_total(d) * LAYER_SHARE))
 
 
 def available(device) -> Optional[int]:
     """Bytes free for work whose results do not depend on them (how many rows a call takes):
     `$OJBKQ_DECODER_MAX_BYTES` when set, else on a CUDA device `SHARE` of its free memory (with the
     allocator's cached, unused bytes), else None."""
-    forced = _forced()
-    if forced is not None:
-        return forced
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int((free + cached) * SHARE)
+    return _bytes(device, lambda d: int(_free(d) * SHARE))
 
 
 def whole_bytes(m: int, n: int, itemsize: int = 4) -> int:
@@ -120,7 +124,7 @@ def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device) -> N
     if env:
         total, what = _forced(), f"{ENV}={env}"
     elif device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
+        total = _total(device)
         what = f"{torch.cuda.get_device_name(device)}'s {total / GIB:.1f} GiB"
     else:
         return
@@ -140,13 +144,8 @@ def statistics_limit(device) -> Optional[int]:
     """Bytes the statistics of one pass over a group may take: `STATISTICS_SHARE` of `$OJBKQ_DECODER_MAX_BYTES`
     when set, else of a CUDA device's total memory (the same on every rank and every run, so the chunks are
     too), else None (no limit)."""
-    forced = _forced()
-    if forced is not None:
-        return int(forced * STATISTICS_SHARE)
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return int(torch.cuda.get_device_properties(device).total_memory * STATISTICS_SHARE)
+    limit = _bytes(device, _total)
+    return None if limit is None else int(limit * STATISTICS_SHARE)
 
 
 def chunks(names: list[str], size, limit: Optional[int]) -> list[list[str]]:
