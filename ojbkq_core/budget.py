@@ -26,6 +26,7 @@ SHARE = 0.9                         # of the device's free memory (plus what tor
 LAYER_SHARE = 0.5                   # of the device's total memory: what decides a layer's form
 WHOLE_SQUARES = 6
 ROW_BUFFERS = 12
+FULL_HEIGHT = 9
 COLUMN_BLOCK = 2048
 STATISTICS_SHARE = 0.25             # of the device's memory, for the statistics of one pass
 GIB = 1 << 30
@@ -94,8 +95,11 @@ def whole_bytes(m: int, n: int, itemsize: int = 4) -> int:
 
 def blocked_bytes(m: int, n: int, rows: int, itemsize: int = 4, block: int = COLUMN_BLOCK) -> int:
     """The column-blocked form's working set for `rows` rows at a time, statistics aside: `U`, a few
-    `(n, block)` temporaries, the weight, its permuted copy and the targets, and the row buffers of one chunk."""
-    return n * n * itemsize + 6 * n * min(block, n) * 8 + 4 * m * n * 4 + ROW_BUFFERS * rows * n * 4
+    `(n, block)` temporaries, `FULL_HEIGHT` `(m, n)` float32 tensors held for the whole layer (the weight as
+    read and its copy, the permuted copy, the targets, `W (M − H)` and its products, the dequantized weight
+    and its gathered copy), and the row buffers of one chunk."""
+    return (n * n * itemsize + 6 * n * min(block, n) * 8 + FULL_HEIGHT * m * n * 4
+            + ROW_BUFFERS * rows * n * 4)
 
 
 def plan(m: int, n: int, device, itemsize: int = 4) -> Plan:
@@ -109,13 +113,13 @@ def plan(m: int, n: int, device, itemsize: int = 4) -> Plan:
     return Plan(True, min(COLUMN_BLOCK, n), int(min(rows, m)))
 
 
-def least_bytes(m: int, n: int, statistics: int, itemsize: int = 4) -> int:
-    """The least a layer needs on the device: its `statistics` `(n, n)` float32 sums and the blocked form with
-    64 rows at a time."""
-    return statistics * n * n * 4 + blocked_bytes(m, n, min(m, 64), itemsize)
+def least_bytes(m: int, n: int, statistics: int, stats_itemsize: int = 4) -> int:
+    """The least a layer needs on the device: its `statistics` `(n, n)` sums (`stats_itemsize` bytes each) and
+    the blocked form with 64 rows at a time."""
+    return statistics * n * n * stats_itemsize + blocked_bytes(m, n, min(m, 64))
 
 
-def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device) -> None:
+def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device, stats_itemsize: int = 4) -> None:
     """Refuse, naming the layer, its shape and the memory it needs, a layer `(m, n)` of `shapes` (name →
     shape) whose least working set exceeds the device's memory (`$OJBKQ_DECODER_MAX_BYTES` when set, else
     a CUDA device's total; no check on the CPU)."""
@@ -125,17 +129,17 @@ def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device) -> N
         total, what = _forced(), f"{ENV}={env}"
     elif device.type == "cuda":
         total = _total(device)
-        what = f"{torch.cuda.get_device_name(device)}'s {total / GIB:.1f} GiB"
+        what = f"{torch.cuda.get_device_name(device)}'s {_size(total)}"
     else:
         return
-    worst = max(shapes.items(), key=lambda kv: least_bytes(*kv[1], statistics), default=None)
+    worst = max(shapes.items(), key=lambda kv: least_bytes(*kv[1], statistics, stats_itemsize), default=None)
     if worst is None:
         return
     name, (m, n) = worst
-    need = least_bytes(m, n, statistics)
+    need = least_bytes(m, n, statistics, stats_itemsize)
     if need > total:
         raise InputError(
-            f"{name} ({m} × {n}) needs at least {need / GIB:.1f} GiB on the device to quantize ({statistics} "
+            f"{name} ({m} × {n}) needs at least {_size(need)} on the device to quantize ({statistics} "
             f"statistics of {n} × {n}, the factor U, the weight), more than "
             f"{what}: use a device with more memory, or an objective with fewer statistics (symmetric needs H only)")
 
@@ -168,3 +172,7 @@ def chunks(names: list[str], size, limit: Optional[int]) -> list[list[str]]:
             out.append(list(members))
             used = need
     return out
+
+
+def _size(b: int) -> str:
+    return f"{b / GIB:.1f} GiB" if b >= GIB // 10 else f"{b / (1 << 20):.1f} MiB"

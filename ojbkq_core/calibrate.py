@@ -130,11 +130,6 @@ def default_batch_size(seqlen: int, device="cpu") -> int:
     return max(1, (16384 if torch.device(device).type == "cuda" else 4096) // seqlen)
 
 
-def _in_features(block: nn.Module, name: str) -> int:
-    module = block.get_submodule(name)
-    return getattr(module, "in_features", None) or module.weight.shape[-1]
-
-
 def layer_seed(seed: int, index: int) -> int:
     """The decoder seed of the `index`-th quantized layer: distinct per layer, fixed by `seed`."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
@@ -436,9 +431,10 @@ def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTa
         res.loss = float(res.row_loss.sum())
         res.report["fallback"] = "rtn"
     else:
+        full = adapter.weight(module).shape              # the whole layer's form, also for a slice of its rows
         res = quantize_layer(W, stats, task.objective, settings.grid, settings.decoder, damp=settings.damp,
                              seed=layer_seed(settings.seed, task.index), score_objective=settings.score_objective,
-                             row0=r0, shared=shared)
+                             row0=r0, shared=shared, plan=budget.plan(full[0], full[1], device))
     return annotated(res, task, W, stats, time.perf_counter() - t0)
 
 
@@ -773,8 +769,9 @@ class Run:
         needs = set(probe.needs) | (set(score_objective.needs) if score_objective is not None else set())
         sampled = isinstance(objective, ObjectiveSpec) and bool(objective.sampled)
 
-        budget.check_fits({n: tuple(adapter.weight(adapter.model.get_submodule(n)).shape) for n in adapter.layer_names()},
-                          len(needs), device)
+        budget.check_fits({n: tuple(adapter.weight(adapter.model.get_submodule(n)).shape)
+                           for n in quantized_names(adapter, skip)},
+                          len(needs), device, torch.finfo(stats_dtype).bits // 8)
         full_precision = Streams.full_precision_needed(needs, sampled)
         cache = fp_cache if full_precision and fp_cache is not None and fp_cache.accepts(adapter, device) else None
         taken_before = 0
@@ -835,6 +832,7 @@ class Run:
         groups = self.adapter.groups(block)
         mf = self.settings
         self.all_tokens = mf.moe_fallback == "all_tokens" and mf.moe_min_tokens > 0 and bool(sparse_blocks(block))
+        self.true_sequential = true_sequential
         if not true_sequential:
             groups = [[n for g in groups for n in g]]
         self.groups = groups
@@ -863,8 +861,13 @@ class Run:
         if not tasks:
             return False
         later = [n for g in groups[gi + 1:] for n in g]
-        size = {t.name: len(self.needs | t.objective.needs) * _in_features(block, t.name) ** 2 * 4 for t in tasks}
-        chunks = budget.chunks([t.name for t in tasks], size.__getitem__, budget.statistics_limit(self.device))
+        item = torch.finfo(self.stats_dtype).bits // 8
+        size = {t.name: len(self.needs | t.objective.needs) * self.adapter.weight(block.get_submodule(t.name)).shape[1] ** 2
+                * item for t in tasks}
+        # modules of one true-sequential group read inputs the group does not change: they may be taken a chunk
+        # at a time; a block run as one group (true_sequential=False) may not
+        limit = budget.statistics_limit(self.device) if self.true_sequential else None
+        chunks = budget.chunks([t.name for t in tasks], size.__getitem__, limit)
         by_name = {t.name: t for t in tasks}
         for c, chunk in enumerate(chunks):
             last = c == len(chunks) - 1
@@ -1058,4 +1061,8 @@ def _sym_loss(W: torch.Tensor, Q: torch.Tensor, stats: Statistics) -> Optional[f
     if "H" not in stats.needs:
         return None
     E = (W - Q.to(W.device)).double()
-    return float(((E @ stats.H.to(device=E.device, dtype=torch.float64)) * E).sum())
+    n = E.shape[1]
+    block = n if n <= budget.COLUMN_BLOCK else budget.COLUMN_BLOCK     # no (n, n) float64 copy of a wide H
+    sums = stats.sums["H"]
+    return float(sum(((E @ (sums[:, c:c + block].to(E.device) / stats.count).double()) * E[:, c:c + block]).sum()
+                     for c in range(0, n, block)))

@@ -321,3 +321,17 @@ def test_experts_decoded_together_get_the_codes_of_one_call_each(monkeypatch, de
     for name in alone.layers:
         assert torch.equal(together.layers[name].codes, alone.layers[name].codes), name
         assert together.report["layers"][name]["loss"] == pytest.approx(alone.report["layers"][name]["loss"], rel=1e-4)
+
+
+def test_a_block_run_as_one_group_is_not_taken_in_chunks(monkeypatch):
+    """With `true_sequential=False` a block's modules feed each other within its one group: its statistics are
+    taken in one pass whatever the budget."""
+    from ojbkq_core import budget
+    from ojbkq_core.calibrate import calibrate
+    from ojbkq_core.decoders import Babai
+    from ojbkq_core.grid import GridSpec
+    from ojbkq_core.objectives import PRESETS, preset
+    monkeypatch.setenv(budget.ENV, str(int(2 * 3 * 64 * 64 * 4 * 2 / budget.STATISTICS_SHARE) + 1))   # two experts' sums
+    res = calibrate(find_adapter(tiny_moe("qwen3_moe", layers=2)), token_ids(4, 32), preset("symmetric", *PRESETS["symmetric"]),
+                    GridSpec(bits=4, group_size=32), Babai(), true_sequential=False)
+    assert res.report["statistics_passes"] == 2

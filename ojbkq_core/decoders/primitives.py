@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..budget import available
+from ..budget import budget
 from ..problem import WorkingProblem
 from .result import DecodeResult
 from .sampling import Sampling, sampler
@@ -75,12 +75,12 @@ def reference_beam(problem: WorkingProblem, width: int, expand: int, block: int 
 
 
 def reference_rows(problem: WorkingProblem, paths: int) -> int:
-    """All rows, unless a device budget is set (`budget.available`: a CUDA device, where a stack of problems
-    walks here): then as many rows as a quarter of it holds, about six `(paths, rows, n)` tensors."""
-    avail = available(problem.T.device)
-    if avail is None:
+    """All rows, unless a device budget is set (`budget.budget`: a CUDA device's total memory, so the same
+    chunks every run): then as many rows as a quarter of it holds, about six `(paths, rows, n)` tensors."""
+    limit = budget(problem.T.device)
+    if limit is None:
         return problem.m
-    return max(1, avail // 4 // (paths * problem.n * problem.T.element_size() * 6))
+    return max(1, limit // 4 // (paths * problem.n * problem.T.element_size() * 6))
 
 
 REFERENCE_IMPLS = {"walk": reference_walk, "beam": reference_beam, "rows": reference_rows}
