@@ -416,7 +416,7 @@ def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTa
     the whole module (the result holds rows `r0…r1−1`). `shared`: factorizations of the group's
     statistics, reused by the modules reading the same input (see `quantize_layer`)."""
     r0, r1 = rows or (0, None)
-    W = adapter.weight(module).detach()[r0:r1].to(device=device, dtype=torch.float32, copy=True)
+    W = weight_of(adapter, module, device, r0, r1)
     t0 = time.perf_counter()
     if not reached(stats):
         log.warning("%s: no calibration token reached it (%d tokens, all-zero H); rounded to nearest",
@@ -436,6 +436,11 @@ def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTa
                              seed=layer_seed(settings.seed, task.index), score_objective=settings.score_objective,
                              row0=r0, shared=shared, plan=budget.plan(full[0], full[1], device))
     return annotated(res, task, W, stats, time.perf_counter() - t0)
+
+
+def weight_of(adapter: Model, module: nn.Module, device, r0: int = 0, r1: Optional[int] = None) -> torch.Tensor:
+    """Rows `r0…r1−1` of the module's weight `(m, n)`, a float32 copy on `device`."""
+    return adapter.weight(module).detach()[r0:r1].to(device=device, dtype=torch.float32, copy=True)
 
 
 def reached(stats: Statistics) -> bool:
@@ -481,8 +486,7 @@ def quantize_experts(adapter: Model, block: nn.Module, tasks: Sequence[LayerTask
             if len(chunk) < 2:
                 continue
             t0 = time.perf_counter()
-            Ws = [adapter.weight(block.get_submodule(t.name)).detach().to(device=device, dtype=torch.float32, copy=True)
-                  for t in chunk]
+            Ws = [weight_of(adapter, block.get_submodule(t.name), device) for t in chunk]
             results = quantize_stack(Ws, [stats[t.name] for t in chunk], [t.objective for t in chunk], settings.grid,
                                      settings.decoder, settings.damp, [layer_seed(settings.seed, t.index) for t in chunk])
             each = (time.perf_counter() - t0) / len(chunk)
@@ -851,7 +855,7 @@ class Run:
     def quantize_group(self, names: list[str]) -> bool:
         """Statistics, decoding and replacement of one group of the open block, with its report rows.
         Returns True when the run is asked to stop after it."""
-        i, block, streams, cache, settings = self.i, self.block, self.streams, self.cache, self.settings
+        i, block = self.i, self.block
         gi, groups = self.gi, self.groups
         self.gi += 1
         tasks = layer_tasks(self.objective, f"{self.path}.{i}", names, self.index, self.seed, self.skip)

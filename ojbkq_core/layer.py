@@ -129,9 +129,16 @@ def factorize(stats: Statistics, objective: Objective, damp: float, act_order: b
         return shared[key]
     if plan.blocked:
         f = factorize_blocked(stats, objective, damp, act_order, dtype, device, plan.block)
-        if shared is not None:
-            shared[key] = f
-        return f
+    else:
+        f = factorize_whole(stats, objective, damp, act_order, dtype, device)
+    if shared is not None:
+        shared[key] = f
+    return f
+
+
+def factorize_whole(stats: Statistics, objective: Objective, damp: float, act_order: bool, dtype,
+                    device) -> Factorization:
+    """`factorize` holding the whole `(n, n)` matrices: `H_obj` and `M`, the permuted copy, the Cholesky factors."""
     Hraw, M = (x.to(device=device, dtype=dtype) for x in objective.quadratic(stats))
     MH = None if torch.equal(M, Hraw) else M - Hraw
     del M
@@ -147,10 +154,7 @@ def factorize(stats: Statistics, objective: Objective, damp: float, act_order: b
     del H, Hraw
     damp_steps: list = []
     U, _, delta = inverse_cholesky(Hp, damp, steps=damp_steps)
-    f = Factorization(dead, perm, U, delta, delta * float(Hp.diagonal().mean()), MH, damp_steps)
-    if shared is not None:
-        shared[key] = f
-    return f
+    return Factorization(dead, perm, U, delta, delta * float(Hp.diagonal().mean()), MH, damp_steps)
 
 
 def factorize_blocked(stats: Statistics, objective: Objective, damp: float, act_order: bool, dtype, device,
@@ -348,9 +352,7 @@ def prepare_layer(W, stats, objective, grid, decoder, damp=QuantSpec.damp, seed=
 def finish_layer(prep: Prepared, decode, max_rows: Optional[int] = None) -> LayerResult:
     """The second half of `quantize_layer`: `decode(problem rows, first row)` → `DecodeResult` on chunks of
     rows (`plan.rows`, else `max_rows`, else all), the codes in natural order, the objective, the report."""
-    problem, W, stats, objective, grid, g, g_idx, f, plan, decoder, draws, global_scale, t0 = (
-        prep.problem, prep.W, prep.stats, prep.objective, prep.grid, prep.g, prep.g_idx, prep.f, prep.plan,
-        prep.decoder, prep.draws, prep.global_scale, prep.t0)
+    problem, W, objective, g, g_idx, f, plan = prep.problem, prep.W, prep.objective, prep.g, prep.g_idx, prep.f, prep.plan
     perm, dev = f.perm, W.device
     m = W.shape[0]
     t1 = time.perf_counter()
@@ -360,7 +362,7 @@ def finish_layer(prep: Prepared, decode, max_rows: Optional[int] = None) -> Laye
     for gi in range(n_groups - 1, -1, -1):
         first[gi] = int((g_idx == gi).nonzero()[0])
     first = first.to(dev)
-    stats64 = _Double(stats, dev)
+    stats64 = _Double(prep.stats, dev)
     cols = plan.block if plan.blocked else None
 
     def finish(parts, r0, r1):
@@ -371,7 +373,7 @@ def finish_layer(prep: Prepared, decode, max_rows: Optional[int] = None) -> Laye
         Q = g.dequantize(codes, scale, zero)
         row_loss = objective.value(W[r0:r1].double(), Q.double(), stats64, cols).cpu()
         codes = codes.round()
-        codes = codes.to(_narrowest(grid.maxq)) if plan.blocked else codes.long()
+        codes = codes.to(_narrowest(prep.grid.maxq)) if plan.blocked else codes.long()
         return codes, scale[:, first].float(), zero[:, first].float(), Q.float(), row_loss
 
     chunk = plan.rows or max_rows or m
@@ -390,14 +392,14 @@ def finish_layer(prep: Prepared, decode, max_rows: Optional[int] = None) -> Laye
     del finished
     report = {
         "objective": objective.describe(),
-        "decoder": repr(decoder),
+        "decoder": repr(prep.decoder),
         "backend": parts[0].info.get("backend", "reference"),
-        "draws": draws,
+        "draws": prep.draws,
         "damp": f.delta,
         "damp_steps": f.damp_steps,
         "dead_columns": int(f.dead.sum()),
         "path_objective": float(torch.cat([p.objective for p in parts]).double().sum()),
-        "seconds": {"prepare": t1 - t0, "decode": t2 - t1, "total": time.perf_counter() - t0},
+        "seconds": {"prepare": t1 - prep.t0, "decode": t2 - t1, "total": time.perf_counter() - prep.t0},
     }
     if plan.blocked:
         report["blocked"] = {"block": plan.block, "rows": plan.rows}
@@ -407,7 +409,7 @@ def finish_layer(prep: Prepared, decode, max_rows: Optional[int] = None) -> Laye
     return LayerResult(
         qweight=Q, codes=codes, scales=scales, zeros=zeros,
         g_idx=g_idx.cpu(), perm=perm.cpu(), row_loss=row_loss, loss=float(row_loss.sum()), report=report,
-        alphabet=grid.alphabet, global_scale=global_scale,
+        alphabet=prep.grid.alphabet, global_scale=prep.global_scale,
     )
 
 
