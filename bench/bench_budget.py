@@ -2,8 +2,8 @@
 holds above what was there before it started, its time, and whether the codes agree.
 
 Each (shape, form) runs in a child process of its own: the child builds the layer's statistics, resets its
-peak resident memory (`/proc/self/clear_refs`), quantizes the layer (`quantize_layer`, GPTQ's recipe: the
-symmetric objective, babai, 4 bits, groups of 128) in the form asked for, and reports the peak resident
+peak resident memory (`/proc/self/clear_refs`), quantizes the layer (`quantize_layer`, babai, 4 bits, groups
+of 128, GPTQ's symmetric objective or, `--objective jta`, OJBKQ's) in the form asked for, and reports the peak resident
 memory above its level before the call (`VmHWM − VmRSS`). On a GPU (`--device cuda`) the peak is torch's
 `max_memory_allocated` above the level before the call.
 
@@ -21,12 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def child(m: int, n: int, form: str, device: str, out: str) -> None:
+def child(m: int, n: int, form: str, device: str, out: str, objective: str = "symmetric") -> None:
     from ojbkq_core import budget
     from ojbkq_core.decoders import Babai
     from ojbkq_core.grid import GridSpec
@@ -38,12 +39,13 @@ def child(m: int, n: int, form: str, device: str, out: str) -> None:
     g = torch.Generator().manual_seed(0)
     dev = torch.device(device)
     X = (torch.randn(n + 512, n, generator=g) * torch.logspace(0, -1, n)).to(dev)
-    stats = Statistics(n, device=dev)
-    stats.add(X)
-    del X
+    spec = preset(objective, *PRESETS[objective])
+    stats = Statistics(n, needs=spec.build(np.random.default_rng(0))[0].needs, device=dev)
+    X_fp = X + 0.1 * torch.randn(X.shape, generator=g).to(dev) if stats.needs - {"H"} else None
+    stats.add(X, X_fp)
+    del X, X_fp
     W = torch.randn(m, n, generator=g).to(dev)
     plan = budget.WHOLE if form == "whole" else budget.Plan(True, budget.COLUMN_BLOCK, min(m, 1024))
-    spec = preset("symmetric", *PRESETS["symmetric"])
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -70,11 +72,14 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=["2048x4096", "2048x8192"], metavar="MxN")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "budget_cpu.json"))
+    ap.add_argument("--objective", default="symmetric", choices=["symmetric", "jta"],
+                    help="GPTQ's objective (H only), or OJBKQ's (H, C, G and the targets W (M − H))")
+    ap.add_argument("--label", default="", help="kept in each record (e.g. the revision measured)")
     ap.add_argument("--child", nargs=4, metavar=("M", "N", "FORM", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         m, n, form, out = args.child
-        child(int(m), int(n), form, args.device, out)
+        child(int(m), int(n), form, args.device, out, args.objective)
         return 0
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     records = []
@@ -83,14 +88,15 @@ def main(argv=None) -> int:
         m, n = (int(x) for x in shape.split("x"))
         runs = {}
         for form in ("whole", "blocked"):
-            subprocess.run([sys.executable, __file__, "--device", args.device, "--child", str(m), str(n), form, str(tmp)],
+            subprocess.run([sys.executable, __file__, "--device", args.device, "--objective", args.objective,
+                            "--child", str(m), str(n), form, str(tmp)],
                            check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                [str(ROOT), str(ROOT / "plugins" / "ojbkq-cpu"), os.environ.get("PYTHONPATH", "")])})
             runs[form] = json.loads(tmp.read_text())
             runs[form]["codes"] = torch.load(str(tmp) + ".codes")["codes"]
         differ = float((runs["whole"]["codes"] != runs["blocked"]["codes"]).float().mean())
         for form, r in runs.items():
-            records.append({"shape": [m, n], "form": form, "device": name, "dtype": "float32",
+            records.append({"label": args.label, "shape": [m, n], "form": form, "objective": args.objective, "device": name, "dtype": "float32",
                             "tf32": bool(torch.backends.cuda.matmul.allow_tf32), "threads": torch.get_num_threads(),
                             "peak_bytes": r["peak_bytes"], "peak_squares": r["peak_bytes"] / r["square_bytes"],
                             "seconds": r["seconds"], "loss": r["loss"], "blocked": r["blocked"],

@@ -4,12 +4,13 @@ A layer `(m, n)` holds, besides its statistics (`(n, n)` each of `H`, `C`, `G`):
 about `WHOLE_SQUARES` `(n, n)` tensors at once (the objective's matrices, the permuted copy, the damped copy,
 the Cholesky factors, the float64 reads of the reported objective) and `ROW_BUFFERS` `(m, n)` float32
 tensors (the weight, its permuted copy, the targets, the decoded codes and grids both ways, the dequantized
-weight); in the column-blocked form (`linalg.inverse_cholesky_blocked`), one `(n, n)` tensor for `U` and the
-row buffers of a chunk of rows, finished one chunk at a time.
+weight); in the column-blocked form (`linalg.inverse_cholesky_blocked`), one `(n, n)` tensor for `U`,
+`FULL_HEIGHT` `(m, n)` tensors and the row buffers of a chunk of rows, finished one chunk at a time.
 
 `plan` picks the form: the whole-matrix form wherever it fits the budget (`budget`: half a GPU's total
-memory; the same numbers as before), the column-blocked form where it does not. `check_fits` refuses, before any calibration, a layer whose blocked
-form exceeds the device's memory.
+memory), the column-blocked form where it does not; `keeps_statistics` says whether a blocked layer's
+statistics stay on the device while it is decoded or go to the host. `check_fits` refuses, before any
+calibration, a layer whose statistics or blocked form exceed the device's memory.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ SHARE = 0.9                         # of the device's free memory (plus what tor
 LAYER_SHARE = 0.5                   # of the device's total memory: what decides a layer's form
 WHOLE_SQUARES = 6
 ROW_BUFFERS = 12
-FULL_HEIGHT = 9
+FULL_HEIGHT = 4
 COLUMN_BLOCK = 2048
 STATISTICS_SHARE = 0.25             # of the device's memory, for the statistics of one pass
 GIB = 1 << 30
@@ -95,28 +96,40 @@ def whole_bytes(m: int, n: int, itemsize: int = 4) -> int:
 
 def blocked_bytes(m: int, n: int, rows: int, itemsize: int = 4, block: int = COLUMN_BLOCK) -> int:
     """The column-blocked form's working set for `rows` rows at a time, statistics aside: `U`, a few
-    `(n, block)` temporaries, `FULL_HEIGHT` `(m, n)` float32 tensors held for the whole layer (the weight as
-    read and its copy, the permuted copy, the targets, `W (M − H)` and its products, the dequantized weight
-    and its gathered copy), and the row buffers of one chunk."""
+    `(n, block)` temporaries, `FULL_HEIGHT` `(m, n)` tensors held for the whole layer (the weight as given,
+    its float32 copy in decoding order, the targets, written over `W (M − H)` a chunk of rows at a time, and
+    the dequantized weight, written a chunk at a time), and the row buffers of one chunk."""
     return (n * n * itemsize + 6 * n * min(block, n) * 8 + FULL_HEIGHT * m * n * 4
             + ROW_BUFFERS * rows * n * 4)
 
 
-def plan(m: int, n: int, device, itemsize: int = 4) -> Plan:
+def plan(m: int, n: int, device, itemsize: int = 4, statistics: int = 0) -> Plan:
     """The whole-matrix form when it fits `budget(device)` (or there is no budget), else the column-blocked
-    form with as many rows at a time as fit (at least 64)."""
+    form with as many rows at a time as fit (at least 64) beside the layer's `statistics` bytes on the device."""
     limit = budget(device)
     if limit is None or whole_bytes(m, n, itemsize) <= limit:
         return WHOLE
-    fixed = blocked_bytes(m, n, 0, itemsize)
+    fixed = blocked_bytes(m, n, 0, itemsize) + statistics
     rows = max(64, (limit - fixed) // (ROW_BUFFERS * n * 4))
     return Plan(True, min(COLUMN_BLOCK, n), int(min(rows, m)))
 
 
+def keeps_statistics(m: int, n: int, device, statistics: int) -> bool:
+    """Whether a layer `(m, n)` is decoded with its statistics (`statistics` bytes on `device`) left there:
+    always, unless it takes the blocked form and that form's least working set beside them exceeds
+    `budget(device)`; then the engine moves them to the host, and the blocked form reads them back a block of
+    columns at a time (the same numbers, more transfers). Follows the device's total memory, like `plan`."""
+    limit = budget(device)
+    if limit is None or not statistics or not plan(m, n, device).blocked:
+        return True
+    return statistics + blocked_bytes(m, n, min(m, 64)) <= limit
+
+
 def least_bytes(m: int, n: int, statistics: int, stats_itemsize: int = 4) -> int:
-    """The least a layer needs on the device: its `statistics` `(n, n)` sums (`stats_itemsize` bytes each) and
-    the blocked form with 64 rows at a time."""
-    return statistics * n * n * stats_itemsize + blocked_bytes(m, n, min(m, 64))
+    """The least a layer needs on the device: the larger of its `statistics` `(n, n)` sums (`stats_itemsize`
+    bytes each) with one product being added, while they are accumulated, and the blocked form with 64 rows
+    at a time, while it is decoded (the sums moved to the host, `keeps_statistics`)."""
+    return max((statistics + 1) * n * n * stats_itemsize, blocked_bytes(m, n, min(m, 64)))
 
 
 def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device, stats_itemsize: int = 4) -> None:
@@ -139,8 +152,8 @@ def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device, stat
     need = least_bytes(m, n, statistics, stats_itemsize)
     if need > total:
         raise InputError(
-            f"{name} ({m} × {n}) needs at least {_size(need)} on the device to quantize ({statistics} "
-            f"statistics of {n} × {n}, the factor U, the weight), more than "
+            f"{name} ({m} × {n}) needs at least {_size(need)} on the device to quantize (to accumulate its "
+            f"{statistics} statistics of {n} × {n}, or to decode it: the factor U, the weight), more than "
             f"{what}: use a device with more memory, or an objective with fewer statistics (symmetric needs H only)")
 
 

@@ -431,10 +431,13 @@ def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTa
         res.loss = float(res.row_loss.sum())
         res.report["fallback"] = "rtn"
     else:
-        full = adapter.weight(module).shape              # the whole layer's form, also for a slice of its rows
+        m, n = adapter.weight(module).shape              # the whole layer's form, also for a slice of its rows
+        if not budget.keeps_statistics(m, n, device, stats.bytes_on(device)):
+            stats.move("cpu")
+        plan = budget.plan(m, n, device, statistics=stats.bytes_on(device))
         res = quantize_layer(W, stats, task.objective, settings.grid, settings.decoder, damp=settings.damp,
                              seed=layer_seed(settings.seed, task.index), score_objective=settings.score_objective,
-                             row0=r0, shared=shared, plan=budget.plan(full[0], full[1], device))
+                             row0=r0, shared=shared, plan=plan)
     return annotated(res, task, W, stats, time.perf_counter() - t0)
 
 

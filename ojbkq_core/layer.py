@@ -216,14 +216,20 @@ def _square_columns(stats: Statistics, coefficients: dict, perm: Optional[torch.
 
 @dataclass
 class Square:
-    """`Σ c_k S_k` `(n, n)` over the statistics' means (natural order), never held whole: `times(W, square)`
-    builds `W @ square` `block` columns at a time (the blocked form's `M − H_obj`)."""
+    """`Σ c_k S_k` `(n, n)` over the statistics' means, rows and columns in the order `perm` (None: natural),
+    never held whole: `times(W, square)` builds `W @ square` `block` columns at a time (the blocked form's
+    `M − H_obj`)."""
 
     stats: Statistics
     coefficients: dict
     dtype: torch.dtype
     device: torch.device
     block: int
+    perm: Optional[torch.Tensor] = None
+
+    def permuted(self, perm: torch.Tensor) -> "Square":
+        """The same matrix with rows and columns in the order `perm` (`P ᵀ S P`)."""
+        return Square(self.stats, self.coefficients, self.dtype, self.device, self.block, perm)
 
 
 def times(W: torch.Tensor, M) -> torch.Tensor:
@@ -234,7 +240,7 @@ def times(W: torch.Tensor, M) -> torch.Tensor:
     out = torch.empty(W.shape[0], n, dtype=W.dtype, device=W.device)
     for c0 in range(0, n, M.block):
         c1 = min(c0 + M.block, n)
-        out[:, c0:c1] = W @ _square_columns(M.stats, M.coefficients, None, c0, c1, M.dtype, M.device)
+        out[:, c0:c1] = W @ _square_columns(M.stats, M.coefficients, M.perm, c0, c1, M.dtype, M.device)
     return out
 
 
@@ -273,10 +279,12 @@ def quantize_layer(
 @dataclass
 class Prepared:
     """A layer ready to decode (`prepare_layer`): its `problem` in decoding order and what `finish_layer`
-    needs to put the codes back in natural order and report them."""
+    needs to put the codes back in natural order and report them: `W` `(m, n)` float, natural order, dead
+    columns zeroed (None in the blocked form, which keeps only `Wp`, the same in decoding order)."""
 
     problem: WorkingProblem
-    W: torch.Tensor
+    W: Optional[torch.Tensor]
+    Wp: torch.Tensor
     stats: Statistics
     objective: Objective
     grid: GridSpec
@@ -308,7 +316,7 @@ def prepare_layer(W, stats, objective, grid, decoder, damp=QuantSpec.damp, seed=
         raise InputError(f"objective '{objective.name}' needs statistics {sorted(missing)} that were not accumulated")
     dev = W.device
     if plan is None:
-        plan = budget.plan(m, n, dev, torch.finfo(dtype).bits // 8)
+        plan = budget.plan(m, n, dev, torch.finfo(dtype).bits // 8, stats.bytes_on(dev))
     W = W.to(dtype).clone()
     static = grid.group_size == -1 or grid.static_groups
     global_scale = grid.global_scale_of(W)            # nvfp4: from the weight as it comes
@@ -322,8 +330,12 @@ def prepare_layer(W, stats, objective, grid, decoder, damp=QuantSpec.damp, seed=
 
     perm, U = f.perm, f.U
     Wp = W[:, perm]
+    if plan.blocked and score_objective is None:
+        W = None                                      # the natural rows are Wp's, put back a chunk at a time
     if f.MH is None:                                  # M = H_obj: T = W
         G, T = None, Wp
+    elif plan.blocked:
+        T, G = _targets_by_rows(Wp, f.MH.permuted(perm), U, plan.rows, decoder.progressive)
     else:                                             # T = W + D H_d⁻¹ = W + (D Uᵀ) U, decoding order
         D = times(W, f.MH)[:, perm]
         G = D @ U.T
@@ -346,35 +358,55 @@ def prepare_layer(W, stats, objective, grid, decoder, damp=QuantSpec.damp, seed=
         problem.score = RowScore.of(score_objective, W, stats, perm)
     else:
         problem.score = PathScore(Wp, f.lam, f.dead[perm].nonzero().flatten())
-    return Prepared(problem, W, stats, objective, grid, g, g_idx, f, plan, decoder, draws, global_scale, t0)
+    return Prepared(problem, W, Wp, stats, objective, grid, g, g_idx, f, plan, decoder, draws, global_scale, t0)
+
+
+def _targets_by_rows(Wp: torch.Tensor, MHp: "Square", U: torch.Tensor, rows: int, keep_G: bool):
+    """The blocked form's targets `T = Wp + (D Uᵀ) U` `(m, n)` in decoding order, with `D = Wp (M − H_obj)_pp`
+    (`MHp` in decoding order, so `D` needs no permuted copy), written over `D` `rows` rows at a time: one
+    full-height tensor besides `Wp` (and `G = D Uᵀ` when `keep_G`, for a progressive decoder). Returns `T, G`."""
+    T = times(Wp, MHp)
+    G = torch.empty_like(T) if keep_G else None
+    for r0 in range(0, T.shape[0], rows):
+        r = slice(r0, r0 + rows)
+        Gr = T[r] @ U.T
+        T[r] = Wp[r] + Gr @ U
+        if G is not None:
+            G[r] = Gr
+    return T, G
 
 
 def finish_layer(prep: Prepared, decode, max_rows: Optional[int] = None) -> LayerResult:
     """The second half of `quantize_layer`: `decode(problem rows, first row)` → `DecodeResult` on chunks of
     rows (`plan.rows`, else `max_rows`, else all), the codes in natural order, the objective, the report."""
-    problem, W, objective, g, g_idx, f, plan = prep.problem, prep.W, prep.objective, prep.g, prep.g_idx, prep.f, prep.plan
-    perm, dev = f.perm, W.device
-    m = W.shape[0]
+    problem, W, Wp, objective, g, g_idx, f, plan = (prep.problem, prep.W, prep.Wp, prep.objective, prep.g,
+                                                    prep.g_idx, prep.f, prep.plan)
+    perm, dev = f.perm, Wp.device
+    m, n = Wp.shape
     t1 = time.perf_counter()
     inv = torch.argsort(perm)
+    natural = (lambda r0, r1: W[r0:r1]) if W is not None else (lambda r0, r1: Wp[r0:r1][:, inv])  # noqa: E731
+    Q_all = torch.empty(m, n, dtype=Wp.dtype, device=dev) if plan.blocked else None
     n_groups = int(g_idx.max()) + 1
     first = torch.zeros(n_groups, dtype=torch.long)
     for gi in range(n_groups - 1, -1, -1):
         first[gi] = int((g_idx == gi).nonzero()[0])
     first = first.to(dev)
     stats64 = _Double(prep.stats, dev)
-    cols = plan.block if plan.blocked else None
 
     def finish(parts, r0, r1):
-        """Codes, scales, zeros, dequantized weight and objective of rows `r0…r1−1`, natural order."""
+        """Codes, scales, zeros of rows `r0…r1−1`, natural order, and in the whole form their dequantized
+        weight and objective (the blocked form writes the weight into `Q_all`)."""
         codes = torch.cat([p.codes for p in parts])[:, inv]
         scale = torch.cat([p.scale for p in parts])[:, inv]
         zero = torch.cat([p.zero for p in parts])[:, inv]
         Q = g.dequantize(codes, scale, zero)
-        row_loss = objective.value(W[r0:r1].double(), Q.double(), stats64, cols).cpu()
         codes = codes.round()
-        codes = codes.to(_narrowest(prep.grid.maxq)) if plan.blocked else codes.long()
-        return codes, scale[:, first].float(), zero[:, first].float(), Q.float(), row_loss
+        if plan.blocked:                          # written in place; the objective once all rows are in
+            Q_all[r0:r1] = Q
+            return codes.to(_narrowest(prep.grid.maxq)), scale[:, first].float(), zero[:, first].float()
+        row_loss = objective.value(W[r0:r1].double(), Q.double(), stats64).cpu()
+        return codes.long(), scale[:, first].float(), zero[:, first].float(), Q.float(), row_loss
 
     chunk = plan.rows or max_rows or m
     parts = []
@@ -384,11 +416,17 @@ def finish_layer(prep: Prepared, decode, max_rows: Optional[int] = None) -> Laye
         if plan.blocked:                          # finish each chunk; keep only its result
             finished.append(finish(parts[-1:], i, min(i + chunk, m)))
             p = parts[-1]
-            parts[-1] = DecodeResult(p.codes[:0], p.scale[:0], p.zero[:0], p.objective, p.info)
+            parts[-1] = DecodeResult(*(x.new_empty((0, *x.shape[1:])) for x in (p.codes, p.scale, p.zero)),
+                                     p.objective, p.info)     # empty, not views that would keep the chunk
     t2 = time.perf_counter()
     if not plan.blocked:
         finished.append(finish(parts, 0, m))
-    codes, scales, zeros, Q, row_loss = (torch.cat(x) for x in zip(*finished))
+    codes, scales, zeros = (torch.cat(x) for x in list(zip(*finished))[:3])
+    if plan.blocked:
+        row_loss = _row_losses(objective, natural, Q_all, stats64, plan.block, chunk).cpu()
+        Q = Q_all.float()
+    else:
+        Q, row_loss = torch.cat([f[3] for f in finished]), torch.cat([f[4] for f in finished])
     del finished
     report = {
         "objective": objective.describe(),
@@ -443,6 +481,20 @@ def quantize_stack(Ws: list[torch.Tensor], stats: list[Statistics], objectives: 
     return out
 
 
+def _row_losses(objective: Objective, natural, Q: torch.Tensor, stats64: "_Double", cols: int, rows: int):
+    """`objective.value` per row `(m,)` float64 of the dequantized `Q` `(m, n)` against the weight's rows
+    (`natural(r0, r1)`), reading each block of `cols` columns of the statistics once (from the host, when they
+    were moved there) and going over the rows `rows` at a time under it."""
+    m, n = Q.shape
+    out = torch.zeros(m, dtype=torch.float64, device=Q.device)
+    for c in range(0, n, cols):
+        st = stats64.columns(slice(c, c + cols))
+        for r0 in range(0, m, rows):
+            r1 = min(r0 + rows, m)
+            objective.value_columns(natural(r0, r1).double(), Q[r0:r1].double(), st, slice(c, c + cols), out[r0:r1])
+    return out
+
+
 def _rows_of(res: DecodeResult, r0: int, r1: int) -> DecodeResult:
     """Rows `r0…r1−1` of a decoded stack (an `info` tensor is cut along its last dimension)."""
     info = {k: v[..., r0:r1] if isinstance(v, torch.Tensor) else v for k, v in res.info.items()}
@@ -475,14 +527,20 @@ class _Double:
 
 class _Columns:
     """Columns `sl` of the statistics' means in float64 on `device`: `H`, `C`, `G` `(n, k)` and `Ct`, the
-    same columns of `Cᵀ`."""
+    same columns of `Cᵀ`, each read converting afresh; sums held on another device (the host) are copied
+    over once, in their own dtype, and kept while this object lives."""
 
     def __init__(self, stats, device, sl):
         self.stats, self.device, self.sl = stats, device, sl
+        self._copied: dict = {}
 
     def _get(self, key, transpose=False):
-        S = self.stats.sums[key]
-        part = S[self.sl].T if transpose else S[:, self.sl]
+        part = self._copied.get((key, transpose))
+        if part is None:
+            S = self.stats.sums[key]
+            part = S[self.sl].T if transpose else S[:, self.sl]
+            if S.device.type != torch.device(self.device).type:
+                part = self._copied[key, transpose] = part.to(self.device)
         return (part.to(self.device) / self.stats.count).to(torch.float64)
 
     H = property(lambda self: self._get("H"))

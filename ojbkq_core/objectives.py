@@ -146,18 +146,27 @@ class Objective:
         (no difference of large numbers), built one `(n, n)` matrix at a time in `W`'s dtype. `cols`: read
         the statistics `cols` columns at a time (`stats.columns(slice)`, e.g. `layer._Double`), so that no
         `(n, n)` matrix is held whole."""
-        E = W - Q
+        if cols is None:
+            return self.value_columns(W, Q, stats, slice(None))
         out = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
-        n = W.shape[1]
-        parts = ([(slice(None), stats)] if cols is None
-                 else [(slice(c, c + cols), stats.columns(slice(c, c + cols))) for c in range(0, n, cols)])
-        for sl, st in parts:
-            for t in self.terms:
-                b, d = t.b, t.a - t.b
-                out += t.w * _row_form(E, _combo(st, H=(1 - b) ** 2, G=b * b, C=b * (1 - b), Ct=b * (1 - b)), E[:, sl])
-                if d:
-                    out += t.w * d * d * _row_form(W, _combo(st, H=1.0, G=1.0, C=-1.0, Ct=-1.0), W[:, sl])
-                    out += 2 * t.w * d * _row_form(W, _combo(st, H=-(1 - b), G=b, C=1 - b, Ct=-b), E[:, sl])
+        for c in range(0, W.shape[1], cols):
+            self.value_columns(W, Q, stats.columns(slice(c, c + cols)), slice(c, c + cols), out)
+        return out
+
+    def value_columns(self, W: torch.Tensor, Q: torch.Tensor, st, sl: slice,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The part of `value` `(m,)` that the statistics' columns `sl` give, added to `out` in place (zeros
+        when None): `st` holds those columns (`H`, `C`, `G` `(n, k)` and `Ct`, e.g. `layer._Columns`), or is
+        the statistics themselves for `slice(None)`."""
+        E = W - Q
+        if out is None:
+            out = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+        for t in self.terms:
+            b, d = t.b, t.a - t.b
+            out += t.w * _row_form(E, _combo(st, H=(1 - b) ** 2, G=b * b, C=b * (1 - b), Ct=b * (1 - b)), E[:, sl])
+            if d:
+                out += t.w * d * d * _row_form(W, _combo(st, H=1.0, G=1.0, C=-1.0, Ct=-1.0), W[:, sl])
+                out += 2 * t.w * d * _row_form(W, _combo(st, H=-(1 - b), G=b, C=1 - b, Ct=-b), E[:, sl])
         return out
 
     def describe(self) -> str:

@@ -108,6 +108,17 @@ class Statistics:
         processes in place by a distributed run)."""
         return self._sum
 
+    def bytes_on(self, device) -> int:
+        """Bytes the sums hold on `device` (its type: `cuda` for any CUDA device)."""
+        kind = torch.device(device).type
+        return sum(v.numel() * v.element_size() for v in self._sum.values() if v.device.type == kind)
+
+    def move(self, device) -> None:
+        """Put the sums on `device` (e.g. the host, for a layer whose decoding needs the GPU's memory: the
+        blocked form reads them back a block of columns at a time)."""
+        self._sum = {k: v.to(device) for k, v in self._sum.items()}
+        self.device = torch.device(device)
+
     def _mean(self, key):
         if key not in self.needs:
             return None

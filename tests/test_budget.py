@@ -9,7 +9,7 @@ from ojbkq_core import budget
 from ojbkq_core.decoders import Babai, Beam, Klein, Successive
 from ojbkq_core.errors import FactorizationError, InputError
 from ojbkq_core.grid import GridSpec
-from ojbkq_core.layer import Square, _Double, factorize, quantize_layer, times
+from ojbkq_core.layer import Square, _Double, factorize, prepare_layer, quantize_layer, times
 from ojbkq_core.linalg import inverse_cholesky, inverse_cholesky_blocked
 from ojbkq_core.objectives import PRESETS, preset
 from ojbkq_core.stats import Statistics
@@ -128,6 +128,12 @@ def test_the_plan_is_the_whole_form_without_a_budget_and_blocked_beyond_it(monke
     p = budget.plan(16384, 53248, "cpu")
     assert p.blocked and 64 <= p.rows < 16384
     assert budget.blocked_bytes(16384, 53248, p.rows) <= 60 << 30 < budget.blocked_bytes(16384, 53248, p.rows + 1)
+    stats = 3 * 53248 ** 2 * 4                                        # H, C, G on the device beside it
+    monkeypatch.setenv(budget.ENV, str(70 << 30))
+    p, q = budget.plan(16384, 53248, "cpu"), budget.plan(16384, 53248, "cpu", statistics=stats)
+    assert q.blocked and 64 < q.rows < p.rows
+    need = lambda rows: budget.blocked_bytes(16384, 53248, rows) + stats   # noqa: E731
+    assert need(q.rows) <= 70 << 30 < need(q.rows + 1)
     monkeypatch.setenv(budget.ENV, "lots")
     with pytest.raises(InputError, match="number of bytes"):
         budget.available("cpu")
@@ -145,13 +151,14 @@ def test_the_budget_sends_a_layer_through_the_blocked_form(monkeypatch):
 
 def test_a_layer_that_cannot_fit_is_refused_with_its_shape_and_the_memory_it_needs(monkeypatch):
     shapes = {"model.layers.0.self_attn.q_proj": (16384, 16384), "model.layers.0.mlp.down_proj": (16384, 53248)}
-    monkeypatch.setenv(budget.ENV, str(60 << 30))
-    budget.check_fits(shapes, statistics=1, device="cpu")               # H and U: 21 GiB + the weight's buffers
+    monkeypatch.setenv(budget.ENV, str(40 << 30))
+    budget.check_fits(shapes, statistics=1, device="cpu")               # decoding: U and the weight's buffers
     with pytest.raises(InputError) as e:
-        budget.check_fits(shapes, statistics=3, device="cpu")           # H, C, G and U: 42 GiB + the buffers
+        budget.check_fits(shapes, statistics=3, device="cpu")           # accumulating H, C, G: 42 GiB
     msg = str(e.value)
     need = budget.least_bytes(16384, 53248, 3) / budget.GIB
-    assert 60 < need < 80
+    assert need == pytest.approx(4 * 53248 ** 2 * 4 / budget.GIB)     # three sums and a product being added
+    assert budget.least_bytes(16384, 53248, 1) == budget.blocked_bytes(16384, 53248, 64)
     assert f"mlp.down_proj (16384 × 53248) needs at least {need:.1f} GiB" in msg and "symmetric" in msg
     with pytest.raises(InputError):                                     # float64 sums need twice the bytes
         budget.check_fits(shapes, statistics=1, device="cpu", stats_itemsize=8)
@@ -207,3 +214,83 @@ def test_the_symmetric_loss_of_a_wide_layer_reads_h_by_columns():
     W, Q = torch.randn(3, n, generator=g), torch.randn(3, n, generator=g)
     E = (W - Q).double()
     assert _sym_loss(W, Q, st) == pytest.approx(float(((E @ st.H.double()) * E).sum()), rel=1e-12)
+
+
+def _gpu(monkeypatch, total):
+    from types import SimpleNamespace
+    monkeypatch.delenv(budget.ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=total))
+
+
+def test_the_statistics_of_a_layer_that_needs_the_gpus_memory_are_decoded_from_the_host(monkeypatch):
+    """A 405B down_proj on an 80 GB GPU: OJBKQ's three sums (32 GiB) and the blocked form (29 GiB) do not
+    fit the 40 GiB budget together, so the sums go to the host; GPTQ's one sum does; on a 141 GB GPU both
+    stay; the whole-matrix form always keeps them."""
+    one, three = 53248 ** 2 * 4, 3 * 53248 ** 2 * 4
+    _gpu(monkeypatch, 80 << 30)
+    assert not budget.keeps_statistics(16384, 53248, "cuda", three)
+    assert budget.keeps_statistics(16384, 53248, "cuda", one)
+    assert budget.keeps_statistics(4096, 14336, "cuda", 3 * 14336 ** 2 * 4)     # an 8B down_proj: whole
+    assert budget.keeps_statistics(16384, 53248, "cuda", 0)                     # already on the host
+    _gpu(monkeypatch, 141 << 30)
+    assert budget.keeps_statistics(16384, 53248, "cuda", three)
+    assert budget.keeps_statistics(16384, 53248, "cpu", three)                  # no budget on the host
+
+
+def test_statistics_on_the_host_count_for_nothing_on_the_gpu():
+    W, st = layer(dtype=torch.float32)
+    assert st.bytes_on("cpu") == 3 * 72 * 72 * 4 and st.bytes_on("cuda") == 0 and st.bytes_on("cuda:1") == 0
+    st.move("cpu")
+    assert st.bytes_on("cpu") == 3 * 72 * 72 * 4 and st.device == torch.device("cpu")
+
+
+def test_the_blocked_form_keeps_no_natural_copy_and_writes_the_targets_over_one_tensor():
+    """The blocked form holds the weight in decoding order only (`W` None), and its targets are the whole
+    form's (`T = W + (W (M − H) Uᵀ) U`, decoding order), built a chunk of rows at a time."""
+    W, st = layer()
+    spec = preset("jta", *PRESETS["jta"])
+    grid = GridSpec(bits=3, group_size=16, act_order=True)
+    whole = prepare_layer(W, st, spec, grid, Babai(), seed=2, dtype=torch.float64, plan=budget.WHOLE)
+    blocked = prepare_layer(W, st, spec, grid, Babai(), seed=2, dtype=torch.float64, plan=BLOCKED)
+    assert blocked.W is None and whole.W is not None
+    assert torch.equal(blocked.Wp, whole.Wp)
+    torch.testing.assert_close(blocked.problem.T, whole.problem.T, rtol=1e-10, atol=1e-10)
+
+
+def test_a_run_moves_the_statistics_of_a_layer_whose_decoding_needs_the_memory(monkeypatch):
+    """The engine asks `keeps_statistics` before each layer and moves the sums of one that does not fit beside
+    them to the host; the codes are those of a run that keeps them (here the host is the device)."""
+    from ojbkq_core.calibrate import calibrate
+    from ojbkq_core.model import find_adapter
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    spec = preset("jta", *PRESETS["jta"])
+
+    def run(keep):
+        torch.manual_seed(0)
+        adapter = find_adapter(LlamaForCausalLM(cfg))
+        moved = []
+        monkeypatch.setattr(budget, "keeps_statistics", lambda m, n, device, b: keep(m, n))
+        monkeypatch.setattr(Statistics, "move", lambda self, device: moved.append((self.n, str(device))))
+        res = calibrate(adapter, ids, spec, GridSpec(bits=4, group_size=32), Babai())
+        return res, moved
+    kept, none = run(lambda m, n: True)
+    hosted, moved = run(lambda m, n: n != 96)                   # down_proj's sums go to the host
+    assert none == [] and moved == [(96, "cpu")]
+    for name, r in kept.layers.items():
+        assert torch.equal(r.codes, hosted.layers[name].codes), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_a_blocked_layer_decoded_from_host_statistics_gets_the_same_codes():
+    W, st = layer(dtype=torch.float32)
+    spec = preset("jta", *PRESETS["jta"])
+    grid = GridSpec(bits=3, group_size=16, act_order=True)
+    st.move("cuda")
+    on_gpu = quantize_layer(W.cuda(), st, spec, grid, Klein(k=4), seed=1, plan=BLOCKED)
+    st.move("cpu")
+    from_host = quantize_layer(W.cuda(), st, spec, grid, Klein(k=4), seed=1, plan=BLOCKED)
+    assert torch.equal(on_gpu.codes, from_host.codes)
+    torch.testing.assert_close(on_gpu.row_loss, from_host.row_loss, rtol=1e-12, atol=0)
