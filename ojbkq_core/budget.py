@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .errors import InputError
+from .stats import product_bytes
 
 ENV = "OJBKQ_DECODER_MAX_BYTES"     # bytes a layer may use (forces a budget, also on the CPU)
 SHARE = 0.9                         # of the device's free memory (plus what torch's allocator holds unused)
@@ -127,9 +128,10 @@ def keeps_statistics(m: int, n: int, device, statistics: int) -> bool:
 
 def least_bytes(m: int, n: int, statistics: int, stats_itemsize: int = 4) -> int:
     """The least a layer needs on the device: the larger of its `statistics` `(n, n)` sums (`stats_itemsize`
-    bytes each) with one product being added, while they are accumulated, and the blocked form with 64 rows
-    at a time, while it is decoded (the sums moved to the host, `keeps_statistics`)."""
-    return max((statistics + 1) * n * n * stats_itemsize, blocked_bytes(m, n, min(m, 64)))
+    bytes each) with the product being added (`stats.product_bytes`), while they are accumulated, and the
+    blocked form with 64 rows at a time, while it is decoded (the sums moved to the host, `keeps_statistics`)."""
+    return max(statistics * n * n * stats_itemsize + product_bytes(n, stats_itemsize),
+               blocked_bytes(m, n, min(m, 64)))
 
 
 def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device, stats_itemsize: int = 4) -> None:

@@ -15,6 +15,15 @@ import torch
 from .errors import InputError
 
 
+ADD_WHOLE_UP_TO = 16384     # inputs up to this width add each batch's product whole; wider ones by columns
+ADD_COLUMNS = 4096
+
+
+def product_bytes(n: int, itemsize: int = 4) -> int:
+    """Bytes of the product being added to a sum of width `n` (`Statistics.add`)."""
+    return n * (n if n <= ADD_WHOLE_UP_TO else ADD_COLUMNS) * itemsize
+
+
 def gram(A: torch.Tensor, B: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """`Aᵀ B` `(n, n)` in `dtype` for token rows `A`, `B` `(N, n)`. `gram(X, X)` on the CPU computes the
     upper triangle and mirrors it (`symmetric_gram`)."""
@@ -82,19 +91,22 @@ class Statistics:
         if X_fp is not None:
             X_fp = self._operand(X_fp, dev)
         todo = self.needs - self.given
-        parts = {}
-        if "H" in todo:
-            parts["H"] = gram(X, X, self.dtype)
-        if "C" in todo:
-            parts["C"] = gram(X_fp, X, self.dtype)
-        if "G" in todo:
-            parts["G"] = gram(X_fp, X_fp, self.dtype)
-        for k, v in parts.items():
-            if k in self._sum:
-                self._sum[k] += v
-            else:
-                self._sum[k] = v
+        for k, A, B in (("H", X, X), ("C", X_fp, X), ("G", X_fp, X_fp)):
+            if k in todo:
+                self._add(k, A, B)
         self.count += X.shape[0]
+
+    def _add(self, key: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """`sums[key] += Aᵀ B`, one product at a time; for a layer wider than `ADD_WHOLE_UP_TO`, a block of
+        `ADD_COLUMNS` columns at a time, so that no second `(n, n)` matrix is held beside the sums."""
+        S = self._sum.get(key)
+        if S is None:
+            self._sum[key] = gram(A, B, self.dtype)
+        elif self.n <= ADD_WHOLE_UP_TO:
+            S += gram(A, B, self.dtype)
+        else:
+            for c0 in range(0, self.n, ADD_COLUMNS):
+                S[:, c0:c0 + ADD_COLUMNS] += gram(A, B[:, c0:c0 + ADD_COLUMNS], self.dtype)
 
     def _operand(self, X: torch.Tensor, device) -> torch.Tensor:
         """`X` on `device`, converted to the statistics' dtype once for all its products, except bf16/fp16

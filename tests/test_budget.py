@@ -151,17 +151,18 @@ def test_the_budget_sends_a_layer_through_the_blocked_form(monkeypatch):
 
 def test_a_layer_that_cannot_fit_is_refused_with_its_shape_and_the_memory_it_needs(monkeypatch):
     shapes = {"model.layers.0.self_attn.q_proj": (16384, 16384), "model.layers.0.mlp.down_proj": (16384, 53248)}
-    monkeypatch.setenv(budget.ENV, str(40 << 30))
+    monkeypatch.setenv(budget.ENV, str(30 << 30))
     budget.check_fits(shapes, statistics=1, device="cpu")               # decoding: U and the weight's buffers
+    budget.check_fits(shapes, statistics=2, device="cpu")               # accumulating H and G: 22 GiB
     with pytest.raises(InputError) as e:
-        budget.check_fits(shapes, statistics=3, device="cpu")           # accumulating H, C, G: 42 GiB
+        budget.check_fits(shapes, statistics=3, device="cpu")           # accumulating H, C, G: 32 GiB
     msg = str(e.value)
     need = budget.least_bytes(16384, 53248, 3) / budget.GIB
-    assert need == pytest.approx(4 * 53248 ** 2 * 4 / budget.GIB)     # three sums and a product being added
+    assert need == pytest.approx((3 * 53248 + 4096) * 53248 * 4 / budget.GIB)   # three sums, columns being added
     assert budget.least_bytes(16384, 53248, 1) == budget.blocked_bytes(16384, 53248, 64)
     assert f"mlp.down_proj (16384 × 53248) needs at least {need:.1f} GiB" in msg and "symmetric" in msg
     with pytest.raises(InputError):                                     # float64 sums need twice the bytes
-        budget.check_fits(shapes, statistics=1, device="cpu", stats_itemsize=8)
+        budget.check_fits(shapes, statistics=2, device="cpu", stats_itemsize=8)
     monkeypatch.delenv(budget.ENV)
     budget.check_fits(shapes, statistics=3, device="cpu")               # no check on the host
 

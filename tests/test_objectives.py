@@ -27,6 +27,28 @@ def test_streaming_statistics_equal_whole_matrices():
     assert st.count == N
 
 
+def test_a_wide_layers_sums_are_added_a_block_of_columns_at_a_time(monkeypatch):
+    """Past `ADD_WHOLE_UP_TO` inputs each batch's products are added by blocks of columns (no second `(n, n)`
+    matrix beside the sums): the same sums to rounding, the blocks' seams included."""
+    import ojbkq_core.stats as stats_module
+    X, Xfp = data(n=12)
+    whole = Statistics(12, needs=("H", "C", "G"), dtype=torch.float64)
+    for i in range(0, 500, 37):
+        whole.add(X[i:i + 37], Xfp[i:i + 37])
+    monkeypatch.setattr(stats_module, "ADD_WHOLE_UP_TO", 8)
+    monkeypatch.setattr(stats_module, "ADD_COLUMNS", 5)                     # 5 + 5 + 2 columns
+    added = []
+    real = stats_module.gram
+    monkeypatch.setattr(stats_module, "gram", lambda A, B, dtype: added.append(tuple(B.shape)) or real(A, B, dtype))
+    blocks = Statistics(12, needs=("H", "C", "G"), dtype=torch.float64)
+    for i in range(0, 500, 37):
+        blocks.add(X[i:i + 37], Xfp[i:i + 37])
+    assert added[:3] == [(37, 12)] * 3 and added[3:6] == [(37, 5), (37, 5), (37, 2)]
+    for key in ("H", "C", "G"):
+        torch.testing.assert_close(blocks.sums[key], whole.sums[key], rtol=1e-12, atol=1e-12)
+    assert stats_module.product_bytes(12) == 12 * 5 * 4 and stats_module.product_bytes(8) == 8 * 8 * 4
+
+
 @pytest.mark.parametrize("n,band", [(12, 5), (300, 128), (600, 0), (129, 128)])
 def test_symmetric_gram_is_the_full_product(n, band):
     """Bands of the upper triangle, mirrored below the diagonal blocks: `Aᵀ A` to rounding."""
