@@ -7,14 +7,15 @@ tensors (the weight, its permuted copy, the targets, the decoded codes and grids
 weight); in the column-blocked form (`linalg.inverse_cholesky_blocked`), one `(n, n)` tensor for `U`,
 `FULL_HEIGHT` `(m, n)` tensors and the row buffers of a chunk of rows, finished one chunk at a time.
 
-`plan` picks the form: the whole-matrix form wherever it fits the budget (`budget`: half a GPU's total
-memory), the column-blocked form where it does not; `keeps_statistics` says whether a blocked layer's
+`plan` picks the form: the whole-matrix form wherever it fits the budget (`budget`: half of a GPU's `room`,
+its total memory less what a run holds there for the open block), the column-blocked form where it does not; `keeps_statistics` says whether a blocked layer's
 statistics stay on the device while it is decoded or go to the host. `check_fits` refuses, before any
 calibration, a layer whose statistics or blocked form exceed the device's memory.
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,7 +26,8 @@ from .stats import product_bytes
 
 ENV = "OJBKQ_DECODER_MAX_BYTES"     # bytes a layer may use (forces a budget, also on the CPU)
 SHARE = 0.9                         # of the device's free memory (plus what torch's allocator holds unused)
-LAYER_SHARE = 0.5                   # of the device's total memory: what decides a layer's form
+LAYER_SHARE = 0.5                   # of the device's room: what decides a layer's form
+BLOCKED_SHARE = 0.75                # of the device's room: a blocked layer's working set, statistics included
 WHOLE_SQUARES = 6
 ROW_BUFFERS = 12
 FULL_HEIGHT = 4
@@ -70,6 +72,34 @@ def _total(device) -> int:
     return torch.cuda.get_device_properties(device).total_memory
 
 
+_held: dict[tuple, int] = {}
+
+
+def _key(device) -> tuple:
+    d = torch.device(device)
+    return d.type, d.index or 0
+
+
+@contextmanager
+def holding(device, nbytes: int):
+    """While inside: a run holds `nbytes` on `device` for the block it has open (its weights, their
+    full-precision copy, the streams living there), and the budgets below are shares of the device's total
+    memory less these (`room`), not of all of it."""
+    key = _key(device)
+    before = _held.get(key, 0)
+    _held[key] = nbytes
+    try:
+        yield
+    finally:
+        _held[key] = before
+
+
+def room(device) -> int:
+    """A CUDA device's total memory less what a run holds there for its open block (`holding`): the same
+    every time the block is opened, so the decisions taken from it are too."""
+    return _total(device) - _held.get(_key(device), 0)
+
+
 def _free(device) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
@@ -77,10 +107,10 @@ def _free(device) -> int:
 
 def budget(device) -> Optional[int]:
     """Bytes a layer may use on `device`, which decide its form and how experts are stacked:
-    `$OJBKQ_DECODER_MAX_BYTES` when set, else `LAYER_SHARE` of a CUDA device's total memory, else None (no
-    budget: host memory). The total, not what is free now, so that a run takes the same decisions, and gives
-    the same codes, on the same GPU every time (a resumed run too)."""
-    return _bytes(device, lambda d: int(_total(d) * LAYER_SHARE))
+    `$OJBKQ_DECODER_MAX_BYTES` when set, else `LAYER_SHARE` of a CUDA device's `room` (its total memory less
+    what the run holds for the open block), else None (no budget: host memory). Not what is free now, so that
+    a run takes the same decisions, and gives the same codes, on the same GPU every time (a resumed run too)."""
+    return _bytes(device, lambda d: int(room(d) * LAYER_SHARE))
 
 
 def available(device) -> Optional[int]:
@@ -104,23 +134,31 @@ def blocked_bytes(m: int, n: int, rows: int, itemsize: int = 4, block: int = COL
             + ROW_BUFFERS * rows * n * 4)
 
 
+def blocked_limit(device) -> Optional[int]:
+    """Bytes a layer in the blocked form may use, its statistics on the device included:
+    `$OJBKQ_DECODER_MAX_BYTES` when set, else `BLOCKED_SHARE` of a CUDA device's `room` (more than `budget`,
+    which is sized for the whole-matrix form's rougher estimate), else None."""
+    return _bytes(device, lambda d: int(room(d) * BLOCKED_SHARE))
+
+
 def plan(m: int, n: int, device, itemsize: int = 4, statistics: int = 0) -> Plan:
     """The whole-matrix form when it fits `budget(device)` (or there is no budget), else the column-blocked
-    form with as many rows at a time as fit (at least 64) beside the layer's `statistics` bytes on the device."""
+    form with as many rows at a time as fit `blocked_limit(device)` (at least 64) beside the layer's
+    `statistics` bytes on the device."""
     limit = budget(device)
     if limit is None or whole_bytes(m, n, itemsize) <= limit:
         return WHOLE
     fixed = blocked_bytes(m, n, 0, itemsize) + statistics
-    rows = max(64, (limit - fixed) // (ROW_BUFFERS * n * 4))
+    rows = max(64, (blocked_limit(device) - fixed) // (ROW_BUFFERS * n * 4))
     return Plan(True, min(COLUMN_BLOCK, n), int(min(rows, m)))
 
 
 def keeps_statistics(m: int, n: int, device, statistics: int) -> bool:
     """Whether a layer `(m, n)` is decoded with its statistics (`statistics` bytes on `device`) left there:
     always, unless it takes the blocked form and that form's least working set beside them exceeds
-    `budget(device)`; then the engine moves them to the host, and the blocked form reads them back a block of
-    columns at a time (the same numbers, more transfers). Follows the device's total memory, like `plan`."""
-    limit = budget(device)
+    `blocked_limit(device)`; then the engine moves them to the host, and the blocked form reads them back a
+    block of columns at a time (the same numbers, more transfers). Follows the device's room, like `plan`."""
+    limit = blocked_limit(device)
     if limit is None or not statistics or not plan(m, n, device).blocked:
         return True
     return statistics + blocked_bytes(m, n, min(m, 64)) <= limit
@@ -160,10 +198,11 @@ def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device, stat
 
 
 def statistics_limit(device) -> Optional[int]:
-    """Bytes the statistics of one pass over a group may take: `STATISTICS_SHARE` of `$OJBKQ_DECODER_MAX_BYTES`
-    when set, else of a CUDA device's total memory (the same on every rank and every run, so the chunks are
-    too), else None (no limit)."""
-    limit = _bytes(device, _total)
+    """Bytes the statistics of one pass over a group (and the results decoded from them, which stay on the
+    device until the pass is written back) may take: `STATISTICS_SHARE` of `$OJBKQ_DECODER_MAX_BYTES` when
+    set, else of a CUDA device's `room` (the same on every rank and every run, so the chunks are too), else
+    None (no limit)."""
+    limit = _bytes(device, room)
     return None if limit is None else int(limit * STATISTICS_SHARE)
 
 

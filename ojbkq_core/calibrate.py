@@ -172,6 +172,7 @@ def check_skip(adapter: Model, skip: Sequence[str]) -> None:
 
 # --- the two streams ------------------------------------------------------------------------------
 
+RESULT_BYTES = 12                     # per weight, a decoded layer's result on the device (float32 Q, int64 codes)
 FULL_PRECISION_PASS_BYTES = 1 << 30   # a block's full-precision module inputs kept for one pass (Streams)
 REUSE_BYTES = 1 << 30                 # outputs of a block's final modules kept across its passes (reuse.py) …
 REUSE_SHARE = 0.25                    # … or on a CUDA device this share of its free memory
@@ -740,9 +741,10 @@ def calibrate(
             if i < run.first:
                 continue
             groups = run.open_block(i, block, true_sequential)
-            for names in groups:
-                if run.quantize_group(names):
-                    break
+            with budget.holding(run.device, run.held()):
+                for names in groups:
+                    if run.quantize_group(names):
+                        break
             if run.close_block():
                 break
     return run.finish()
@@ -854,6 +856,16 @@ class Run:
         self.gi = 0
         return groups
 
+    def held(self) -> int:
+        """Bytes the run holds on its device for the open block: the block's parameters and buffers, their
+        full-precision copy, and both streams where they live there (the budgets are shares of the rest,
+        `budget.holding`)."""
+        kind = self.device.type
+        mods = [m for m in (self.block, self.orig) if m is not None]
+        tensors = [t for m in mods for t in (*m.parameters(), *m.buffers())]
+        tensors += [x for xs in (self.streams.X, self.streams.X_fp or []) for x in xs]
+        return sum(t.numel() * t.element_size() for t in tensors if t.device.type == kind)
+
     # -- phase 3: one true-sequential group --------------------------------------------------------------
     def quantize_group(self, names: list[str]) -> bool:
         """Statistics, decoding and replacement of one group of the open block, with its report rows.
@@ -869,8 +881,11 @@ class Run:
             return False
         later = [n for g in groups[gi + 1:] for n in g]
         item = torch.finfo(self.stats_dtype).bits // 8
-        size = {t.name: len(self.needs | t.objective.needs) * self.adapter.weight(block.get_submodule(t.name)).shape[1] ** 2
-                * item for t in tasks}
+        shapes = {t.name: tuple(self.adapter.weight(block.get_submodule(t.name)).shape) for t in tasks}
+        # a module's sums and its result (the dequantized weight in float32, the codes in int64) stay on the
+        # device until its chunk is written back
+        size = {t.name: len(self.needs | t.objective.needs) * shapes[t.name][1] ** 2 * item
+                + RESULT_BYTES * shapes[t.name][0] * shapes[t.name][1] for t in tasks}
         # modules of one true-sequential group read inputs the group does not change: they may be taken a chunk
         # at a time; a block run as one group (true_sequential=False) may not
         limit = budget.statistics_limit(self.device) if self.true_sequential else None

@@ -295,3 +295,52 @@ def test_on_a_gpu_a_blocked_layer_decoded_from_host_statistics_gets_the_same_cod
     from_host = quantize_layer(W.cuda(), st, spec, grid, Klein(k=4), seed=1, plan=BLOCKED)
     assert torch.equal(on_gpu.codes, from_host.codes)
     torch.testing.assert_close(on_gpu.row_loss, from_host.row_loss, rtol=1e-12, atol=0)
+
+
+def test_the_budgets_are_shares_of_what_the_open_block_leaves(monkeypatch):
+    """While a run holds memory for its open block (weights, their full-precision copy, the streams), the layer
+    budget and the statistics' limit are shares of the rest; the same bytes held give the same decisions."""
+    _gpu(monkeypatch, 80 << 30)
+    assert budget.budget("cuda") == 40 << 30 and budget.statistics_limit("cuda") == 20 << 30
+    with budget.holding("cuda:0", 30 << 30):
+        assert budget.room("cuda") == 50 << 30
+        assert budget.budget("cuda") == 25 << 30 and budget.statistics_limit("cuda") == int((50 << 30) * 0.25)
+        assert budget.plan(32768, 16384, "cuda").blocked                       # 30 GiB whole: no longer fits
+    assert budget.budget("cuda") == 40 << 30 and budget.plan(32768, 16384, "cuda") == budget.WHOLE
+    with pytest.raises(RuntimeError), budget.holding("cuda", 30 << 30):
+        raise RuntimeError("a failed block")
+    assert budget.room("cuda") == 80 << 30                                     # released on failure too
+    with budget.holding("cuda", 28 << 30):          # a 405B-shaped block, its copy and two streams of 8 GiB
+        p = budget.plan(16384, 53248, "cuda")       # down_proj, its sums on the host: thousands of rows a chunk
+        assert p.blocked and 2048 < p.rows < 16384
+        assert budget.blocked_bytes(16384, 53248, p.rows) <= budget.blocked_limit("cuda") == int((52 << 30) * 0.75)
+    monkeypatch.setenv(budget.ENV, str(10 << 30))
+    with budget.holding("cuda", 30 << 30):
+        assert budget.budget("cuda") == 10 << 30                               # a forced budget is the budget
+
+
+def test_a_run_holds_its_blocks_weights_their_copy_and_the_streams(monkeypatch):
+    from contextlib import contextmanager
+    from ojbkq_core.calibrate import calibrate
+    from ojbkq_core.model import find_adapter
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    adapter = find_adapter(LlamaForCausalLM(cfg))
+    block_bytes = [sum(t.numel() * t.element_size() for t in (*b.parameters(), *b.buffers())) for b in adapter.blocks()]
+    held, seen = [], []
+    real = budget.holding
+
+    @contextmanager
+    def recording(device, nbytes):
+        held.append(nbytes)
+        with real(device, nbytes):
+            seen.append(budget._held[budget._key(device)])
+            yield
+    monkeypatch.setattr(budget, "holding", recording)
+    calibrate(adapter, torch.randint(0, 64, (3, 8)), preset("jta", *PRESETS["jta"]), GridSpec(bits=4, group_size=32),
+              Babai())
+    streams = 2 * 3 * 8 * 32 * 4                                            # X and X̃: 3 × 8 tokens of 32 floats
+    assert held == seen == [2 * b + streams for b in block_bytes]
+    assert budget._held[budget._key("cpu")] == 0
