@@ -27,7 +27,7 @@ from .stats import product_bytes
 ENV = "OJBKQ_DECODER_MAX_BYTES"     # bytes a layer may use (forces a budget, also on the CPU)
 SHARE = 0.9                         # of the device's free memory (plus what torch's allocator holds unused)
 LAYER_SHARE = 0.5                   # of the device's room: what decides a layer's form
-BLOCKED_SHARE = 0.75                # of the device's room: a blocked layer's working set, statistics included
+BLOCKED_SHARE = 0.6                 # of the device's room: a blocked layer's working set, statistics included
 WHOLE_SQUARES = 6
 ROW_BUFFERS = 12
 FULL_HEIGHT = 4
