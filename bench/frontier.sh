@@ -8,7 +8,8 @@
 #                      expert, Llama-style attention), 61-block projection
 # Each step gets what is left of $BUDGET seconds (default 570) and its own limit; a step that fails (out of
 # memory) leaves its log, and the next one runs. STEPS picks steps (default all); within the 10 minutes of one
-# device call: STEPS=layer405b,moe, then STEPS=405b_gptq,405b_ojbkq, then STEPS=deepseek_gptq,deepseek_ojbkq.
+# device call: STEPS=layer405b,moe, then STEPS=405b_gptq,405b_ojbkq, then STEPS=deepseek_gptq, then
+# STEPS=deepseek_ojbkq (its expert groups take many statistics passes: two copies of the block fill the GPU).
 set -u
 OUTDIR=${1:-bench/results}
 BUDGET=${BUDGET:-570}
@@ -26,5 +27,5 @@ step_shown 405b_ojbkq 170 python3 bench/bench_model.py --preset 405b --blocks 1 
   --project 126 --out "$OUTDIR/frontier_405b.json" --append
 step_shown deepseek_gptq 300 python3 bench/bench_model.py $DSV3 --blocks 1 --model-device cpu --samples 64 --recipes gptq --no-forwards \
   --project 61 --out "$OUTDIR/deepseek_v3.json"
-step_shown deepseek_ojbkq 300 python3 bench/bench_model.py $DSV3 --blocks 1 --model-device cpu --samples 64 --recipes ojbkq --no-forwards \
+step_shown deepseek_ojbkq 560 python3 bench/bench_model.py $DSV3 --blocks 1 --model-device cpu --samples 64 --recipes ojbkq --no-forwards \
   --project 61 --out "$OUTDIR/deepseek_v3.json" --append
