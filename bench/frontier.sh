@@ -10,6 +10,7 @@
 # memory) leaves its log, and the next one runs. STEPS picks steps (default all); within the 10 minutes of one
 # device call: STEPS=layer405b,moe, then STEPS=405b_gptq,405b_ojbkq, then STEPS=deepseek_gptq, then
 # STEPS=deepseek_ojbkq (its expert groups take many statistics passes: two copies of the block fill the GPU).
+# The budgets are shares of the GPU's memory: ask for an H100 (80 GB) to show that the shapes fit one.
 set -u
 OUTDIR=${1:-bench/results}
 BUDGET=${BUDGET:-570}

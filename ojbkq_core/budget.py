@@ -32,6 +32,7 @@ WHOLE_SQUARES = 6
 ROW_BUFFERS = 12
 FULL_HEIGHT = 4
 COLUMN_BLOCK = 2048
+KEPT_ROWS = 1024                    # a blocked layer keeps its statistics on the device if this many rows fit beside
 STATISTICS_SHARE = 0.25             # of the device's memory, for the statistics of one pass
 GIB = 1 << 30
 
@@ -155,13 +156,14 @@ def plan(m: int, n: int, device, itemsize: int = 4, statistics: int = 0) -> Plan
 
 def keeps_statistics(m: int, n: int, device, statistics: int) -> bool:
     """Whether a layer `(m, n)` is decoded with its statistics (`statistics` bytes on `device`) left there:
-    always, unless it takes the blocked form and that form's least working set beside them exceeds
-    `blocked_limit(device)`; then the engine moves them to the host, and the blocked form reads them back a
-    block of columns at a time (the same numbers, more transfers). Follows the device's room, like `plan`."""
+    always, unless it takes the blocked form and that form, with `KEPT_ROWS` rows at a time, does not fit
+    `blocked_limit(device)` beside them; then the engine moves them to the host, and the blocked form reads them
+    back a block of columns at a time (the same numbers, more transfers, and more rows at a time). Follows the
+    device's room, like `plan`."""
     limit = blocked_limit(device)
     if limit is None or not statistics or not plan(m, n, device).blocked:
         return True
-    return statistics + blocked_bytes(m, n, min(m, 64)) <= limit
+    return statistics + blocked_bytes(m, n, min(m, KEPT_ROWS)) <= limit
 
 
 def least_bytes(m: int, n: int, statistics: int, stats_itemsize: int = 4) -> int:
