@@ -3,12 +3,13 @@ holds above what was there before it started, its time, and whether the codes ag
 
 Each (shape, form) runs in a child process of its own: the child builds the layer's statistics, resets its
 peak resident memory (`/proc/self/clear_refs`), quantizes the layer (`quantize_layer`, babai, 4 bits, groups
-of 128, GPTQ's symmetric objective or, `--objective jta`, OJBKQ's) in the form asked for, and reports the peak resident
-memory above its level before the call (`VmHWM − VmRSS`). On a GPU (`--device cuda`) the peak is torch's
-`max_memory_allocated` above the level before the call; `peak_total_bytes` is the peak with the weight and
-whatever statistics stayed on the device. `--as-engine` runs the blocked form as a run would on that device:
-the rows its budget gives, and the statistics moved to the host when they do not fit beside it
-(`statistics_on_host`). On a GPU, the 405B-shaped `down_proj` with OJBKQ's statistics:
+of 128, GPTQ's symmetric objective or, `--objective jta`, OJBKQ's) in the form asked for, and reports the peak
+resident memory above its level before the call (`VmHWM − VmRSS`). On a GPU (`--device cuda`) the peak is
+torch's `max_memory_allocated` above the level before the call; `peak_total_bytes` is the peak with the weight
+and whatever statistics stayed on the device. `--as-engine` runs the blocked form as a run would on that
+device with no block held (the budget is half its total memory): the rows the budget gives, and the statistics
+moved to the host when they do not fit beside it (`statistics_on_host`). On a GPU, the 405B-shaped `down_proj`
+with OJBKQ's statistics:
 
     python3 bench/bench_budget.py --device cuda --shapes 16384x53248 --objective jta --forms blocked --as-engine
 

@@ -8,9 +8,10 @@ weight); in the column-blocked form (`linalg.inverse_cholesky_blocked`), one `(n
 `FULL_HEIGHT` `(m, n)` tensors and the row buffers of a chunk of rows, finished one chunk at a time.
 
 `plan` picks the form: the whole-matrix form wherever it fits the budget (`budget`: half of a GPU's `room`,
-its total memory less what a run holds there for the open block), the column-blocked form where it does not; `keeps_statistics` says whether a blocked layer's
-statistics stay on the device while it is decoded or go to the host. `check_fits` refuses, before any
-calibration, a layer whose statistics or blocked form exceed the device's memory.
+its total memory less the open block's weights), the column-blocked form where it does not; `keeps_statistics`
+says whether a blocked layer's statistics stay on the device while it is decoded or go to the host.
+`check_fits` refuses, before any calibration, a layer whose statistics or blocked form exceed the device's
+memory.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from .stats import product_bytes
 ENV = "OJBKQ_DECODER_MAX_BYTES"     # bytes a layer may use (forces a budget, also on the CPU)
 SHARE = 0.9                         # of the device's free memory (plus what torch's allocator holds unused)
 LAYER_SHARE = 0.5                   # of the device's room: what decides a layer's form
-BLOCKED_SHARE = 0.6                 # of the device's room: a blocked layer's working set, statistics included
 WHOLE_SQUARES = 6
 ROW_BUFFERS = 12
 FULL_HEIGHT = 4
@@ -83,9 +83,9 @@ def _key(device) -> tuple:
 
 @contextmanager
 def holding(device, nbytes: int):
-    """While inside: a run holds `nbytes` on `device` for the block it has open (its weights, their
-    full-precision copy, the streams living there), and the budgets below are shares of the device's total
-    memory less these (`room`), not of all of it."""
+    """While inside: a run holds `nbytes` on `device` for the block it has open (its weights and their
+    full-precision copy: the same on every rank and every run), and the budgets below are shares of the
+    device's total memory less these (`room`), not of all of it."""
     key = _key(device)
     before = _held.get(key, 0)
     _held[key] = nbytes
@@ -109,8 +109,8 @@ def _free(device) -> int:
 def budget(device) -> Optional[int]:
     """Bytes a layer may use on `device`, which decide its form and how experts are stacked:
     `$OJBKQ_DECODER_MAX_BYTES` when set, else `LAYER_SHARE` of a CUDA device's `room` (its total memory less
-    what the run holds for the open block), else None (no budget: host memory). Not what is free now, so that
-    a run takes the same decisions, and gives the same codes, on the same GPU every time (a resumed run too)."""
+    the open block's weights), else None (no budget: host memory). Not what is free now, so that a run takes
+    the same decisions, and gives the same codes, on the same GPU every time (a resumed run, every rank)."""
     return _bytes(device, lambda d: int(room(d) * LAYER_SHARE))
 
 
@@ -126,44 +126,39 @@ def whole_bytes(m: int, n: int, itemsize: int = 4) -> int:
     return WHOLE_SQUARES * n * n * itemsize + ROW_BUFFERS * m * n * 4
 
 
-def blocked_bytes(m: int, n: int, rows: int, itemsize: int = 4, block: int = COLUMN_BLOCK) -> int:
+def blocked_bytes(m: int, n: int, rows: int, itemsize: int = 4, block: int = COLUMN_BLOCK,
+                  full_height: int = FULL_HEIGHT) -> int:
     """The column-blocked form's working set for `rows` rows at a time, statistics aside: `U`, a few
-    `(n, block)` temporaries, `FULL_HEIGHT` `(m, n)` tensors held for the whole layer (the weight as given,
-    its float32 copy in decoding order, the targets, written over `W (M − H)` a chunk of rows at a time, and
-    the dequantized weight, written a chunk at a time), and the row buffers of one chunk."""
-    return (n * n * itemsize + 6 * n * min(block, n) * 8 + FULL_HEIGHT * m * n * 4
+    `(n, block)` temporaries, `full_height` `(m, n)` float32 tensors held for the whole layer (`FULL_HEIGHT`:
+    the weight as given, its copy in decoding order, the targets, written over `W (M − H)` a chunk of rows at
+    a time, and the dequantized weight, written a chunk at a time; more with a static grid or a progressive
+    decoder, `layer.full_height`), and the row buffers of one chunk."""
+    return (n * n * itemsize + 6 * n * min(block, n) * 8 + full_height * m * n * 4
             + ROW_BUFFERS * rows * n * 4)
 
 
-def blocked_limit(device) -> Optional[int]:
-    """Bytes a layer in the blocked form may use, its statistics on the device included:
-    `$OJBKQ_DECODER_MAX_BYTES` when set, else `BLOCKED_SHARE` of a CUDA device's `room` (more than `budget`,
-    which is sized for the whole-matrix form's rougher estimate), else None."""
-    return _bytes(device, lambda d: int(room(d) * BLOCKED_SHARE))
-
-
-def plan(m: int, n: int, device, itemsize: int = 4, statistics: int = 0) -> Plan:
+def plan(m: int, n: int, device, itemsize: int = 4, statistics: int = 0, full_height: int = FULL_HEIGHT) -> Plan:
     """The whole-matrix form when it fits `budget(device)` (or there is no budget), else the column-blocked
-    form with as many rows at a time as fit `blocked_limit(device)` (at least 64) beside the layer's
-    `statistics` bytes on the device."""
+    form with as many rows at a time as fit the budget (at least 64) beside the layer's `statistics` bytes on
+    the device (`full_height`: its `(m, n)` tensors, `blocked_bytes`)."""
     limit = budget(device)
     if limit is None or whole_bytes(m, n, itemsize) <= limit:
         return WHOLE
-    fixed = blocked_bytes(m, n, 0, itemsize) + statistics
-    rows = max(64, (blocked_limit(device) - fixed) // (ROW_BUFFERS * n * 4))
+    fixed = blocked_bytes(m, n, 0, itemsize, full_height=full_height) + statistics
+    rows = max(64, (limit - fixed) // (ROW_BUFFERS * n * 4))
     return Plan(True, min(COLUMN_BLOCK, n), int(min(rows, m)))
 
 
-def keeps_statistics(m: int, n: int, device, statistics: int) -> bool:
+def keeps_statistics(m: int, n: int, device, statistics: int, full_height: int = FULL_HEIGHT) -> bool:
     """Whether a layer `(m, n)` is decoded with its statistics (`statistics` bytes on `device`) left there:
     always, unless it takes the blocked form and that form, with `KEPT_ROWS` rows at a time, does not fit
-    `blocked_limit(device)` beside them; then the engine moves them to the host, and the blocked form reads them
-    back a block of columns at a time (the same numbers, more transfers, and more rows at a time). Follows the
+    `budget(device)` beside them; then the engine moves them to the host, and the blocked form reads them back
+    a block of columns at a time (the same sums, more transfers, and more rows at a time). Follows the
     device's room, like `plan`."""
-    limit = blocked_limit(device)
+    limit = budget(device)
     if limit is None or not statistics or not plan(m, n, device).blocked:
         return True
-    return statistics + blocked_bytes(m, n, min(m, KEPT_ROWS)) <= limit
+    return statistics + blocked_bytes(m, n, min(m, KEPT_ROWS), full_height=full_height) <= limit
 
 
 def least_bytes(m: int, n: int, statistics: int, stats_itemsize: int = 4) -> int:

@@ -58,7 +58,7 @@ from .experts import sparse_blocks
 from .fullprecision import FullPrecisionCache
 from .grid import GridSpec, QuantSpec
 from .hostmemory import host_memory_bytes
-from .layer import LayerResult, quantize_layer, quantize_stack
+from .layer import LayerResult, full_height, quantize_layer, quantize_stack
 from .model import Model
 from .objectives import Objective, ObjectiveSpec, Term
 from .reuse import Reuse
@@ -433,9 +433,10 @@ def quantize(adapter: Model, module: nn.Module, stats: Statistics, task: LayerTa
         res.report["fallback"] = "rtn"
     else:
         m, n = adapter.weight(module).shape              # the whole layer's form, also for a slice of its rows
-        if not budget.keeps_statistics(m, n, device, stats.bytes_on(device)):
+        tall = full_height(settings.grid, settings.decoder, settings.score_objective)
+        if not budget.keeps_statistics(m, n, device, stats.bytes_on(device), tall):
             stats.move("cpu")
-        plan = budget.plan(m, n, device, statistics=stats.bytes_on(device))
+        plan = budget.plan(m, n, device, statistics=stats.bytes_on(device), full_height=tall)
         res = quantize_layer(W, stats, task.objective, settings.grid, settings.decoder, damp=settings.damp,
                              seed=layer_seed(settings.seed, task.index), score_objective=settings.score_objective,
                              row0=r0, shared=shared, plan=plan)
@@ -857,13 +858,13 @@ class Run:
         return groups
 
     def held(self) -> int:
-        """Bytes the run holds on its device for the open block: the block's parameters and buffers, their
-        full-precision copy, and both streams where they live there (the budgets are shares of the rest,
-        `budget.holding`)."""
+        """Bytes the run holds on its device for the open block: the block's parameters and buffers and
+        their full-precision copy (the budgets are shares of the rest, `budget.holding`). The same on every
+        rank and in every run; the streams, which live on the device only when they take at most a quarter
+        of what was free at the start (`stream_home`), are not counted."""
         kind = self.device.type
         mods = [m for m in (self.block, self.orig) if m is not None]
         tensors = [t for m in mods for t in (*m.parameters(), *m.buffers())]
-        tensors += [x for xs in (self.streams.X, self.streams.X_fp or []) for x in xs]
         return sum(t.numel() * t.element_size() for t in tensors if t.device.type == kind)
 
     # -- phase 3: one true-sequential group --------------------------------------------------------------

@@ -276,6 +276,14 @@ def quantize_layer(
     return finish_layer(prep, lambda pr, i: decoder.decode(pr, seed=seed, row0=row0 + i), max_rows)
 
 
+def full_height(grid: GridSpec, decoder: Decoder, score_objective: Optional[Objective] = None) -> int:
+    """`(m, n)` tensors the blocked form holds for the whole layer (`budget.blocked_bytes`): `budget.FULL_HEIGHT`,
+    a static grid's scales and zeros in both orders, a progressive decoder's correction `G`, and a scoring
+    objective's natural weight and `W M`."""
+    static = grid.group_size == -1 or grid.static_groups
+    return budget.FULL_HEIGHT + 4 * static + int(decoder.progressive) + 2 * (score_objective is not None)
+
+
 @dataclass
 class Prepared:
     """A layer ready to decode (`prepare_layer`): its `problem` in decoding order and what `finish_layer`
@@ -316,7 +324,8 @@ def prepare_layer(W, stats, objective, grid, decoder, damp=QuantSpec.damp, seed=
         raise InputError(f"objective '{objective.name}' needs statistics {sorted(missing)} that were not accumulated")
     dev = W.device
     if plan is None:
-        plan = budget.plan(m, n, dev, torch.finfo(dtype).bits // 8, stats.bytes_on(dev))
+        plan = budget.plan(m, n, dev, torch.finfo(dtype).bits // 8, stats.bytes_on(dev),
+                           full_height(grid, decoder, score_objective))
     W = W.to(dtype).clone()
     static = grid.group_size == -1 or grid.static_groups
     global_scale = grid.global_scale_of(W)            # nvfp4: from the weight as it comes
@@ -335,7 +344,7 @@ def prepare_layer(W, stats, objective, grid, decoder, damp=QuantSpec.damp, seed=
     if f.MH is None:                                  # M = H_obj: T = W
         G, T = None, Wp
     elif plan.blocked:
-        T, G = _targets_by_rows(Wp, f.MH.permuted(perm), U, plan.rows, decoder.progressive)
+        T, G = _targets_by_rows(Wp, f.MH.permuted(perm), U, plan.rows or m, decoder.progressive)
     else:                                             # T = W + D H_d⁻¹ = W + (D Uᵀ) U, decoding order
         D = times(W, f.MH)[:, perm]
         G = D @ U.T

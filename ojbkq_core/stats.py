@@ -15,8 +15,9 @@ import torch
 from .errors import InputError
 
 
-ADD_WHOLE_UP_TO = 16384     # inputs up to this width add each batch's product whole; wider ones by columns
-ADD_COLUMNS = 4096
+ADD_WHOLE_UP_TO = 16384     # inputs up to this width add each batch's product whole; wider ones by columns,
+ADD_COLUMNS = 4096          # on these devices (a GPU's memory is the scarce one; the CPU keeps symmetric_gram)
+ADD_BY_COLUMNS_ON = ("cuda",)
 
 
 def product_bytes(n: int, itemsize: int = 4) -> int:
@@ -97,12 +98,13 @@ class Statistics:
         self.count += X.shape[0]
 
     def _add(self, key: str, A: torch.Tensor, B: torch.Tensor) -> None:
-        """`sums[key] += Aᵀ B`, one product at a time; for a layer wider than `ADD_WHOLE_UP_TO`, a block of
-        `ADD_COLUMNS` columns at a time, so that no second `(n, n)` matrix is held beside the sums."""
+        """`sums[key] += Aᵀ B`, one product at a time; for a layer wider than `ADD_WHOLE_UP_TO` on a device of
+        `ADD_BY_COLUMNS_ON`, a block of `ADD_COLUMNS` columns at a time, so that no second `(n, n)` matrix is
+        held beside the sums."""
         S = self._sum.get(key)
         if S is None:
             self._sum[key] = gram(A, B, self.dtype)
-        elif self.n <= ADD_WHOLE_UP_TO:
+        elif self.n <= ADD_WHOLE_UP_TO or S.device.type not in ADD_BY_COLUMNS_ON:
             S += gram(A, B, self.dtype)
         else:
             for c0 in range(0, self.n, ADD_COLUMNS):

@@ -28,13 +28,14 @@ def test_streaming_statistics_equal_whole_matrices():
 
 
 def test_a_wide_layers_sums_are_added_a_block_of_columns_at_a_time(monkeypatch):
-    """Past `ADD_WHOLE_UP_TO` inputs each batch's products are added by blocks of columns (no second `(n, n)`
-    matrix beside the sums): the same sums to rounding, the blocks' seams included."""
+    """Past `ADD_WHOLE_UP_TO` inputs each batch's products are added on a GPU by blocks of columns (no second
+    `(n, n)` matrix beside the sums): the same sums to rounding, the blocks' seams included; on the CPU whole."""
     import ojbkq_core.stats as stats_module
     X, Xfp = data(n=12)
     whole = Statistics(12, needs=("H", "C", "G"), dtype=torch.float64)
     for i in range(0, 500, 37):
         whole.add(X[i:i + 37], Xfp[i:i + 37])
+    monkeypatch.setattr(stats_module, "ADD_BY_COLUMNS_ON", ("cuda", "cpu"))   # a GPU's rule, here on the CPU
     monkeypatch.setattr(stats_module, "ADD_WHOLE_UP_TO", 8)
     monkeypatch.setattr(stats_module, "ADD_COLUMNS", 5)                     # 5 + 5 + 2 columns
     added = []
@@ -47,6 +48,12 @@ def test_a_wide_layers_sums_are_added_a_block_of_columns_at_a_time(monkeypatch):
     for key in ("H", "C", "G"):
         torch.testing.assert_close(blocks.sums[key], whole.sums[key], rtol=1e-12, atol=1e-12)
     assert stats_module.product_bytes(12) == 12 * 5 * 4 and stats_module.product_bytes(8) == 8 * 8 * 4
+    monkeypatch.setattr(stats_module, "ADD_BY_COLUMNS_ON", ("cuda",))
+    added.clear()
+    cpu = Statistics(12, needs=("H",), dtype=torch.float64)
+    cpu.add(X[:40])
+    cpu.add(X[40:80])
+    assert added == [(40, 12)] * 2                                          # the CPU adds whole products
 
 
 @pytest.mark.parametrize("n,band", [(12, 5), (300, 128), (600, 0), (129, 128)])

@@ -75,8 +75,9 @@ def reference_beam(problem: WorkingProblem, width: int, expand: int, block: int 
 
 
 def reference_rows(problem: WorkingProblem, paths: int) -> int:
-    """All rows, unless a device budget is set (`budget.budget`: a CUDA device's total memory, so the same
-    chunks every run): then as many rows as a quarter of it holds, about six `(paths, rows, n)` tensors."""
+    """All rows, unless a device budget is set (`budget.budget`: half of a CUDA device's memory less the open
+    block's weights, so the same chunks every run): then as many rows as a quarter of it holds, about six
+    `(paths, rows, n)` tensors."""
     limit = budget(problem.T.device)
     if limit is None:
         return problem.m
