@@ -169,12 +169,15 @@ def least_bytes(m: int, n: int, statistics: int, stats_itemsize: int = 4) -> int
                blocked_bytes(m, n, min(m, 64)))
 
 
-def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device, stats_itemsize: int = 4) -> None:
+def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device, stats_itemsize: int = 4,
+               held: Optional[dict[str, int]] = None) -> None:
     """Refuse, naming the layer, its shape and the memory it needs, a layer `(m, n)` of `shapes` (name →
     shape) whose least working set exceeds the device's memory (`$OJBKQ_DECODER_MAX_BYTES` when set, else
-    a CUDA device's total; no check on the CPU)."""
+    a CUDA device's total less `held[name]`, the bytes of its block's weights and their full-precision copy,
+    which the run holds beside it; no check on the CPU)."""
     env = os.environ.get(ENV)
     device = torch.device(device)
+    held = {} if env else (held or {})
     if env:
         total, what = _forced(), f"{ENV}={env}"
     elif device.type == "cuda":
@@ -182,16 +185,16 @@ def check_fits(shapes: dict[str, tuple[int, int]], statistics: int, device, stat
         what = f"{torch.cuda.get_device_name(device)}'s {_size(total)}"
     else:
         return
-    worst = max(shapes.items(), key=lambda kv: least_bytes(*kv[1], statistics, stats_itemsize), default=None)
-    if worst is None:
+    need = {name: least_bytes(m, n, statistics, stats_itemsize) + held.get(name, 0) for name, (m, n) in shapes.items()}
+    worst = max(need, key=need.get, default=None)
+    if worst is None or need[worst] <= total:
         return
-    name, (m, n) = worst
-    need = least_bytes(m, n, statistics, stats_itemsize)
-    if need > total:
-        raise InputError(
-            f"{name} ({m} × {n}) needs at least {_size(need)} on the device to quantize (to accumulate its "
-            f"{statistics} statistics of {n} × {n}, or to decode it: the factor U, the weight), more than "
-            f"{what}: use a device with more memory, or an objective with fewer statistics (symmetric needs H only)")
+    (m, n), block = shapes[worst], held.get(worst, 0)
+    beside = f", beside its block's weights ({_size(block)} with their full-precision copy)" if block else ""
+    raise InputError(
+        f"{worst} ({m} × {n}) needs at least {_size(need[worst])} on the device to quantize (to accumulate its "
+        f"{statistics} statistics of {n} × {n}, or to decode it: the factor U, the weight{beside}), more than "
+        f"{what}: use a device with more memory, or an objective with fewer statistics (symmetric needs H only)")
 
 
 def statistics_limit(device) -> Optional[int]:

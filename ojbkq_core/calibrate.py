@@ -146,6 +146,14 @@ def quantized_names(adapter: Model, skip: Sequence[str] = ()) -> list[str]:
             if not _skipped(f"{path}.{i}.{n}", n, skip)]
 
 
+def held_by_layer(adapter: Model, names: Sequence[str], copies: int) -> dict[str, int]:
+    """Full layer name → the bytes a run holds on its device while that layer's block is open: `copies` of
+    the block's parameters and buffers (two with the full-precision stream, `Run.held`)."""
+    path = adapter.blocks_path()
+    size = [sum(t.numel() * t.element_size() for t in (*b.parameters(), *b.buffers())) for b in adapter.blocks()]
+    return {n: copies * size[int(n[len(path) + 1:].split(".", 1)[0])] for n in names}
+
+
 def check_skip(adapter: Model, skip: Sequence[str]) -> None:
     """`InputError` for a `quant.skip` pattern (fnmatch) that names no layer: none of the quantized layers
     by its full name or its name within a block, and no other leaf module (e.g. `lm_head`, never quantized);
@@ -779,10 +787,11 @@ class Run:
         needs = set(probe.needs) | (set(score_objective.needs) if score_objective is not None else set())
         sampled = isinstance(objective, ObjectiveSpec) and bool(objective.sampled)
 
-        budget.check_fits({n: tuple(adapter.weight(adapter.model.get_submodule(n)).shape)
-                           for n in quantized_names(adapter, skip)},
-                          len(needs), device, torch.finfo(stats_dtype).bits // 8)
         full_precision = Streams.full_precision_needed(needs, sampled)
+        names = quantized_names(adapter, skip)
+        budget.check_fits({n: tuple(adapter.weight(adapter.model.get_submodule(n)).shape) for n in names},
+                          len(needs), device, torch.finfo(stats_dtype).bits // 8,
+                          held=held_by_layer(adapter, names, 2 if full_precision else 1))
         cache = fp_cache if full_precision and fp_cache is not None and fp_cache.accepts(adapter, device) else None
         taken_before = 0
         if cache is not None:

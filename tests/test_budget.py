@@ -355,3 +355,35 @@ def test_a_run_holds_its_blocks_weights_and_their_copy(monkeypatch):
               Babai())
     assert held == seen == [2 * b for b in block_bytes]                   # not the streams: the same on every rank
     assert budget._held[budget._key("cpu")] == 0
+
+
+def test_a_layer_is_refused_when_its_blocks_weights_leave_it_no_room(monkeypatch):
+    """On a GPU the refusal counts, beside the layer's least working set, its block's weights and their
+    full-precision copy, which the run holds while the block is open; a forced budget is the layer's alone."""
+    shapes = {"model.layers.3.mlp.down_proj": (4096, 14336)}
+    _gpu(monkeypatch, 16 << 30)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "a 16 GiB GPU")
+    need = budget.least_bytes(4096, 14336, 3)
+    budget.check_fits(shapes, 3, "cuda", held={"model.layers.3.mlp.down_proj": (16 << 30) - need})
+    with pytest.raises(InputError) as e:
+        budget.check_fits(shapes, 3, "cuda", held={"model.layers.3.mlp.down_proj": (16 << 30) - need + 1})
+    assert "down_proj (4096 × 14336) needs at least 16.0 GiB" in str(e.value)
+    assert f"beside its block's weights ({((16 << 30) - need) / budget.GIB:.1f} GiB" in str(e.value)
+    assert "a 16 GiB GPU's 16.0 GiB" in str(e.value)
+    monkeypatch.setenv(budget.ENV, str(need))
+    budget.check_fits(shapes, 3, "cuda", held={"model.layers.3.mlp.down_proj": 1 << 40})
+
+
+def test_the_bytes_a_run_holds_are_each_layers_blocks_times_its_copies():
+    from ojbkq_core.calibrate import held_by_layer, quantized_names
+    from ojbkq_core.model import find_adapter
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    adapter = find_adapter(LlamaForCausalLM(cfg))
+    adapter.blocks()[1].half()
+    names = quantized_names(adapter)
+    size = [sum(t.numel() * t.element_size() for t in (*b.parameters(), *b.buffers())) for b in adapter.blocks()]
+    held = held_by_layer(adapter, names, 2)
+    assert held["model.layers.0.mlp.down_proj"] == 2 * size[0] and held["model.layers.1.self_attn.q_proj"] == 2 * size[1]
+    assert size[1] < size[0] and len(held) == len(names) == 14
