@@ -146,11 +146,16 @@ def quantized_names(adapter: Model, skip: Sequence[str] = ()) -> list[str]:
             if not _skipped(f"{path}.{i}.{n}", n, skip)]
 
 
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def held_by_layer(adapter: Model, names: Sequence[str], copies: int) -> dict[str, int]:
     """Full layer name → the bytes a run holds on its device while that layer's block is open: `copies` of
     the block's parameters and buffers (two with the full-precision stream, `Run.held`)."""
     path = adapter.blocks_path()
-    size = [sum(t.numel() * t.element_size() for t in (*b.parameters(), *b.buffers())) for b in adapter.blocks()]
+    size = [module_bytes(b) for b in adapter.blocks()]
     return {n: copies * size[int(n[len(path) + 1:].split(".", 1)[0])] for n in names}
 
 
@@ -871,10 +876,7 @@ class Run:
         their full-precision copy (the budgets are shares of the rest, `budget.holding`). The same on every
         rank and in every run; the streams, which live on the device only when they take at most a quarter
         of what was free at the start (`stream_home`), are not counted."""
-        kind = self.device.type
-        mods = [m for m in (self.block, self.orig) if m is not None]
-        tensors = [t for m in mods for t in (*m.parameters(), *m.buffers())]
-        return sum(t.numel() * t.element_size() for t in tensors if t.device.type == kind)
+        return sum(module_bytes(m) for m in (self.block, self.orig) if m is not None)
 
     # -- phase 3: one true-sequential group --------------------------------------------------------------
     def quantize_group(self, names: list[str]) -> bool:
