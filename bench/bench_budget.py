@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -102,6 +103,12 @@ def main(argv=None) -> int:
                          "takes on this device (budget.plan, budget.keeps_statistics), not a fixed 1024 rows")
     ap.add_argument("--child", nargs=4, metavar=("M", "N", "FORM", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    bad = set(args.forms.split(",")) - {"whole", "blocked"}
+    if bad:
+        ap.error(f"--forms {args.forms}: unknown {', '.join(sorted(bad))}; give whole, blocked or whole,blocked")
+    for shape in args.shapes:
+        if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", shape):
+            ap.error(f"--shapes {shape}: give rows x columns, e.g. 4096x8192")
     if args.child:
         m, n, form, out = args.child
         child(int(m), int(n), form, args.device, out, args.objective, args.as_engine)
